@@ -1,0 +1,239 @@
+"""Layered, type-checked configuration.
+
+Every stage describes its settings as a flat dataclass.  A resolved config is built in
+three layers: the dataclass defaults, then an optional YAML file, then ``key=value``
+overrides from the command line.  Values are coerced to the declared field types and
+unknown keys are rejected with the list of known ones.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar, Union
+
+import yaml
+
+from pipeline.utils import PipelineError, atomic_write_text, setup_logging
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ConfigError(PipelineError):
+    """A configuration file or override that cannot be turned into a valid config."""
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to the annotated type ``tp`` or raise ConfigError."""
+    if tp is Any:
+        if isinstance(value, str):
+            try:
+                return yaml.safe_load(value)
+            except yaml.YAMLError:
+                return value
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} does not fit {tp}")
+    if origin in (list, tuple, Sequence):
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v != ""]
+            value = parsed
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, str)) and str(value).strip().lower() in _TRUE | _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if value is None:
+            raise ConfigError(f"{key}: a value is required (null is not allowed)")
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def known_keys(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def apply_mapping(cfg: T, mapping: dict[str, Any], source: str) -> T:
+    """Return a copy of ``cfg`` with the keys of ``mapping`` set (type-checked)."""
+    types_ = _field_types(type(cfg))
+    unknown = sorted(set(mapping) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(unknown)} for {type(cfg).__name__}; "
+            f"known keys: {', '.join(sorted(types_))}"
+        )
+    values = {k: _coerce(v, types_[k], f"{source}: {k}") for k, v in mapping.items()}
+    return dataclasses.replace(cfg, **values)
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """Turn ``["lr=1e-3", "epochs=2"]`` into a mapping of raw strings.
+
+    The strings are converted to each field's declared type later (``_coerce``), so a
+    file name such as ``007.json`` stays a string while ``epochs=2`` becomes an int.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        out[key] = raw
+    return out
+
+
+def build_config(
+    cls: type[T],
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] | dict[str, Any] = (),
+    base: T | None = None,
+) -> T:
+    """Defaults (or ``base``) -> YAML file -> overrides."""
+    cfg = base if base is not None else cls()
+    if config_file:
+        cfg = apply_mapping(cfg, read_yaml_mapping(config_file), str(config_file))
+    if overrides:
+        mapping = dict(overrides) if isinstance(overrides, dict) else parse_overrides(overrides)
+        cfg = apply_mapping(cfg, mapping, "command line")
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return atomic_write_text(path, text)
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "mapping") -> T:
+    return apply_mapping(cls(), data, source)
+
+
+def stage_main(
+    cls: type[T],
+    run: Callable[[T], Any],
+    argv: Sequence[str] | None,
+    description: str,
+    default_config: str | Path | None = None,
+) -> int:
+    """The thin ``main()`` shared by all stages: parse, build config, call ``run``.
+
+    ``argv`` holds ``key=value`` overrides and optionally ``--config FILE``.  User-facing
+    errors (bad input, bad config) are printed as one line and give exit code 2.
+    """
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="keys: " + ", ".join(known_keys(cls)),
+    )
+    parser.add_argument("--config", default=None, help="YAML file layered over the defaults")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    setup_logging(args.log_level)
+    try:
+        cfg = build_config(cls, args.config or default_config, args.overrides)
+        run(cfg)
+    except PipelineError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0

@@ -1,0 +1,429 @@
+"""Contest data layer: COCO annotation files, class list, ground-truth masks, datasets.
+
+* ``load_coco`` reads and validates a COCO file of the contest layout (paths in
+  ``file_name`` are relative to ``DATA_DIR``).  The class list is Background followed by
+  the file's categories in file order; class index k >= 1 is the k-th category.
+* ``rasterize`` builds a ground-truth map by the contest rule: annotations sorted by
+  ``area`` descending (ties keep file order) are painted one after the other, so smaller
+  objects lie on top.  Polygons and RLE segmentations (compressed or not) are supported.
+* ``MaskCache`` stores rasterized maps as PNG files in a folder keyed by a hash of the
+  annotation file's content, so a training epoch never rasterizes twice and an edited
+  annotation file never reuses stale masks.
+* ``SegmentationDataset`` returns ``(image float CxHxW, mask long HxW, meta)``;
+  ``TestDataset`` returns ``(image, meta)``.  Augmentations are chosen by name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torch.utils.data import Dataset
+
+from pipeline.metrics import IGNORE_INDEX
+from pipeline.utils import PipelineError, atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+BACKGROUND = "Background"
+MASK_FORMAT_VERSION = "area-desc-v1"  # part of the cache key: bump when the mask rule changes
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+cv2.setNumThreads(0)
+
+
+class DataError(PipelineError):
+    """Bad contest data: the message names the file and the problem."""
+
+
+@dataclass
+class CocoData:
+    """A validated COCO annotation file of the contest layout."""
+
+    path: Path
+    data_dir: Path
+    images: list[dict[str, Any]]
+    categories: list[dict[str, Any]]
+    anns_by_image: dict[int, list[dict[str, Any]]]
+    digest: str
+    has_annotations: bool
+    repairs: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [BACKGROUND] + [str(c["name"]) for c in self.categories]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories) + 1
+
+    @property
+    def cat_to_index(self) -> dict[int, int]:
+        return {int(c["id"]): i + 1 for i, c in enumerate(self.categories)}
+
+    @property
+    def index_to_cat(self) -> dict[int, int]:
+        return {i + 1: int(c["id"]) for i, c in enumerate(self.categories)}
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [int(im["id"]) for im in self.images]
+
+    def image(self, image_id: int) -> dict[str, Any]:
+        return self._by_id[image_id]
+
+    def image_path(self, image_id: int) -> Path:
+        return self.data_dir / self._by_id[image_id]["file_name"]
+
+    def __post_init__(self) -> None:
+        self._by_id = {int(im["id"]): im for im in self.images}
+
+    def annotations(self, image_id: int) -> list[dict[str, Any]]:
+        return self.anns_by_image.get(image_id, [])
+
+    def mask(self, image_id: int) -> np.ndarray:
+        im = self._by_id[image_id]
+        return rasterize(self.annotations(image_id), int(im["height"]), int(im["width"]), self.cat_to_index)
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_annotation(data_dir: str | Path, ann_file: str | Path) -> Path:
+    """``ann_file`` relative to ``data_dir`` unless absolute; errors name what is missing."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data directory not found (set DATA_DIR or data_dir=...)")
+    path = Path(ann_file)
+    if not path.is_absolute():
+        path = data_dir / path
+    if not path.is_file():
+        raise DataError(f"{path}: annotation file not found")
+    return path
+
+
+def _clip_polygon(poly: Sequence[float], h: int, w: int) -> tuple[list[float], bool]:
+    arr = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+    clipped = arr.copy()
+    clipped[:, 0] = np.clip(clipped[:, 0], 0, w)
+    clipped[:, 1] = np.clip(clipped[:, 1], 0, h)
+    return clipped.reshape(-1).tolist(), bool((clipped != arr).any())
+
+
+def load_coco(
+    data_dir: str | Path,
+    ann_file: str | Path = "train_all.json",
+    require_annotations: bool = True,
+) -> CocoData:
+    """Read and validate a contest-layout COCO file.
+
+    Fatal problems raise :class:`DataError` naming the file.  Repairable ones (polygons
+    with fewer than 3 points are dropped, coordinates outside the image are clipped) are
+    counted in ``CocoData.repairs`` and reported by one warning.
+    """
+    path = resolve_annotation(data_dir, ann_file)
+    try:
+        raw = path.read_bytes()
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON (not UTF-8 text)") from exc
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a COCO object at the top level, got {type(data).__name__}")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{path}: missing or invalid '{key}' list")
+    categories = data["categories"]
+    if not categories:
+        raise DataError(f"{path}: the category list is empty")
+    cat_ids = []
+    for c in categories:
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            raise DataError(f"{path}: category entry {c!r} lacks 'id' or 'name'")
+        cat_ids.append(int(c["id"]))
+    dup_cats = [k for k, n in Counter(cat_ids).items() if n > 1]
+    if dup_cats:
+        raise DataError(f"{path}: duplicate category ids {sorted(dup_cats)}")
+
+    images = data["images"]
+    for im in images:
+        if not isinstance(im, dict) or not {"id", "file_name", "height", "width"} <= set(im):
+            raise DataError(f"{path}: image entry {im!r} lacks one of id, file_name, height, width")
+        if int(im["height"]) < 1 or int(im["width"]) < 1:
+            raise DataError(f"{path}: image {im['id']} ({im['file_name']}) has a non-positive size")
+    ids = [int(im["id"]) for im in images]
+    dups = [k for k, n in Counter(ids).items() if n > 1]
+    if dups:
+        raise DataError(f"{path}: duplicate image ids {sorted(dups)[:10]}")
+    by_id = {int(im["id"]): im for im in images}
+    known_cats = set(cat_ids)
+
+    annotations = data.get("annotations") or []
+    if not isinstance(annotations, list):
+        raise DataError(f"{path}: 'annotations' must be a list")
+    if require_annotations and not annotations:
+        raise DataError(f"{path}: no annotations (a labelled file is required here)")
+
+    repairs = Counter()
+    anns_by_image: dict[int, list[dict[str, Any]]] = {}
+    for ann in annotations:
+        if not isinstance(ann, dict) or not {"image_id", "category_id", "segmentation"} <= set(ann):
+            raise DataError(f"{path}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r} lacks image_id, category_id or segmentation")
+        aid = ann.get("id")
+        image_id = int(ann["image_id"])
+        if image_id not in by_id:
+            raise DataError(f"{path}: annotation {aid} points to unknown image id {image_id}")
+        if int(ann["category_id"]) not in known_cats:
+            raise DataError(f"{path}: annotation {aid} points to unknown category id {ann['category_id']}")
+        im = by_id[image_id]
+        h, w = int(im["height"]), int(im["width"])
+        seg = ann["segmentation"]
+        if isinstance(seg, list):
+            polys = []
+            for poly in seg:
+                if not isinstance(poly, (list, tuple)) or len(poly) < 6 or len(poly) % 2:
+                    repairs["polygons with fewer than 3 points dropped"] += 1
+                    continue
+                poly, was_clipped = _clip_polygon(poly, h, w)
+                if was_clipped:
+                    repairs["polygons clipped to the image"] += 1
+                polys.append(poly)
+            if not polys:
+                repairs["annotations without a valid polygon dropped"] += 1
+                continue
+            ann = {**ann, "segmentation": polys}
+        elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+            if [int(v) for v in seg["size"]] != [h, w]:
+                raise DataError(f"{path}: annotation {aid} has an RLE of size {seg['size']} but image {image_id} is {h}x{w}")
+        else:
+            raise DataError(f"{path}: annotation {aid} has an unsupported segmentation {str(seg)[:80]}")
+        anns_by_image.setdefault(image_id, []).append(ann)
+
+    if repairs:
+        log.warning("%s: repaired annotations: %s", path, ", ".join(f"{n} {k}" for k, n in repairs.items()))
+    return CocoData(
+        path=path,
+        data_dir=Path(data_dir),
+        images=images,
+        categories=categories,
+        anns_by_image=anns_by_image,
+        digest=hashlib.sha1(raw).hexdigest(),
+        has_annotations=bool(annotations),
+        repairs=dict(repairs),
+    )
+
+
+def annotation_mask(ann: dict[str, Any], h: int, w: int) -> np.ndarray:
+    """Binary HxW mask of one annotation (polygons or RLE, compressed or not)."""
+    seg = ann["segmentation"]
+    if isinstance(seg, list):
+        rles = mask_utils.frPyObjects(seg, h, w)
+        rle = mask_utils.merge(rles)
+    elif isinstance(seg["counts"], list):
+        rle = mask_utils.frPyObjects(seg, h, w)
+    else:
+        rle = seg if isinstance(seg["counts"], bytes) else {**seg, "counts": seg["counts"].encode()}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def annotation_area(ann: dict[str, Any], h: int, w: int) -> float:
+    if "area" in ann and ann["area"] is not None:
+        return float(ann["area"])
+    return float(annotation_mask(ann, h, w).sum())
+
+
+def mask_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.uint8) if num_classes < IGNORE_INDEX else np.dtype(np.uint16)
+
+
+def rasterize(anns: Sequence[dict[str, Any]], h: int, w: int, cat_to_index: dict[int, int]) -> np.ndarray:
+    """Ground-truth class map by the contest rule (area descending, ties in file order)."""
+    out = np.zeros((h, w), dtype=mask_dtype(len(cat_to_index) + 1))
+    areas = [annotation_area(a, h, w) for a in anns]
+    for i in sorted(range(len(anns)), key=lambda i: -areas[i]):  # sorted() is stable
+        out[annotation_mask(anns[i], h, w)] = cat_to_index[int(anns[i]["category_id"])]
+    return out
+
+
+class MaskCache:
+    """PNG cache of ground-truth maps, keyed by the annotation file's content hash."""
+
+    def __init__(self, coco: CocoData, root: str | Path = ".cache/masks"):
+        self.coco = coco
+        key = hashlib.sha1(f"{coco.digest}:{MASK_FORMAT_VERSION}".encode()).hexdigest()[:16]
+        self.dir = Path(root) / f"{coco.path.stem}-{key}"
+
+    def path(self, image_id: int) -> Path:
+        return self.dir / f"{image_id}.png"
+
+    def get(self, image_id: int) -> np.ndarray:
+        p = self.path(image_id)
+        if p.is_file():
+            m = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+            if m is not None:
+                return m
+            log.warning("%s: unreadable cached mask, rebuilding", p)
+        m = self.coco.mask(image_id)
+        ok, buf = cv2.imencode(".png", m)
+        if not ok:  # pragma: no cover - cv2 always encodes uint8/uint16 PNG
+            raise DataError(f"{p}: could not encode mask")
+        atomic_write_bytes(p, buf.tobytes())
+        return m
+
+    def build(self, image_ids: Sequence[int] | None = None, progress: bool = True) -> Path:
+        from tqdm import tqdm
+
+        ids = list(image_ids) if image_ids is not None else self.coco.image_ids
+        todo = [i for i in ids if not self.path(i).is_file()]
+        for image_id in tqdm(todo, desc="mask cache", disable=not progress or not todo, leave=False):
+            self.get(image_id)
+        return self.dir
+
+
+def read_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB uint8 HxWx3; greyscale files are replicated to three channels."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DataError(f"{path}: image file cannot be decoded")
+    if expected_hw is not None and img.shape[:2] != tuple(expected_hw):
+        raise DataError(
+            f"{path}: real size {img.shape[1]}x{img.shape[0]} (WxH) differs from the annotation file's "
+            f"{expected_hw[1]}x{expected_hw[0]}"
+        )
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def verify_images(coco: CocoData, progress: bool = True) -> int:
+    """Decode every image of ``coco`` and check its size; raises on the first bad file."""
+    from tqdm import tqdm
+
+    for im in tqdm(coco.images, desc="checking images", disable=not progress, leave=False):
+        read_image(coco.data_dir / im["file_name"], (int(im["height"]), int(im["width"])))
+    return len(coco.images)
+
+
+def image_size_from_data(coco: CocoData, divisor: int = 32) -> tuple[int, int]:
+    """The most common (height, width) of the file, rounded up to a multiple of ``divisor``."""
+    (h, w), _ = Counter((int(im["height"]), int(im["width"])) for im in coco.images).most_common(1)[0]
+    up = lambda v: int(-(-v // divisor) * divisor)  # noqa: E731
+    return up(h), up(w)
+
+
+# ----------------------------------------------------------------------------- transforms
+def _augmentations(name: str) -> list:
+    import albumentations as A
+
+    if name == "none":
+        return []
+    if name == "light":
+        return [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10), p=0.5),
+            A.RandomBrightnessContrast(0.15, 0.15, p=0.5),
+        ]
+    if name == "strong":
+        return [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.2),
+            A.RandomRotate90(p=0.3),
+            A.Affine(scale=(0.75, 1.25), translate_percent=(-0.1, 0.1), rotate=(-20, 20), p=0.7),
+            A.ColorJitter(0.25, 0.25, 0.25, 0.05, p=0.6),
+            A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=5), A.GaussNoise()], p=0.3),
+            A.CoarseDropout(p=0.3),
+        ]
+    raise PipelineError(f"unknown augmentation {name!r}; known: {', '.join(AUGMENTATIONS)}")
+
+
+AUGMENTATIONS = ("none", "light", "strong")
+
+
+def build_transform(name: str, size: tuple[int, int] | None) -> Callable[..., dict]:
+    """Albumentations pipeline by name; images are resized to ``size`` (H, W) when given."""
+    import albumentations as A
+
+    if name not in AUGMENTATIONS:
+        raise PipelineError(f"unknown augmentation {name!r}; known: {', '.join(AUGMENTATIONS)}")
+    ops = list(_augmentations(name))
+    if size is not None:
+        ops.insert(0, A.Resize(int(size[0]), int(size[1])))
+    return A.Compose(ops)
+
+
+def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """HxWx3 uint8 -> normalized float32 3xHxW."""
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return t.sub_(m).div_(s)
+
+
+class SegmentationDataset(Dataset):
+    """Labelled images: ``(image float CxHxW, mask long HxW, meta)``."""
+
+    def __init__(
+        self,
+        coco: CocoData,
+        image_ids: Sequence[int] | None = None,
+        transform: Callable[..., dict] | None = None,
+        cache: MaskCache | None = None,
+    ):
+        self.coco = coco
+        self.image_ids = list(image_ids) if image_ids is not None else coco.image_ids
+        self.transform = transform
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def meta(self, image_id: int) -> dict[str, Any]:
+        im = self.coco.image(image_id)
+        return {"image_id": image_id, "file_name": im["file_name"], "height": int(im["height"]), "width": int(im["width"])}
+
+    def __getitem__(self, idx: int):
+        image_id = self.image_ids[idx]
+        meta = self.meta(image_id)
+        image = read_image(self.coco.data_dir / meta["file_name"], (meta["height"], meta["width"]))
+        mask = self.cache.get(image_id) if self.cache is not None else self.coco.mask(image_id)
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return to_tensor(image), torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64)), meta
+
+
+class TestDataset(Dataset):
+    """Unlabelled images (test.json): ``(image float CxHxW, meta)``."""
+
+    def __init__(self, coco: CocoData, image_ids: Sequence[int] | None = None, transform: Callable[..., dict] | None = None):
+        self.coco = coco
+        self.image_ids = list(image_ids) if image_ids is not None else coco.image_ids
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, idx: int):
+        image_id = self.image_ids[idx]
+        im = self.coco.image(image_id)
+        meta = {"image_id": image_id, "file_name": im["file_name"], "height": int(im["height"]), "width": int(im["width"])}
+        image = read_image(self.coco.data_dir / im["file_name"], (meta["height"], meta["width"]))
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        return to_tensor(image), meta

@@ -1,0 +1,251 @@
+"""k-fold stage: class-stratified, optionally grouped folds written to ``folds/folds.csv``.
+
+Stratification is iterative (Sechidis et al., 2011) on per-image class presence
+(Background left out, every image has it).  The unit that is assigned to a fold is a
+group: with ``group_by=folder`` all images of one batch folder (or with ``groups_csv`` any
+user-given group) go to the same fold; without grouping each image is its own group.
+Rarest classes are placed first, each unit into the fold that still lacks most of that
+class, so rare classes reach every fold whenever there are enough of them.
+
+Outputs: ``folds.csv`` (image_id, file_name, group, fold, one ``has_<class>`` column per
+class), ``folds_balance.csv`` (images, instances and pixel share per class per fold) and
+``folds_meta.json`` (annotation file, its content hash, k, seed).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import ConfigError, stage_main
+from pipeline.data import CocoData, DataError, MaskCache, load_coco
+from pipeline.utils import atomic_open, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoldsConfig:
+    data_dir: str = "data/demo"
+    ann_file: str = "train_all.json"
+    out_dir: str = "folds"
+    k: int = 5
+    seed: int = 42
+    group_by: str | None = None  # None, or "folder" (the batch folder of file_name)
+    groups_csv: str | None = None  # optional CSV with columns file_name,group
+    cache_dir: str = ".cache/masks"
+    pixel_stats: bool = True
+
+    def validate(self) -> None:
+        if self.k < 2:
+            raise ConfigError(f"k must be at least 2, got {self.k}")
+        if self.group_by not in (None, "folder"):
+            raise ConfigError(f"group_by must be null or 'folder', got {self.group_by!r}")
+
+
+def presence_matrix(coco: CocoData) -> tuple[np.ndarray, np.ndarray]:
+    """(images x classes) presence (0/1) and instance counts, Background column included."""
+    index = coco.cat_to_index
+    pres = np.zeros((len(coco.images), coco.num_classes), dtype=np.int64)
+    inst = np.zeros_like(pres)
+    for row, image_id in enumerate(coco.image_ids):
+        for ann in coco.annotations(image_id):
+            inst[row, index[int(ann["category_id"])]] += 1
+    pres[:] = inst > 0
+    pres[:, 0] = 1
+    return pres, inst
+
+
+def iterative_stratification(
+    labels: np.ndarray, k: int, seed: int = 0, groups: Sequence[Any] | None = None
+) -> np.ndarray:
+    """Fold index per sample; samples of one group share a fold.
+
+    ``labels`` is (samples x labels) 0/1.  Groups are the assignment units: their label
+    vector is the count of their samples having each label and their size is the number
+    of samples.
+    """
+    n = labels.shape[0]
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    if len(uniq) < k:
+        raise ConfigError(f"cannot make {k} folds from {len(uniq)} groups; lower k or change the grouping")
+    unit_labels = np.zeros((len(uniq), labels.shape[1]), dtype=np.float64)
+    np.add.at(unit_labels, inverse, labels)
+    unit_size = np.bincount(inverse, minlength=len(uniq)).astype(np.float64)
+
+    rng = np.random.default_rng(seed)
+    want_labels = np.tile(unit_labels.sum(0) / k, (k, 1))
+    want_size = np.full(k, unit_size.sum() / k)
+    fold_of_unit = np.full(len(uniq), -1)
+    remaining = np.ones(len(uniq), dtype=bool)
+
+    def place(u: int, label: int | None) -> None:
+        if label is None:
+            score = np.stack([want_size, rng.random(k)], 1)
+        else:
+            score = np.stack([want_labels[:, label], want_size, rng.random(k)], 1)
+        best = np.lexsort(score.T[::-1])[-1]
+        fold_of_unit[u] = best
+        want_labels[best] -= unit_labels[u]
+        want_size[best] -= unit_size[u]
+        remaining[u] = False
+
+    while remaining.any():
+        counts = unit_labels[remaining].sum(0)
+        present = np.flatnonzero(counts > 0)
+        if present.size == 0:
+            for u in rng.permutation(np.flatnonzero(remaining)):
+                place(int(u), None)
+            break
+        label = int(present[np.argmin(counts[present])])
+        units = np.flatnonzero(remaining & (unit_labels[:, label] > 0))
+        # larger units first (harder to place), random order among equals
+        order = units[np.lexsort((rng.random(units.size), -unit_size[units]))]
+        for u in order:
+            place(int(u), label)
+    return fold_of_unit[inverse]
+
+
+def _groups(coco: CocoData, cfg: FoldsConfig) -> list[str] | None:
+    files = [im["file_name"] for im in coco.images]
+    if cfg.groups_csv:
+        path = Path(cfg.groups_csv)
+        if not path.is_file():
+            raise DataError(f"{path}: groups CSV not found")
+        table = pd.read_csv(path)
+        if not {"file_name", "group"} <= set(table.columns):
+            raise DataError(f"{path}: groups CSV needs columns file_name,group; has {list(table.columns)}")
+        mapping = dict(zip(table["file_name"].astype(str), table["group"].astype(str)))
+        missing = [f for f in files if f not in mapping]
+        if missing:
+            raise DataError(f"{path}: no group for {len(missing)} image(s), e.g. {missing[:3]}")
+        return [mapping[f] for f in files]
+    if cfg.group_by == "folder":
+        return [str(Path(f).parent) for f in files]
+    return None
+
+
+def balance_table(
+    folds: pd.DataFrame, coco: CocoData, inst: np.ndarray, pixels: np.ndarray | None
+) -> tuple[pd.DataFrame, float]:
+    """Per fold and class: images with the class, its image share, instances and pixel share.
+
+    Returns the table and the largest |fold image share - overall image share| over all
+    classes and folds (Background excluded).
+    """
+    names = coco.class_names
+    pres = inst > 0
+    rows = []
+    overall_share = pres.mean(0)
+    worst = 0.0
+    for fold in sorted(folds["fold"].unique()):
+        sel = (folds["fold"] == fold).to_numpy()
+        share = pres[sel].mean(0)
+        pix = pixels[sel].sum(0) / max(pixels[sel].sum(), 1) if pixels is not None else None
+        for c in range(1, len(names)):
+            worst = max(worst, abs(share[c] - overall_share[c]))
+            rows.append(
+                {
+                    "fold": int(fold),
+                    "class": names[c],
+                    "fold_images": int(sel.sum()),
+                    "images": int(pres[sel, c].sum()),
+                    "image_share": round(float(share[c]), 4),
+                    "overall_image_share": round(float(overall_share[c]), 4),
+                    "instances": int(inst[sel, c].sum()),
+                    "pixel_share": round(float(pix[c]), 4) if pix is not None else float("nan"),
+                }
+            )
+    return pd.DataFrame(rows), float(worst)
+
+
+def pixel_counts(coco: CocoData, cache_dir: str | Path) -> np.ndarray:
+    from tqdm import tqdm
+
+    cache = MaskCache(coco, cache_dir)
+    out = np.zeros((len(coco.images), coco.num_classes), dtype=np.int64)
+    for row, image_id in enumerate(tqdm(coco.image_ids, desc="pixel counts", leave=False)):
+        out[row] = np.bincount(cache.get(image_id).ravel(), minlength=coco.num_classes)[: coco.num_classes]
+    return out
+
+
+def run(cfg: FoldsConfig) -> pd.DataFrame:
+    coco = load_coco(cfg.data_dir, cfg.ann_file)
+    pres, inst = presence_matrix(coco)
+    groups = _groups(coco, cfg)
+    fold = iterative_stratification(pres[:, 1:], cfg.k, cfg.seed, groups)
+    names = coco.class_names
+    table = pd.DataFrame(
+        {
+            "image_id": coco.image_ids,
+            "file_name": [im["file_name"] for im in coco.images],
+            "group": groups if groups is not None else [str(i) for i in coco.image_ids],
+            "fold": fold,
+        }
+    )
+    for c in range(1, len(names)):
+        table[f"has_{names[c]}"] = pres[:, c]
+
+    pixels = pixel_counts(coco, cfg.cache_dir) if cfg.pixel_stats else None
+    balance, worst = balance_table(table, coco, inst, pixels)
+
+    out = Path(cfg.out_dir)
+    with atomic_open(out / "folds.csv", "w", newline="") as fh:
+        table.to_csv(fh, index=False)
+    with atomic_open(out / "folds_balance.csv", "w", newline="") as fh:
+        balance.to_csv(fh, index=False)
+    meta = {
+        "ann_file": str(coco.path),
+        "ann_digest": coco.digest,
+        "k": cfg.k,
+        "seed": cfg.seed,
+        "group_by": cfg.group_by,
+        "groups_csv": cfg.groups_csv,
+        "max_image_share_deviation": worst,
+    }
+    atomic_write_text(out / "folds_meta.json", json.dumps(meta, indent=2))
+
+    pivot = balance.pivot(index="class", columns="fold", values="images").reindex(names[1:])
+    pivot.columns = [f"fold{c}" for c in pivot.columns]
+    sizes = table.groupby("fold").size()
+    log.info("images per fold: %s", ", ".join(f"fold{f}={n}" for f, n in sizes.items()))
+    log.info("images containing each class, per fold:\n%s", pivot.to_string())
+    log.info("largest deviation of a class's image share from its overall share: %.4f", worst)
+    log.info("wrote %s", out / "folds.csv")
+    return table
+
+
+def load_folds(path: str | Path, coco: CocoData | None = None) -> pd.DataFrame:
+    """Read a folds file; with ``coco``, check it covers exactly that file's images."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: folds file not found (run `make folds` first)")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: unreadable folds CSV ({exc})") from exc
+    if not {"image_id", "fold"} <= set(table.columns):
+        raise DataError(f"{path}: folds CSV needs columns image_id and fold; has {list(table.columns)}")
+    if coco is not None:
+        ids = set(coco.image_ids)
+        got = set(table["image_id"].astype(int))
+        if got != ids:
+            raise DataError(
+                f"{path}: folds do not match {coco.path} ({len(got - ids)} unknown image ids, "
+                f"{len(ids - got)} images without a fold); run `make folds` again"
+            )
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(FoldsConfig, run, argv, "Write class-stratified k-fold splits to folds/folds.csv")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""Shared fixtures: small datasets in the contest layout, made by the project's own generator."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def make_demo(out_dir: Path, **kwargs) -> Path:
+    from pipeline.demo import DemoConfig, run
+
+    params = dict(out_dir=str(out_dir), n_train=24, n_test=6, height=64, width=96, seed=0)
+    params.update(kwargs)
+    return run(DemoConfig(**params))
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """A tiny non-square demo dataset (24 labelled + 6 test images, 64x96), read-only by convention."""
+    return make_demo(tmp_path_factory.mktemp("demo") / "data")
+
+
+@pytest.fixture(scope="session")
+def demo_data_square(tmp_path_factory) -> Path:
+    """A slightly larger square demo dataset (48 labelled + 8 test images, 64x64) for training tests."""
+    return make_demo(tmp_path_factory.mktemp("demo_sq") / "data", n_train=48, n_test=8, height=64, width=64, seed=1)
