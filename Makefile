@@ -1,0 +1,115 @@
+# Semantic-segmentation contest pipeline.  `make help` lists targets and variables.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BIN ?= $(shell command -v python3.11 || command -v python3)
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+
+DATA_DIR ?= data/demo
+ARGS     ?=
+FOLD     ?= 0
+K        ?= 5
+SEED     ?= 42
+MODEL    ?= unet
+CONFIG   ?=
+RESUME   ?= 1
+FOLDS_FILE ?= folds/folds.csv
+RUN      ?= runs/$(MODEL)-demo/fold$(FOLD)
+RUNS     ?=
+TTA      ?= flip
+SPLIT    ?= test
+NAME     ?= submission
+FORMAT   ?= rle
+SUB      ?= submissions/$(NAME).csv
+GT       ?= $(DATA_DIR)/test_gt.json
+STUDY    ?= demo
+TRIALS   ?= 4
+STORAGE  ?=
+SPACE    ?=
+
+# small CPU budgets for the end-to-end demo job
+DEMO_EXP   ?= unet-demo
+DEMO_ARGS  ?= model=unet encoder=resnet18 encoder_weights=null epochs=6 batch_size=8 lr=1e-3 augment=light num_workers=1
+
+train_config = $(if $(CONFIG),--config $(CONFIG),$(if $(wildcard pipeline/configs/$(MODEL).yaml),--config pipeline/configs/$(MODEL).yaml,))
+train_model  = $(if $(CONFIG),,model=$(MODEL))
+resume_flag  = resume=$(if $(filter 0 false no,$(RESUME)),false,true)
+
+.PHONY: help setup data eda folds train train-folds predict ensemble submit validate score tune tune-report demo test bench clean
+
+help: ## list targets and their variables
+	@echo "Targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-13s %s\n", $$1, $$2}'
+	@echo
+	@echo "Variables (current value):"
+	@echo "  DATA_DIR=$(DATA_DIR)  contest-layout data folder (default: the generated demo data)"
+	@echo "  ARGS=\"key=value ...\"    overrides passed to the stage's config"
+	@echo "  FOLD=$(FOLD) K=$(K) SEED=$(SEED) FOLDS_FILE=$(FOLDS_FILE)"
+	@echo "  MODEL=$(MODEL) CONFIG=$(CONFIG) RESUME=$(RESUME)  (train: pipeline/configs/<MODEL>.yaml unless CONFIG is set)"
+	@echo "  RUN=$(RUN) TTA=$(TTA) SPLIT=$(SPLIT)  (predict)"
+	@echo "  RUNS=\"runs/a/fold0 runs/a/fold1 ...\"  (ensemble)"
+	@echo "  NAME=$(NAME) FORMAT=$(FORMAT) SUB=$(SUB) GT=$(GT)  (submit, validate, score)"
+	@echo "  STUDY=$(STUDY) TRIALS=$(TRIALS) STORAGE=$(STORAGE) SPACE=$(SPACE)  (tune)"
+
+$(STAMP): requirements.txt
+	$(PYTHON_BIN) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	$(VENV)/bin/pip install -r requirements.txt
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install requirements.txt
+
+data: setup ## generate the demo dataset (ARGS: n_train= n_test= height= width= seed=)
+	$(PY) -m pipeline.demo out_dir=$(DATA_DIR) overwrite=true $(ARGS)
+
+eda: setup ## EDA report and plots -> reports/eda/
+	$(PY) -m pipeline.eda data_dir=$(DATA_DIR) $(ARGS)
+
+folds: setup ## stratified k-fold split -> folds/folds.csv (K=, SEED=)
+	$(PY) -m pipeline.folds data_dir=$(DATA_DIR) k=$(K) seed=$(SEED) out_dir=$(dir $(FOLDS_FILE)) $(ARGS)
+
+train: setup ## train MODEL (or CONFIG) on FOLD -> runs/<experiment>/fold<k>/
+	$(PY) -m pipeline.train $(train_config) data_dir=$(DATA_DIR) folds_file=$(FOLDS_FILE) fold=$(FOLD) $(train_model) $(resume_flag) $(ARGS)
+
+train-folds: setup ## train MODEL (or CONFIG) on every fold of FOLDS_FILE
+	@for f in $$($(PY) -c "import pandas as p; print(*sorted(p.read_csv('$(FOLDS_FILE)').fold.unique()))"); do \
+	  $(MAKE) --no-print-directory train FOLD=$$f || exit $$?; done
+
+predict: setup ## predict RUN's best checkpoint with TTA on SPLIT (test|val) -> RUN/<split>/
+	$(PY) -m pipeline.predict run_dir=$(RUN) data_dir=$(DATA_DIR) tta=$(TTA) split=$(SPLIT) $(ARGS)
+
+ensemble: setup ## tune weights of RUNS on out-of-fold predictions and average their test probabilities
+	$(PY) -m pipeline.ensemble runs="$(RUNS)" data_dir=$(DATA_DIR) name=$(NAME) $(ARGS)
+
+submit: setup ## write submissions/NAME.csv (FORMAT=rle|dense) and validate it
+	$(PY) -m pipeline.submit name=$(NAME) format=$(FORMAT) data_dir=$(DATA_DIR) $(ARGS)
+
+validate: setup ## check a submission file SUB against DATA_DIR/test.json
+	$(PY) -m pipeline.validate sub=$(SUB) data_dir=$(DATA_DIR) $(ARGS)
+
+score: setup ## mIoU of SUB against ground truth GT (COCO json or folder of label maps)
+	$(PY) -m pipeline.score sub=$(SUB) gt=$(GT) data_dir=$(DATA_DIR) $(ARGS)
+
+tune: setup ## Optuna study STUDY with TRIALS trials (FOLD=, SPACE=, STORAGE=)
+	$(PY) -m pipeline.tune study=$(STUDY) trials=$(TRIALS) fold=$(FOLD) data_dir=$(DATA_DIR) folds_file=$(FOLDS_FILE) $(if $(SPACE),space=$(SPACE)) $(if $(STORAGE),storage=$(STORAGE)) $(ARGS)
+
+tune-report: setup ## report of study STUDY -> reports/tune/<study>/ (with best.yaml)
+	$(PY) -m pipeline.tune_report study=$(STUDY) $(if $(STORAGE),storage=$(STORAGE)) $(ARGS)
+
+demo: setup ## the main job on the demo data: data -> EDA -> folds -> train 2 folds -> predict -> ensemble -> submit -> score
+	$(MAKE) --no-print-directory data
+	$(MAKE) --no-print-directory eda
+	$(MAKE) --no-print-directory folds
+	$(MAKE) --no-print-directory train FOLD=0 CONFIG= ARGS="experiment=$(DEMO_EXP) $(DEMO_ARGS)"
+	$(MAKE) --no-print-directory train FOLD=1 CONFIG= ARGS="experiment=$(DEMO_EXP) $(DEMO_ARGS)"
+
+test: setup ## run the test suite
+	$(PY) -m pytest -q
+
+bench: setup ## run the benchmarks (tables on stdout)
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit $$?; done
+
+clean: ## remove generated runs, reports, caches (keeps data/ and .venv)
+	rm -rf runs reports .cache studies

@@ -1,0 +1,196 @@
+"""Training stage: files, learning, exact resume after SIGKILL, non-finite loss, DDP (gloo)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import folds as folds_stage
+from pipeline.config import build_config
+from pipeline.data import MaskCache, SegmentationDataset, load_coco
+from pipeline.metrics import confusion_matrix, mean_iou
+from pipeline.probs import ProbReader
+from pipeline.train import TrainConfig, ValDataset, collate, evaluate, load_checkpoint_model, run
+from pipeline.utils import PipelineError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def folds_file(demo_data_square, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("folds")
+    folds_stage.run(folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(out), k=3, seed=0, pixel_stats=False))
+    return out / "folds.csv"
+
+
+def small_cfg(data: Path, folds: Path, runs: Path, **kw) -> TrainConfig:
+    base = dict(
+        data_dir=str(data),
+        folds_file=str(folds),
+        runs_dir=str(runs),
+        cache_dir=str(runs / "cache"),
+        model="unet",
+        encoder="resnet18",
+        encoder_weights=None,
+        experiment="t",
+        epochs=2,
+        batch_size=8,
+        lr=3e-3,
+        warmup_epochs=0.0,
+        augment="light",
+        num_workers=0,
+        threads=2,
+        progress=False,
+        plot=True,
+    )
+    base.update(kw)
+    return build_config(TrainConfig, overrides={k: v for k, v in base.items()})
+
+
+def cli_args(cfg: TrainConfig) -> list[str]:
+    from pipeline.config import to_dict
+
+    out = []
+    for k, v in to_dict(cfg).items():
+        if v is None:
+            out.append(f"{k}=null")
+        elif isinstance(v, list):
+            out.append(f"{k}=[{','.join(map(str, v))}]")
+        else:
+            out.append(f"{k}={v}")
+    return out
+
+
+def trivial_miou(data: Path, folds: Path, fold: int) -> float:
+    coco = load_coco(data, "train_all.json")
+    table = pd.read_csv(folds)
+    ids = table.loc[table.fold == fold, "image_id"].tolist()
+    cm = sum(confusion_matrix(np.zeros_like(m), m, coco.num_classes) for m in (coco.mask(i) for i in ids))
+    return mean_iou(cm)
+
+
+def test_training_writes_every_file_and_learns(demo_data_square, folds_file, tmp_path):
+    cfg = small_cfg(demo_data_square, folds_file, tmp_path, epochs=8)
+    result = run(cfg)
+    d = result.run_dir
+    assert d == tmp_path / "t" / "fold0"
+    for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "oof/index.csv", "oof/meta.json"):
+        assert (d / name).is_file(), name
+    metrics = pd.read_csv(d / "metrics.csv")
+    assert list(metrics["epoch"]) == list(range(8))
+    assert {"train_loss", "lr", "val_miou", "iou_Background", "iou_Battery"} <= set(metrics.columns)
+    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
+    assert result.best_miou == pytest.approx(metrics["val_miou"].max(), abs=1e-9)
+    assert result.best_miou > trivial_miou(demo_data_square, folds_file, 0) + 0.02
+
+    # the resolved config is stored in the run folder and in the checkpoint
+    reloaded = build_config(TrainConfig, d / "config.yaml")
+    assert reloaded == cfg
+    model, ckpt_cfg, ckpt = load_checkpoint_model(d / "best.pt")
+    assert ckpt_cfg == cfg and ckpt["epoch"] == result.best_epoch
+    assert ckpt["class_names"][0] == "Background" and ckpt["num_classes"] == 11
+
+    # out-of-fold probabilities: every validation image, half the training size, rows sum to 1
+    table = pd.read_csv(folds_file)
+    val_ids = sorted(table.loc[table.fold == 0, "image_id"])
+    oof = ProbReader(d / "oof")
+    assert sorted(oof.image_ids) == val_ids
+    p = oof.load(val_ids[0])
+    assert p.shape == (11, 32, 32)
+    assert torch.allclose(p.sum(0), torch.ones(32, 32), atol=5e-3)
+    # the stored OOF maps reproduce the checkpoint's validation score at the image size
+    coco = load_coco(demo_data_square)
+    cm = sum(confusion_matrix(oof.load(i, (64, 64)).argmax(0).numpy(), coco.mask(i), 11) for i in val_ids)
+    assert abs(mean_iou(cm) - result.best_miou) < 0.03
+
+
+def test_existing_run_without_resume_is_refused(demo_data_square, folds_file, tmp_path):
+    cfg = small_cfg(demo_data_square, folds_file, tmp_path, epochs=1, save_oof=False, plot=False)
+    run(cfg)
+    before = (cfg.run_dir() / "last.pt").read_bytes()
+    with pytest.raises(PipelineError, match="last.pt exists"):
+        run(small_cfg(demo_data_square, folds_file, tmp_path, epochs=2, resume=False))
+    assert (cfg.run_dir() / "last.pt").read_bytes() == before
+
+
+def test_resume_after_sigkill_reproduces_uninterrupted_run(demo_data_square, folds_file, tmp_path):
+    kw = dict(epochs=4, save_oof=False, plot=False, ema=True, ema_decay=0.9, accum_steps=2, batch_size=4)
+    full = small_cfg(demo_data_square, folds_file, tmp_path / "a", **kw)
+    run(full)
+    expected = (full.run_dir() / "metrics.csv").read_text()
+
+    cfg = small_cfg(demo_data_square, folds_file, tmp_path / "b", **kw)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *cli_args(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = cfg.run_dir() / "metrics.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().strip().splitlines()) >= 3:  # header + epochs 0, 1
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = torch.load(cfg.run_dir() / "last.pt", map_location="cpu", weights_only=False)
+    assert 1 <= ckpt["epoch"] < 3, "killed too late to test resuming"
+
+    run(cfg)  # resumes automatically from last.pt
+    assert (cfg.run_dir() / "metrics.csv").read_text() == expected
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(demo_data_square, folds_file, tmp_path, monkeypatch):
+    cfg = small_cfg(demo_data_square, folds_file, tmp_path, epochs=1, save_oof=False, plot=False)
+    run(cfg)
+    last = cfg.run_dir() / "last.pt"
+    before = last.read_bytes()
+
+    import pipeline.train as train_mod
+
+    class NanLoss(torch.nn.Module):
+        def forward(self, logits, target):
+            return logits.mean() * float("nan")
+
+    monkeypatch.setattr(train_mod, "build_loss", lambda *a, **k: NanLoss())
+    with pytest.raises(PipelineError, match="non-finite loss"):
+        run(small_cfg(demo_data_square, folds_file, tmp_path, epochs=2, save_oof=False, plot=False))
+    assert last.read_bytes() == before
+    assert len(pd.read_csv(cfg.run_dir() / "metrics.csv")) == 1
+
+
+def test_unknown_names_are_listed(demo_data_square, folds_file, tmp_path):
+    with pytest.raises(PipelineError, match="unet"):
+        run(small_cfg(demo_data_square, folds_file, tmp_path, model="no_such_net"))
+    with pytest.raises(PipelineError, match="known"):
+        small_cfg(demo_data_square, folds_file, tmp_path, augment="wild")
+    with pytest.raises(PipelineError, match="fold 7"):
+        run(small_cfg(demo_data_square, folds_file, tmp_path, fold=7))
+
+
+@pytest.mark.slow
+def test_ddp_two_process_gloo_matches_single_process_metric(demo_data_square, folds_file, tmp_path):
+    cfg = small_cfg(demo_data_square, folds_file, tmp_path, epochs=1, batch_size=4, save_oof=False, plot=False)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "pipeline.train", *cli_args(cfg), "threads=1"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = pd.read_csv(cfg.run_dir() / "metrics.csv")
+    assert len(metrics) == 1
+
+    model, _, _ = load_checkpoint_model(cfg.run_dir() / "best.pt")
+    coco = load_coco(demo_data_square)
+    table = pd.read_csv(folds_file)
+    val_ids = table.loc[table.fold == 0, "image_id"].tolist()
+    ds = ValDataset(SegmentationDataset(coco, val_ids, None, MaskCache(coco, tmp_path / "cache")), (64, 64))
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, collate_fn=collate)
+    cm = evaluate(model, loader, coco.num_classes, torch.device("cpu"), None)
+    assert mean_iou(cm) == pytest.approx(metrics["val_miou"].iloc[0], abs=1e-6)
