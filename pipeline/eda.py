@@ -1,0 +1,541 @@
+"""EDA stage: counts, class balance, object sizes and sample overlays of a COCO file.
+
+``run(EDAConfig(...))`` reads the annotation file (``load_coco``), optionally decodes every
+image (``verify_images``), reads the ground-truth maps through the mask cache and writes
+into ``out_dir``:
+
+* ``report.md``: counts, tables and links to the plots;
+* ``classes.csv``: one row per class (Background first): images, instances, object
+  areas split small / medium / large, visible pixels and pixel share;
+* ``summary.csv``: dataset-level ``key,value`` rows;
+* PNG plots: ``annotations_per_image.png``, ``class_instances.png``,
+  ``class_pixel_share.png``, ``object_area.png``, ``cooccurrence.png``,
+  ``samples.png`` and, when the images have more than one size, ``image_sizes.png``.
+
+Instances, images per class, object areas and co-occurrence come from the annotations;
+pixel shares come from the rasterized ground-truth maps (the contest's mask rule, so
+occluded pixels count for the object on top).  Object areas use the absolute COCO
+thresholds (small < 32^2, medium < 96^2, large >= 96^2 pixels).
+"""
+from __future__ import annotations
+
+import colorsys
+import csv
+import io
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.config import ConfigError, stage_main
+from pipeline.data import CocoData, MaskCache, annotation_area, load_coco, read_image, verify_images
+from pipeline.utils import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+AREA_SMALL = 32**2
+AREA_MEDIUM = 96**2
+AREA_BINS = ("small", "medium", "large")
+
+PLOTS = {
+    "annotations_per_image": "annotations_per_image.png",
+    "class_instances": "class_instances.png",
+    "class_pixel_share": "class_pixel_share.png",
+    "object_area": "object_area.png",
+    "image_sizes": "image_sizes.png",
+    "cooccurrence": "cooccurrence.png",
+    "samples": "samples.png",
+}
+
+
+@dataclass
+class EDAConfig:
+    """Settings of the EDA stage."""
+
+    data_dir: str = "data/demo"
+    ann_file: str = "train_all.json"
+    out_dir: str = "reports/eda"
+    n_samples: int = 12
+    seed: int = 0
+    check_images: bool = True
+    cache_dir: str = ".cache/masks"
+
+    def validate(self) -> None:
+        if self.n_samples < 0:
+            raise ConfigError(f"n_samples: must be 0 or more, got {self.n_samples}")
+        if not str(self.out_dir).strip():
+            raise ConfigError("out_dir: must not be empty")
+
+
+@dataclass
+class Stats:
+    """Per-class and per-image numbers of one annotation file (class index order, Background first)."""
+
+    class_names: list[str]
+    category_ids: list[int | None]
+    images: np.ndarray  # (K,) images with an instance of the class (Background: with background pixels)
+    instances: np.ndarray  # (K,)
+    area_bins: np.ndarray  # (K, 3) small / medium / large instance counts
+    area_sum: np.ndarray  # (K,) summed annotation areas
+    pixels: np.ndarray  # (K,) visible pixels in the ground-truth maps
+    cooccurrence: np.ndarray  # (K, K) images containing both classes
+    anns_per_image: np.ndarray  # (N,)
+    sizes: Counter = field(default_factory=Counter)  # (height, width) -> images
+
+    @property
+    def pixel_share(self) -> np.ndarray:
+        total = self.pixels.sum()
+        return self.pixels / total if total else np.zeros(len(self.pixels))
+
+
+def area_bin(area: float) -> int:
+    """0, 1 or 2 for a COCO small / medium / large object (absolute thresholds)."""
+    if area < AREA_SMALL:
+        return 0
+    return 1 if area < AREA_MEDIUM else 2
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    """Fixed RGB colours (uint8, K x 3): black for Background, then tab20, then golden-ratio hues."""
+    from matplotlib import colormaps
+
+    tab = colormaps["tab20"].colors
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))  # the ten strong shades first
+    out = np.zeros((num_classes, 3), np.uint8)
+    for k in range(1, num_classes):
+        if k - 1 < len(order):
+            rgb = tab[order[k - 1]]
+        else:
+            rgb = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.75, 0.95)
+        out[k] = np.round(np.asarray(rgb) * 255).astype(np.uint8)
+    return out
+
+
+def collect_stats(coco: CocoData, cache: MaskCache, progress: bool = True) -> Stats:
+    """Count instances, images, areas and co-occurrence from annotations, pixels from the maps."""
+    from tqdm import tqdm
+
+    k = coco.num_classes
+    index = coco.cat_to_index
+    n = len(coco.images)
+    presence = np.zeros((n, k), np.int64)
+    instances = np.zeros(k, np.int64)
+    area_bins = np.zeros((k, 3), np.int64)
+    area_sum = np.zeros(k, np.float64)
+    pixels = np.zeros(k, np.int64)
+    anns_per_image = np.zeros(n, np.int64)
+    sizes: Counter = Counter()
+    for row, im in enumerate(tqdm(coco.images, desc="EDA masks", unit="img", disable=not progress)):
+        image_id = int(im["id"])
+        h, w = int(im["height"]), int(im["width"])
+        sizes[(h, w)] += 1
+        anns = coco.annotations(image_id)
+        anns_per_image[row] = len(anns)
+        for ann in anns:
+            c = index[int(ann["category_id"])]
+            area = annotation_area(ann, h, w)
+            instances[c] += 1
+            presence[row, c] = 1
+            area_bins[c, area_bin(area)] += 1
+            area_sum[c] += area
+        counts = np.bincount(cache.get(image_id).ravel(), minlength=k)[:k]
+        pixels += counts
+        presence[row, 0] = int(counts[0] > 0)
+    return Stats(
+        class_names=coco.class_names,
+        category_ids=[None] + [int(c["id"]) for c in coco.categories],
+        images=presence.sum(axis=0),
+        instances=instances,
+        area_bins=area_bins,
+        area_sum=area_sum,
+        pixels=pixels,
+        cooccurrence=presence.T @ presence,
+        anns_per_image=anns_per_image,
+        sizes=sizes,
+    )
+
+
+def class_rows(stats: Stats) -> list[dict[str, Any]]:
+    """One dict per class (Background first), the rows of ``classes.csv``."""
+    share = stats.pixel_share
+    rows = []
+    for c, name in enumerate(stats.class_names):
+        n_inst = int(stats.instances[c])
+        rows.append(
+            {
+                "class_index": c,
+                "class_name": name,
+                "category_id": "" if stats.category_ids[c] is None else stats.category_ids[c],
+                "images": int(stats.images[c]),
+                "instances": n_inst,
+                "small": int(stats.area_bins[c, 0]),
+                "medium": int(stats.area_bins[c, 1]),
+                "large": int(stats.area_bins[c, 2]),
+                "mean_area": float(stats.area_sum[c] / n_inst) if n_inst else 0.0,
+                "pixels": int(stats.pixels[c]),
+                "pixel_share": float(share[c]),
+            }
+        )
+    return rows
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Plain fixed-width text table."""
+    cells = [[str(h) for h in headers]] + [[str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(v).replace("|", "\\|") for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- plots
+def _figure(width: float, height: float, layout: str | None = None):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _bar_width(n: int) -> float:
+    return float(min(max(6.0, 0.45 * n + 2.0), 40.0))
+
+
+def plot_annotations_per_image(stats: Stats, path: Path) -> Path:
+    fig = _figure(7, 4)
+    ax = fig.subplots()
+    counts = stats.anns_per_image
+    top = int(counts.max()) if counts.size else 0
+    ax.hist(counts, bins=np.arange(-0.5, top + 1.5, 1.0), color="#4c72b0", edgecolor="white")
+    ax.set_xlabel("annotations per image")
+    ax.set_ylabel("images")
+    ax.set_title(f"Annotations per image ({len(counts)} images)")
+    return _save(fig, path)
+
+
+def plot_class_bars(
+    labels: Sequence[str], values: Sequence[float], title: str, ylabel: str, path: Path, colours: np.ndarray, log_scale: bool = False
+) -> Path:
+    fig = _figure(_bar_width(len(labels)), 4.5)
+    ax = fig.subplots()
+    x = np.arange(len(labels))
+    bars = ax.bar(x, values, color=colours / 255.0, edgecolor="#333333", linewidth=0.5)
+    if len(labels) <= 30:
+        fmt = "{:.2%}" if "share" in ylabel else "{:.0f}"
+        ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=7)
+    positive = [v for v in values if v > 0]
+    if log_scale and positive and max(positive) / min(positive) > 50:
+        ax.set_yscale("log")
+        ylabel += " (log scale)"
+    ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8 if len(labels) <= 30 else 5)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_object_area(stats: Stats, path: Path) -> Path:
+    names = stats.class_names[1:]
+    bins = stats.area_bins[1:]
+    fig = _figure(_bar_width(len(names)), 4.5)
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    bottom = np.zeros(len(names))
+    labels = (f"small (< {AREA_SMALL} px)", f"medium (< {AREA_MEDIUM} px)", f"large (>= {AREA_MEDIUM} px)")
+    for b, (label, colour) in enumerate(zip(labels, ("#8fbbd9", "#4c72b0", "#1b3a66"))):
+        ax.bar(x, bins[:, b], bottom=bottom, label=label, color=colour)
+        bottom += bins[:, b]
+    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8 if len(names) <= 30 else 5)
+    ax.set_ylabel("instances")
+    ax.set_title("Object area per class (absolute COCO thresholds)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _save(fig, path)
+
+
+def plot_image_sizes(stats: Stats, path: Path) -> Path:
+    fig = _figure(6, 5)
+    ax = fig.subplots()
+    items = list(stats.sizes.items())
+    hs = [h for (h, _), _ in items]
+    ws = [w for (_, w), _ in items]
+    counts = np.asarray([c for _, c in items], dtype=np.float64)
+    ax.scatter(ws, hs, s=20 + 300 * counts / counts.max(), alpha=0.6, color="#4c72b0", edgecolor="#1b3a66")
+    ax.set_xlabel("width (px)")
+    ax.set_ylabel("height (px)")
+    ax.set_title(f"Image sizes ({len(stats.sizes)} distinct; marker area ~ images)")
+    return _save(fig, path)
+
+
+def plot_cooccurrence(stats: Stats, path: Path) -> Path:
+    names = stats.class_names[1:]
+    mat = stats.cooccurrence[1:, 1:]
+    side = float(min(max(5.0, 0.5 * len(names) + 2.5), 40.0))
+    fig = _figure(side + 1.0, side)
+    ax = fig.subplots()
+    im = ax.imshow(mat, cmap="viridis")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="images")
+    ticks = np.arange(len(names))
+    fs = 8 if len(names) <= 30 else 5
+    ax.set_xticks(ticks, names, rotation=45, ha="right", fontsize=fs)
+    ax.set_yticks(ticks, names, fontsize=fs)
+    if len(names) <= 20:
+        hi = mat.max() if mat.size else 0
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, str(int(mat[i, j])), ha="center", va="center", fontsize=7, color="black" if mat[i, j] > hi * 0.6 else "white")
+    ax.set_title("Class co-occurrence (images containing both; diagonal: images with the class)")
+    return _save(fig, path)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """RGB uint8 image with non-Background pixels tinted in the palette colour and class borders drawn."""
+    import cv2
+
+    out = image.astype(np.float32)
+    fg = mask > 0
+    out[fg] = (1 - alpha) * out[fg] + alpha * palette[mask[fg]].astype(np.float32)
+    m = mask.astype(np.int32)
+    border = np.zeros_like(fg)
+    border[:, 1:] |= m[:, 1:] != m[:, :-1]
+    border[1:, :] |= m[1:, :] != m[:-1, :]
+    border &= cv2.dilate(fg.astype(np.uint8), np.ones((2, 2), np.uint8)).astype(bool)
+    out[border & fg] = palette[mask[border & fg]]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def plot_samples(coco: CocoData, cache: MaskCache, image_ids: Sequence[int], palette: np.ndarray, path: Path) -> Path:
+    from matplotlib.patches import Patch
+
+    n = len(image_ids)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    aspect = float(np.median([coco.image(i)["height"] / coco.image(i)["width"] for i in image_ids]))
+    cell = 3.2
+    fig = _figure(cell * cols, rows * (cell * min(max(aspect, 0.25), 4.0) + 0.3) + 0.9, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    present: set[int] = set()
+    for ax, image_id in zip(axes, image_ids):
+        mask = cache.get(image_id)
+        present.update(int(v) for v in np.unique(mask) if v)
+        ax.imshow(overlay(read_image(coco.image_path(image_id)), mask, palette), interpolation="nearest")
+        ax.set_title(str(coco.image(image_id)["file_name"]), fontsize=7)
+    for ax in axes:
+        ax.axis("off")
+    names = coco.class_names
+    handles = [Patch(facecolor=palette[c] / 255.0, edgecolor="#333333", label=names[c]) for c in sorted(present)]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(5, len(handles)), fontsize=8, frameon=False)
+    fig.suptitle("Samples with ground-truth masks", fontsize=10)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- outputs
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def summary_rows(coco: CocoData, stats: Stats, checked: int | None) -> list[dict[str, Any]]:
+    per = stats.anns_per_image
+    values = {
+        "annotation_file": str(coco.path),
+        "annotation_digest": coco.digest,
+        "images": len(coco.images),
+        "images_without_annotations": int((per == 0).sum()),
+        "annotations": int(stats.instances.sum()),
+        "classes": coco.num_classes,
+        "categories": len(coco.categories),
+        "annotations_per_image_mean": float(per.mean()) if per.size else 0.0,
+        "annotations_per_image_median": float(np.median(per)) if per.size else 0.0,
+        "annotations_per_image_max": int(per.max()) if per.size else 0,
+        "distinct_image_sizes": len(stats.sizes),
+        "most_common_size_hxw": "%dx%d" % stats.sizes.most_common(1)[0][0] if stats.sizes else "",
+        "images_checked": "" if checked is None else checked,
+        "background_pixel_share": float(stats.pixel_share[0]),
+    }
+    for k, v in sorted(coco.repairs.items()):
+        values[f"repair: {k}"] = v
+    return [{"key": k, "value": v} for k, v in values.items()]
+
+
+def render_report(coco: CocoData, stats: Stats, rows: list[dict[str, Any]], plots: dict[str, Path], checked: int | None, sample_ids: Sequence[int]) -> str:
+    per = stats.anns_per_image
+    n_img = len(coco.images)
+    lines = [
+        f"# EDA: {coco.path.name}",
+        "",
+        f"- Annotation file: `{coco.path}` (sha1 `{coco.digest[:12]}`)",
+        f"- Images: {n_img} ({int((per == 0).sum())} without annotations)",
+        f"- Annotations: {int(stats.instances.sum())}",
+        f"- Classes: {coco.num_classes} (Background + {len(coco.categories)} categories, in file order)",
+        "- Image check: "
+        + (f"all {checked} images decoded, sizes match the annotation file" if checked is not None else "skipped (check_images=false)"),
+    ]
+    if coco.repairs:
+        lines.append("- Repairs while loading: " + ", ".join(f"{v} {k}" for k, v in sorted(coco.repairs.items())))
+    lines += [
+        "",
+        "## Classes",
+        "",
+        "Images and instances count annotations (for Background: images with background pixels); "
+        "the pixel share is the share of all pixels of the ground-truth maps (mask rule of "
+        "CONTEST.md: smaller objects on top), Background included.",
+        "",
+        markdown_table(
+            ["index", "class", "COCO id", "images", "instances", "small", "medium", "large", "pixel share"],
+            [
+                [r["class_index"], r["class_name"], r["category_id"], r["images"], r["instances"], r["small"], r["medium"], r["large"], f"{r['pixel_share']:.2%}"]
+                for r in rows
+            ],
+        ),
+        "",
+        f"![Instances per class]({plots['class_instances'].name})",
+        "",
+        f"![Pixel share per class]({plots['class_pixel_share'].name})",
+        "",
+        "## Annotations per image",
+        "",
+        f"min {int(per.min()) if per.size else 0}, mean {per.mean() if per.size else 0:.2f}, "
+        f"median {np.median(per) if per.size else 0:g}, max {int(per.max()) if per.size else 0}",
+        "",
+        f"![Annotations per image]({plots['annotations_per_image'].name})",
+        "",
+        "## Object areas",
+        "",
+        f"Absolute COCO thresholds, not scaled to the image size: small < 32^2 = {AREA_SMALL} px, "
+        f"medium < 96^2 = {AREA_MEDIUM} px, large >= {AREA_MEDIUM} px (the annotation's `area`, "
+        "computed from its segmentation when missing).",
+        "",
+        f"![Object area per class]({plots['object_area'].name})",
+        "",
+        "## Image sizes",
+        "",
+        markdown_table(["height", "width", "images"], [[h, w, c] for (h, w), c in stats.sizes.most_common(20)]),
+    ]
+    if len(stats.sizes) > 20:
+        lines += ["", f"({len(stats.sizes) - 20} more sizes not listed)"]
+    if "image_sizes" in plots:
+        lines += ["", f"![Image sizes]({plots['image_sizes'].name})"]
+    lines += [
+        "",
+        "## Class co-occurrence",
+        "",
+        "Number of images containing both classes; the diagonal is the number of images containing the class.",
+        "",
+        f"![Class co-occurrence]({plots['cooccurrence'].name})",
+    ]
+    if "samples" in plots:
+        lines += [
+            "",
+            "## Samples",
+            "",
+            f"{len(sample_ids)} images drawn at random, ground-truth classes overlaid in a fixed palette.",
+            "",
+            f"![Samples]({plots['samples'].name})",
+        ]
+    lines += ["", "## Files", ""]
+    lines += [f"- [{name}]({name})" for name in ("classes.csv", "summary.csv")]
+    return "\n".join(lines) + "\n"
+
+
+def choose_samples(coco: CocoData, n: int, seed: int) -> list[int]:
+    """``n`` image ids drawn without replacement, annotated images first, fixed by ``seed``."""
+    if n <= 0 or not coco.images:
+        return []
+    rng = np.random.default_rng(seed)
+    ids = coco.image_ids
+    labelled = [i for i in ids if coco.annotations(i)]
+    empty = [i for i in ids if not coco.annotations(i)]
+    chosen = [labelled[j] for j in rng.permutation(len(labelled))[:n]]
+    if len(chosen) < n:
+        chosen += [empty[j] for j in rng.permutation(len(empty))[: n - len(chosen)]]
+    return chosen
+
+
+def run(cfg: EDAConfig) -> dict[str, Any]:
+    """Analyse ``cfg.ann_file`` and write the report, tables and plots; return the summary."""
+    cfg.validate()
+    coco = load_coco(cfg.data_dir, cfg.ann_file)
+    checked = verify_images(coco) if cfg.check_images else None
+    cache = MaskCache(coco, cfg.cache_dir)
+    stats = collect_stats(coco, cache)
+    rows = class_rows(stats)
+    palette = class_palette(coco.num_classes)
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, Path] = {}
+    plots["annotations_per_image"] = plot_annotations_per_image(stats, out / PLOTS["annotations_per_image"])
+    names = stats.class_names
+    plots["class_instances"] = plot_class_bars(
+        names[1:], stats.instances[1:].tolist(), "Instances per class", "instances", out / PLOTS["class_instances"], palette[1:]
+    )
+    share_colours = palette.copy()
+    share_colours[0] = (200, 200, 200)
+    plots["class_pixel_share"] = plot_class_bars(
+        names, stats.pixel_share.tolist(), "Pixel share per class (ground-truth maps)", "pixel share", out / PLOTS["class_pixel_share"], share_colours, log_scale=True
+    )
+    plots["object_area"] = plot_object_area(stats, out / PLOTS["object_area"])
+    if len(stats.sizes) > 1:
+        plots["image_sizes"] = plot_image_sizes(stats, out / PLOTS["image_sizes"])
+    else:
+        (out / PLOTS["image_sizes"]).unlink(missing_ok=True)
+    plots["cooccurrence"] = plot_cooccurrence(stats, out / PLOTS["cooccurrence"])
+    sample_ids = choose_samples(coco, cfg.n_samples, cfg.seed)
+    if sample_ids:
+        plots["samples"] = plot_samples(coco, cache, sample_ids, palette, out / PLOTS["samples"])
+    else:
+        (out / PLOTS["samples"]).unlink(missing_ok=True)
+
+    classes_csv = write_csv(out / "classes.csv", rows)
+    summary = summary_rows(coco, stats, checked)
+    summary_csv = write_csv(out / "summary.csv", summary)
+    report = atomic_write_text(out / "report.md", render_report(coco, stats, rows, plots, checked, sample_ids))
+
+    table = format_table(
+        ["class", "images", "instances", "pixel share"],
+        [[r["class_name"], r["images"], r["instances"], f"{r['pixel_share']:.2%}"] for r in rows],
+    )
+    log.info("EDA of %s: %d images, %d annotations, %d classes\n%s", coco.path, len(coco.images), int(stats.instances.sum()), coco.num_classes, table)
+    log.info("EDA report written to %s", report)
+    return {
+        **{r["key"]: r["value"] for r in summary},
+        "class_names": coco.class_names,
+        "classes": rows,
+        "image_sizes": {f"{h}x{w}": c for (h, w), c in stats.sizes.items()},
+        "samples": sample_ids,
+        "out_dir": str(out),
+        "files": {
+            "report": str(report),
+            "classes_csv": str(classes_csv),
+            "summary_csv": str(summary_csv),
+            **{k: str(p) for k, p in plots.items()},
+        },
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(EDAConfig, run, argv, "Exploratory data analysis of a contest-layout COCO file (writes reports/eda/).")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
