@@ -48,14 +48,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             if type(None) in args:
                 return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: {value!r} does not fit {tp}")
     if origin in (list, tuple, Sequence):
         if isinstance(value, str):
@@ -89,7 +88,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return int(value)
             except ValueError:
-                pass
+                try:
+                    as_float = float(value)
+                except ValueError:
+                    as_float = float("nan")
+                if as_float.is_integer():
+                    return int(as_float)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, bool):
