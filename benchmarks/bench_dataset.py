@@ -91,10 +91,10 @@ def time_methods(methods: dict[str, Callable[[int], object]], n_items: int, warm
     return passes
 
 
-def make_demo(root: Path, size: int, n: int) -> Path:
+def make_demo(root: Path, size: int, n: int, max_objects: int = 8) -> Path:
     from pipeline.demo import DemoConfig, run
 
-    return run(DemoConfig(out_dir=str(root / "data"), n_train=n, n_test=1, height=size, width=size, seed=0))
+    return run(DemoConfig(out_dir=str(root / "data"), n_train=n, n_test=1, height=size, width=size, seed=0, max_objects=max_objects))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ann-file", default="train_all.json")
     parser.add_argument("--size", type=int, default=512, help="demo image side (only without --data-dir)")
     parser.add_argument("--n", type=int, default=200, help="demo images / items to time")
+    parser.add_argument("--max-objects", type=int, default=8, help="demo objects per image at most (16 gives about the contest's 8 annotations per image)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a DataLoader worker uses 1)")
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir = Path(args.data_dir)
         else:
             log.info("rendering %d demo images of %dx%d ...", args.n, args.size, args.size)
-            data_dir = make_demo(tmp_path, args.size, args.n)
+            data_dir = make_demo(tmp_path, args.size, args.n, args.max_objects)
         coco = load_coco(data_dir, args.ann_file)
         ids = coco.image_ids[: args.n]
         cache = MaskCache(coco, tmp_path / "masks")

@@ -425,6 +425,17 @@ def plot_curves(history: list[dict[str, Any]], class_names: Sequence[str], path:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def append_timing(row: dict[str, Any], path: Path) -> None:
+    """Wall-clock times per epoch; kept apart from metrics.csv, which must not depend on speed."""
+    import pandas as pd
+
+    rows = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if len(rows):
+        rows = rows[rows["epoch"] < row["epoch"]]
+    with atomic_open(path, "w", newline="") as fh:
+        pd.concat([rows, pd.DataFrame([row])], ignore_index=True).to_csv(fh, index=False)
+
+
 def write_metrics(history: list[dict[str, Any]], path: Path) -> None:
     import pandas as pd
 
@@ -615,6 +626,7 @@ def run(cfg: TrainConfig, epoch_callback: Callable[[int, dict[str, Any]], None] 
         row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[-1]["lr"]}
 
         validated = val_loader is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
+        t_val = time.perf_counter()
         if validated:
             eval_model = ema.module if ema is not None else model
             dd.sync_buffers(eval_model)
@@ -626,6 +638,12 @@ def run(cfg: TrainConfig, epoch_callback: Callable[[int, dict[str, Any]], None] 
             row.update({f"iou_{n}": float(v) for n, v in zip(coco.class_names, ious)})
         else:
             row["val_miou"] = float("nan")
+        timing = {
+            "epoch": epoch,
+            "train_s": round(elapsed, 4),
+            "train_images_per_s": round(batches * cfg.batch_size * dd.world / elapsed, 3),
+            "val_s": round(time.perf_counter() - t_val, 4),
+        }
         improved = False
         if validated and row["val_miou"] > best:
             best, best_epoch, improved, stale = row["val_miou"], epoch, True, 0
@@ -640,6 +658,7 @@ def run(cfg: TrainConfig, epoch_callback: Callable[[int, dict[str, Any]], None] 
                 atomic_torch_save(ckpt, best_path)
             atomic_torch_save(ckpt, last_path)
             write_metrics(history, run_dir / "metrics.csv")
+            append_timing(timing, run_dir / "timing.csv")
             if cfg.plot:
                 plot_curves(history, coco.class_names, run_dir / "curves.png")
             log.info(
