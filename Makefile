@@ -31,7 +31,7 @@ SPACE    ?=
 
 # small CPU budgets for the end-to-end demo job
 DEMO_EXP   ?= unet-demo
-DEMO_ARGS  ?= model=unet encoder=resnet18 encoder_weights=null epochs=6 batch_size=8 lr=1e-3 augment=light num_workers=1
+DEMO_ARGS  ?= model=unet encoder=resnet18 encoder_weights=null img_size=[128] epochs=8 batch_size=8 lr=2e-3 warmup_epochs=0.5 augment=light num_workers=1
 
 train_config = $(if $(CONFIG),--config $(CONFIG),$(if $(wildcard pipeline/configs/$(MODEL).yaml),--config pipeline/configs/$(MODEL).yaml,))
 train_model  = $(if $(CONFIG),,model=$(MODEL))
@@ -98,12 +98,20 @@ tune: setup ## Optuna study STUDY with TRIALS trials (FOLD=, SPACE=, STORAGE=)
 tune-report: setup ## report of study STUDY -> reports/tune/<study>/ (with best.yaml)
 	$(PY) -m pipeline.tune_report study=$(STUDY) $(if $(STORAGE),storage=$(STORAGE)) $(ARGS)
 
-demo: setup ## the main job on the demo data: data -> EDA -> folds -> train 2 folds -> predict -> ensemble -> submit -> score
+demo: setup ## the main job on the demo data: data -> EDA -> folds -> train 2 folds -> TTA predict -> ensemble -> submit -> validate -> score
 	$(MAKE) --no-print-directory data
 	$(MAKE) --no-print-directory eda
 	$(MAKE) --no-print-directory folds
-	$(MAKE) --no-print-directory train FOLD=0 CONFIG= ARGS="experiment=$(DEMO_EXP) $(DEMO_ARGS)"
-	$(MAKE) --no-print-directory train FOLD=1 CONFIG= ARGS="experiment=$(DEMO_EXP) $(DEMO_ARGS)"
+	@for f in 0 1; do \
+	  $(MAKE) --no-print-directory train FOLD=$$f CONFIG= ARGS="experiment=$(DEMO_EXP) $(DEMO_ARGS)" || exit $$?; \
+	  $(MAKE) --no-print-directory predict RUN=runs/$(DEMO_EXP)/fold$$f SPLIT=val TTA=$(TTA) || exit $$?; \
+	  $(MAKE) --no-print-directory predict RUN=runs/$(DEMO_EXP)/fold$$f SPLIT=test TTA=$(TTA) || exit $$?; \
+	done
+	$(MAKE) --no-print-directory ensemble RUNS="runs/$(DEMO_EXP)" NAME=demo ARGS="tta=$(TTA) tune_bias=true n_trials=60"
+	$(MAKE) --no-print-directory submit NAME=demo FORMAT=rle
+	$(MAKE) --no-print-directory submit NAME=demo-dense FORMAT=dense ARGS="ensemble=ensembles/demo/weights.yaml"
+	$(MAKE) --no-print-directory score SUB=submissions/demo.csv
+	$(MAKE) --no-print-directory score SUB=submissions/demo-dense.csv
 
 test: setup ## run the test suite
 	$(PY) -m pytest -q
