@@ -27,7 +27,7 @@ GT       ?= $(DATA_DIR)/test_gt.json
 STUDY    ?= demo
 TRIALS   ?= 4
 STORAGE  ?=
-SPACE    ?=
+SPACE    ?= $(if $(filter data/demo,$(DATA_DIR)),pipeline/configs/search_space_demo.yaml,)
 
 # small CPU budgets for the end-to-end demo job
 DEMO_EXP   ?= unet-demo
@@ -93,7 +93,7 @@ score: setup ## mIoU of SUB against ground truth GT (COCO json or folder of labe
 	$(PY) -m pipeline.score sub=$(SUB) gt=$(GT) data_dir=$(DATA_DIR) $(ARGS)
 
 tune: setup ## Optuna study STUDY with TRIALS trials (FOLD=, SPACE=, STORAGE=)
-	$(PY) -m pipeline.tune study=$(STUDY) trials=$(TRIALS) fold=$(FOLD) data_dir=$(DATA_DIR) folds_file=$(FOLDS_FILE) $(if $(SPACE),space=$(SPACE)) $(if $(STORAGE),storage=$(STORAGE)) $(ARGS)
+	$(PY) -m pipeline.tune study=$(STUDY) trials=$(TRIALS) fold=$(FOLD) data_dir=$(DATA_DIR) folds_file=$(FOLDS_FILE) $(if $(SPACE),space=$(SPACE)) $(if $(STORAGE),storage=$(STORAGE)) $(if $(filter data/demo,$(DATA_DIR)),train_args="encoder_weights=null num_workers=0 max_train_batches=8") $(ARGS)
 
 tune-report: setup ## report of study STUDY -> reports/tune/<study>/ (with best.yaml)
 	$(PY) -m pipeline.tune_report study=$(STUDY) $(if $(STORAGE),storage=$(STORAGE)) $(ARGS)

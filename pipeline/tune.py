@@ -425,9 +425,9 @@ def load_space(path: str | Path) -> SearchSpace:
 
 def compose_loss(loss: str, weights: Mapping[str, float], source: str) -> str:
     """``compose_loss("ce+dice", {"dice": 0.4})`` -> ``"1*ce+0.4*dice"``; other terms keep their weights."""
-    from pipeline.losses import _parse
+    from pipeline.losses import parse_loss_spec
 
-    terms = _parse(loss)
+    terms = parse_loss_spec(loss)
     names = [n for _, n in terms]
     for term in weights:
         if term not in names:
