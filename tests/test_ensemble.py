@@ -1,0 +1,244 @@
+"""Ensemble stage on synthetic probability stores (no trained models): tuning, voting, bias, memory."""
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import ensemble as ens
+from pipeline.config import build_config
+from pipeline.data import load_coco
+from pipeline.ensemble import EnsembleConfig, Fusion, OofCache, find_member, resolve_members, run
+from pipeline.metrics import confusion_matrix, mean_iou
+from pipeline.probs import ProbReader, ProbWriter
+from pipeline.rle import decode_label_map
+from pipeline.submit import SubmitConfig
+from pipeline.submit import run as submit
+from pipeline.utils import PipelineError
+from pipeline.validate import resize_nearest
+
+
+def noisy_probs(labels: np.ndarray, k: int, margin: float, rng: np.random.Generator) -> np.ndarray:
+    """Softmax of ``margin * one-hot(labels) + N(0, 1)``: K x h x w probabilities."""
+    logits = rng.normal(size=(k, *labels.shape)).astype(np.float32)
+    logits += margin * (np.arange(k)[:, None, None] == labels[None])
+    e = np.exp(logits - logits.max(0, keepdims=True))
+    return e / e.sum(0, keepdims=True)
+
+
+def write_member(root: Path, coco, test_coco, margin: float, seed: int, tta: str = "flip", k_folds: int = 2,
+                 scale: float = 0.5) -> Path:
+    """runs/<exp>/fold<k>/{oof, test_<tta>}: OOF = noisy ground truth at ``scale`` x the image size."""
+    rng = np.random.default_rng(seed)
+    ids = coco.image_ids
+    for f in range(k_folds):
+        fold = root / f"fold{f}"
+        with ProbWriter(fold / "oof", coco.class_names) as w:
+            for image_id in ids[f::k_folds]:
+                im = coco.image(image_id)
+                h, wd = int(im["height"]), int(im["width"])
+                size = (max(1, round(h * scale)), max(1, round(wd * scale)))
+                gt = resize_nearest(coco.mask(image_id), size)
+                w.write(image_id, im["file_name"], h, wd, noisy_probs(gt, coco.num_classes, margin, rng))
+        with ProbWriter(fold / f"test_{tta}", coco.class_names) as w:
+            for im in test_coco.images:
+                h, wd = int(im["height"]), int(im["width"])
+                size = (max(1, round(h * scale)), max(1, round(wd * scale)))
+                labels = rng.integers(0, coco.num_classes, size=size)
+                w.write(int(im["id"]), im["file_name"], h, wd, noisy_probs(labels, coco.num_classes, margin, rng))
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(demo_data, tmp_path_factory):
+    """(data_dir, good run, bad run) of the non-square demo data."""
+    root = tmp_path_factory.mktemp("ens_runs")
+    coco = load_coco(demo_data, "train_all.json")
+    test = load_coco(demo_data, "test.json", require_annotations=False)
+    good = write_member(root / "good", coco, test, margin=2.5, seed=1)
+    bad = write_member(root / "bad", coco, test, margin=0.6, seed=2)
+    return demo_data, good, bad
+
+
+def cfg_for(members, tmp_path: Path, **kw) -> EnsembleConfig:
+    data, good, bad = members
+    base = dict(runs=f"{good} {bad}", data_dir=str(data), out_dir=str(tmp_path / "ensembles"), name="t", n_trials=25,
+                progress=False)
+    base.update(kw)
+    return build_config(EnsembleConfig, overrides=base)
+
+
+def test_members_resolve_folds_tta_and_fold_folders(runs, tmp_path):
+    _, good, _ = runs
+    m = find_member(str(good))
+    assert m.name == "good" and m.tta == "flip"
+    assert m.oof_stores == [str(good / "fold0" / "oof"), str(good / "fold1" / "oof")]  # no oof_flip: plain oof
+    assert m.test_stores == [str(good / "fold0" / "test_flip"), str(good / "fold1" / "test_flip")]
+    fold = find_member(str(good / "fold1"))
+    assert fold.name == "good/fold1" and fold.oof_stores == [str(good / "fold1" / "oof")]
+    twice = resolve_members([f"{good} {good}"])
+    assert [x.name for x in twice] == ["good", "good#2"]
+    with pytest.raises(PipelineError, match="no fold"):
+        find_member(str(tmp_path))
+
+
+def test_ambiguous_tta_needs_a_choice(runs, tmp_path):
+    data, good, _ = runs
+    exp = tmp_path / "exp" / "fold0"
+    exp.mkdir(parents=True)
+    for name in ("oof", "test_flip", "test_d4"):
+        (exp / name).symlink_to(good / "fold0" / ("test_flip" if name != "oof" else "oof"))
+    with pytest.raises(PipelineError, match="several TTA stores.*d4, flip"):
+        find_member(str(exp.parent))
+    assert find_member(str(exp.parent), tta="d4").test_stores == [str(exp / "test_d4")]
+
+
+def test_tuning_prefers_the_good_member_and_beats_it(runs, tmp_path):
+    data, good, bad = runs
+    result = run(cfg_for(runs, tmp_path))
+    members = {m["name"]: m for m in result["members"]}
+    assert members["good"]["weight"] > members["bad"]["weight"]
+    assert sum(result["weights"]) == pytest.approx(1.0)
+    assert members["good"]["oof_miou"] > members["bad"]["oof_miou"]
+    oof = result["oof"]
+    assert oof["n_images"] == 24
+    assert oof["ensemble_miou"] >= members["good"]["oof_miou"]
+    assert oof["ensemble_miou"] >= oof["plain_average_miou"]
+    assert 0 < oof["plain_average_miou"] < 1
+    assert set(oof["iou_per_class"]) == set(result["class_names"])
+
+    # the member scores equal an independent computation from the stores at the stored size
+    coco = load_coco(data, "train_all.json")
+    cm = np.zeros((coco.num_classes,) * 2, dtype=np.int64)
+    for store in members["good"]["oof_stores"]:
+        reader = ProbReader(store)
+        for image_id in reader.image_ids:
+            p = reader.load(image_id).numpy()
+            q = np.rint(p * 255)  # the cache holds probabilities quantised to 1/255
+            cm += confusion_matrix(q.argmax(0), resize_nearest(coco.mask(image_id), p.shape[1:]), coco.num_classes)
+    assert members["good"]["oof_miou"] == pytest.approx(mean_iou(cm))
+
+    folder = tmp_path / "ensembles" / "t"
+    saved = yaml.safe_load((folder / "weights.yaml").read_text())
+    assert [m["name"] for m in saved["members"]] == ["good", "bad"]
+    assert saved["weights"] == result["weights"] and saved["method"] == "mean" and saved["bias"] is None
+    assert saved["members"][0]["test_stores"] == [str(good / "fold0" / "test_flip"), str(good / "fold1" / "test_flip")]
+    report = (folder / "report.md").read_text()
+    assert "plain average" in report and "Per-class IoU" in report and "good" in report
+    assert not list(folder.glob(".oof-cache-*"))  # the OOF cache is removed
+
+
+def test_weights_yaml_is_reused_by_submit(runs, tmp_path):
+    data, good, bad = runs
+    result = run(cfg_for(runs, tmp_path, n_trials=8))
+    out = submit(SubmitConfig(name="t", ensembles_dir=str(tmp_path / "ensembles"), data_dir=str(data),
+                              out_dir=str(tmp_path / "subs"), progress=False))
+    assert out["ensemble"] == str(tmp_path / "ensembles" / "t" / "weights.yaml")
+    assert [m["weight"] for m in out["members"]] == pytest.approx(result["weights"])
+    assert out["oof"]["ensemble_miou"] == pytest.approx(result["oof"]["ensemble_miou"])
+    # the CSV holds argmax(sum_m w_m * mean_folds(p)) at each image's size
+    test = load_coco(data, "test.json", require_annotations=False)
+    rows = (tmp_path / "subs" / "t.csv").read_text().splitlines()[1:]
+    by_image: dict[str, dict[int, str]] = {}
+    for line in rows:
+        name, cid, rle = line.split(",")
+        by_image.setdefault(name, {})[test.cat_to_index[int(cid)]] = rle
+    readers = [[ProbReader(s) for s in m["test_stores"]] for m in result["members"]]
+    for im in test.images:
+        h, w = int(im["height"]), int(im["width"])
+        acc = sum(wt * np.mean([r.load(im["id"], (h, w)).numpy() for r in rs], axis=0)
+                  for wt, rs in zip(result["weights"], readers))
+        np.testing.assert_array_equal(decode_label_map(by_image[im["file_name"]], (h, w)), acc.argmax(0))
+
+
+def test_hard_voting(runs, tmp_path):
+    result = run(cfg_for(runs, tmp_path, method="vote", n_trials=10))
+    members = {m["name"]: m for m in result["members"]}
+    assert result["method"] == "vote"
+    assert result["oof"]["ensemble_miou"] >= max(m["oof_miou"] for m in members.values())
+    assert yaml.safe_load((tmp_path / "ensembles" / "t" / "weights.yaml").read_text())["method"] == "vote"
+
+
+def test_vote_counts_weighted_votes_not_probabilities():
+    confident = np.array([0.0, 1.0, 0.0], np.float32)[:, None]  # votes 1, very sure
+    unsure = np.array([0.05, 0.45, 0.5], np.float32)[:, None]  # votes 2
+    members = [confident, unsure, unsure]
+    assert Fusion([1, 1, 1], method="mean")(members)[0] == 1  # mean probability favours class 1
+    assert Fusion([1, 1, 1], method="vote")(members)[0] == 2  # two votes against one
+    assert Fusion([0.6, 0.2, 0.2], method="vote")(members)[0] == 1  # the heavier voter wins
+    assert Fusion([0.5, 0.25, 0.25], method="vote")(members)[0] == 1  # a tie goes to the higher mean probability
+    # the bias acts on log-probabilities of each voter
+    assert Fusion([1, 1, 1], bias=[0, 0, -1.0], method="vote")(members)[0] == 1
+
+
+def test_mean_with_bias_on_log_probabilities():
+    p = np.array([[0.5, 0.2], [0.3, 0.7], [0.2, 0.1]], np.float32)  # K=3, two pixels
+    assert Fusion([1]).__call__([p]).tolist() == [0, 1]
+    bias = [0.0, np.log(0.5 / 0.3) + 0.01, 0.0]
+    assert Fusion([1], bias=bias)([p]).tolist() == [1, 1]
+    assert Fusion([1], bias=[0.0, 0.0, 0.0]).bias is None
+    with pytest.raises(PipelineError, match="unknown ensemble method"):
+        Fusion([1], method="median")
+    with pytest.raises(PipelineError, match="not all zero"):
+        Fusion([0, 0])
+
+
+def test_bias_tuning_does_not_lower_oof_miou(runs, tmp_path):
+    plain = run(cfg_for(runs, tmp_path / "a", n_trials=10))
+    biased = run(cfg_for(runs, tmp_path / "b", n_trials=10, tune_bias=True, bias_range=0.5))
+    assert biased["oof"]["ensemble_miou"] >= plain["oof"]["ensemble_miou"]
+    assert biased["weights"] == plain["weights"]  # same seed: the weight stage is identical
+    assert biased["bias"] is None or len(biased["bias"]) == len(biased["class_names"])
+    assert biased["tuning"]["trials"] == 20
+
+
+def test_no_tuning_is_the_plain_average_or_a_better_member(runs, tmp_path):
+    result = run(cfg_for(runs, tmp_path, tune=False))
+    assert result["tuning"]["trials"] == 0
+    members = {m["name"]: m for m in result["members"]}
+    best = max(result["oof"]["plain_average_miou"], *(m["oof_miou"] for m in members.values()))
+    assert result["oof"]["ensemble_miou"] == pytest.approx(best)
+
+
+def test_max_images_subsamples_with_a_seed(runs, tmp_path):
+    a = run(cfg_for(runs, tmp_path / "a", tune=False, max_images=7))
+    b = run(cfg_for(runs, tmp_path / "b", tune=False, max_images=7))
+    assert a["oof"]["n_images"] == 7 and a["oof"]["plain_average_miou"] == b["oof"]["plain_average_miou"]
+
+
+def test_errors_name_the_problem(runs, tmp_path):
+    data, good, _ = runs
+    with pytest.raises(PipelineError, match="runs is required"):
+        build_config(EnsembleConfig, overrides={"data_dir": str(data)})
+    with pytest.raises(PipelineError, match="method: unknown 'median'; known: mean, vote"):
+        cfg_for(runs, tmp_path, method="median")
+    with pytest.raises(PipelineError, match="not found"):
+        run(cfg_for(runs, tmp_path, runs=str(tmp_path / "nope")))
+
+
+def test_main_accepts_a_space_separated_runs_list(runs, tmp_path):
+    data, good, bad = runs
+    rc = ens.main([f"runs={good} {bad}", f"data_dir={data}", f"out_dir={tmp_path}", "name=m", "n_trials=3", "progress=false"])
+    assert rc == 0
+    assert len(yaml.safe_load((tmp_path / "m" / "weights.yaml").read_text())["members"]) == 2
+
+
+def test_peak_memory_of_a_tuning_pass_does_not_grow_with_the_images(runs, tmp_path, monkeypatch):
+    """Streaming: a pass over the OOF cache allocates one chunk's worth, whatever the number of images."""
+    data, good, bad = runs
+    coco = load_coco(data, "train_all.json")
+    monkeypatch.setattr(ens, "CHUNK_PIXELS", 2 * 32 * 48)  # two OOF maps per chunk
+    members = resolve_members([str(good), str(bad)])
+    peaks = []
+    for n in (6, 12, 24):
+        with OofCache(members, coco, folder=tmp_path, max_images=n, progress=False) as cache:
+            assert len(cache.image_ids) == n
+            assert Path(cache.path).stat().st_size == n * 32 * 48 * (1 + 2 * coco.num_classes)
+            tracemalloc.start()
+            cache.confusion(Fusion([0.7, 0.3]))
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+    assert max(peaks) < 1.25 * min(peaks), peaks
