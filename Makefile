@@ -77,7 +77,7 @@ train-folds: setup ## train MODEL (or CONFIG) on every fold of FOLDS_FILE
 	@for f in $$($(PY) -c "import pandas as p; print(*sorted(p.read_csv('$(FOLDS_FILE)').fold.unique()))"); do \
 	  $(MAKE) --no-print-directory train FOLD=$$f || exit $$?; done
 
-predict: setup ## predict RUN's best checkpoint with TTA on SPLIT (test|val) -> RUN/<split>/
+predict: setup ## predict RUN's best checkpoint with TTA on SPLIT (test|val) -> RUN/test_<tta>/ or RUN/oof_<tta>/
 	$(PY) -m pipeline.predict run_dir=$(RUN) data_dir=$(DATA_DIR) tta=$(TTA) split=$(SPLIT) $(ARGS)
 
 ensemble: setup ## tune weights of RUNS on out-of-fold predictions and average their test probabilities
