@@ -122,7 +122,8 @@ def test_existing_run_without_resume_is_refused(demo_data_square, folds_file, tm
 
 
 def test_resume_after_sigkill_reproduces_uninterrupted_run(demo_data_square, folds_file, tmp_path):
-    kw = dict(epochs=4, save_oof=False, plot=False, ema=True, ema_decay=0.9, accum_steps=2, batch_size=4)
+    kw = dict(epochs=4, save_oof=False, plot=False, ema=True, ema_decay=0.9, accum_steps=2, batch_size=4,
+              encoder="tu-mobilenetv3_small_050")
     full = small_cfg(demo_data_square, folds_file, tmp_path / "a", **kw)
     run(full)
     expected = (full.run_dir() / "metrics.csv").read_text()
