@@ -81,7 +81,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--batches", type=int, default=12, help="timed steps per epoch")
     p.add_argument("--epochs", type=int, default=3, help="pipeline epochs (the first is warm-up)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: the pipeline's own choice)")
     p.add_argument("--augment", default="light")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
@@ -113,7 +113,7 @@ def main() -> int:
         ("pipeline.train (loader, augment, loss, optimizer, bookkeeping)", pipe_step, bare_step / pipe_step),
     ]
     print(f"\n{args.model}-{args.encoder}, batch {args.batch}, {args.size}x{args.size}, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}, loader workers {args.workers}, augment {args.augment}")
+          f"torch threads {torch.get_num_threads()}, loader workers {args.workers if args.workers is not None else 'auto'}, augment {args.augment}")
     print(f"{'method':64s} {'ms/step':>9s} {'img/s':>8s} {'throughput vs bare':>19s}")
     for name, step, ratio in rows:
         print(f"{name:64s} {step * 1000:9.1f} {args.batch / step:8.1f} {ratio:19.3f}")

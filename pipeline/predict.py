@@ -38,7 +38,16 @@ from pipeline.data import (
 )
 from pipeline.metrics import confusion_matrix_torch, iou_per_class, mean_iou
 from pipeline.probs import DTYPES, ProbWriter, resize_probs
-from pipeline.train import TrainConfig, ValDataset, amp_dtype, collate, load_checkpoint_model, resolve_device, split_ids
+from pipeline.train import (
+    TrainConfig,
+    ValDataset,
+    amp_dtype,
+    collate,
+    default_workers,
+    load_checkpoint_model,
+    resolve_device,
+    split_ids,
+)
 from pipeline.tta import DEFAULT_SCALES, TTAModel, auto_max_batch, parse_tta
 from pipeline.utils import PipelineError
 
@@ -61,7 +70,7 @@ class PredictConfig:
     batch_size: int = 8
     max_batch: int | None = None  # images per forward call across TTA views; None: auto (all views at once
     # on an accelerator, one view of the batch at a time on a CPU)
-    num_workers: int | None = None  # None: min(4, cpus - 1)
+    num_workers: int | None = None  # None: pipeline.train.default_workers
     device: str = "auto"
     amp: str = "auto"
     dtype: str = "float16"  # float16 | uint8
@@ -159,7 +168,7 @@ def run(cfg: PredictConfig) -> Path:
     dtype = amp_dtype(cfg.amp, device)
     max_batch = cfg.max_batch if cfg.max_batch is not None else auto_max_batch(device, cfg.batch_size)
     tta = TTAModel(model, cfg.tta, scales=cfg.scales, max_batch=max_batch, dtype=dtype).eval()
-    workers = cfg.num_workers if cfg.num_workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1))
+    workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
 
     val = cfg.split == "val"
     if val:

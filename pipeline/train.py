@@ -105,7 +105,7 @@ class TrainConfig:
     # runtime
     seed: int = 42
     device: str = "auto"
-    num_workers: int | None = None  # None: min(4, cpus - 1)
+    num_workers: int | None = None  # None: default_workers() (GPU: up to 8; CPU: cpus // 2 - 1)
     threads: int | None = None  # torch CPU threads; None: torch's default
     max_train_batches: int | None = None  # cap per epoch (smoke runs, tuning budgets)
     max_val_batches: int | None = None
@@ -193,6 +193,16 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
+
+
+def default_workers(device: torch.device) -> int:
+    """Loader processes when ``num_workers`` is unset: on a GPU the CPU only feeds it; on a CPU
+    the workers compete with the model's own threads (on 2 cores, 0 workers measured fastest:
+    benchmarks/bench_train.py)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        return max(0, min(8, cpus - 1))
+    return max(0, min(4, cpus // 2 - 1))
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -498,7 +508,7 @@ def run(cfg: TrainConfig, epoch_callback: Callable[[int, dict[str, Any]], None] 
         cfg.loss, num_classes, ignore_index=IGNORE_INDEX, class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing
     ).to(device)
 
-    workers = cfg.num_workers if cfg.num_workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1))
+    workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
     train_set = EpochSeededDataset(SegmentationDataset(coco, train_ids, build_transform(cfg.augment, size), cache), cfg.seed)
     sampler = EpochShuffleSampler(len(train_set), cfg.seed, dd.rank, dd.world, shuffle=True, drop_last=True)
     per_batch = max(1, len(sampler) // cfg.batch_size)
