@@ -334,7 +334,8 @@ def image_size_from_data(coco: CocoData, divisor: int = 32) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- transforms
-def _augmentations(name: str) -> list:
+def _augmentations(name: str, square: bool) -> list:
+    """Augmentations of a preset; quarter turns only when the output is square (they swap H and W)."""
     import albumentations as A
 
     if name == "none":
@@ -349,7 +350,7 @@ def _augmentations(name: str) -> list:
         return [
             A.HorizontalFlip(p=0.5),
             A.VerticalFlip(p=0.2),
-            A.RandomRotate90(p=0.3),
+            *([A.RandomRotate90(p=0.3)] if square else []),
             A.Affine(scale=(0.75, 1.25), translate_percent=(-0.1, 0.1), rotate=(-20, 20), p=0.7),
             A.ColorJitter(0.25, 0.25, 0.25, 0.05, p=0.6),
             A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=5), A.GaussNoise()], p=0.3),
@@ -367,7 +368,7 @@ def build_transform(name: str, size: tuple[int, int] | None) -> Callable[..., di
 
     if name not in AUGMENTATIONS:
         raise PipelineError(f"unknown augmentation {name!r}; known: {', '.join(AUGMENTATIONS)}")
-    ops = list(_augmentations(name))
+    ops = list(_augmentations(name, square=size is not None and int(size[0]) == int(size[1])))
     if size is not None:
         ops.insert(0, A.Resize(int(size[0]), int(size[1])))
     return A.Compose(ops)

@@ -574,3 +574,19 @@ def test_image_size_from_data_rounds_up_to_the_divisor(tmp_path):
 
     write_coco(tmp_path, [poly(1, 1, 0, 0, 4, 4)], images=[image_entry(1, 64, 96)], write_images=False)
     assert image_size_from_data(load_coco(tmp_path), divisor=32) == (64, 96)
+
+
+def test_strong_augmentation_keeps_a_non_square_size():
+    """Quarter turns would swap height and width; the preset leaves them out for non-square sizes."""
+    from pipeline.data import build_transform
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 70, 3), dtype=np.uint8)
+    mask = rng.integers(0, 5, (40, 70), dtype=np.uint8)
+    t = build_transform("strong", (32, 48))
+    for seed in range(60):
+        t.set_random_seed(seed)
+        out = t(image=image, mask=mask)
+        assert out["image"].shape == (32, 48, 3) and out["mask"].shape == (32, 48)
+    square = build_transform("strong", (48, 48))
+    assert any(type(op).__name__ == "RandomRotate90" for op in square.transforms)
