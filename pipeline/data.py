@@ -396,6 +396,12 @@ def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.
     return t.sub_(m).div_(s)
 
 
+def image_meta(coco: CocoData, image_id: int) -> dict[str, Any]:
+    """The per-item record the datasets return: id, file name and the image's own size."""
+    im = coco.image(image_id)
+    return {"image_id": image_id, "file_name": im["file_name"], "height": int(im["height"]), "width": int(im["width"])}
+
+
 class SegmentationDataset(Dataset):
     """Labelled images: ``(image float CxHxW, mask long HxW, meta)``."""
 
@@ -415,14 +421,18 @@ class SegmentationDataset(Dataset):
         return len(self.image_ids)
 
     def meta(self, image_id: int) -> dict[str, Any]:
-        im = self.coco.image(image_id)
-        return {"image_id": image_id, "file_name": im["file_name"], "height": int(im["height"]), "width": int(im["width"])}
+        return image_meta(self.coco, image_id)
 
-    def __getitem__(self, idx: int):
+    def load(self, idx: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Untransformed RGB image, ground-truth map (cached when a cache is set) and meta of item ``idx``."""
         image_id = self.image_ids[idx]
         meta = self.meta(image_id)
         image = read_image(self.coco.data_dir / meta["file_name"], (meta["height"], meta["width"]))
         mask = self.cache.get(image_id) if self.cache is not None else self.coco.mask(image_id)
+        return image, mask, meta
+
+    def __getitem__(self, idx: int):
+        image, mask, meta = self.load(idx)
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
@@ -441,10 +451,8 @@ class TestDataset(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, idx: int):
-        image_id = self.image_ids[idx]
-        im = self.coco.image(image_id)
-        meta = {"image_id": image_id, "file_name": im["file_name"], "height": int(im["height"]), "width": int(im["width"])}
-        image = read_image(self.coco.data_dir / im["file_name"], (meta["height"], meta["width"]))
+        meta = image_meta(self.coco, self.image_ids[idx])
+        image = read_image(self.coco.data_dir / meta["file_name"], (meta["height"], meta["width"]))
         if self.transform is not None:
             image = self.transform(image=image)["image"]
         return to_tensor(image), meta

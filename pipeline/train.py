@@ -14,7 +14,7 @@ on (seed, epoch, sample), so a resumed run reproduces an uninterrupted one.  Und
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
 import math
 import os
@@ -40,6 +40,7 @@ from pipeline.data import (
     build_transform,
     image_size_from_data,
     load_coco,
+    to_tensor,
 )
 from pipeline.folds import load_folds
 from pipeline.losses import build_loss
@@ -274,12 +275,7 @@ class ValDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, idx: int):
-        from pipeline.data import read_image, to_tensor
-
-        image_id = self.base.image_ids[idx]
-        meta = self.base.meta(image_id)
-        image = read_image(self.base.coco.data_dir / meta["file_name"], (meta["height"], meta["width"]))
-        mask = self.base.cache.get(image_id) if self.base.cache is not None else self.base.coco.mask(image_id)
+        image, mask, meta = self.base.load(idx)
         image = self.resize(image=image)["image"]
         return to_tensor(image), torch.from_numpy(mask.astype(np.int64)), meta
 
@@ -602,7 +598,7 @@ def run(cfg: TrainConfig, epoch_callback: Callable[[int, dict[str, Any]], None] 
                 images = images.contiguous(memory_format=torch.channels_last)
             last_micro = (i + 1) % cfg.accum_steps == 0 or i + 1 == batches
             sync = (not dd.enabled) or last_micro
-            ctx = net.no_sync() if (dd.enabled and not sync) else _nullcontext()
+            ctx = net.no_sync() if (dd.enabled and not sync) else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     loss = criterion(net(images), masks)
@@ -687,14 +683,6 @@ def run(cfg: TrainConfig, epoch_callback: Callable[[int, dict[str, Any]], None] 
     if dd.enabled:
         dist.destroy_process_group()
     return TrainResult(run_dir, best, best_epoch, len(history), history)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
