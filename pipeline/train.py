@@ -507,9 +507,9 @@ def run(cfg: TrainConfig, epoch_callback: Callable[[int, dict[str, Any]], None] 
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
     train_set = EpochSeededDataset(SegmentationDataset(coco, train_ids, build_transform(cfg.augment, size), cache), cfg.seed)
     sampler = EpochShuffleSampler(len(train_set), cfg.seed, dd.rank, dd.world, shuffle=True, drop_last=True)
-    per_batch = max(1, len(sampler) // cfg.batch_size)
-    if per_batch == 0 or len(sampler) < cfg.batch_size:
+    if len(sampler) < cfg.batch_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(sampler)} training images per process")
+    per_batch = len(sampler) // cfg.batch_size
     batches = min(per_batch, cfg.max_train_batches) if cfg.max_train_batches else per_batch
     steps_per_epoch = math.ceil(batches / cfg.accum_steps)
 
