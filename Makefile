@@ -16,7 +16,8 @@ MODEL    ?= unet
 CONFIG   ?=
 RESUME   ?= 1
 FOLDS_FILE ?= folds/folds.csv
-RUN      ?= runs/$(MODEL)-demo/fold$(FOLD)
+EXP      ?= $(if $(CONFIG),$(basename $(notdir $(CONFIG))),$(MODEL))
+RUN      ?= runs/$(EXP)/fold$(FOLD)
 RUNS     ?=
 TTA      ?= flip
 SPLIT    ?= test
@@ -27,14 +28,18 @@ GT       ?= $(DATA_DIR)/test_gt.json
 STUDY    ?= demo
 TRIALS   ?= 4
 STORAGE  ?=
-SPACE    ?= $(if $(filter data/demo,$(DATA_DIR)),pipeline/configs/search_space_demo.yaml,)
+# tuning profile: full (pipeline/configs/search_space.yaml, the family configs' budgets) or
+# demo (a small space and short trials for the demo data on a CPU); chosen explicitly
+PROFILE  ?= full
+SPACE    ?= $(if $(filter demo,$(PROFILE)),pipeline/configs/search_space_demo.yaml,)
+TUNE_TRAIN_ARGS ?= $(if $(filter demo,$(PROFILE)),encoder_weights=null num_workers=0 max_train_batches=8,)
 
 # small CPU budgets for the end-to-end demo job
 DEMO_EXP   ?= unet-demo
 DEMO_ARGS  ?= model=unet encoder=resnet18 encoder_weights=null img_size=[128] epochs=8 batch_size=8 lr=2e-3 warmup_epochs=0.5 augment=light num_workers=1
 
 train_config = $(if $(CONFIG),--config $(CONFIG),$(if $(wildcard pipeline/configs/$(MODEL).yaml),--config pipeline/configs/$(MODEL).yaml,))
-train_model  = $(if $(CONFIG),,model=$(MODEL))
+train_model  = $(if $(CONFIG),,model=$(MODEL)) experiment=$(EXP)
 resume_flag  = resume=$(if $(filter 0 false no,$(RESUME)),false,true)
 
 .PHONY: help setup data eda folds train train-folds predict ensemble submit validate score tune tune-report demo test bench clean
@@ -48,10 +53,13 @@ help: ## list targets and their variables
 	@echo "  ARGS=\"key=value ...\"    overrides passed to the stage's config"
 	@echo "  FOLD=$(FOLD) K=$(K) SEED=$(SEED) FOLDS_FILE=$(FOLDS_FILE)"
 	@echo "  MODEL=$(MODEL) CONFIG=$(CONFIG) RESUME=$(RESUME)  (train: pipeline/configs/<MODEL>.yaml unless CONFIG is set)"
+	@echo "  EXP=$(EXP)  experiment name: train writes runs/EXP/fold<k>/ (default: MODEL, or CONFIG's file name)"
 	@echo "  RUN=$(RUN) TTA=$(TTA) SPLIT=$(SPLIT)  (predict)"
 	@echo "  RUNS=\"runs/a/fold0 runs/a/fold1 ...\"  (ensemble)"
 	@echo "  NAME=$(NAME) FORMAT=$(FORMAT) SUB=$(SUB) GT=$(GT)  (submit, validate, score)"
 	@echo "  STUDY=$(STUDY) TRIALS=$(TRIALS) STORAGE=$(STORAGE) SPACE=$(SPACE)  (tune)"
+	@echo "  PROFILE=$(PROFILE)  tuning profile: full | demo (small space, short CPU trials: SPACE and TUNE_TRAIN_ARGS)"
+	@echo "  TUNE_TRAIN_ARGS=\"$(TUNE_TRAIN_ARGS)\"  extra key=value for every trial's training config"
 
 $(STAMP): requirements.txt
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -93,7 +101,7 @@ score: setup ## mIoU of SUB against ground truth GT (COCO json or folder of labe
 	$(PY) -m pipeline.score sub=$(SUB) gt=$(GT) data_dir=$(DATA_DIR) $(ARGS)
 
 tune: setup ## Optuna study STUDY with TRIALS trials (FOLD=, SPACE=, STORAGE=)
-	$(PY) -m pipeline.tune study=$(STUDY) trials=$(TRIALS) fold=$(FOLD) data_dir=$(DATA_DIR) folds_file=$(FOLDS_FILE) $(if $(SPACE),space=$(SPACE)) $(if $(STORAGE),storage=$(STORAGE)) $(if $(filter data/demo,$(DATA_DIR)),train_args="encoder_weights=null num_workers=0 max_train_batches=8") $(ARGS)
+	$(PY) -m pipeline.tune study=$(STUDY) trials=$(TRIALS) fold=$(FOLD) data_dir=$(DATA_DIR) folds_file=$(FOLDS_FILE) $(if $(SPACE),space=$(SPACE)) $(if $(STORAGE),storage=$(STORAGE)) $(if $(TUNE_TRAIN_ARGS),train_args="$(TUNE_TRAIN_ARGS)") $(ARGS)
 
 tune-report: setup ## report of study STUDY -> reports/tune/<study>/ (with best.yaml)
 	$(PY) -m pipeline.tune_report study=$(STUDY) $(if $(STORAGE),storage=$(STORAGE)) $(ARGS)

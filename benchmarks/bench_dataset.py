@@ -7,7 +7,7 @@
               ``cv2.cvtColor``, float32 ``/ 255``; ``coco.loadAnns(coco.getAnnIds(...))``
               sorted by ``area`` descending (stable, so ties keep file order) and painted
               with ``masks[coco.annToMask(ann) == 1] = class_index`` (later ones on top, as
-              CONTEST.md's rule says); returned as a 3xHxW tensor and an int64 mask.
+              the mask rule of README, Contracts says); returned as a 3xHxW tensor and an int64 mask.
 
 Both read the same images in the same order and the same number of items; warm-up items
 are run first and not timed; each method is timed over ``--repeats`` passes (interleaved

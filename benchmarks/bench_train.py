@@ -32,7 +32,7 @@ from pipeline import folds as folds_stage  # noqa: E402
 from pipeline.config import build_config  # noqa: E402
 from pipeline.demo import DemoConfig  # noqa: E402
 from pipeline.demo import run as make_demo  # noqa: E402
-from pipeline.losses import build_loss  # noqa: E402
+from pipeline.models.losses import build_loss  # noqa: E402
 from pipeline.models import build_model, param_groups  # noqa: E402
 from pipeline.train import TrainConfig  # noqa: E402
 from pipeline.train import run as train  # noqa: E402

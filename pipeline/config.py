@@ -18,15 +18,12 @@ from typing import Any, Callable, Sequence, TypeVar, Union
 
 import yaml
 
-from pipeline.utils import PipelineError, atomic_write_text, setup_logging
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.io import atomic_write_text, setup_logging
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class ConfigError(PipelineError):
-    """A configuration file or override that cannot be turned into a valid config."""
 
 
 _TRUE = {"true", "yes", "on", "1"}

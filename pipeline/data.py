@@ -3,12 +3,17 @@
 * ``load_coco`` reads and validates a COCO file of the contest layout (paths in
   ``file_name`` are relative to ``DATA_DIR``).  The class list is Background followed by
   the file's categories in file order; class index k >= 1 is the k-th category.
-* ``rasterize`` builds a ground-truth map by the contest rule: annotations sorted by
-  ``area`` descending (ties keep file order) are painted one after the other, so smaller
-  objects lie on top.  Polygons and RLE segmentations (compressed or not) are supported.
+* ``rasterize`` builds a ground-truth map by a mask rule (``MASK_RULES``): annotations
+  sorted by the rule's key are painted one after the other, so a later one lies on top.
+  The default rule ``area`` is the contest rule (``area`` descending, ties keep file
+  order: smaller objects on top); ``polygon_length`` is the 2021 cohort's baseline rule
+  (see :func:`rasterize`).  Polygons and RLE segmentations (compressed or not) are
+  supported and rasterized exactly as pycocotools' ``annToMask`` does: a polygon running
+  off the image is cut at the border, its coordinates are never changed.
 * ``MaskCache`` stores rasterized maps as PNG files in a folder keyed by a hash of the
-  annotation file's content, so a training epoch never rasterizes twice and an edited
-  annotation file never reuses stale masks.
+  annotation file's content, the mask rule and ``MASK_RULE_VERSION``, so a training epoch
+  never rasterizes twice and an edited annotation file (or another rule) never reuses
+  stale masks.
 * ``SegmentationDataset`` returns ``(image float CxHxW, mask long HxW, meta)``;
   ``TestDataset`` returns ``(image, meta)``.  Augmentations are chosen by name.
 """
@@ -35,7 +40,11 @@ from pipeline.utils import PipelineError, atomic_write_bytes
 log = logging.getLogger(__name__)
 
 BACKGROUND = "Background"
-MASK_FORMAT_VERSION = "area-desc-v1"  # part of the cache key: bump when the mask rule changes
+# Part of the mask-cache key, with the rule's name: bump whenever rasterization changes.
+# v2: polygons running off the image are no longer clipped (corners kept, as pycocotools).
+MASK_RULE_VERSION = "v2"
+DEFAULT_MASK_RULE = "area"
+OFF_IMAGE_REPAIR = "polygons running off the image (cut at the border when rasterized)"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -63,6 +72,7 @@ class CocoData:
     digest: str
     has_annotations: bool
     repairs: dict[str, int] = field(default_factory=dict)
+    mask_rule: str = DEFAULT_MASK_RULE  # the name of the rule ``mask`` paints by (``MASK_RULES``)
 
     @property
     def class_names(self) -> list[str]:
@@ -91,14 +101,17 @@ class CocoData:
         return self.data_dir / self._by_id[image_id]["file_name"]
 
     def __post_init__(self) -> None:
+        check_mask_rule(self.mask_rule)
         self._by_id = {int(im["id"]): im for im in self.images}
 
     def annotations(self, image_id: int) -> list[dict[str, Any]]:
         return self.anns_by_image.get(image_id, [])
 
     def mask(self, image_id: int) -> np.ndarray:
+        """Ground-truth class map of ``image_id`` by ``self.mask_rule``."""
         im = self._by_id[image_id]
-        return rasterize(self.annotations(image_id), int(im["height"]), int(im["width"]), self.cat_to_index)
+        return rasterize(self.annotations(image_id), int(im["height"]), int(im["width"]), self.cat_to_index,
+                         rule=self.mask_rule)
 
 
 def file_digest(path: str | Path) -> str:
@@ -122,25 +135,27 @@ def resolve_annotation(data_dir: str | Path, ann_file: str | Path) -> Path:
     return path
 
 
-def _clip_polygon(poly: Sequence[float], h: int, w: int) -> tuple[list[float], bool]:
+def _runs_off_image(poly: Sequence[float], h: int, w: int) -> bool:
+    """Whether a corner lies outside ``[0, w] x [0, h]``; raises ``ValueError`` for non-numbers."""
     arr = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-    clipped = arr.copy()
-    clipped[:, 0] = np.clip(clipped[:, 0], 0, w)
-    clipped[:, 1] = np.clip(clipped[:, 1], 0, h)
-    return clipped.reshape(-1).tolist(), bool((clipped != arr).any())
+    return bool((arr[:, 0] < 0).any() or (arr[:, 0] > w).any() or (arr[:, 1] < 0).any() or (arr[:, 1] > h).any())
 
 
 def load_coco(
     data_dir: str | Path,
     ann_file: str | Path = "train_all.json",
     require_annotations: bool = True,
+    mask_rule: str = DEFAULT_MASK_RULE,
 ) -> CocoData:
-    """Read and validate a contest-layout COCO file.
+    """Read and validate a contest-layout COCO file; ``mask_rule`` names the rule of ``CocoData.mask``.
 
     Fatal problems raise :class:`DataError` naming the file.  Repairable ones (polygons
-    with fewer than 3 points are dropped, coordinates outside the image are clipped) are
-    counted in ``CocoData.repairs`` and reported by one warning.
+    with fewer than 3 points are dropped) are counted in ``CocoData.repairs`` and reported
+    by one warning, which also counts polygons running off the image: those are kept
+    unchanged (pycocotools cuts them at the border when rasterizing; moving their corners
+    onto the border would change their edges' slopes).
     """
+    check_mask_rule(mask_rule)
     path = resolve_annotation(data_dir, ann_file)
     try:
         raw = path.read_bytes()
@@ -205,9 +220,12 @@ def load_coco(
                 if not isinstance(poly, (list, tuple)) or len(poly) < 6 or len(poly) % 2:
                     repairs["polygons with fewer than 3 points dropped"] += 1
                     continue
-                poly, was_clipped = _clip_polygon(poly, h, w)
-                if was_clipped:
-                    repairs["polygons clipped to the image"] += 1
+                try:
+                    off_image = _runs_off_image(poly, h, w)
+                except (TypeError, ValueError) as exc:
+                    raise DataError(f"{path}: annotation {aid} has a polygon with non-numeric coordinates") from exc
+                if off_image:
+                    repairs[OFF_IMAGE_REPAIR] += 1
                 polys.append(poly)
             if not polys:
                 repairs["annotations without a valid polygon dropped"] += 1
@@ -221,7 +239,7 @@ def load_coco(
         anns_by_image.setdefault(image_id, []).append(ann)
 
     if repairs:
-        log.warning("%s: repaired annotations: %s", path, ", ".join(f"{n} {k}" for k, n in repairs.items()))
+        log.warning("%s: repaired or noted annotations: %s", path, ", ".join(f"{n} {k}" for k, n in repairs.items()))
     return CocoData(
         path=path,
         data_dir=Path(data_dir),
@@ -231,6 +249,7 @@ def load_coco(
         digest=hashlib.sha1(raw).hexdigest(),
         has_annotations=bool(annotations),
         repairs=dict(repairs),
+        mask_rule=mask_rule,
     )
 
 
@@ -257,22 +276,78 @@ def mask_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint8) if num_classes < IGNORE_INDEX else np.dtype(np.uint16)
 
 
-def rasterize(anns: Sequence[dict[str, Any]], h: int, w: int, cat_to_index: dict[int, int]) -> np.ndarray:
-    """Ground-truth class map by the contest rule (area descending, ties in file order)."""
+def _area_key(ann: dict[str, Any], h: int, w: int) -> tuple:
+    """``area`` descending (the file's ``area`` field, else the mask's pixel count)."""
+    return (-annotation_area(ann, h, w),)
+
+
+def _polygon_length_key(ann: dict[str, Any], h: int, w: int) -> tuple:
+    """Polygons: the length of the first polygon, ascending, after every RLE annotation.
+
+    RLE annotations have no polygon: they fall back to the area rule and come first
+    (``(0, -area)`` sorts before every ``(1, length)``), so they lie under all polygons.
+    """
+    seg = ann["segmentation"]
+    if isinstance(seg, list):
+        return (1, len(seg[0]) if seg else 0)
+    return (0, -annotation_area(ann, h, w))
+
+
+# name -> sort key of one annotation (ann, h, w); rasterize paints in ascending key order.
+MASK_RULES: dict[str, Callable[[dict[str, Any], int, int], tuple]] = {
+    "area": _area_key,
+    "polygon_length": _polygon_length_key,
+}
+
+
+def check_mask_rule(rule: str) -> str:
+    """``rule`` if it names a mask rule, else a :class:`PipelineError` listing the known ones."""
+    if rule not in MASK_RULES:
+        raise PipelineError(f"unknown mask rule {rule!r}; known: {', '.join(MASK_RULES)}")
+    return rule
+
+
+def rasterize(anns: Sequence[dict[str, Any]], h: int, w: int, cat_to_index: dict[int, int],
+              rule: str = DEFAULT_MASK_RULE) -> np.ndarray:
+    """Ground-truth class map: start from Background (0), paint annotations in the rule's order.
+
+    Annotations are sorted by the rule's key, ascending and stable (ties keep file order),
+    and painted one after the other, so a later annotation lies on top of an earlier one:
+
+    * ``area`` (default; the 2022 cohorts' baseline and the contest rule): ``area``
+      descending, so the smallest object ends on top; among equal areas the later one
+      in the file ends on top.
+    * ``polygon_length`` (the 2021 cohort's baseline): the length (number of coordinates,
+      i.e. twice the number of corners) of the segmentation's first polygon, ascending,
+      so the annotation with the longest first polygon ends on top; among equal lengths
+      the later one in the file ends on top.  RLE segmentations have no polygon and fall
+      back to the area key: they are painted first (under every polygon annotation), by
+      ``area`` descending among themselves.
+
+    Each annotation's pixels are those of pycocotools' ``annToMask`` on the unmodified
+    segmentation (a polygon running off the image is cut at the border).
+    """
+    key = MASK_RULES[check_mask_rule(rule)]
     out = np.zeros((h, w), dtype=mask_dtype(len(cat_to_index) + 1))
-    areas = [annotation_area(a, h, w) for a in anns]
-    for i in sorted(range(len(anns)), key=lambda i: -areas[i]):  # sorted() is stable
+    keys = [key(a, h, w) for a in anns]
+    for i in sorted(range(len(anns)), key=lambda i: keys[i]):  # sorted() is stable
         out[annotation_mask(anns[i], h, w)] = cat_to_index[int(anns[i]["category_id"])]
     return out
 
 
 class MaskCache:
-    """PNG cache of ground-truth maps, keyed by the annotation file's content hash."""
+    """PNG cache of ground-truth maps of ``coco`` by ``coco.mask_rule``.
+
+    The folder ``<root>/<file stem>-<rule>-<hash>`` is keyed by the annotation file's
+    content hash, the rule's name and ``MASK_RULE_VERSION``: two rules, two file versions
+    or two rasterizer versions never share a folder.
+    """
 
     def __init__(self, coco: CocoData, root: str | Path = ".cache/masks"):
         self.coco = coco
-        key = hashlib.sha1(f"{coco.digest}:{MASK_FORMAT_VERSION}".encode()).hexdigest()[:16]
-        self.dir = Path(root) / f"{coco.path.stem}-{key}"
+        self.rule = check_mask_rule(coco.mask_rule)
+        key = hashlib.sha1(f"{coco.digest}:{self.rule}:{MASK_RULE_VERSION}".encode()).hexdigest()[:16]
+        self.dir = Path(root) / f"{coco.path.stem}-{self.rule}-{key}"
 
     def path(self, image_id: int) -> Path:
         return self.dir / f"{image_id}.png"

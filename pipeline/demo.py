@@ -9,7 +9,7 @@ Each image is a cluttered textured background with 1..``max_objects`` overlappin
 objects.  Every class has its own shape, colour and texture statistics, with deliberate
 overlaps between some classes (Paper / Paper pack, Plastic / Plastic bag, Metal / Glass).
 Objects are painted largest first, the order in which the ground-truth rule of
-CONTEST.md paints annotations, so the pixels of a mask show the object it is labelled as.
+README's Contracts paints annotations, so the pixels of a mask show the object it is labelled as.
 """
 from __future__ import annotations
 

@@ -63,6 +63,7 @@ class EDAConfig:
     seed: int = 0
     check_images: bool = True
     cache_dir: str = ".cache/masks"
+    mask_rule: str = "area"  # ground-truth mask rule (pipeline.data.MASK_RULES): area | polygon_length
 
     def validate(self) -> None:
         if self.n_samples < 0:
@@ -398,7 +399,7 @@ def render_report(coco: CocoData, stats: Stats, rows: list[dict[str, Any]], plot
         "",
         "Images and instances count annotations (for Background: images with background pixels); "
         "the pixel share is the share of all pixels of the ground-truth maps (mask rule of "
-        "CONTEST.md: smaller objects on top), Background included.",
+        "README, Contracts: smaller objects on top), Background included.",
         "",
         markdown_table(
             ["index", "class", "COCO id", "images", "instances", "small", "medium", "large", "pixel share"],
@@ -474,7 +475,7 @@ def choose_samples(coco: CocoData, n: int, seed: int) -> list[int]:
 def run(cfg: EDAConfig) -> dict[str, Any]:
     """Analyse ``cfg.ann_file`` and write the report, tables and plots; return the summary."""
     cfg.validate()
-    coco = load_coco(cfg.data_dir, cfg.ann_file)
+    coco = load_coco(cfg.data_dir, cfg.ann_file, mask_rule=cfg.mask_rule)
     checked = verify_images(coco) if cfg.check_images else None
     cache = MaskCache(coco, cfg.cache_dir)
     stats = collect_stats(coco, cache)

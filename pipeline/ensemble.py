@@ -50,7 +50,7 @@ from pipeline.config import ConfigError, stage_main, to_dict
 from pipeline.data import CocoData, load_coco
 from pipeline.eda import format_table, markdown_table
 from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
-from pipeline.probs import ProbReader
+from pipeline.probs import ProbReader, stores_mask_rule
 from pipeline.utils import PipelineError, atomic_write_text
 from pipeline.validate import resize_nearest
 
@@ -550,8 +550,9 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
     """Tune the ensemble on OOF probabilities; write ``weights.yaml`` and ``report.md``."""
     cfg.validate()
     started = time.perf_counter()
-    coco = load_coco(cfg.data_dir, cfg.ann_file)
     members = resolve_members(cfg.runs, cfg.tta)
+    mask_rule = stores_mask_rule([f for x in members for f in x.oof_stores])
+    coco = load_coco(cfg.data_dir, cfg.ann_file, mask_rule=mask_rule)
     out = Path(cfg.out_dir) / cfg.name
     m = len(members)
     log.info("ensemble %s: %d members (%s), method %s", cfg.name, m, ", ".join(x.name for x in members), cfg.method)
@@ -590,6 +591,7 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
         "method": cfg.method,
         "tta": cfg.tta,
         "class_names": coco.class_names,
+        "mask_rule": mask_rule,
         "members": member_rows,
         "weights": [float(w) for w in weights],
         "bias": None if bias is None else [float(b) for b in bias],

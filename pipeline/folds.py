@@ -39,6 +39,7 @@ class FoldsConfig:
     group_by: str | None = None  # None, or "folder" (the batch folder of file_name)
     groups_csv: str | None = None  # optional CSV with columns file_name,group
     cache_dir: str = ".cache/masks"
+    mask_rule: str = "area"  # ground-truth mask rule (pipeline.data.MASK_RULES): area | polygon_length
     pixel_stats: bool = True
 
     def validate(self) -> None:
@@ -176,7 +177,7 @@ def pixel_counts(coco: CocoData, cache_dir: str | Path) -> np.ndarray:
 
 
 def run(cfg: FoldsConfig) -> pd.DataFrame:
-    coco = load_coco(cfg.data_dir, cfg.ann_file)
+    coco = load_coco(cfg.data_dir, cfg.ann_file, mask_rule=cfg.mask_rule)
     pres, inst = presence_matrix(coco)
     groups = _groups(coco, cfg)
     fold = iterative_stratification(pres[:, 1:], cfg.k, cfg.seed, groups)

@@ -1,6 +1,6 @@
 """The one metric module: confusion matrix first, then IoU / mIoU.
 
-Rules (CONTEST.md): one KxK confusion matrix accumulated over all scored images (rows =
+Rules (README, Contracts): one KxK confusion matrix accumulated over all scored images (rows =
 ground truth, columns = prediction); pixels whose ground truth equals ``ignore_index``
 are skipped; IoU_c = TP / (TP + FP + FN); mIoU is the mean over classes whose union is
 non-zero (Background included).  Classes with an empty union get IoU = NaN and are left

@@ -38,6 +38,7 @@ from pipeline.data import (
 from pipeline.metrics import confusion_matrix_torch, iou_per_class, mean_iou
 from pipeline.probs import DTYPES, ProbWriter, resize_probs
 from pipeline.train import (
+    AMP_MODES,
     TrainConfig,
     ValDataset,
     amp_dtype,
@@ -53,7 +54,6 @@ from pipeline.utils import PipelineError
 log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val")
-AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
 @dataclass
@@ -173,7 +173,7 @@ def run(cfg: PredictConfig) -> Path:
     if val:
         if tcfg.fold < 0:
             raise PipelineError(f"{ckpt_path}: the run was trained on every image (fold=-1); it has no out-of-fold images")
-        coco = load_coco(cfg.data_dir, tcfg.ann_file)
+        coco = load_coco(cfg.data_dir, tcfg.ann_file, mask_rule=tcfg.mask_rule)
         _check_classes(coco, ckpt, ckpt_path)
         _, ids = split_ids(dataclasses.replace(tcfg, data_dir=cfg.data_dir), coco)
         if not ids:
@@ -203,6 +203,7 @@ def run(cfg: PredictConfig) -> Path:
         "fold": tcfg.fold,
         "split": cfg.split,
         "ann_file": str(coco.path),
+        "mask_rule": tcfg.mask_rule,
         "tta": cfg.tta,
         "tta_views": tta.view_names,
         "scales": sorted({float(v.scale) for v in tta.views}),
@@ -251,8 +252,8 @@ def run(cfg: PredictConfig) -> Path:
     if val:
         base = writer.info.get("oof_miou_without_tta")
         log.info(
-            "out-of-fold mIoU with TTA %s: %.4f (written %dx%d maps, scored at the image size); at the training "
-            "size %.4f%s", cfg.tta, writer.info["miou"], stored_fixed[0], stored_fixed[1],  # type: ignore[index]
+            "out-of-fold mIoU with TTA %s: %.4f from the written %dx%d maps, %.4f from the unstored maps (both "
+            "resized to each image's own size and scored there)%s", cfg.tta, writer.info["miou"], stored_fixed[0], stored_fixed[1],  # type: ignore[index]
             writer.info["miou_full_resolution"],
             "" if base is None else f", without TTA {base:.4f} (gain {writer.info['miou_full_resolution'] - base:+.4f})",
         )

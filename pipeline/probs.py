@@ -94,6 +94,23 @@ class ProbWriter:
             self.close()
 
 
+def stores_mask_rule(folders: Sequence[str | Path]) -> str:
+    """The mask rule of the training runs behind probability stores (``mask_rule`` of their
+    ``meta.json``; stores written before the option existed used ``area``).  Stores made with
+    different rules cannot be scored against one ground truth: that is an error."""
+    rules: dict[str, str] = {}
+    for folder in folders:
+        meta = Path(folder) / "meta.json"
+        try:
+            rules[str(folder)] = str(json.loads(meta.read_text()).get("mask_rule", "area"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PipelineError(f"{meta}: unreadable probability store meta ({exc})") from exc
+    if len(set(rules.values())) > 1:
+        raise PipelineError("the members were trained with different mask rules: "
+                            + ", ".join(f"{f}: {r}" for f, r in rules.items()))
+    return next(iter(rules.values()), "area")
+
+
 class ProbReader:
     """Random access to a probability store written by :class:`ProbWriter`."""
 

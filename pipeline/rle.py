@@ -1,4 +1,4 @@
-"""Run-length encoding of masks and label maps in the Kaggle convention (CONTEST.md).
+"""Run-length encoding of masks and label maps in the Kaggle convention (README, Contracts).
 
 ``EncodedPixels`` is a string of space-separated ``start length`` pairs at the image's own
 height x width.  Pixels are numbered from 1, column-major by default (``order="F"``: top to
@@ -275,7 +275,7 @@ def _isin(values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- public API
-def runs_are_valid(rle, n_pixels: int) -> str | None:
+def rle_problem(rle, n_pixels: int) -> str | None:
     """None when ``rle`` is well-formed for an image of ``n_pixels`` pixels, else what is wrong.
 
     Well-formed: integer ``start length`` pairs, starts from 1, positive lengths, runs sorted,

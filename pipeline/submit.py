@@ -34,7 +34,7 @@ import numpy as np
 from pipeline.config import ConfigError, stage_main, to_dict
 from pipeline.data import CocoData, load_coco
 from pipeline.ensemble import WEIGHTS_FILE, Fusion, Workspace, load_ensemble, open_stores, resolve_members, split_paths
-from pipeline.probs import ProbReader
+from pipeline.probs import ProbReader, stores_mask_rule
 from pipeline.rle import encode_label_map
 from pipeline.utils import PipelineError, atomic_open, atomic_write_text
 from pipeline.validate import HEADERS, check_format_options, format_problems, resize_nearest, validate_submission
@@ -55,15 +55,15 @@ class SubmitConfig:
     order: str = "F"  # F: column-major (the contest's), C: row-major
     dense_size: list[int] = field(default_factory=lambda: [256, 256])
     out_dir: str = "submissions"
-    validate: bool = True
+    check: bool = True  # run the validator on the written file before it replaces the old one
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.runs is not None:
             self.runs = split_paths(self.runs)
 
-    def validate_config(self) -> None:
-        """Raise ConfigError on bad settings (``validate`` is the run-the-validator flag, so not named so)."""
+    def validate(self) -> None:
+        """Raise ConfigError on bad settings."""
         if not self.name.strip() or "/" in self.name:
             raise ConfigError(f"name must be a plain file name, got {self.name!r}")
         check_format_options(self.format, self.order, self.dense_size)
@@ -201,7 +201,7 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
     """Write ``<out_dir>/<name>.csv`` and its manifest; returns the manifest."""
     from tqdm import tqdm
 
-    cfg.validate_config()
+    cfg.validate()
     started = time.perf_counter()
     coco = load_coco(cfg.data_dir, cfg.test_ann, require_annotations=False)
     if not coco.images:
@@ -222,10 +222,10 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
             else:
                 yield [dense_row(str(im["file_name"]), labels, cfg.dense_size)]
 
-    staging = out / f".{cfg.name}.csv.staging" if cfg.validate else csv_path
+    staging = out / f".{cfg.name}.csv.staging" if cfg.check else csv_path
     try:
         n_rows = write_csv(staging, batches(), cfg.format)
-        if cfg.validate:
+        if cfg.check:
             problems = validate_submission(staging, coco, cfg.format, cfg.order, cfg.dense_size)
             if problems:
                 raise PipelineError(format_problems(csv_path, problems))
@@ -244,16 +244,17 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
         "test_ann": str(coco.path),
         "members": [{"name": m.name, "weight": m.weight, "tta": m.tta, "test_stores": [str(r.folder) for r in m.readers]}
                     for m in members],
+        "mask_rule": stores_mask_rule([r.folder for m in members for r in m.readers]),
         "method": fusion.method,
         "bias": None if fusion.bias is None else [float(b) for b in fusion.bias],
         **{k: v for k, v in source.items() if k != "method"},
-        "validated": cfg.validate,
+        "validated": cfg.check,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": to_dict(cfg),
     }
     manifest_path = atomic_write_text(out / f"{cfg.name}.json", json.dumps(manifest, indent=2))
     oof = source.get("oof", {}).get("ensemble_miou")
-    log.info("wrote %s (%d rows%s) and %s in %.1f s%s", csv_path, n_rows, ", validated" if cfg.validate else "",
+    log.info("wrote %s (%d rows%s) and %s in %.1f s%s", csv_path, n_rows, ", validated" if cfg.check else "",
              manifest_path, time.perf_counter() - started, f"; OOF mIoU of the ensemble {oof:.4f}" if oof is not None else "")
     return {**manifest, "manifest": str(manifest_path)}
 

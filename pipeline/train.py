@@ -34,6 +34,7 @@ from pipeline import models as model_registry
 from pipeline.config import ConfigError, config_from_dict, save_config, stage_main, to_dict
 from pipeline.data import (
     AUGMENTATIONS,
+    MASK_RULES,
     CocoData,
     MaskCache,
     SegmentationDataset,
@@ -43,7 +44,7 @@ from pipeline.data import (
     to_tensor,
 )
 from pipeline.folds import load_folds
-from pipeline.losses import build_loss
+from pipeline.models.losses import build_loss
 from pipeline.metrics import IGNORE_INDEX, confusion_matrix_torch, iou_per_class, mean_iou
 from pipeline.probs import ProbWriter
 from pipeline.utils import PipelineError, atomic_open, atomic_torch_save
@@ -63,6 +64,7 @@ class TrainConfig:
     folds_file: str = "folds/folds.csv"
     fold: int = 0  # -1: train on every labelled image, no validation
     cache_dir: str = ".cache/masks"
+    mask_rule: str = "area"  # ground-truth mask rule (pipeline.data.MASK_RULES): area | polygon_length
     # model
     model: str = "unet"
     encoder: str | None = None  # None: the family's default encoder
@@ -119,6 +121,8 @@ class TrainConfig:
             raise ConfigError(f"scheduler: unknown {self.scheduler!r}; known: {', '.join(SCHEDULERS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer: unknown {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        if self.mask_rule not in MASK_RULES:
+            raise ConfigError(f"mask_rule: unknown {self.mask_rule!r}; known: {', '.join(MASK_RULES)}")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp: unknown {self.amp!r}; known: {', '.join(AMP_MODES)}")
         for key in ("epochs", "batch_size", "accum_steps", "val_every"):
@@ -459,10 +463,6 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def run(cfg: TrainConfig, epoch_callback: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Train one fold; ``epoch_callback(epoch, row)`` is called after every validated epoch
     (the tuner reports to Optuna and may raise to prune)."""
@@ -475,7 +475,7 @@ def run(cfg: TrainConfig, epoch_callback: Callable[[int, dict[str, Any]], None] 
     if last_path.exists() and not cfg.resume:
         raise PipelineError(f"{last_path} exists; pass resume=true to continue it or choose another experiment=")
 
-    coco = load_coco(cfg.data_dir, cfg.ann_file)
+    coco = load_coco(cfg.data_dir, cfg.ann_file, mask_rule=cfg.mask_rule)
     num_classes = coco.num_classes
     size = resolve_size(cfg, coco)
     train_ids, val_ids = split_ids(cfg, coco)
@@ -719,7 +719,7 @@ def write_oof(
     stored = (max(1, round(size[0] * cfg.oof_scale)), max(1, round(size[1] * cfg.oof_scale)))
     cache = MaskCache(coco, cfg.cache_dir)
     loader = DataLoader(ValDataset(SegmentationDataset(coco, list(val_ids), None, cache), size), batch_size=cfg.batch_size, num_workers=workers, collate_fn=collate)
-    info = {"source": str(best_path), "epoch": ckpt["epoch"], "train_size": list(size), "stored_size": list(stored), "fold": cfg.fold}
+    info = {"source": str(best_path), "epoch": ckpt["epoch"], "mask_rule": cfg.mask_rule, "train_size": list(size), "stored_size": list(stored), "fold": cfg.fold}
     writer = ProbWriter(out, coco.class_names, cfg.oof_dtype, info)
 
     def save(p: torch.Tensor, meta: dict) -> None:

@@ -393,7 +393,7 @@ def load_space(path: str | Path) -> SearchSpace:
     if not data:
         raise ConfigError(f"{path_s}: the search space defines no parameters")
     known = {f.name for f in dataclasses.fields(_train_config_cls())}
-    from pipeline.losses import list_losses
+    from pipeline.models.losses import list_losses
 
     terms = list_losses()
     defined: dict[str, list[ParamSpec]] = {}
@@ -425,7 +425,7 @@ def load_space(path: str | Path) -> SearchSpace:
 
 def compose_loss(loss: str, weights: Mapping[str, float], source: str) -> str:
     """``compose_loss("ce+dice", {"dice": 0.4})`` -> ``"1*ce+0.4*dice"``; other terms keep their weights."""
-    from pipeline.losses import parse_loss_spec
+    from pipeline.models.losses import parse_loss_spec
 
     terms = parse_loss_spec(loss)
     names = [n for _, n in terms]

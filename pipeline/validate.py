@@ -1,6 +1,6 @@
 """Submission validator: ``make validate SUB=submissions/<name>.csv``.
 
-Checks a submission CSV against ``test.json`` (CONTEST.md, "Submission formats") and
+Checks a submission CSV against ``test.json`` (README, Contracts: submissions) and
 lists every problem with the CSV line number (the header is line 1) and the image:
 
 * the file exists, is readable UTF-8 CSV and its header is exactly the format's;
@@ -8,7 +8,7 @@ lists every problem with the CSV line number (the header is line 1) and the imag
   per category; dense: one row per image), no other images, no duplicate rows;
 * rle: class ids are the categories' COCO ids; ``EncodedPixels`` are well-formed
   ``start length`` pairs, sorted, non-overlapping and inside the image
-  (:func:`pipeline.rle.runs_are_valid`), and no pixel is claimed by two classes of the
+  (:func:`pipeline.rle.rle_problem`), and no pixel is claimed by two classes of the
   same image;
 * dense: exactly ``H*W`` integers (``dense_size``), each a class index in ``[0, K)``.
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.config import ConfigError, stage_main
 from pipeline.data import CocoData, load_coco
-from pipeline.rle import ORDERS, runs_are_valid
+from pipeline.rle import ORDERS, rle_problem
 from pipeline.utils import PipelineError
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class _RleChecker(_Checker):
             return
         im = self.images[file_name]
         n_pixels = int(im["height"]) * int(im["width"])
-        problem = runs_are_valid(rle, n_pixels)
+        problem = rle_problem(rle, n_pixels)
         if problem is not None:
             self.add(line, file_name, f"EncodedPixels: {problem}", class_id)
         else:

@@ -199,6 +199,119 @@ def test_image_without_annotations_is_all_background(tmp_path):
     assert m.shape == (H, W) and not m.any()
 
 
+# ----------------------------------------------------------------------------- mask rules
+THREE_CATS = [{"id": 1, "name": "big"}, {"id": 2, "name": "small"}, {"id": 3, "name": "third"}]
+
+
+def test_the_two_rules_paint_overlaps_differently(tmp_path):
+    # a: 8x8 box described by 6 corners (12 coordinates), b: 3x3 box, 4 corners (8),
+    # c: 5x5 box, 5 corners (10; the fifth lies on its left edge).
+    a = ann(1, 1, [[0, 0, 4, 0, 8, 0, 8, 8, 0, 8, 0, 4]], area=64.0)
+    b = ann(2, 2, [box(2, 2, 5, 5)], area=9.0)
+    c = ann(3, 3, [[6, 1, 11, 1, 11, 6, 6, 6, 6, 3.5]], area=25.0)
+    path = write_coco(tmp_path, [a, b, c], categories=THREE_CATS, write_images=False)
+    by_area = load_coco(tmp_path, path.name)
+    by_length = load_coco(tmp_path, path.name, mask_rule="polygon_length")
+    assert (by_area.mask_rule, by_length.mask_rule) == ("area", "polygon_length")
+    # area descending: a (64), c (25), b (9): the smallest ends on top
+    np.testing.assert_array_equal(by_area.mask(1), expected_map((1, 0, 0, 8, 8), (3, 6, 1, 11, 6), (2, 2, 2, 5, 5)))
+    # first-polygon length ascending: b (8), c (10), a (12): the longest ends on top and hides b
+    np.testing.assert_array_equal(by_length.mask(1), expected_map((2, 2, 2, 5, 5), (3, 6, 1, 11, 6), (1, 0, 0, 8, 8)))
+    assert not (by_length.mask(1) == 2).any()
+    anns, cats = by_area.annotations(1), by_area.cat_to_index
+    np.testing.assert_array_equal(data_mod.rasterize(anns, H, W, cats), by_area.mask(1))
+    np.testing.assert_array_equal(data_mod.rasterize(anns, H, W, cats, rule="polygon_length"), by_length.mask(1))
+
+
+@pytest.mark.parametrize("order", [(1, 2), (2, 1)])
+def test_polygon_length_ties_keep_file_order_later_on_top(tmp_path, order):
+    a = ann(1, order[0], [box(0, 0, 6, 6)], area=36.0)  # 8 coordinates each
+    b = ann(2, order[1], [box(3, 3, 9, 9)], area=1.0)
+    coco = load_coco(tmp_path, write_coco(tmp_path, [a, b], write_images=False).name, mask_rule="polygon_length")
+    np.testing.assert_array_equal(coco.mask(1), expected_map((order[0], 0, 0, 6, 6), (order[1], 3, 3, 9, 9)))
+
+
+def test_polygon_length_counts_the_first_polygon_only(tmp_path):
+    # d: a short first polygon (8 coordinates) and a long second one (12); e: one polygon of 10.
+    d = ann(1, 1, [box(0, 0, 4, 4), [4, 4, 7, 4, 10, 4, 10, 10, 7, 10, 4, 10]], area=52.0)
+    e = ann(2, 2, [[2, 2, 8, 2, 8, 8, 2, 8, 2, 5]], area=36.0)
+    coco = load_coco(tmp_path, write_coco(tmp_path, [e, d], write_images=False).name, mask_rule="polygon_length")
+    np.testing.assert_array_equal(coco.mask(1), expected_map((1, 0, 0, 4, 4), (1, 4, 4, 10, 10), (2, 2, 2, 8, 8)))
+
+
+def test_polygon_length_paints_rle_first_by_area(tmp_path):
+    """RLE segmentations have no polygon: area rule among themselves, all under the polygons."""
+    r_big, r_small = np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8)
+    r_big[0:10, 7:12] = 1  # area 50
+    r_small[1:3, 9:11] = 1  # area 4
+    anns = [
+        ann(1, 2, compressed_rle(r_small), area=4.0),
+        ann(2, 3, [box(0, 0, 10, 8)], area=80.0),
+        ann(3, 1, uncompressed_rle(r_big), area=50.0),
+    ]
+    path = write_coco(tmp_path, anns, categories=THREE_CATS, write_images=False)
+    rle_big, rle_small, polygon = (1, 7, 0, 12, 10), (2, 9, 1, 11, 3), (3, 0, 0, 10, 8)
+    by_length = load_coco(tmp_path, path.name, mask_rule="polygon_length").mask(1)
+    np.testing.assert_array_equal(by_length, expected_map(rle_big, rle_small, polygon))
+    assert by_length[1, 10] == 2 and by_length[1, 9] == 3  # the small RLE shows only beyond the polygon
+    by_area = load_coco(tmp_path, path.name).mask(1)
+    np.testing.assert_array_equal(by_area, expected_map(polygon, rle_big, rle_small))
+
+
+def test_rle_only_image_under_polygon_length_equals_the_area_rule(tmp_path):
+    m1, m2 = np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8)
+    m1[2:6, 2:6] = 1
+    m2[0:8, 0:8] = 1
+    path = write_coco(tmp_path, [ann(1, 2, compressed_rle(m1), area=16.0), ann(2, 1, compressed_rle(m2), area=64.0)],
+                      write_images=False)
+    by_length = load_coco(tmp_path, path.name, mask_rule="polygon_length").mask(1)
+    np.testing.assert_array_equal(by_length, load_coco(tmp_path, path.name).mask(1))
+    np.testing.assert_array_equal(by_length, expected_map((1, 0, 0, 8, 8), (2, 2, 2, 6, 6)))
+
+
+def test_mask_rules_get_separate_cache_folders(tmp_path, monkeypatch):
+    a = ann(1, 1, [[0, 0, 4, 0, 8, 0, 8, 8, 0, 8, 0, 4]], area=64.0)
+    b = ann(2, 2, [box(2, 2, 5, 5)], area=9.0)
+    path = write_coco(tmp_path, [a, b], write_images=False)
+    caches = {rule: MaskCache(load_coco(tmp_path, path.name, mask_rule=rule), tmp_path / "cache") for rule in data_mod.MASK_RULES}
+    assert set(caches) == {"area", "polygon_length"}
+    assert caches["area"].dir != caches["polygon_length"].dir
+    for rule, cache in caches.items():
+        assert cache.rule == rule and f"-{rule}-" in cache.dir.name
+    np.testing.assert_array_equal(caches["area"].get(1), expected_map((1, 0, 0, 8, 8), (2, 2, 2, 5, 5)))
+    np.testing.assert_array_equal(caches["polygon_length"].get(1), expected_map((1, 0, 0, 8, 8)))
+    # read back from the PNGs: each folder keeps its own rule's map
+    np.testing.assert_array_equal(cv2.imread(str(caches["area"].path(1)), cv2.IMREAD_UNCHANGED)[3, 3], 2)
+    np.testing.assert_array_equal(cv2.imread(str(caches["polygon_length"].path(1)), cv2.IMREAD_UNCHANGED)[3, 3], 1)
+    # a new rasterizer version never reuses an old folder
+    before = caches["area"].dir
+    monkeypatch.setattr(data_mod, "MASK_RULE_VERSION", data_mod.MASK_RULE_VERSION + "-next")
+    assert MaskCache(load_coco(tmp_path, path.name), tmp_path / "cache").dir != before
+
+
+def test_unknown_mask_rule_lists_the_known_ones(tmp_path):
+    path = write_coco(tmp_path, [poly(1, 1, 0, 0, 4, 4)], write_images=False)
+    for call in (
+        lambda: load_coco(tmp_path, path.name, mask_rule="biggest"),
+        lambda: data_mod.rasterize([], H, W, {1: 1}, rule="biggest"),
+        lambda: data_mod.check_mask_rule("biggest"),
+    ):
+        with pytest.raises(PipelineError) as exc:
+            call()
+        assert "'biggest'" in str(exc.value) and "known: area, polygon_length" in str(exc.value)
+    assert load_coco(tmp_path, path.name).mask_rule == "area"
+
+
+def test_train_config_validates_the_mask_rule():
+    from pipeline.config import ConfigError, build_config
+    from pipeline.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="mask_rule: unknown 'biggest'; known: area, polygon_length"):
+        build_config(TrainConfig, overrides=["mask_rule=biggest"])
+    assert build_config(TrainConfig, overrides=["mask_rule=polygon_length"]).mask_rule == "polygon_length"
+    assert TrainConfig().mask_rule == "area"
+
+
 # ----------------------------------------------------------------------------- class mapping
 def test_class_mapping_follows_file_order_of_non_contiguous_ids(tmp_path):
     cats = [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}, {"id": 12, "name": "twelve"}]
@@ -339,26 +452,104 @@ def test_short_polygons_are_dropped_counted_and_warned_once(tmp_path, caplog):
     np.testing.assert_array_equal(coco.mask(1), expected_map((1, 6, 6, 10, 9), (2, 2, 2, 5, 5)))
 
 
-def test_out_of_image_coordinates_are_clipped_counted_and_warned_once(tmp_path, caplog):
+def reference_coco(path: Path):
+    """pycocotools' own ``COCO`` object of the file as written (the reference rasterizer)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress lines
+        return COCO(str(path))
+
+
+def ann_to_mask(path: Path, aid: int) -> np.ndarray:
+    """``COCO.annToMask`` (frPyObjects + merge + decode) of annotation ``aid`` as written in ``path``."""
+    ref = reference_coco(path)
+    return ref.annToMask(ref.anns[aid]).astype(bool)
+
+
+def test_out_of_image_polygons_are_kept_counted_and_warned_once(tmp_path, caplog):
+    raw = [[6, -3, 15.5, -3, 15.5, 5, 6, 5], [-4, 6, 3, 6, 3, 14, -4, 14]]
     anns = [
-        ann(1, 1, [[6, -3, 15.5, -3, 15.5, 5, 6, 5]], area=30.0),
-        ann(2, 2, [[-4, 6, 3, 6, 3, 14, -4, 14]], area=12.0),
+        ann(1, 1, [raw[0]], area=30.0),
+        ann(2, 2, [raw[1]], area=12.0),
         poly(3, 1, 4, 4, 6, 6),  # inside: untouched
+        ann(4, 2, [box(0, 0, W, H)], area=float(H * W)),  # corners on the border: not counted
     ]
     path = write_coco(tmp_path, anns)
     with caplog.at_level(logging.WARNING):
         coco = load_coco(tmp_path)
-    assert coco.repairs == {"polygons clipped to the image": 2}
+    assert coco.repairs == {data_mod.OFF_IMAGE_REPAIR: 2}
+    assert data_mod.OFF_IMAGE_REPAIR == "polygons running off the image (cut at the border when rasterized)"
     warnings = repair_warnings(caplog)
     assert len(warnings) == 1 and str(path) in warnings[0].getMessage()
-    assert "clipped" in warnings[0].getMessage()
+    assert "2 polygons running off the image" in warnings[0].getMessage()
     segs = [a["segmentation"] for a in coco.annotations(1)]
-    assert segs[0] == [[6.0, 0.0, float(W), 0.0, float(W), 5.0, 6.0, 5.0]]
-    assert segs[1] == [[0.0, 6.0, 3.0, 6.0, 3.0, float(H), 0.0, float(H)]]
-    assert segs[2] == [box(4, 4, 6, 6)]
-    clipped_only = annotation_mask({"segmentation": [box(6, 0, W, 5)]}, H, W)
-    np.testing.assert_array_equal(annotation_mask(coco.annotations(1)[0], H, W), clipped_only)
-    np.testing.assert_array_equal(coco.mask(1), expected_map((1, 6, 0, W, 5), (2, 0, 6, 3, H), (1, 4, 4, 6, 6)))
+    assert segs == [[raw[0]], [raw[1]], [box(4, 4, 6, 6)], [box(0, 0, W, H)]]  # coordinates never moved
+    for a in coco.annotations(1):
+        np.testing.assert_array_equal(annotation_mask(a, H, W), ann_to_mask(path, a["id"]))
+    np.testing.assert_array_equal(coco.mask(1), expected_map((2, 0, 0, W, H), (1, 6, 0, W, 5), (2, 0, 6, 3, H), (1, 4, 4, 6, 6)))
+
+
+def test_polygon_off_the_image_is_cut_at_the_border_not_moved(tmp_path):
+    """Moving (-10, 0) to (0, 0) would change the slope of the long edge: 100 px instead of 145."""
+    raw = [-10, 0, 10, 0, 10, 20]
+    path = write_coco(tmp_path, [ann(1, 1, [raw], area=200.0)], images=[image_entry(1, 20, 20)])
+    coco = load_coco(tmp_path)
+    reference = ann_to_mask(path, 1)
+    assert int(reference.sum()) == 145
+    m = coco.mask(1)
+    assert int((m == 1).sum()) == 145
+    np.testing.assert_array_equal(m == 1, reference)
+    assert coco.annotations(1)[0]["segmentation"] == [raw]
+    assert coco.repairs == {"polygons running off the image (cut at the border when rasterized)": 1}
+
+
+def random_off_image_polygon(rng: np.random.Generator, h: int, w: int) -> list[float]:
+    """3 to 12 corners inside the image, then one or more moved 3 to 37 px beyond a random border."""
+    n = int(rng.integers(3, 13))
+    xy = np.stack([rng.uniform(0, w, n), rng.uniform(0, h, n)], axis=1)
+    if rng.random() < 0.7:  # mostly simple (star-shaped) polygons, some self-intersecting ones
+        c = xy.mean(0)
+        xy = xy[np.argsort(np.arctan2(xy[:, 1] - c[1], xy[:, 0] - c[0]))]
+    for j in rng.choice(n, size=int(rng.integers(1, n + 1)), replace=False):
+        out = rng.uniform(3, 37)
+        side = int(rng.integers(4))
+        if side == 0:
+            xy[j, 0] = -out
+        elif side == 1:
+            xy[j, 0] = w + out
+        elif side == 2:
+            xy[j, 1] = -out
+        else:
+            xy[j, 1] = h + out
+    if rng.random() < 0.3:
+        xy = np.round(xy)  # integer coordinates too
+    return [float(v) for v in xy.reshape(-1)]
+
+
+@pytest.mark.parametrize("h,w", [(512, 512), (300, 451)])
+def test_off_image_polygons_equal_pycocotools_on_the_raw_polygon(tmp_path, h, w):
+    """75 random polygons per size (150 in all) running off the image: maps equal annToMask of the raw polygon."""
+    rng = np.random.default_rng(h * 1000 + w)
+    n = 75
+    images = [image_entry(i, h, w) for i in range(1, n + 1)]
+    raws = [random_off_image_polygon(rng, h, w) for _ in range(n)]
+    anns = [ann(i, 1 + i % 2, [raws[i - 1]], image_id=i) for i in range(1, n + 1)]  # no area: computed
+    path = write_coco(tmp_path, anns, images=images, write_images=False)
+    coco = load_coco(tmp_path)
+    ref = reference_coco(path)
+    moved = 0
+    for i in range(1, n + 1):
+        reference = ref.annToMask(ref.anns[i]).astype(bool)  # pycocotools on the unmodified polygon
+        expected = np.where(reference, 1 + i % 2, 0).astype(np.uint8)
+        np.testing.assert_array_equal(coco.mask(i), expected, err_msg=f"polygon {i}: {raws[i - 1]}")
+        clipped = np.clip(np.reshape(raws[i - 1], (-1, 2)), 0, [w, h]).reshape(-1).tolist()
+        moved += not np.array_equal(annotation_mask({"segmentation": [clipped]}, h, w), reference)
+    assert moved > n // 2  # moving corners onto the border would have changed most of these masks
+    assert all(coco.annotations(i)[0]["segmentation"] == [raws[i - 1]] for i in range(1, n + 1))
+    assert coco.repairs == {"polygons running off the image (cut at the border when rasterized)": n}
 
 
 def test_no_warning_for_a_clean_file(tmp_path, caplog):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (
+from pipeline.models.losses import (
     CrossEntropyLoss,
     DiceLoss,
     FocalLoss,
@@ -263,3 +263,13 @@ def test_bad_options_error():
         build_loss("ce", 3, class_weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="3 classes"):
         build_loss("ce", 3)(torch.zeros(1, 4, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+def test_losses_default_to_the_metric_modules_ignore_index():
+    import inspect
+
+    from pipeline.models import losses
+    from pipeline.metrics import IGNORE_INDEX
+
+    for obj in (losses.build_loss, losses.CrossEntropyLoss, losses.DiceLoss, losses.FocalLoss, losses.LovaszSoftmaxLoss):
+        assert inspect.signature(obj).parameters["ignore_index"].default == IGNORE_INDEX

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import models as M
+from pipeline.models import registry as M
 from pipeline.models import (
     SegmentationNet,
     UnknownNameError,

@@ -13,7 +13,7 @@ from pipeline.rle import (
     decode_mask,
     encode_label_map,
     encode_mask,
-    runs_are_valid,
+    rle_problem,
 )
 
 
@@ -125,21 +125,21 @@ MALFORMED = [
 def test_malformed_strings_raise(rle, message):
     with pytest.raises(ValueError, match=message):
         decode_mask(rle, (3, 3))
-    problem = runs_are_valid(rle, 9)
+    problem = rle_problem(rle, 9)
     assert problem is not None and message.split(",")[0] in problem
     with pytest.raises(ValueError, match=f"class 4: .*{message}"):
         decode_label_map({1: "1 1", 4: rle}, (3, 3))
 
 
 def test_non_string_is_rejected_with_a_hint():
-    assert "keep_default_na" in runs_are_valid(float("nan"), 9)
+    assert "keep_default_na" in rle_problem(float("nan"), 9)
     with pytest.raises(ValueError, match="must be a string"):
         decode_mask(None, (3, 3))
 
 
 @pytest.mark.parametrize("rle", ["", "   ", "1 9", "1 2 3 1", "  1 2   4 1 ", "1\t2\n4 1", "+1 2"])
 def test_valid_strings(rle):
-    assert runs_are_valid(rle, 9) is None
+    assert rle_problem(rle, 9) is None
 
 
 def test_whitespace_variants_decode_like_canonical():
@@ -221,7 +221,7 @@ def test_label_map_round_trip_and_matches_per_class(label_map, order, layout):
     assert list(encoded) == classes
     for c in classes:
         assert encoded[c] == encode_mask(view == c, order=order) == classic_encode(label_map == c, order=order)
-        assert runs_are_valid(encoded[c], label_map.size) is None
+        assert rle_problem(encoded[c], label_map.size) is None
     assert encoded[classes[-1]] == ""
     decoded = decode_label_map(encoded, label_map.shape, order=order)
     np.testing.assert_array_equal(decoded, label_map)

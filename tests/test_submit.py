@@ -96,6 +96,7 @@ def test_rle_rows_decode_to_the_argmax_maps(setup, tmp_path, order):
     assert manifest["format"] == "rle" and manifest["order"] == order and manifest["rows"] == len(rows)
     assert manifest["members"][0]["weight"] == 1.0 and manifest["members"][0]["tta"] == "flip"
     assert manifest["runs"] == [str(setup[2])] and manifest["validated"] is True and manifest["created"]
+    assert manifest["mask_rule"] == "area"  # the rule of the runs behind the stores (score reads it)
 
 
 def test_dense_rows_hold_65536_class_indices(setup, tmp_path):
@@ -299,8 +300,23 @@ def test_score_rle_equals_hand_computed_miou(tiny):
     assert result["miou"] == pytest.approx(TINY_MIOU)
     assert result["iou_per_class"] == pytest.approx({"Background": 0.8, "A": 0.4, "B": 0.5})
     assert result["confusion"] == [[4, 0, 0], [1, 2, 1], [0, 1, 2]]
-    image_level = score(ScoreConfig(sub=str(sub), gt=str(data / "gt"), data_dir=str(data), image_level=True))
-    assert image_level["miou"] == pytest.approx(TINY_IMAGE_MIOU) and image_level["dataset_miou"] == pytest.approx(TINY_MIOU)
+    assert result["image_level_miou"] is None
+
+
+def test_image_level_adds_a_figure_and_keeps_the_dataset_headline(tiny, caplog):
+    data, _, pred = tiny
+    rows = [[name, str(cid), encode_mask(m == idx)] for name, m in pred.items() for idx, cid in ((1, 5), (2, 7))]
+    sub = write_rows(data / "sub.csv", RLE_HEADER.split(","), rows)
+    with caplog.at_level("INFO", logger="pipeline.score"):
+        result = score(ScoreConfig(sub=str(sub), gt=str(data / "gt"), data_dir=str(data), image_level=True))
+    assert result["miou"] == pytest.approx(TINY_MIOU) and result["dataset_miou"] == pytest.approx(TINY_MIOU)
+    assert result["image_level_miou"] == pytest.approx(TINY_IMAGE_MIOU)
+    assert TINY_IMAGE_MIOU != pytest.approx(TINY_MIOU)
+    summary = [r.getMessage() for r in caplog.records if r.name == "pipeline.score" and "mIoU" in r.getMessage()]
+    assert len(summary) == 1
+    lines = summary[0].splitlines()
+    assert lines[0] == f"mIoU (dataset level): {TINY_MIOU:.4f}"
+    assert lines[-1] == f"mIoU (image level, extra): {TINY_IMAGE_MIOU:.4f}"
 
 
 @pytest.mark.parametrize("factor", [1, 2])
@@ -321,6 +337,81 @@ def test_score_refuses_an_invalid_submission(tiny):
     sub = write_rows(data / "sub.csv", RLE_HEADER.split(","), [["imgs/a.jpg", "5", "1 2"]])
     with pytest.raises(PipelineError, match="missing"):
         score(ScoreConfig(sub=str(sub), gt=str(data / "gt"), data_dir=str(data)))
+
+
+@pytest.fixture()
+def rule_gt(tmp_path):
+    """One 10x12 image whose COCO ground truth differs by mask rule, and a submission equal to
+    the ``polygon_length`` map: (data dir, gt file, submission, {rule: map})."""
+    data = tmp_path / "data"
+    data.mkdir()
+    images = [{"id": 1, "file_name": "imgs/a.jpg", "height": 10, "width": 12}]
+    cats = [{"id": 5, "name": "A"}, {"id": 7, "name": "B"}]
+    (data / "test.json").write_text(json.dumps({"images": images, "categories": cats}))
+    anns = [  # big box of 6 corners (12 coordinates, area 64), small box of 4 (8, area 9) inside it
+        {"id": 1, "image_id": 1, "category_id": 5, "segmentation": [[0, 0, 4, 0, 8, 0, 8, 8, 0, 8, 0, 4]], "area": 64.0},
+        {"id": 2, "image_id": 1, "category_id": 7, "segmentation": [[2, 2, 5, 2, 5, 5, 2, 5]], "area": 9.0},
+    ]
+    gt = data / "gt.json"
+    gt.write_text(json.dumps({"images": images, "categories": cats, "annotations": anns}))
+    maps = {"area": np.zeros((10, 12), np.uint8)}
+    maps["area"][0:8, 0:8] = 1
+    maps["polygon_length"] = maps["area"].copy()
+    maps["area"][2:5, 2:5] = 2  # area: the small box on top; polygon_length: the longer polygon on top
+    rows = [["imgs/a.jpg", str(cid), encode_mask(maps["polygon_length"] == idx)] for idx, cid in ((1, 5), (2, 7))]
+    sub = write_rows(data / "sub.csv", RLE_HEADER.split(","), rows)
+    return data, gt, sub, maps
+
+
+# the polygon_length map scored against the area map: Background 56/56, A 55/64, B 0/9
+MISMATCH_MIOU = (1.0 + 55 / 64 + 0.0) / 3
+
+
+@pytest.mark.parametrize("manifest", [None, {}, {"mask_rule": "area"}, {"mask_rule": "polygon_length"}])
+def test_score_rasterizes_coco_ground_truth_with_the_manifest_rule(rule_gt, caplog, manifest):
+    data, gt, sub, _ = rule_gt
+    if manifest is not None:
+        sub.with_suffix(".json").write_text(json.dumps({"format": "rle", **manifest}))
+    rule = (manifest or {}).get("mask_rule", "area")
+    with caplog.at_level("INFO", logger="pipeline.score"):
+        result = score(ScoreConfig(sub=str(sub), gt=str(gt), data_dir=str(data)))
+    assert result["mask_rule"] == rule
+    assert result["miou"] == pytest.approx(1.0 if rule == "polygon_length" else MISMATCH_MIOU)
+    source = result["mask_rule_source"]
+    assert ("manifest" in source and str(sub.with_suffix(".json")) in source) if "mask_rule" in (manifest or {}) else source.startswith("default")
+    logged = [r.getMessage() for r in caplog.records if r.name == "pipeline.score" and "mask rule" in r.getMessage()]
+    assert logged and f"mask rule {rule!r}" in logged[0] and source in logged[0]
+
+
+def test_score_mask_rule_option_overrides_the_manifest(rule_gt):
+    data, gt, sub, _ = rule_gt
+    sub.with_suffix(".json").write_text(json.dumps({"mask_rule": "polygon_length"}))
+    result = score(ScoreConfig(sub=str(sub), gt=str(gt), data_dir=str(data), mask_rule="area"))
+    assert result["mask_rule"] == "area" and result["mask_rule_source"] == "mask_rule="
+    assert result["miou"] == pytest.approx(MISMATCH_MIOU)
+    sub.with_suffix(".json").unlink()
+    result = score(ScoreConfig(sub=str(sub), gt=str(gt), data_dir=str(data), mask_rule="polygon_length"))
+    assert result["miou"] == pytest.approx(1.0) and result["mask_rule"] == "polygon_length"
+
+
+def test_score_refuses_an_unknown_mask_rule(rule_gt):
+    from pipeline.config import ConfigError
+
+    data, gt, sub, _ = rule_gt
+    sub.with_suffix(".json").write_text(json.dumps({"mask_rule": "biggest"}))
+    with pytest.raises(PipelineError, match="unknown mask_rule 'biggest'.*area, polygon_length"):
+        score(ScoreConfig(sub=str(sub), gt=str(gt), data_dir=str(data)))
+    with pytest.raises(ConfigError, match="mask_rule: unknown 'biggest'"):
+        score(ScoreConfig(sub=str(sub), gt=str(gt), data_dir=str(data), mask_rule="biggest"))
+
+
+def test_png_ground_truth_ignores_the_manifest_rule(tiny):
+    data, _, pred = tiny
+    rows = [[name, str(cid), encode_mask(m == idx)] for name, m in pred.items() for idx, cid in ((1, 5), (2, 7))]
+    sub = write_rows(data / "sub.csv", RLE_HEADER.split(","), rows)
+    sub.with_suffix(".json").write_text("{not json")  # never read: PNG maps need no rule
+    result = score(ScoreConfig(sub=str(sub), gt=str(data / "gt"), data_dir=str(data)))
+    assert result["miou"] == pytest.approx(TINY_MIOU) and result["mask_rule"] is None
 
 
 @pytest.mark.parametrize("fmt", ["rle", "dense"])
@@ -350,3 +441,28 @@ def test_stores_at_the_image_size_are_read_without_resizing(setup, tmp_path):
     for im, (name, text) in zip(test.images, rows):
         expected = np.mean([r.load(im["id"]).numpy() for r in readers], axis=0).argmax(0)
         np.testing.assert_array_equal(np.array(text.split(), dtype=np.int64).reshape(64, 96), expected)
+
+
+def test_submit_config_is_checked_by_the_generic_hook():
+    """The layering function calls ``validate()`` on every config, submit's included."""
+    from pipeline.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="plain file name"):
+        build_config(SubmitConfig, overrides=["name=a/b"])
+    with pytest.raises(ConfigError, match="either ensemble"):
+        build_config(SubmitConfig, overrides=["ensemble=e.yaml", "runs=runs/x"])
+    assert build_config(SubmitConfig, overrides=["check=false"]).check is False
+
+
+def test_stores_mask_rule_reads_the_runs_rule_and_refuses_a_mix(tmp_path):
+    from pipeline.probs import stores_mask_rule
+
+    names = ["Background", "a"]
+    for folder, rule in (("old", None), ("p1", "polygon_length"), ("p2", "polygon_length"), ("a", "area")):
+        info = {} if rule is None else {"mask_rule": rule}
+        with ProbWriter(tmp_path / folder, names, "float16", info) as w:
+            w.write(1, "x.jpg", 2, 2, np.full((2, 2, 2), 0.5, np.float32))
+    assert stores_mask_rule([tmp_path / "old"]) == "area"  # written before the option existed
+    assert stores_mask_rule([tmp_path / "p1", tmp_path / "p2"]) == "polygon_length"
+    with pytest.raises(PipelineError, match="different mask rules"):
+        stores_mask_rule([tmp_path / "p1", tmp_path / "a"])

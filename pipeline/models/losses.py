@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import UnknownNameError
-from pipeline.utils import PipelineError
+from pipeline.metrics import IGNORE_INDEX
+from pipeline.core.errors import UnknownNameError
+from pipeline.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ _CLASS_MODES = ("all", "present")
 class _SegLoss(nn.Module):
     """Shared checks and class weights of the per-pixel losses."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, class_weights: Sequence[float] | None = None) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, class_weights: Sequence[float] | None = None) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
@@ -79,7 +80,7 @@ class CrossEntropyLoss(_SegLoss):
     def __init__(
         self,
         num_classes: int,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         class_weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
@@ -117,7 +118,7 @@ class DiceLoss(_SegLoss):
     def __init__(
         self,
         num_classes: int,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         class_weights: Sequence[float] | None = None,
         smooth: float = 1.0,
         classes: str = "all",
@@ -154,7 +155,7 @@ class FocalLoss(_SegLoss):
     def __init__(
         self,
         num_classes: int,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         class_weights: Sequence[float] | None = None,
         gamma: float = 2.0,
     ) -> None:
@@ -198,7 +199,7 @@ class LovaszSoftmaxLoss(_SegLoss):
     def __init__(
         self,
         num_classes: int,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         class_weights: Sequence[float] | None = None,
         classes: str = "present",
         per_image: bool = False,
@@ -310,7 +311,7 @@ def _options(cls: type) -> set[str]:
 def build_loss(
     spec: str,
     num_classes: int,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     class_weights: Sequence[float] | None = None,
     label_smoothing: float = 0.0,
     **kwargs: Any,
