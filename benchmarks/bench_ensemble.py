@@ -70,7 +70,7 @@ def make_data(root: Path, n_max: int, sizes: list[int], members: int, k: int, h:
     from tqdm import tqdm
 
     from pipeline.demo import CATEGORIES
-    from pipeline.probs import ProbWriter
+    from pipeline.inference.store import ProbWriter
 
     rng = np.random.default_rng(seed)
     names = [CATEGORIES[i % len(CATEGORIES)] + ("" if i < len(CATEGORIES) else f" {i}") for i in range(k - 1)]

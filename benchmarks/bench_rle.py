@@ -1,6 +1,6 @@
 """Benchmark: run-length encode and decode ALL classes of one class-index map.
 
-Compares ``pipeline.rle`` (one pass over the map for every class) with the classic per-class
+Compares ``pipeline.submission.rle`` (one pass over the map for every class) with the classic per-class
 Kaggle numpy function (one call per class on ``mask == c``, plus its decode loop) and with
 pycocotools (``mask.encode`` of the HxWxK Fortran-ordered uint8 stack of per-class masks,
 plus ``mask.decode``).  All three are timed side by side in one run and checked to agree.
@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.rle import decode_label_map, encode_label_map  # noqa: E402
+from pipeline.submission.rle import decode_label_map, encode_label_map  # noqa: E402
 
 
 def blob_label_map(rng: np.random.Generator, height: int, width: int, num_classes: int, n_blobs: int | None = None,
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = encode_label_map(label_map, classes)
     classic = classic_encode_all(label_map, classes)
     if ours != classic:
-        raise SystemExit("pipeline.rle and the classic encoder disagree")
+        raise SystemExit("pipeline.submission.rle and the classic encoder disagree")
     if not (np.array_equal(decode_label_map(ours, shape), label_map)
             and np.array_equal(classic_decode_all(classic, shape), label_map)):
         raise SystemExit("a decoder does not give the class map back")
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     n_runs = sum(len(s.split()) // 2 for s in ours.values())
     rows = [
-        ("pipeline.rle (encode_label_map / decode_label_map)",
+        ("pipeline.submission.rle (encode_label_map / decode_label_map)",
          time_ms(lambda: encode_label_map(label_map, classes)),
          time_ms(lambda: decode_label_map(ours, shape))),
         ("classic Kaggle function, once per class",
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     base_enc, base_dec = rows[0][1], rows[0][2]
     for name, enc, dec in rows:
         print(f"{name:<{name_width}}  {enc:>10.3f}  {dec:>10.3f}  {enc / base_enc:>8.1f}x  {dec / base_dec:>8.1f}x")
-    print("(x = time of the row / time of pipeline.rle: how many times faster pipeline.rle is)")
+    print("(x = time of the row / time of pipeline.submission.rle: how many times faster pipeline.submission.rle is)")
     return 0
 
 

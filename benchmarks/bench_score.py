@@ -1,4 +1,4 @@
-"""Benchmark: score a test-set-sized batch of label maps with ``pipeline.metrics`` on one core.
+"""Benchmark: score a test-set-sized batch of label maps with ``pipeline.evaluation.metrics`` on one core.
 
 819 predicted 512x512 class maps (11 classes) against ground truth with ignored (255)
 pixels: accumulate one confusion matrix with ``MeanIoU.update`` image by image, then mIoU.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_rle import blob_label_map  # noqa: E402
 
-from pipeline.metrics import IGNORE_INDEX, MeanIoU, _confusion_matrix_generic, mean_iou  # noqa: E402
+from pipeline.evaluation.metrics import IGNORE_INDEX, MeanIoU, _confusion_matrix_generic, mean_iou  # noqa: E402
 
 
 def make_pair(rng: np.random.Generator, height: int, width: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     del pairs
     made = time.perf_counter() - start
 
-    timings: dict[str, list[float]] = {"pipeline.metrics (MeanIoU.update per image)": [], "plain int64 bincount": []}
+    timings: dict[str, list[float]] = {"pipeline.evaluation.metrics (MeanIoU.update per image)": [], "plain int64 bincount": []}
     results = {}
     for _ in range(args.repeats):
         for name, fn in zip(timings, (score_fast, score_plain)):
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
           f"ground truth uint8 with {IGNORE_INDEX} ignored; one core; data made in {made:.1f} s")
     print(f"mIoU {miou_fast:.6f} (plain: {miou_plain:.6f}); {n_pixels / 1e6:.0f} M pixels; "
           f"median of {args.repeats} runs")
-    base = statistics.median(timings["pipeline.metrics (MeanIoU.update per image)"])
+    base = statistics.median(timings["pipeline.evaluation.metrics (MeanIoU.update per image)"])
     name_width = max(len(name) for name in timings)
     print(f"{'method':<{name_width}}  {'total s':>8}  {'ms/map':>7}  {'ns/pixel':>8}  {'x':>6}")
     for name, values in timings.items():

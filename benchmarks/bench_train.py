@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import folds as folds_stage  # noqa: E402
-from pipeline.config import build_config  # noqa: E402
+from pipeline.core.config import build_config  # noqa: E402
 from pipeline.demo import DemoConfig  # noqa: E402
 from pipeline.demo import run as make_demo  # noqa: E402
 from pipeline.models.losses import build_loss  # noqa: E402

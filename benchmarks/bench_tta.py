@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.models import build_model  # noqa: E402
-from pipeline.train import amp_dtype, resolve_device  # noqa: E402
-from pipeline.tta import TTAModel, auto_max_batch  # noqa: E402
+from pipeline.engine.runtime import amp_dtype, resolve_device  # noqa: E402
+from pipeline.inference.tta import TTAModel, auto_max_batch  # noqa: E402
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1) -> dict[str, float]:

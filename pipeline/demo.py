@@ -29,8 +29,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, stage_main
-from pipeline.utils import PipelineError
+from pipeline.core.config import ConfigError, stage_main
+from pipeline.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.config import ConfigError, stage_main
+from pipeline.core.config import ConfigError, stage_main
+from pipeline.core.io import atomic_write_bytes, atomic_write_text
+from pipeline.core.tables import format_table, markdown_table
 from pipeline.data import CocoData, MaskCache, annotation_area, load_coco, read_image, verify_images
-from pipeline.utils import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -184,19 +185,8 @@ def class_rows(stats: Stats) -> list[dict[str, Any]]:
     return rows
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Plain fixed-width text table."""
-    cells = [[str(h) for h in headers]] + [[str(v) for v in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    out = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(str(v).replace("|", "\\|") for v in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- plots

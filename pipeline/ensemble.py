@@ -16,7 +16,7 @@ With a bias ``b`` (one value per class) the decision uses log-probabilities:
 ``argmax(log p_m + b)`` for ``vote``.
 
 Weights (on the simplex) and optionally the bias are tuned with a seeded Optuna TPE sampler
-to maximise the dataset-level OOF mIoU (:mod:`pipeline.metrics`) over the images every
+to maximise the dataset-level OOF mIoU (:mod:`pipeline.evaluation.metrics`) over the images every
 member has OOF probabilities for.  Scoring is done at the stored OOF resolution (for each
 image the largest stored size among the members; other members are resized bilinearly),
 against the ground-truth map resized with nearest neighbour.  Test images are never used.
@@ -36,35 +36,33 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import yaml
 
-from pipeline.config import ConfigError, stage_main, to_dict
-from pipeline.data import CocoData, load_coco
-from pipeline.eda import format_table, markdown_table
-from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
-from pipeline.probs import ProbReader, stores_mask_rule
-from pipeline.utils import PipelineError, atomic_write_text
-from pipeline.validate import resize_nearest
+from pipeline.core.config import ConfigError, stage_main, to_dict
+from pipeline.core.io import atomic_write_text
+from pipeline.core.tables import format_table, markdown_table
+from pipeline.data import load_coco
+from pipeline.evaluation.metrics import iou_per_class, mean_iou
+from pipeline.inference.ensemble import (
+    METHODS,
+    WEIGHTS_FILE,
+    Fusion,
+    OofCache,
+    resolve_members,
+    split_paths,
+    tune_bias,
+    tune_weights,
+)
+from pipeline.inference.store import stores_mask_rule
 
 log = logging.getLogger(__name__)
 
-METHODS: dict[str, str] = {
-    "mean": "argmax of the weighted mean of the members' probabilities",
-    "vote": "weighted hard vote of the members' argmax maps (ties: weighted mean probability)",
-}
-LOG_EPS = 1e-6  # floor of probabilities before the log when a bias is applied
-VOTE_TIE = 1e-4  # weight of the mean probability that breaks ties between vote tallies
-CHUNK_PIXELS = 1 << 18  # pixels per read of the OOF cache (all members, all classes)
-WEIGHT_RANGE = (0.01, 1.0)  # raw weights sampled by the tuner, then normalised
-WEIGHTS_FILE = "weights.yaml"
 
 
 @dataclass
@@ -100,396 +98,38 @@ class EnsembleConfig:
             raise ConfigError("name must not be empty")
 
 
-def split_paths(items: Iterable[str]) -> list[str]:
-    """``["a b", "c,d"]`` -> ``["a", "b", "c", "d"]`` (Makefile variables hold space-separated lists)."""
-    return [p for item in items for p in str(item).replace(",", " ").split()]
 
 
 # ----------------------------------------------------------------------------- members
-@dataclass
-class Member:
-    """One ensemble member: its OOF stores (union) and test stores (averaged)."""
-
-    name: str
-    path: str
-    tta: str | None
-    oof_stores: list[str]
-    test_stores: list[str]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "tta": self.tta, "oof_stores": list(self.oof_stores),
-                "test_stores": list(self.test_stores)}
 
 
-def _is_store(folder: Path) -> bool:
-    return (folder / "index.csv").is_file() and (folder / "meta.json").is_file()
 
 
-def _is_fold_dir(folder: Path) -> bool:
-    if (folder / "best.pt").is_file() or (folder / "config.yaml").is_file():
-        return True
-    return any(_is_store(d) for d in folder.iterdir() if d.is_dir() and (d.name == "oof" or d.name.startswith(("oof_", "test_"))))
 
 
-def _tta_names(folds: Sequence[Path], prefix: str) -> set[str]:
-    return {d.name[len(prefix):] for f in folds for d in f.glob(f"{prefix}*") if d.is_dir() and _is_store(d)}
 
 
-def find_member(path: str, tta: str | None = None, name: str | None = None, need_oof: bool = True) -> Member:
-    """Resolve an experiment (or fold) folder into a :class:`Member`; errors name the folder.
-
-    ``need_oof=False`` (submitting a plain average) accepts a member without OOF stores.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise PipelineError(f"{folder}: ensemble member folder not found (expected runs/<experiment> or runs/<experiment>/fold<k>)")
-    if _is_fold_dir(folder):
-        folds = [folder]
-    else:
-        folds = sorted(d for d in folder.glob("fold*") if d.is_dir())
-        if not folds:
-            raise PipelineError(f"{folder}: no fold*/ folders (expected runs/<experiment>/fold<k>/ with oof/ and test_<tta>/)")
-    if tta is None:
-        names = _tta_names(folds, "test_") or _tta_names(folds, "oof_")
-        if len(names) > 1:
-            raise PipelineError(
-                f"{folder}: several TTA stores ({', '.join(sorted(names))}); choose one with tta=<name>"
-            )
-        tta = next(iter(names), None)
-    oof, test = [], []
-    for fold in folds:
-        tta_oof = fold / f"oof_{tta}" if tta is not None else None
-        if tta_oof is not None and _is_store(tta_oof):
-            oof.append(str(tta_oof))
-        elif _is_store(fold / "oof"):
-            oof.append(str(fold / "oof"))
-        if tta is not None and _is_store(fold / f"test_{tta}"):
-            test.append(str(fold / f"test_{tta}"))
-    if not oof and need_oof:
-        raise PipelineError(
-            f"{folder}: no out-of-fold store in {', '.join(str(f) for f in folds)} "
-            f"(expected oof/ or oof_{tta or '<tta>'}/ written by make train / make predict SPLIT=val)"
-        )
-    if not test and need_oof:
-        log.warning("%s: no test_%s/ stores: the ensemble can be tuned but not submitted until make predict SPLIT=test is run",
-                    folder, tta or "<tta>")
-    label = name or (f"{folder.parent.name}/{folder.name}" if folds == [folder] and folder.name.startswith("fold") else folder.name)
-    return Member(label, str(path), tta, oof, test)
 
 
-def resolve_members(paths: Sequence[str], tta: str | None = None, need_oof: bool = True) -> list[Member]:
-    """Members of ``paths`` with unique names."""
-    members = [find_member(p, tta, need_oof=need_oof) for p in split_paths(paths)]
-    seen: dict[str, int] = {}
-    for m in members:
-        if m.name in seen:
-            seen[m.name] += 1
-            m.name = f"{m.name}#{seen[m.name]}"
-        else:
-            seen[m.name] = 1
-    return members
 
 
-def open_stores(folders: Sequence[str], class_names: Sequence[str]) -> list[ProbReader]:
-    """Readers of ``folders``; PipelineError when a store's classes differ from ``class_names``."""
-    readers = [ProbReader(f) for f in folders]
-    for r in readers:
-        if list(r.class_names) != list(class_names):
-            raise PipelineError(f"{r.folder}: classes {r.class_names} differ from the annotation file's {list(class_names)}")
-    return readers
 
 
 # ----------------------------------------------------------------------------- combination
-class Workspace:
-    """Float32 work arrays, kept between calls: views of flat buffers that only grow."""
-
-    def __init__(self) -> None:
-        self._flat: list[np.ndarray] = []
-
-    def arrays(self, shape: tuple[int, ...], n: int) -> tuple[np.ndarray, ...]:
-        """``n`` zeroed arrays of ``shape``."""
-        size = int(np.prod(shape))
-        if self._flat and self._flat[0].size < size:
-            self._flat = []
-        while len(self._flat) < n:
-            self._flat.append(np.empty(max(size, self._flat[0].size if self._flat else 0), dtype=np.float32))
-        views = tuple(f[:size].reshape(shape) for f in self._flat[:n])
-        for v in views:
-            v.fill(0)
-        return views
 
 
-class Fusion:
-    """Combines the members' probabilities into a class-index map (``mean`` or ``vote``).
-
-    ``weights`` are normalised to sum to one; ``bias`` (K values or None) is added to
-    log-probabilities.  Members are consumed one at a time and the work arrays are kept
-    between calls of the same shape, so memory does not grow with the number of members
-    and repeated calls do not churn the allocator.  Not thread-safe.
-    """
-
-    def __init__(self, weights: Sequence[float], bias: Sequence[float] | None = None, method: str = "mean"):
-        if method not in METHODS:
-            raise PipelineError(f"unknown ensemble method {method!r}; known: {', '.join(METHODS)}")
-        w = np.asarray(weights, dtype=np.float64)
-        if w.ndim != 1 or w.size == 0 or (w < 0).any() or w.sum() <= 0:
-            raise PipelineError(f"ensemble weights must be non-negative and not all zero, got {list(weights)}")
-        self.weights = w / w.sum()
-        self.bias = None if bias is None or not np.any(np.asarray(bias)) else np.asarray(bias, dtype=np.float32)
-        self.method = method
-        self._work = Workspace()
-
-    def active(self) -> list[int]:
-        """Members whose weight is non-zero (the others need not be loaded)."""
-        return [i for i, w in enumerate(self.weights) if w > 0]
-
-    def _bias(self, ndim: int) -> np.ndarray:
-        return self.bias.reshape((-1,) + (1,) * (ndim - 1))
-
-    def __call__(self, members: Iterable[np.ndarray], scale: float = 1.0, indices: Sequence[int] | None = None,
-                 workspace: Workspace | None = None) -> np.ndarray:
-        """Class-index map of K x ... probabilities, one array per member in ``indices`` order.
-
-        ``scale`` converts stored values to probabilities (1/255 for uint8).  ``indices``
-        says which members the arrays belong to (default: every member in order).
-        ``workspace`` lets several fusions share their work arrays (default: the fusion's own).
-        """
-        indices = range(len(self.weights)) if indices is None else indices
-        workspace = workspace or self._work
-        work: tuple[np.ndarray, ...] | None = None
-        count = 0
-        for i, p in zip(indices, members):
-            if work is None:
-                work = workspace.arrays(tuple(p.shape), 3 if self.method == "vote" else 2)
-            acc, term = work[0], work[1]
-            count += 1
-            w = float(self.weights[i])
-            np.multiply(p, np.float32(w * scale), out=term)
-            acc += term
-            if self.method == "vote":
-                if self.bias is None:
-                    votes = np.argmax(p, axis=0)
-                else:
-                    np.multiply(p, np.float32(scale), out=term)
-                    np.maximum(term, np.float32(LOG_EPS), out=term)
-                    np.log(term, out=term)
-                    term += self._bias(term.ndim)
-                    votes = np.argmax(term, axis=0)
-                flat = work[2].reshape(work[2].shape[0], -1)
-                flat[votes.reshape(-1), np.arange(flat.shape[1])] += np.float32(w)
-        if work is None:
-            raise PipelineError("no member probabilities to combine")
-        if count != len(indices):
-            raise PipelineError(f"expected probabilities of {len(indices)} members, got {count}")
-        score = work[0]
-        if self.method == "vote":
-            score *= np.float32(VOTE_TIE)
-            score += work[2]
-        elif self.bias is not None:
-            np.maximum(score, np.float32(LOG_EPS), out=score)
-            np.log(score, out=score)
-            score += self._bias(score.ndim)
-        labels = np.argmax(score, axis=0)
-        return labels.astype(np.uint8 if score.shape[0] <= 256 else np.int64)
 
 
 # ----------------------------------------------------------------------------- OOF cache
-def quantized(reader: ProbReader, image_id: int, size: tuple[int, int]) -> np.ndarray:
-    """uint8 probabilities (round(p * 255)) of one image at ``size``; uint8 stores at that size are read as they are."""
-    row = reader.row(image_id)
-    if reader.dtype == "uint8" and (int(row.stored_height), int(row.stored_width)) == tuple(size):
-        path = reader.folder / row.file
-        try:
-            return np.load(path)
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"{path}: unreadable probability map ({exc})") from exc
-    p = reader.load(image_id, size).numpy()
-    np.multiply(p, 255.0, out=p)
-    np.rint(p, out=p)
-    np.clip(p, 0, 255, out=p)
-    return p.astype(np.uint8)
 
 
-class OofCache:
-    """All members' OOF probabilities at the stored resolution, as uint8, in one file on disk.
-
-    Layout: chunks of consecutive images; a chunk of P pixels is P bytes of ground truth
-    followed by an M x K x P uint8 array.  :meth:`confusions` streams over the chunks with
-    one reusable buffer.
-    """
-
-    def __init__(self, members: Sequence[Member], coco: CocoData, image_ids: Sequence[int] | None = None,
-                 folder: str | Path = ".", max_images: int | None = None, seed: int = 0, progress: bool = True):
-        if coco.num_classes > 255:
-            raise PipelineError(f"{coco.path}: {coco.num_classes} classes; the OOF cache holds class indices as uint8 (at most 255)")
-        self.members = list(members)
-        self.num_classes = coco.num_classes
-        self.class_names = coco.class_names
-        owners = [self._owners(m, coco) for m in self.members]
-        common = set(coco.image_ids).intersection(*[set(o) for o in owners])
-        for m, o in zip(self.members, owners):
-            unscored = len(set(o) - set(coco.image_ids))
-            if unscored:
-                log.warning("%s: %d OOF images are not in %s and are left out", m.name, unscored, coco.path.name)
-        ids = sorted(common if image_ids is None else common & {int(i) for i in image_ids})
-        if not ids:
-            raise PipelineError(
-                "the members have no out-of-fold image in common with "
-                f"{coco.path} ({', '.join(f'{m.name}: {len(o)}' for m, o in zip(self.members, owners))} OOF images)"
-            )
-        counts = [len(o) for o in owners]
-        if len(ids) < max(counts):
-            log.info("scoring on the %d images every member has OOF probabilities for (members have %s)",
-                     len(ids), ", ".join(str(c) for c in counts))
-        if max_images is not None and len(ids) > max_images:
-            rng = np.random.default_rng(seed)
-            ids = sorted(int(i) for i in rng.choice(ids, size=max_images, replace=False))
-        self.image_ids = ids
-        self.sizes = {i: max(((int(o[i].row(i).stored_height), int(o[i].row(i).stored_width)) for o in owners),
-                             key=lambda s: s[0] * s[1]) for i in ids}
-        self.n_pixels = sum(h * w for h, w in self.sizes.values())
-        self._build(owners, coco, Path(folder), progress)
-
-    @staticmethod
-    def _owners(member: Member, coco: CocoData) -> dict[int, ProbReader]:
-        owner: dict[int, ProbReader] = {}
-        duplicates = 0
-        for reader in open_stores(member.oof_stores, coco.class_names):
-            for image_id in reader.image_ids:
-                if image_id in owner:
-                    duplicates += 1
-                    continue
-                owner[image_id] = reader
-        if duplicates:
-            log.warning("%s: %d images have OOF probabilities in more than one fold; the first fold's are used",
-                        member.name, duplicates)
-        return owner
-
-    def _build(self, owners: list[dict[int, ProbReader]], coco: CocoData, folder: Path, progress: bool) -> None:
-        from tqdm import tqdm
-
-        m, k = len(self.members), self.num_classes
-        cap = max(CHUNK_PIXELS, max(h * w for h, w in self.sizes.values()))
-        self.buffer = np.empty(cap * (1 + m * k), dtype=np.uint8)
-        self.workspace = Workspace()
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, self.path = tempfile.mkstemp(prefix=".oof-cache-", suffix=".u8", dir=folder)
-        self.chunks: list[tuple[int, int]] = []
-        offset = 0
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                group: list[int] = []
-                pixels = 0
-                for image_id in tqdm(self.image_ids, desc="caching OOF probabilities", disable=not progress, leave=False):
-                    h, w = self.sizes[image_id]
-                    if group and pixels + h * w > cap:
-                        offset += self._write_chunk(fh, group, pixels, owners, coco, offset)
-                        group, pixels = [], 0
-                    group.append(image_id)
-                    pixels += h * w
-                if group:
-                    offset += self._write_chunk(fh, group, pixels, owners, coco, offset)
-        except BaseException:
-            self.close()
-            raise
-        log.info("cached OOF probabilities of %d members x %d images (%.1f MiB on disk, %d chunks)",
-                 m, len(self.image_ids), offset / 2**20, len(self.chunks))
-
-    def _views(self, pixels: int) -> tuple[np.ndarray, np.ndarray]:
-        m, k = len(self.members), self.num_classes
-        gt = self.buffer[:pixels]
-        probs = self.buffer[pixels : pixels * (1 + m * k)].reshape(m, k, pixels)
-        return gt, probs
-
-    def _write_chunk(self, fh, group: list[int], pixels: int, owners, coco: CocoData, offset: int) -> int:
-        gt, probs = self._views(pixels)
-        start = 0
-        for image_id in group:
-            h, w = self.sizes[image_id]
-            gt[start : start + h * w] = resize_nearest(coco.mask(image_id), (h, w)).reshape(-1)
-            for j, owner in enumerate(owners):
-                probs[j, :, start : start + h * w] = quantized(owner[image_id], image_id, (h, w)).reshape(self.num_classes, -1)
-            start += h * w
-        size = pixels * (1 + len(self.members) * self.num_classes)
-        fh.write(memoryview(self.buffer[:size]))
-        self.chunks.append((offset, pixels))
-        return size
-
-    def confusions(self, fusions: Sequence[Fusion]) -> list[np.ndarray]:
-        """One confusion matrix per fusion, in one streaming pass over the cache."""
-        k = self.num_classes
-        cms = [np.zeros((k, k), dtype=np.int64) for _ in fusions]
-        with open(self.path, "rb", buffering=0) as fh:
-            for offset, pixels in self.chunks:
-                size = pixels * (1 + len(self.members) * k)
-                fh.seek(offset)
-                view = memoryview(self.buffer)[:size]
-                got = 0
-                while got < size:
-                    n = fh.readinto(view[got:])
-                    if not n:
-                        raise PipelineError(f"{self.path}: OOF cache file is truncated")
-                    got += n
-                gt, probs = self._views(pixels)
-                for cm, fusion in zip(cms, fusions):
-                    active = fusion.active()
-                    labels = fusion((probs[i] for i in active), scale=1 / 255, indices=active, workspace=self.workspace)
-                    cm += confusion_matrix(labels, gt, k)
-        return cms
-
-    def confusion(self, fusion: Fusion) -> np.ndarray:
-        return self.confusions([fusion])[0]
-
-    def close(self) -> None:
-        path = getattr(self, "path", None)
-        if path and os.path.exists(path):
-            os.unlink(path)
-
-    def __enter__(self) -> "OofCache":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # ----------------------------------------------------------------------------- tuning
-def _quiet_optuna():
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna
 
 
-def tune_weights(cache: OofCache, method: str, n_trials: int, seed: int) -> tuple[np.ndarray, float]:
-    """Best normalised weights found by TPE (the plain average is the first trial)."""
-    optuna = _quiet_optuna()
-    m = len(cache.members)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    study.enqueue_trial({f"w{i}": 1.0 for i in range(m)})
-
-    def objective(trial) -> float:
-        raw = np.array([trial.suggest_float(f"w{i}", *WEIGHT_RANGE) for i in range(m)])
-        return mean_iou(cache.confusion(Fusion(raw, None, method)))
-
-    study.optimize(objective, n_trials=max(n_trials, 1), show_progress_bar=False)
-    raw = np.array([study.best_params[f"w{i}"] for i in range(m)])
-    return raw / raw.sum(), float(study.best_value)
 
 
-def tune_bias(cache: OofCache, weights: np.ndarray, method: str, n_trials: int, seed: int,
-              bias_range: float) -> tuple[np.ndarray, float]:
-    """Best per-class bias (weights fixed) found by TPE; the zero bias is the first trial."""
-    optuna = _quiet_optuna()
-    k = cache.num_classes
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed + 1))
-    study.enqueue_trial({f"b{c}": 0.0 for c in range(k)})
-
-    def objective(trial) -> float:
-        bias = np.array([trial.suggest_float(f"b{c}", -bias_range, bias_range) for c in range(k)])
-        return mean_iou(cache.confusion(Fusion(weights, bias, method)))
-
-    study.optimize(objective, n_trials=max(n_trials, 1), show_progress_bar=False)
-    return np.array([study.best_params[f"b{c}"] for c in range(k)]), float(study.best_value)
 
 
 # ----------------------------------------------------------------------------- report
@@ -519,7 +159,7 @@ def render_report(cfg: EnsembleConfig, result: dict[str, Any], class_names: Sequ
     md = [
         f"# Ensemble `{cfg.name}`",
         "",
-        f"Method: `{cfg.method}` ({METHODS[cfg.method]}). Tuned: {'weights' if cfg.tune else 'nothing (plain average)'}"
+        f"Method: `{cfg.method}` ({METHODS.entry(cfg.method).description}). Tuned: {'weights' if cfg.tune else 'nothing (plain average)'}"
         + (" and per-class bias on log-probabilities" if cfg.tune and cfg.tune_bias else "")
         + f", {result['tuning']['trials']} trials, TPE seed {cfg.seed}.",
         "",
@@ -618,26 +258,6 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
     return {**result, "weights_file": str(weights_path), "report": str(report_path)}
 
 
-def load_ensemble(path: str | Path) -> dict[str, Any]:
-    """Read and check a ``weights.yaml`` written by :func:`run`; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: ensemble weights file not found (run make ensemble first)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: invalid YAML ({exc})") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("members"), list) or not data["members"]:
-        raise PipelineError(f"{path}: not an ensemble weights file (no members list)")
-    for i, mem in enumerate(data["members"]):
-        if not isinstance(mem, dict) or not {"name", "weight", "test_stores"} <= set(mem):
-            raise PipelineError(f"{path}: member {i + 1} lacks name, weight or test_stores")
-    if data.get("method", "mean") not in METHODS:
-        raise PipelineError(f"{path}: unknown method {data.get('method')!r}; known: {', '.join(METHODS)}")
-    bias = data.get("bias")
-    if bias is not None and "class_names" in data and len(bias) != len(data["class_names"]):
-        raise PipelineError(f"{path}: bias has {len(bias)} values for {len(data['class_names'])} classes")
-    return data
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,9 +25,11 @@ from typing import Callable, Sequence
 import optuna
 import yaml
 
-from pipeline.config import ConfigError, apply_mapping, stage_main, to_dict
-from pipeline.tune import TRIAL_DEFAULTS, TUNER_KEYS, load_existing_study
-from pipeline.utils import PipelineError, atomic_open, atomic_write_bytes, atomic_write_text
+from pipeline.core.config import ConfigError, apply_mapping, stage_main, to_dict
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_open, atomic_write_bytes, atomic_write_text
+from pipeline.tuning.space import TRIAL_DEFAULTS, TUNER_KEYS
+from pipeline.tuning.study import load_existing_study
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ def write_plots(study: optuna.Study, out: Path) -> list[Path]:
 
 def best_config_text(study: optuna.Study) -> str | None:
     """YAML of the best trial's resolved training config (None when no trial completed with one)."""
-    from pipeline.train import TrainConfig
+    from pipeline.engine.config import TrainConfig
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:

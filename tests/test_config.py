@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pipeline.config import ConfigError, build_config, parse_overrides, save_config
+from pipeline.core.config import ConfigError, build_config, parse_overrides, save_config
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from pipeline import data as data_mod
+from pipeline.data import masks as masks_mod
 from pipeline.data import (
     AUGMENTATIONS,
     IMAGENET_MEAN,
@@ -28,7 +29,7 @@ from pipeline.data import (
     load_coco,
     verify_images,
 )
-from pipeline.utils import PipelineError
+from pipeline.core.errors import PipelineError
 
 H, W = 10, 12
 CATS = [{"id": 1, "name": "big"}, {"id": 2, "name": "small"}]
@@ -108,7 +109,7 @@ def compressed_rle(m: np.ndarray) -> dict[str, Any]:
 
 
 def repair_warnings(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "pipeline.data" and r.levelno == logging.WARNING]
+    return [r for r in caplog.records if r.name.startswith("pipeline.data") and r.levelno == logging.WARNING]
 
 
 # ----------------------------------------------------------------------------- mask rule
@@ -285,7 +286,7 @@ def test_mask_rules_get_separate_cache_folders(tmp_path, monkeypatch):
     np.testing.assert_array_equal(cv2.imread(str(caches["polygon_length"].path(1)), cv2.IMREAD_UNCHANGED)[3, 3], 1)
     # a new rasterizer version never reuses an old folder
     before = caches["area"].dir
-    monkeypatch.setattr(data_mod, "MASK_RULE_VERSION", data_mod.MASK_RULE_VERSION + "-next")
+    monkeypatch.setattr(masks_mod, "MASK_RULE_VERSION", masks_mod.MASK_RULE_VERSION + "-next")
     assert MaskCache(load_coco(tmp_path, path.name), tmp_path / "cache").dir != before
 
 
@@ -303,7 +304,7 @@ def test_unknown_mask_rule_lists_the_known_ones(tmp_path):
 
 
 def test_train_config_validates_the_mask_rule():
-    from pipeline.config import ConfigError, build_config
+    from pipeline.core.config import ConfigError, build_config
     from pipeline.train import TrainConfig
 
     with pytest.raises(ConfigError, match="mask_rule: unknown 'biggest'; known: area, polygon_length"):
@@ -781,3 +782,24 @@ def test_strong_augmentation_keeps_a_non_square_size():
         assert out["image"].shape == (32, 48, 3) and out["mask"].shape == (32, 48)
     square = build_transform("strong", (48, 48))
     assert any(type(op).__name__ == "RandomRotate90" for op in square.transforms)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["images"][0].update(height="tall"), "height of image"),
+    (lambda d: d["images"][0].update(id=None), "image id must be an integer"),
+    (lambda d: d["categories"][0].update(id="one"), "category id"),
+    (lambda d: d["annotations"][0].update(image_id=[1]), "image_id of annotation"),
+])
+def test_non_numeric_ids_and_sizes_are_data_errors(tmp_path, edit, message):
+    import json as _json
+
+    from pipeline.data import DataError, load_coco
+
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "height": 4, "width": 4}],
+            "categories": [{"id": 1, "name": "x"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[0, 0, 3, 0, 3, 3]], "area": 4}]}
+    edit(data)
+    (tmp_path / "train_all.json").write_text(_json.dumps(data))
+    with pytest.raises(DataError, match=message) as err:
+        load_coco(tmp_path, "train_all.json")
+    assert "train_all.json" in str(err.value)

@@ -12,9 +12,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from pipeline import demo
-from pipeline.config import ConfigError, build_config
+from pipeline.core.config import ConfigError, build_config
 from pipeline.demo import CATEGORIES, DemoConfig, run
-from pipeline.utils import PipelineError
+from pipeline.core.errors import PipelineError
 
 JSON_FILES = ("train_all.json", "train.json", "val.json", "test.json", "test_gt.json")
 SMALL = dict(n_train=24, n_test=6, height=64, width=96, seed=0)

@@ -8,17 +8,19 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import ensemble as ens
-from pipeline.config import build_config
+from pipeline.inference import ensemble as ens
+from pipeline.core.config import build_config
 from pipeline.data import load_coco
-from pipeline.ensemble import EnsembleConfig, Fusion, OofCache, find_member, resolve_members, run
-from pipeline.metrics import confusion_matrix, mean_iou
-from pipeline.probs import ProbReader, ProbWriter
-from pipeline.rle import decode_label_map
+from pipeline.ensemble import EnsembleConfig, run
+from pipeline.ensemble import main as ensemble_main
+from pipeline.inference.ensemble import Fusion, OofCache, find_member, resolve_members
+from pipeline.evaluation.metrics import confusion_matrix, mean_iou
+from pipeline.inference.store import ProbReader, ProbWriter
+from pipeline.submission.rle import decode_label_map
 from pipeline.submit import SubmitConfig
 from pipeline.submit import run as submit
-from pipeline.utils import PipelineError
-from pipeline.validate import resize_nearest
+from pipeline.core.errors import PipelineError
+from pipeline.submission.formats import resize_nearest
 
 
 def noisy_probs(labels: np.ndarray, k: int, margin: float, rng: np.random.Generator) -> np.ndarray:
@@ -221,7 +223,7 @@ def test_errors_name_the_problem(runs, tmp_path):
 
 def test_main_accepts_a_space_separated_runs_list(runs, tmp_path):
     data, good, bad = runs
-    rc = ens.main([f"runs={good} {bad}", f"data_dir={data}", f"out_dir={tmp_path}", "name=m", "n_trials=3", "progress=false"])
+    rc = ensemble_main([f"runs={good} {bad}", f"data_dir={data}", f"out_dir={tmp_path}", "name=m", "n_trials=3", "progress=false"])
     assert rc == 0
     assert len(yaml.safe_load((tmp_path / "m" / "weights.yaml").read_text())["members"]) == 2
 

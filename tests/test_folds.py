@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
 from pipeline.data import DataError, load_coco
-from pipeline.folds import FoldsConfig, iterative_stratification, load_folds, main, run
+from pipeline.data import iterative_stratification, load_folds
+from pipeline.folds import FoldsConfig, main, run
 
 
 def test_every_image_exactly_once_and_balance_files(demo_data, tmp_path):

@@ -18,7 +18,7 @@ from pipeline.models.losses import (
     parse_loss_spec,
 )
 from pipeline.models import UnknownNameError
-from pipeline.utils import PipelineError
+from pipeline.core.errors import PipelineError
 
 IGNORE = 255
 
@@ -269,7 +269,7 @@ def test_losses_default_to_the_metric_modules_ignore_index():
     import inspect
 
     from pipeline.models import losses
-    from pipeline.metrics import IGNORE_INDEX
+    from pipeline.evaluation.metrics import IGNORE_INDEX
 
     for obj in (losses.build_loss, losses.CrossEntropyLoss, losses.DiceLoss, losses.FocalLoss, losses.LovaszSoftmaxLoss):
         assert inspect.signature(obj).parameters["ignore_index"].default == IGNORE_INDEX

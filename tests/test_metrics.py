@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import metrics
-from pipeline.metrics import (
+from pipeline.evaluation import metrics
+from pipeline.evaluation.metrics import (
     MeanIoU,
     confusion_matrix,
     confusion_matrix_torch,

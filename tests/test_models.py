@@ -24,7 +24,7 @@ from pipeline.models import (
     load_weights,
     param_groups,
 )
-from pipeline.utils import PipelineError
+from pipeline.core.errors import PipelineError
 
 torch.set_num_threads(2)
 

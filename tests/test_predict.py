@@ -12,12 +12,15 @@ import torch
 
 from pipeline import folds as folds_stage
 from pipeline import train as train_stage
-from pipeline.config import build_config
+from pipeline.data import ValDataset, collate
+from pipeline.engine.checkpoint import load_checkpoint_model
+from pipeline.engine.loop import evaluate
+from pipeline.core.config import build_config
 from pipeline.data import MaskCache, SegmentationDataset, load_coco
-from pipeline.metrics import confusion_matrix, mean_iou
+from pipeline.evaluation.metrics import confusion_matrix, mean_iou
 from pipeline.predict import PredictConfig, main, run
-from pipeline.probs import ProbReader
-from pipeline.utils import PipelineError
+from pipeline.inference.store import ProbReader
+from pipeline.core.errors import PipelineError
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +109,11 @@ def test_tta_none_agrees_with_the_models_own_validation(trained, tmp_path):
     out = run(cfg_for(trained, tmp_path, split="val", tta="none"))
     reader = ProbReader(out)
     ids = val_ids(folds_file)
-    model, tcfg, ckpt = train_stage.load_checkpoint_model(run_dir / "best.pt")
+    model, tcfg, ckpt = load_checkpoint_model(run_dir / "best.pt")
     coco = load_coco(data)
-    ds = train_stage.ValDataset(SegmentationDataset(coco, ids, None, MaskCache(coco, tmp_path / "cache")), (64, 64))
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=train_stage.collate)
-    cm = train_stage.evaluate(model, loader, coco.num_classes, torch.device("cpu"), None)
+    ds = ValDataset(SegmentationDataset(coco, ids, None, MaskCache(coco, tmp_path / "cache")), (64, 64))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate)
+    cm = evaluate(model, loader, coco.num_classes, torch.device("cpu"), None)
     assert reader.meta["miou_full_resolution"] == pytest.approx(mean_iou(cm), abs=1e-6)
     assert reader.meta["miou"] == pytest.approx(mean_iou(cm), abs=0.03)
     # per image: the stored maps are the model's own probabilities, with the same argmax

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.rle import (
+from pipeline.submission.rle import (
     _format_ints,
     decode_label_map,
     decode_mask,

@@ -9,16 +9,19 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import submit as submit_stage
+from pipeline import submit as submit_module
+from pipeline.submission import writer as submit_stage
 from pipeline.data import load_coco
-from pipeline.probs import ProbReader, ProbWriter
-from pipeline.rle import decode_label_map, encode_mask
+from pipeline.inference.store import ProbReader, ProbWriter
+from pipeline.submission.rle import decode_label_map, encode_mask
 from pipeline.score import ScoreConfig
 from pipeline.score import run as score
-from pipeline.submit import SubmitConfig, dense_row, rle_rows
+from pipeline.submission.writer import dense_row, rle_rows
+from pipeline.submit import SubmitConfig
 from pipeline.submit import run as submit
-from pipeline.utils import PipelineError
-from pipeline.validate import ValidateConfig, resize_nearest, validate_submission
+from pipeline.core.errors import PipelineError
+from pipeline.submission.formats import resize_nearest, validate_submission
+from pipeline.validate import ValidateConfig
 from pipeline.validate import run as validate
 
 RLE_HEADER = "image_id,class_id,EncodedPixels"
@@ -137,7 +140,7 @@ def test_previous_csv_stays_intact_when_writing_fails(setup, tmp_path, monkeypat
 def test_an_invalid_submission_never_replaces_the_previous_file(setup, tmp_path, monkeypatch):
     submit(submit_cfg(setup, tmp_path))
     before = (tmp_path / "sub.csv").read_bytes()
-    monkeypatch.setattr(submit_stage, "rle_rows", lambda name, labels, coco, order: [[name, "999", ""]])
+    monkeypatch.setattr(submit_module, "rle_rows", lambda name, labels, coco, order: [[name, "999", ""]])
     with pytest.raises(PipelineError, match="unknown class id"):
         submit(submit_cfg(setup, tmp_path))
     assert (tmp_path / "sub.csv").read_bytes() == before
@@ -395,7 +398,7 @@ def test_score_mask_rule_option_overrides_the_manifest(rule_gt):
 
 
 def test_score_refuses_an_unknown_mask_rule(rule_gt):
-    from pipeline.config import ConfigError
+    from pipeline.core.config import ConfigError
 
     data, gt, sub, _ = rule_gt
     sub.with_suffix(".json").write_text(json.dumps({"mask_rule": "biggest"}))
@@ -445,7 +448,7 @@ def test_stores_at_the_image_size_are_read_without_resizing(setup, tmp_path):
 
 def test_submit_config_is_checked_by_the_generic_hook():
     """The layering function calls ``validate()`` on every config, submit's included."""
-    from pipeline.config import ConfigError, build_config
+    from pipeline.core.config import ConfigError, build_config
 
     with pytest.raises(ConfigError, match="plain file name"):
         build_config(SubmitConfig, overrides=["name=a/b"])
@@ -455,7 +458,7 @@ def test_submit_config_is_checked_by_the_generic_hook():
 
 
 def test_stores_mask_rule_reads_the_runs_rule_and_refuses_a_mix(tmp_path):
-    from pipeline.probs import stores_mask_rule
+    from pipeline.inference.store import stores_mask_rule
 
     names = ["Background", "a"]
     for folder, rule in (("old", None), ("p1", "polygon_length"), ("p2", "polygon_length"), ("a", "area")):

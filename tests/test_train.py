@@ -14,12 +14,15 @@ import pytest
 import torch
 
 from pipeline import folds as folds_stage
-from pipeline.config import build_config
+from pipeline.core.config import build_config
 from pipeline.data import MaskCache, SegmentationDataset, load_coco
-from pipeline.metrics import confusion_matrix, mean_iou
-from pipeline.probs import ProbReader
-from pipeline.train import TrainConfig, ValDataset, collate, evaluate, load_checkpoint_model, run
-from pipeline.utils import PipelineError
+from pipeline.evaluation.metrics import confusion_matrix, mean_iou
+from pipeline.inference.store import ProbReader
+from pipeline.data import ValDataset, collate
+from pipeline.engine.checkpoint import load_checkpoint_model
+from pipeline.engine.loop import evaluate
+from pipeline.train import TrainConfig, run
+from pipeline.core.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +59,7 @@ def small_cfg(data: Path, folds: Path, runs: Path, **kw) -> TrainConfig:
 
 
 def cli_args(cfg: TrainConfig) -> list[str]:
-    from pipeline.config import to_dict
+    from pipeline.core.config import to_dict
 
     out = []
     for k, v in to_dict(cfg).items():
@@ -154,7 +157,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(demo_data_square, 
     last = cfg.run_dir() / "last.pt"
     before = last.read_bytes()
 
-    import pipeline.train as train_mod
+    import pipeline.engine.trainer as train_mod
 
     class NanLoss(torch.nn.Module):
         def forward(self, logits, target):

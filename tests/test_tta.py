@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.tta import TTAModel, View, compose_d4, list_tta, parse_tta, scaled_size
-from pipeline.utils import PipelineError
+from pipeline.inference.tta import TTAModel, View, compose_d4, list_tta, parse_tta, scaled_size
+from pipeline.core.errors import PipelineError
 
 ALL_SETS = list_tta() + ["ms+flip", "d4+ms", "hflip+flip", "flip+d4"]
 

@@ -22,13 +22,16 @@ import pytest
 import yaml
 
 from pipeline import folds as folds_stage
-from pipeline.config import ConfigError, build_config
+from pipeline.core.config import ConfigError, build_config
 from pipeline.train import TrainConfig, TrainResult
 from pipeline.train import run as train_run
-from pipeline.tune import TuneConfig, compose_loss, global_step, load_space, main, open_storage, run
+from pipeline.tune import TuneConfig, main, run
+from pipeline.tuning.space import compose_loss, load_space
+from pipeline.tuning.study import open_storage
+from pipeline.tuning.trials import global_step
 from pipeline.tune_report import TuneReportConfig
 from pipeline.tune_report import run as report_run
-from pipeline.utils import PipelineError
+from pipeline.core.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

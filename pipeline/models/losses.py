@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.metrics import IGNORE_INDEX
-from pipeline.core.errors import UnknownNameError
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, UnknownNameError
+from pipeline.evaluation.metrics import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

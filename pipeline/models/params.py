@@ -1,9 +1,12 @@
 """Parameter groups: encoder and decoder learning rates, no weight decay on biases and norms."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 from torch import nn
+
+from pipeline.core.errors import PipelineError
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
     while True:

@@ -52,11 +52,10 @@ import difflib
 import functools
 import inspect
 import logging
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.utils import PipelineError
+from pipeline.core.errors import PipelineError
 
 DEFAULT_SCALES: tuple[float, ...] = (0.75, 1.0, 1.25)
 DEFAULT_DIVISOR = 32

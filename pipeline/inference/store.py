@@ -25,7 +25,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.utils import PipelineError, atomic_open, atomic_write_bytes, atomic_write_text
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_open, atomic_write_bytes, atomic_write_text
 
 DTYPES = ("float16", "uint8")
 INDEX_COLUMNS = ["image_id", "file_name", "height", "width", "stored_height", "stored_width", "file"]

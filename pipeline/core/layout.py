@@ -1,0 +1,108 @@
+"""Names of everything the stages hand over through files, defined once.
+
+``runs/<experiment>/fold<k>/`` (a training run)::
+
+    config.yaml   resolved training config
+    metrics.csv   one row per epoch (reproducible: no wall times)
+    timing.csv    wall times per epoch
+    last.pt       complete checkpoint of the latest epoch
+    best.pt       complete checkpoint of the best epoch by val mIoU
+    curves.png    loss and IoU curves
+    oof/          probability store of the best checkpoint on the fold's images
+    oof_<tta>/    the same predicted with a TTA set (``make predict SPLIT=val``)
+    test_<tta>/   probability store of the test images (``make predict``)
+
+``ensembles/<name>/{weights.yaml, report.md}``; ``submissions/<name>.{csv,json}``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG = "config.yaml"
+METRICS = "metrics.csv"
+TIMING = "timing.csv"
+LAST = "last.pt"
+BEST = "best.pt"
+CURVES = "curves.png"
+OOF = "oof"
+CHECKPOINTS = ("best", "last")
+SPLIT_PREFIX = {"val": "oof", "test": "test"}
+
+ENSEMBLE_WEIGHTS = "weights.yaml"
+ENSEMBLE_REPORT = "report.md"
+
+
+def fold_name(fold: int) -> str:
+    """``fold<k>``; ``foldall`` for a run on every labelled image (fold -1)."""
+    return "foldall" if fold < 0 else f"fold{fold}"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One training run's folder and the paths inside it."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, runs_dir: str | Path, experiment: str, fold: int) -> "RunFolder":
+        return cls(Path(runs_dir) / experiment / fold_name(fold))
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def timing(self) -> Path:
+        return self.path / TIMING
+
+    @property
+    def last(self) -> Path:
+        return self.path / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    @property
+    def curves(self) -> Path:
+        return self.path / CURVES
+
+    @property
+    def oof(self) -> Path:
+        return self.path / OOF
+
+    def checkpoint(self, which: str) -> Path:
+        """``best`` / ``last`` name a checkpoint of this run; anything else is a path."""
+        return self.path / f"{which}.pt" if which in CHECKPOINTS else Path(which)
+
+    def store(self, split: str, tta: str) -> Path:
+        """Probability store of ``split`` (``val``: out-of-fold, ``test``) predicted with ``tta``."""
+        return self.path / f"{SPLIT_PREFIX[split]}_{tta}"
+
+    def stores(self, split: str) -> dict[str, Path]:
+        """TTA name -> store folder of every ``<prefix>_<tta>/`` of ``split`` in this run."""
+        prefix = SPLIT_PREFIX[split] + "_"
+        if not self.path.is_dir():
+            return {}
+        return {p.name[len(prefix):]: p for p in sorted(self.path.glob(prefix + "*")) if p.is_dir()}
+
+    def is_run(self) -> bool:
+        return self.path.is_dir() and (self.best.is_file() or self.last.is_file() or self.oof.is_dir())
+
+
+def ensemble_dir(root: str | Path, name: str) -> Path:
+    return Path(root) / name
+
+
+def submission_paths(out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """The CSV and its manifest."""
+    return Path(out_dir) / f"{name}.csv", Path(out_dir) / f"{name}.json"
+
+
+def manifest_of(csv_path: str | Path) -> Path:
+    return Path(csv_path).with_suffix(".json")

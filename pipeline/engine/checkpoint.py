@@ -1,0 +1,103 @@
+"""Complete checkpoints, written atomically, and reading them back.
+
+A checkpoint holds model, optimizer, scheduler, scaler, the hooks' states (EMA under
+``ema``), epoch, best metric, history, RNG states, the resolved config, class names,
+training size and preprocessing.  :class:`CheckpointSaver` serializes once per save and
+writes the same bytes to ``best.pt`` (when the epoch improved) and then ``last.pt``, each
+through a temporary file and a rename: a kill at any moment leaves the earlier files whole.
+"""
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write_bytes
+from pipeline.core.layout import RunFolder
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def serialize(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+class CheckpointSaver:
+    """Writes a run's ``best.pt`` / ``last.pt`` from one serialization per save."""
+
+    def __init__(self, folder: RunFolder):
+        self.folder = folder
+        self.saves = 0
+
+    def save(self, state: dict[str, Any], best: bool) -> bytes:
+        data = serialize(state)
+        if best:
+            atomic_write_bytes(self.folder.best, data)
+        atomic_write_bytes(self.folder.last, data)
+        self.saves += 1
+        return data
+
+    def load_last(self) -> dict[str, Any] | None:
+        return read_checkpoint(self.folder.last) if self.folder.last.exists() else None
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file as a dict; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise PipelineError(f"{path}: unreadable checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise PipelineError(f"{path}: not a checkpoint of this pipeline (no model state or config)")
+    return ckpt
+
+
+def model_state(ckpt: dict[str, Any], use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The weights to predict with: the EMA copy when the checkpoint has one and ``use_ema``."""
+    if use_ema and ckpt.get("ema") is not None:
+        return {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    return ckpt["model"]
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise PipelineError(f"{path}: its weights do not fit the model it describes ({str(exc)[:300]})") from exc
+
+
+def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
+    """Model (in eval mode), its resolved training config and the checkpoint dict of a ``.pt`` file."""
+    from pipeline.core.config import config_from_dict
+    from pipeline.engine.config import TrainConfig
+    from pipeline.models import build_model
+
+    ckpt = read_checkpoint(path)
+    cfg = config_from_dict(TrainConfig, ckpt["config"], str(path))
+    model = build_model(cfg.model, num_classes=ckpt["num_classes"], encoder=cfg.encoder, encoder_weights=None)
+    load_model_state(model, model_state(ckpt, use_ema), path)
+    return model.to(device).eval(), cfg, ckpt

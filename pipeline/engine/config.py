@@ -1,0 +1,99 @@
+"""The training config: one flat dataclass shared by the train stage, the tuner and prediction
+(checkpoints carry it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.core.errors import ConfigError
+from pipeline.core.layout import RunFolder
+from pipeline.data import AUGMENTATIONS, MASK_RULES
+from pipeline.engine.optim import OPTIMIZERS, SCHEDULERS
+from pipeline.engine.runtime import AMP_MODES
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_dir: str = "data/demo"
+    ann_file: str = "train_all.json"
+    folds_file: str = "folds/folds.csv"
+    fold: int = 0  # -1: train on every labelled image, no validation
+    cache_dir: str = ".cache/masks"
+    mask_rule: str = "area"  # ground-truth mask rule (pipeline.data.MASK_RULES): area | polygon_length
+    # model
+    model: str = "unet"
+    encoder: str | None = None  # None: the family's default encoder
+    encoder_weights: str | None = None  # e.g. imagenet (the family configs set it)
+    weights: str | None = None  # local encoder or whole-model checkpoint
+    # run folder
+    runs_dir: str = "runs"
+    experiment: str | None = None  # default: <model>-<encoder>
+    resume: bool = True  # continue from last.pt when it exists
+    # input
+    img_size: list[int] | None = None  # [h, w] or [side]; None: most common size in the data
+    augment: str = "light"
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 8
+    accum_steps: int = 1
+    optimizer: str = "adamw"
+    lr: float = 3e-4  # decoder / head learning rate
+    encoder_lr: float | None = None  # None: same as lr
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    scheduler: str = "cosine"
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    poly_power: float = 0.9
+    grad_clip: float | None = 1.0
+    loss: str = "ce"
+    class_weights: list[float] | None = None
+    label_smoothing: float = 0.0
+    amp: str = "auto"  # auto: bf16 where supported, else fp16; always off on CPU
+    channels_last: bool = True  # CUDA only
+    ema: bool = False
+    ema_decay: float = 0.999
+    # validation and outputs
+    val_every: int = 1
+    patience: int = 0  # epochs without improvement before stopping; 0: never
+    save_oof: bool = True
+    oof_scale: float = 0.5  # out-of-fold maps are stored at this fraction of the training size
+    oof_dtype: str = "float16"
+    plot: bool = True
+    # runtime
+    seed: int = 42
+    device: str = "auto"
+    num_workers: int | None = None  # None: pipeline.engine.runtime.default_workers (GPU: up to 8; CPU: cpus // 2 - 1)
+    prefetch_factor: int = 2  # batches each loader worker prepares ahead (workers persist across epochs)
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest kernels (inputs have one size)
+    tf32: bool = True  # CUDA: TF32 matrix products and convolutions on Ampere and newer
+    compile: bool = False  # torch.compile the model (slower start, faster steps on a GPU)
+    max_train_batches: int | None = None  # cap per epoch (smoke runs, tuning budgets)
+    max_val_batches: int | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        for key, names in (("augment", AUGMENTATIONS), ("scheduler", SCHEDULERS), ("optimizer", OPTIMIZERS),
+                           ("amp", AMP_MODES), ("mask_rule", MASK_RULES)):
+            if getattr(self, key) not in names:
+                raise ConfigError(f"{key}: unknown {getattr(self, key)!r}; known: {', '.join(names)}")
+        for key in ("epochs", "batch_size", "accum_steps", "val_every", "prefetch_factor"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.img_size is not None and len(self.img_size) not in (1, 2):
+            raise ConfigError(f"img_size must be [side] or [height, width], got {self.img_size}")
+        if not 0 < self.oof_scale <= 1:
+            raise ConfigError(f"oof_scale must be in (0, 1], got {self.oof_scale}")
+
+    @property
+    def experiment_name(self) -> str:
+        from pipeline.models import default_encoder
+
+        return self.experiment or f"{self.model}-{self.encoder or default_encoder(self.model)}"
+
+    def folder(self) -> RunFolder:
+        return RunFolder.of(self.runs_dir, self.experiment_name, self.fold)
+
+    def run_dir(self):
+        return self.folder().path

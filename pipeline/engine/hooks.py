@@ -1,0 +1,113 @@
+"""Extensions of the training loop.
+
+A :class:`Hook` is called at fixed points of :class:`pipeline.engine.trainer.Trainer`;
+techniques attach here instead of editing the loop:
+
+* ``on_train_start(trainer)``: after building and resuming, before the first epoch;
+* ``on_step_end(trainer)``: after every optimizer step;
+* ``on_epoch_end(trainer, row)``: after validation and the checkpoint of an epoch (``row``
+  is the epoch's metrics row); may set ``trainer.stop`` to end training;
+* ``on_train_end(trainer)``: after the last epoch.
+
+A hook with state to resume (EMA weights, counters) names a ``state_key`` and implements
+``state_dict`` / ``load_state_dict``; the checkpoint stores it under that key.  A hook may
+offer the model to evaluate (``evaluation_model``), as EMA does.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from pipeline.engine.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class Hook:
+    state_key: str | None = None
+
+    def on_train_start(self, trainer: "Trainer") -> None:
+        pass
+
+    def on_step_end(self, trainer: "Trainer") -> None:
+        pass
+
+    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any]) -> None:
+        pass
+
+    def on_train_end(self, trainer: "Trainer") -> None:
+        pass
+
+    def evaluation_model(self) -> nn.Module | None:
+        return None
+
+    def state_dict(self) -> Any:
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
+        pass
+
+
+class EMAHook(Hook):
+    """Exponential moving average of the weights (and buffers), updated after every optimizer
+    step; validation, ``best.pt`` and prediction use the averaged copy."""
+
+    state_key = "ema"
+
+    def __init__(self, model: nn.Module, decay: float):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def on_step_end(self, trainer: "Trainer") -> None:
+        self.ema.update_parameters(trainer.model)
+
+    def evaluation_model(self) -> nn.Module:
+        return self.ema.module
+
+    def state_dict(self) -> Any:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        if state is not None:
+            self.ema.load_state_dict(state)
+
+
+class EarlyStopping(Hook):
+    """Stops when val mIoU has not improved for ``patience`` validated epochs (0: never)."""
+
+    def __init__(self, patience: int, val_every: int):
+        self.patience, self.val_every = patience, val_every
+        self.stale = 0
+
+    def on_train_start(self, trainer: "Trainer") -> None:
+        h = trainer.history
+        self.stale = h[-1]["epoch"] - trainer.best_epoch if h and trainer.best_epoch >= 0 else 0
+        self._check(trainer)
+
+    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any]) -> None:
+        if math.isnan(row["val_miou"]):
+            return
+        self.stale = 0 if trainer.best_epoch == row["epoch"] else self.stale + self.val_every
+        self._check(trainer)
+
+    def _check(self, trainer: "Trainer") -> None:
+        if self.patience and self.stale >= self.patience and not trainer.stop:
+            trainer.stop = True
+            log.info("early stop: no improvement for %d epochs", self.patience)
+
+
+class EpochCallback(Hook):
+    """Calls ``fn(epoch, row)`` after every validated epoch (the tuner reports to its pruner
+    here and may raise to prune)."""
+
+    def __init__(self, fn: Callable[[int, dict[str, Any]], None]):
+        self.fn = fn
+
+    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any]) -> None:
+        if not math.isnan(row["val_miou"]):
+            self.fn(row["epoch"], row)

@@ -1,0 +1,123 @@
+"""The two loops of training: one epoch of optimizer steps, and an evaluation pass."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.metrics import confusion_matrix_torch
+from pipeline.models.contract import model_loss, predict_probabilities
+
+if TYPE_CHECKING:
+    from pipeline.engine.trainer import Trainer
+
+LOSS_CHECK_EVERY = 20  # batches between checks of the running loss (each check syncs with the GPU)
+
+
+def _non_finite(value: float, epoch: int, batch: int, last: str) -> PipelineError:
+    return PipelineError(
+        f"non-finite loss ({value}) at epoch {epoch}, batch {batch}: training stopped; the last good checkpoint "
+        f"is {last} (lower lr=, set grad_clip=, or amp=off)"
+    )
+
+
+def _optimizer_step(t: "Trainer") -> None:
+    if t.cfg.grad_clip:
+        t.scaler.unscale_(t.optimizer)
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scheduler.step()
+    for hook in t.hooks:
+        hook.on_step_end(t)
+
+
+def train_one_epoch(t: "Trainer", epoch: int) -> tuple[float, float]:
+    """``t.batches`` micro-batches with gradient accumulation; returns (mean loss over all
+    processes, seconds)."""
+    from tqdm import tqdm
+
+    t.sampler.set_epoch(epoch)
+    t.net.train()
+    started = time.perf_counter()
+    loss_sum = torch.zeros((), device=t.device, dtype=torch.float64)
+    seen = 0
+    t.optimizer.zero_grad(set_to_none=True)
+    last = str(t.folder.last) if t.folder.last.exists() else "not written yet"
+    bar = tqdm(t.train_loader, total=t.batches, desc=f"epoch {epoch}", leave=False, disable=not t.show_progress)
+    for i, (images, masks, _) in enumerate(bar):
+        if i >= t.batches:
+            break
+        images = images.to(t.device, non_blocking=True)
+        masks = masks.to(t.device, non_blocking=True)
+        if t.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        last_micro = (i + 1) % t.cfg.accum_steps == 0 or i + 1 == t.batches
+        skip_sync = t.dist.enabled and not last_micro
+        with t.net.no_sync() if skip_sync else contextlib.nullcontext():
+            with torch.autocast(t.device.type, dtype=t.dtype, enabled=t.dtype is not None):
+                loss = model_loss(t.model, t.net(images), masks, t.criterion)
+            t.scaler.scale(loss / t.cfg.accum_steps).backward()
+        loss_sum += loss.detach().double()
+        seen += 1
+        if last_micro:
+            _optimizer_step(t)
+        if i % LOSS_CHECK_EVERY == 0 or i + 1 == t.batches:
+            value = loss_sum.item() / seen
+            if not math.isfinite(value):
+                raise _non_finite(value, epoch, i, last)
+            bar.set_postfix(loss=f"{value:.4f}")
+    stats = t.dist.all_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=t.device, dtype=torch.float64)]))
+    train_loss = float(stats[0] / stats[1])
+    if not math.isfinite(train_loss):
+        raise _non_finite(train_loss, epoch, t.batches - 1, last)
+    return train_loss, time.perf_counter() - started
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    channels_last: bool = False,
+    max_batches: int | None = None,
+    progress: bool = False,
+    on_probs: Callable[[torch.Tensor, dict], None] | None = None,
+) -> np.ndarray:
+    """Confusion matrix of ``model`` on ``loader``; predictions scored at each image's own size.
+
+    ``on_probs(probs K x h x w, meta)`` receives every image's probabilities at the input size.
+    """
+    from tqdm import tqdm
+
+    model.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for i, (images, masks, metas) in enumerate(tqdm(loader, desc="val", leave=False, disable=not progress)):
+        if max_batches is not None and i >= max_batches:
+            break
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        probs = predict_probabilities(model, images, dtype)
+        if isinstance(masks, torch.Tensor) and masks.shape[-2:] == probs.shape[-2:]:
+            cm += confusion_matrix_torch(probs.argmax(1), masks.to(device), num_classes)
+            if on_probs is not None:
+                for p, meta in zip(probs, metas):
+                    on_probs(p, meta)
+            continue
+        for p, m, meta in zip(probs, masks, metas):
+            if on_probs is not None:
+                on_probs(p, meta)
+            full = torch.nn.functional.interpolate(p[None], size=tuple(m.shape), mode="bilinear", align_corners=False)[0]
+            cm += confusion_matrix_torch(full.argmax(0), m.to(device), num_classes)
+    return cm.cpu().numpy()

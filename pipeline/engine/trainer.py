@@ -1,0 +1,290 @@
+"""The training engine: build a run, resume it, fit it epoch by epoch, write its files.
+
+:func:`train` is what the train stage and the tuner call.  A :class:`Trainer` is built in
+named steps (data, model, optimisation), resumes from ``last.pt`` when it exists, and
+runs :func:`~pipeline.engine.loop.train_one_epoch` / :func:`~pipeline.engine.loop.evaluate`
+per epoch; everything else (EMA, early stopping, the tuner's pruning report) is a
+:class:`~pipeline.engine.hooks.Hook`.  Files of the run folder (:mod:`pipeline.core.layout`):
+``config.yaml``, ``metrics.csv``, ``timing.csv``, ``last.pt``/``best.pt`` (through
+:class:`~pipeline.engine.checkpoint.CheckpointSaver`), ``curves.png`` and ``oof/``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline import models as model_registry
+from pipeline.core.config import save_config, to_dict
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.data import (
+    CocoData,
+    MaskCache,
+    SegmentationDataset,
+    ValDataset,
+    build_transform,
+    collate,
+    image_size_from_data,
+    load_coco,
+    split_ids,
+)
+from pipeline.engine.checkpoint import CheckpointSaver, rng_state, set_rng_state
+from pipeline.engine.config import TrainConfig
+from pipeline.engine.hooks import EarlyStopping, EMAHook, Hook
+from pipeline.engine.loop import evaluate, train_one_epoch
+from pipeline.engine.oof import write_oof
+from pipeline.engine.optim import build_optimizer, build_scheduler
+from pipeline.engine.records import append_timing, plot_curves, write_metrics
+from pipeline.engine.runtime import (
+    Dist,
+    amp_dtype,
+    configure_runtime,
+    default_workers,
+    loader_options,
+    maybe_compile,
+    resolve_device,
+)
+from pipeline.engine.sampling import EpochSeededDataset, EpochShuffleSampler
+from pipeline.evaluation.metrics import IGNORE_INDEX, iou_per_class, mean_iou
+from pipeline.models.losses import build_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_miou: float
+    best_epoch: int
+    epochs_done: int
+    history: list[dict[str, Any]]
+
+
+def resolve_size(cfg: TrainConfig, coco: CocoData) -> tuple[int, int]:
+    """Training size (H, W): ``img_size`` checked against the model's input divisor, or the
+    data's most common size rounded up to it."""
+    divisor = model_registry.input_divisor(cfg.model, cfg.encoder)
+    if cfg.img_size is None:
+        return image_size_from_data(coco, divisor)
+    h, w = (cfg.img_size[0], cfg.img_size[0]) if len(cfg.img_size) == 1 else cfg.img_size
+    if h % divisor or w % divisor:
+        raise ConfigError(f"img_size {h}x{w} must be a multiple of {divisor} for {cfg.model}")
+    return int(h), int(w)
+
+
+class Trainer:
+    """One fold's training run."""
+
+    def __init__(self, cfg: TrainConfig, hooks: Sequence[Hook] = ()):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        configure_runtime(self.device, cudnn_benchmark=cfg.cudnn_benchmark, tf32=cfg.tf32, threads=cfg.threads)
+        self.dist = Dist(self.device)
+        self.folder = cfg.folder()
+        if self.folder.last.exists() and not cfg.resume:
+            raise PipelineError(f"{self.folder.last} exists; pass resume=true to continue it or choose another experiment=")
+        self.saver = CheckpointSaver(self.folder)
+        self.show_progress = cfg.progress and self.dist.main
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch, self.best, self.best_epoch, self.stop = 0, -1.0, -1, False
+        self._build_data()
+        self._build_model()
+        self.hooks: list[Hook] = [*self._default_hooks(), *hooks]
+        self._build_loaders()
+        self._build_optimization()
+
+    # ------------------------------------------------------------------------- building
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        self.coco = load_coco(cfg.data_dir, cfg.ann_file, mask_rule=cfg.mask_rule)
+        self.size = resolve_size(cfg, self.coco)
+        self.train_ids, self.val_ids = split_ids(self.coco, cfg.folds_file, cfg.fold)
+        self.cache = MaskCache(self.coco, cfg.cache_dir)
+        if self.dist.main:
+            self.cache.build(self.train_ids + self.val_ids, progress=cfg.progress)
+        self.dist.barrier()
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.model = model_registry.build_model(
+            cfg.model, num_classes=self.coco.num_classes, encoder=cfg.encoder,
+            encoder_weights=cfg.encoder_weights, weights=cfg.weights,
+        ).to(self.device)
+        self.channels_last = cfg.channels_last and self.device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.dtype = amp_dtype(cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+
+    def _default_hooks(self) -> list[Hook]:
+        hooks: list[Hook] = []
+        if self.cfg.ema:
+            hooks.append(EMAHook(self.model, self.cfg.ema_decay))
+        hooks.append(EarlyStopping(self.cfg.patience, self.cfg.val_every))
+        return hooks
+
+    def _build_loaders(self) -> None:
+        cfg = self.cfg
+        self.criterion = build_loss(cfg.loss, self.coco.num_classes, ignore_index=IGNORE_INDEX,
+                                    class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing).to(self.device)
+        self.workers = cfg.num_workers if cfg.num_workers is not None else default_workers(self.device)
+        opts = loader_options(self.device, self.workers, cfg.prefetch_factor)
+        base = SegmentationDataset(self.coco, self.train_ids, build_transform(cfg.augment, self.size), self.cache)
+        train_set = EpochSeededDataset(base, cfg.seed)
+        self.sampler = EpochShuffleSampler(len(train_set), cfg.seed, self.dist.rank, self.dist.world, shuffle=True, drop_last=True)
+        if len(self.sampler) < cfg.batch_size:
+            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(self.sampler)} training images per process")
+        per_epoch = len(self.sampler) // cfg.batch_size
+        self.batches = min(per_epoch, cfg.max_train_batches) if cfg.max_train_batches else per_epoch
+        self.steps_per_epoch = math.ceil(self.batches / cfg.accum_steps)
+        self.train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
+                                       collate_fn=collate, **opts)
+        self.val_loader = None
+        if self.val_ids:
+            val_set = ValDataset(SegmentationDataset(self.coco, self.val_ids, None, self.cache), self.size)
+            # shard without padding so the all-reduced confusion matrix counts each image once
+            val_sampler = list(range(len(val_set)))[self.dist.rank :: self.dist.world] if self.dist.enabled else None
+            self.val_loader = DataLoader(val_set, batch_size=cfg.batch_size, sampler=val_sampler, collate_fn=collate, **opts)
+
+    def _build_optimization(self) -> None:
+        self.net = maybe_compile(self.dist.wrap(self.model, self.device), self.cfg.compile)
+        self.optimizer = build_optimizer(self.cfg, self.model)
+        self.scheduler = build_scheduler(self.cfg, self.optimizer, self.steps_per_epoch)
+
+    # ------------------------------------------------------------------------- resuming
+    def resume(self) -> bool:
+        """Continue from ``last.pt`` when it exists: every state, the history and RNG states."""
+        ckpt = self.saver.load_last()
+        if ckpt is None:
+            return False
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        for hook in self.hooks:
+            if hook.state_key is not None:
+                hook.load_state_dict(ckpt.get(hook.state_key))
+        self.start_epoch, self.best, self.best_epoch = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"]
+        self.history = ckpt["history"]
+        set_rng_state(ckpt["rng"])
+        log.info("resumed %s at epoch %d (best mIoU %.4f at epoch %d)", self.folder.last, self.start_epoch,
+                 self.best, self.best_epoch)
+        return True
+
+    def checkpoint_state(self, epoch: int) -> dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": None,
+            "epoch": epoch,
+            "best_metric": self.best,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "rng": rng_state(),
+            "config": to_dict(self.cfg),
+            "class_names": self.coco.class_names,
+            "num_classes": self.coco.num_classes,
+            "img_size": list(self.size),
+            "ann_digest": self.coco.digest,
+        }
+        for hook in self.hooks:
+            if hook.state_key is not None:
+                state[hook.state_key] = hook.state_dict()
+        return state
+
+    # ------------------------------------------------------------------------- epochs
+    def evaluation_model(self) -> torch.nn.Module:
+        for hook in self.hooks:
+            model = hook.evaluation_model()
+            if model is not None:
+                return model
+        return self.model
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        """val mIoU and per-class IoU of the evaluation model (NaN when this epoch is not validated)."""
+        due = (epoch + 1) % self.cfg.val_every == 0 or epoch + 1 == self.cfg.epochs
+        if self.val_loader is None or not due:
+            return {"val_miou": float("nan")}
+        model = self.evaluation_model()
+        self.dist.sync_buffers(model)
+        cm = evaluate(model, self.val_loader, self.coco.num_classes, self.device, self.dtype, self.channels_last,
+                      self.cfg.max_val_batches)
+        cm = self.dist.all_sum(torch.from_numpy(cm).to(self.device)).cpu().numpy()
+        return {"val_miou": mean_iou(cm), **{f"iou_{n}": float(v) for n, v in zip(self.coco.class_names, iou_per_class(cm))}}
+
+    def _record(self, epoch: int, row: dict[str, Any], timing: dict[str, Any], improved: bool) -> None:
+        """Checkpoint and files of an epoch (rank 0)."""
+        if not self.dist.main:
+            return
+        self.saver.save(self.checkpoint_state(epoch), best=improved)
+        write_metrics(self.history, self.folder.metrics)
+        append_timing(timing, self.folder.timing)
+        if self.cfg.plot:
+            plot_curves(self.history, self.coco.class_names, self.folder.curves)
+        log.info("epoch %d: loss %.4f, val mIoU %.4f (best %.4f @ %d), %.1f img/s", epoch, row["train_loss"],
+                 row["val_miou"], self.best, self.best_epoch, timing["train_images_per_s"])
+
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        import time
+
+        train_loss, seconds = train_one_epoch(self, epoch)
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": self.optimizer.param_groups[-1]["lr"]}
+        started = time.perf_counter()
+        row.update(self.validate(epoch))
+        images = self.batches * self.cfg.batch_size * self.dist.world
+        timing = {"epoch": epoch, "train_s": round(seconds, 4), "train_images_per_s": round(images / seconds, 3),
+                  "val_s": round(time.perf_counter() - started, 4)}
+        improved = not math.isnan(row["val_miou"]) and row["val_miou"] > self.best
+        if improved:
+            self.best, self.best_epoch = row["val_miou"], epoch
+        if self.val_loader is None:
+            self.best, self.best_epoch, improved = float("nan"), epoch, True
+        self.history.append(row)
+        self._record(epoch, row, timing, improved)
+        self.dist.barrier()
+        return row
+
+    def fit(self) -> TrainResult:
+        """Resume if possible, train the remaining epochs, write the out-of-fold store."""
+        from tqdm import tqdm
+
+        resumed = self.resume()
+        if self.dist.main:
+            if not resumed:
+                self.folder.path.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.folder.config)
+        for hook in self.hooks:
+            hook.on_train_start(self)
+        epochs = range(self.start_epoch, self.cfg.epochs)
+        for epoch in tqdm(epochs, desc=f"{self.cfg.experiment_name} fold{self.cfg.fold}", disable=not self.show_progress,
+                          initial=self.start_epoch, total=self.cfg.epochs):
+            if self.stop:
+                break
+            row = self.run_epoch(epoch)
+            for hook in self.hooks:
+                hook.on_epoch_end(self, row)
+        for hook in self.hooks:
+            hook.on_train_end(self)
+        if self.dist.main and self.cfg.save_oof and self.val_ids and self.folder.best.exists():
+            write_oof(self.cfg, self.coco, self.val_ids, self.size, self.folder.best, self.device, self.dtype,
+                      self.folder.oof, self.workers)
+        self.dist.barrier()
+        self.dist.close()
+        return TrainResult(self.folder.path, self.best, self.best_epoch, len(self.history), self.history)
+
+
+def train(cfg: TrainConfig, hooks: Sequence[Hook] = ()) -> TrainResult:
+    """Train one fold of ``cfg`` (resuming its run folder when it has ``last.pt``)."""
+    return Trainer(cfg, hooks).fit()

@@ -1,0 +1,248 @@
+"""Prediction of a run's checkpoint with test-time augmentation into a probability store.
+
+The checkpoint's model predicts at the training size through :class:`TTAModel` (the
+softmax probabilities of the views are averaged); probabilities are mapped back bilinearly
+and streamed into a store (:mod:`pipeline.inference.store`):
+
+* ``split=test``: the images of ``test_ann`` (``test.json``), each stored at its own size
+  times ``store_scale``; default folder ``<run>/test_<tta>``.
+* ``split=val``: the run's own fold images from its folds file (out-of-fold predictions
+  with TTA), stored at the size of the run's ``oof/`` maps so ensembling can use either;
+  default folder ``<run>/oof_<tta>``.  The mIoU of the written maps against the ground
+  truth (at each image's own size) is recorded in the store's ``meta.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.core.config import to_dict
+from pipeline.core.errors import ConfigError, DataError, PipelineError
+from pipeline.core.layout import RunFolder
+from pipeline.data import (
+    CocoData,
+    MaskCache,
+    SegmentationDataset,
+    TestDataset,
+    ValDataset,
+    build_transform,
+    collate,
+    collate_test,
+    load_coco,
+    split_ids,
+)
+from pipeline.engine.checkpoint import load_checkpoint_model
+from pipeline.engine.config import TrainConfig
+from pipeline.engine.oof import stored_size
+from pipeline.engine.runtime import AMP_MODES, amp_dtype, default_workers, loader_options, resolve_device
+from pipeline.evaluation.metrics import confusion_matrix_torch, iou_per_class, mean_iou
+from pipeline.inference.store import DTYPES, ProbWriter, resize_probs
+from pipeline.inference.tta import DEFAULT_SCALES, TTAModel, auto_max_batch, parse_tta
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("test", "val")
+
+
+@dataclass
+class PredictConfig:
+    run_dir: str = ""  # runs/<experiment>/fold<k>
+    data_dir: str = "data/demo"
+    split: str = "test"  # test: images of test_ann; val: the run's own fold (out-of-fold)
+    test_ann: str = "test.json"
+    tta: str = "flip"  # none | hflip | flip | d4 | ms, combinable with + (e.g. ms+flip)
+    scales: list[float] = field(default_factory=lambda: list(DEFAULT_SCALES))
+    checkpoint: str = "best"  # best | last | a path to a checkpoint
+    use_ema: bool = True
+    batch_size: int = 8
+    max_batch: int | None = None  # images per forward call across TTA views; None: auto (all views at once
+    # on an accelerator, one view of the batch at a time on a CPU)
+    num_workers: int | None = None  # None: pipeline.engine.runtime.default_workers
+    device: str = "auto"
+    amp: str = "auto"
+    dtype: str = "float16"  # float16 | uint8
+    store_scale: float = 1.0  # split=test: maps stored at the image size x store_scale
+    out_dir: str | None = None  # default <run_dir>/test_<tta> or <run_dir>/oof_<tta>
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.run_dir:
+            raise ConfigError("run_dir is required (a training run folder such as runs/<experiment>/fold0)")
+        for key, names in (("split", SPLITS), ("dtype", DTYPES), ("amp", AMP_MODES)):
+            if getattr(self, key) not in names:
+                raise ConfigError(f"{key}: unknown {getattr(self, key)!r}; known: {', '.join(names)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}")
+        if not 0 < self.store_scale <= 1:
+            raise ConfigError(f"store_scale must be in (0, 1], got {self.store_scale}")
+        parse_tta(self.tta, self.scales)
+
+    def folder(self) -> RunFolder:
+        return RunFolder(Path(self.run_dir))
+
+    def checkpoint_path(self) -> Path:
+        return self.folder().checkpoint(self.checkpoint)
+
+    def output_dir(self) -> Path:
+        return Path(self.out_dir) if self.out_dir else self.folder().store(self.split, self.tta)
+
+
+@dataclass
+class Job:
+    """What one prediction reads and where each map goes."""
+
+    coco: CocoData
+    ids: list[int]
+    dataset: Dataset
+    collate_fn: Callable
+    stored_fixed: tuple[int, int] | None  # val: every map at this size; test: None (image size x store_scale)
+    info: dict[str, Any]
+
+
+def check_files(coco: CocoData, ids: Sequence[int]) -> None:
+    """Every image to predict exists (checked before anything is written)."""
+    for image_id in ids:
+        path = coco.image_path(image_id)
+        if not path.is_file():
+            raise DataError(f"{path}: image file not found (listed in {coco.path})")
+
+
+def check_classes(coco: CocoData, ckpt: dict[str, Any], ckpt_path: Path) -> None:
+    if list(coco.class_names) != list(ckpt["class_names"]):
+        raise PipelineError(
+            f"{coco.path}: classes {coco.class_names} differ from those of the checkpoint {ckpt_path} "
+            f"({ckpt['class_names']})"
+        )
+
+
+def read_oof_meta(folder: RunFolder) -> dict[str, Any]:
+    """The run's ``oof/meta.json`` (empty when the run wrote none)."""
+    meta = folder.oof / "meta.json"
+    if not meta.is_file():
+        return {}
+    try:
+        return json.loads(meta.read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{meta}: invalid JSON ({exc})") from exc
+
+
+def as_stored(p: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``p`` as a reader of the store will see it (float16 or uint8 quantization)."""
+    if dtype == "uint8":
+        return torch.round(p.clamp(0, 1) * 255.0) / 255.0
+    return p.half().float()
+
+
+def val_job(cfg: PredictConfig, tcfg: TrainConfig, ckpt: dict[str, Any], ckpt_path: Path) -> Job:
+    """Out-of-fold images of the run, at the size of its ``oof/`` maps."""
+    if tcfg.fold < 0:
+        raise PipelineError(f"{ckpt_path}: the run was trained on every image (fold=-1); it has no out-of-fold images")
+    coco = load_coco(cfg.data_dir, tcfg.ann_file, mask_rule=tcfg.mask_rule)
+    check_classes(coco, ckpt, ckpt_path)
+    _, ids = split_ids(coco, tcfg.folds_file, tcfg.fold)
+    if not ids:
+        raise PipelineError(f"{tcfg.folds_file}: fold {tcfg.fold} has no images")
+    train_size = (int(ckpt["img_size"][0]), int(ckpt["img_size"][1]))
+    oof_meta = read_oof_meta(cfg.folder())
+    stored = oof_meta.get("stored_size")
+    fixed = (int(stored[0]), int(stored[1])) if stored else stored_size(train_size, tcfg.oof_scale)
+    info: dict[str, Any] = {"stored_size": list(fixed)}
+    same_model = (cfg.use_ema and oof_meta.get("epoch") == ckpt["epoch"]
+                  and Path(str(oof_meta.get("source", ""))).name == ckpt_path.name)
+    if same_model and "miou_full_resolution" in oof_meta:
+        info["oof_miou_without_tta"] = oof_meta["miou_full_resolution"]
+    dataset = ValDataset(SegmentationDataset(coco, ids, None, MaskCache(coco, tcfg.cache_dir)), train_size)
+    return Job(coco, ids, dataset, collate, fixed, info)
+
+
+def test_job(cfg: PredictConfig, ckpt: dict[str, Any], ckpt_path: Path) -> Job:
+    """Every image of ``test_ann``, each stored at its own size x ``store_scale``."""
+    coco = load_coco(cfg.data_dir, cfg.test_ann, require_annotations=False)
+    check_classes(coco, ckpt, ckpt_path)
+    if not coco.image_ids:
+        raise DataError(f"{coco.path}: no images to predict")
+    train_size = (int(ckpt["img_size"][0]), int(ckpt["img_size"][1]))
+    dataset = TestDataset(coco, coco.image_ids, build_transform("none", train_size))
+    return Job(coco, coco.image_ids, dataset, collate_test, None, {"store_scale": cfg.store_scale})
+
+
+def stream_predictions(cfg: PredictConfig, tta: TTAModel, loader: DataLoader, job: Job, writer: ProbWriter,
+                       device: torch.device) -> None:
+    """Predict every batch, write each image's map, and (val) score the written and unstored maps."""
+    from tqdm import tqdm
+
+    k, val = job.coco.num_classes, job.stored_fixed is not None
+    cm_written = torch.zeros(k, k, dtype=torch.int64, device=device)
+    cm_full = torch.zeros_like(cm_written)
+    for images, masks, metas in tqdm(loader, desc=f"predict {cfg.split} ({cfg.tta})", disable=not cfg.progress):
+        probs = tta(images.to(device, non_blocking=True))
+        for i, (p, meta) in enumerate(zip(probs, metas)):
+            h, w = meta["height"], meta["width"]
+            small = resize_probs(p, job.stored_fixed or stored_size((h, w), cfg.store_scale))
+            writer.write(meta["image_id"], meta["file_name"], h, w, small)
+            if val:
+                gt = masks[i].to(device)
+                cm_written += confusion_matrix_torch(resize_probs(as_stored(small, cfg.dtype), (h, w)).argmax(0), gt, k)
+                cm_full += confusion_matrix_torch(resize_probs(p, (h, w)).argmax(0), gt, k)
+    if val:
+        cm = cm_written.cpu().numpy()
+        writer.info["miou"] = mean_iou(cm)
+        writer.info["iou_per_class"] = {n: (None if np.isnan(v) else float(v))
+                                        for n, v in zip(job.coco.class_names, iou_per_class(cm))}
+        writer.info["miou_full_resolution"] = mean_iou(cm_full.cpu().numpy())
+
+
+def log_oof_scores(cfg: PredictConfig, info: dict[str, Any], stored: tuple[int, int]) -> None:
+    base = info.get("oof_miou_without_tta")
+    log.info(
+        "out-of-fold mIoU with TTA %s: %.4f from the written %dx%d maps, %.4f from the unstored maps (both "
+        "resized to each image's own size and scored there)%s", cfg.tta, info["miou"], stored[0], stored[1],
+        info["miou_full_resolution"],
+        "" if base is None else f", without TTA {base:.4f} (gain {info['miou_full_resolution'] - base:+.4f})",
+    )
+
+
+def predict(cfg: PredictConfig) -> Path:
+    """Predict ``cfg.split`` with TTA and write the probability store; returns its folder."""
+    cfg.validate()
+    if not Path(cfg.run_dir).is_dir():
+        raise PipelineError(f"{cfg.run_dir}: run folder not found (train it first: make train)")
+    ckpt_path = cfg.checkpoint_path()
+    if not ckpt_path.is_file():
+        raise PipelineError(f"{ckpt_path}: checkpoint not found (checkpoint={cfg.checkpoint})")
+    device = resolve_device(cfg.device)
+    model, tcfg, ckpt = load_checkpoint_model(ckpt_path, device, use_ema=cfg.use_ema)
+    dtype = amp_dtype(cfg.amp, device)
+    max_batch = cfg.max_batch if cfg.max_batch is not None else auto_max_batch(device, cfg.batch_size)
+    tta = TTAModel(model, cfg.tta, scales=cfg.scales, max_batch=max_batch, dtype=dtype).eval()
+    job = val_job(cfg, tcfg, ckpt, ckpt_path) if cfg.split == "val" else test_job(cfg, ckpt, ckpt_path)
+    check_files(job.coco, job.ids)
+    train_size = (int(ckpt["img_size"][0]), int(ckpt["img_size"][1]))
+    info: dict[str, Any] = {
+        "source": str(ckpt_path), "epoch": int(ckpt["epoch"]), "use_ema": bool(cfg.use_ema and ckpt.get("ema") is not None),
+        "model": tcfg.model, "encoder": tcfg.encoder, "fold": tcfg.fold, "split": cfg.split, "ann_file": str(job.coco.path),
+        "mask_rule": tcfg.mask_rule, "tta": cfg.tta, "tta_views": tta.view_names,
+        "scales": sorted({float(v.scale) for v in tta.views}), "train_size": list(train_size),
+        "predict_config": to_dict(cfg), **job.info,
+    }
+    workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
+    opts = {**loader_options(device, workers), "persistent_workers": False}
+    loader = DataLoader(job.dataset, batch_size=cfg.batch_size, collate_fn=job.collate_fn, **opts)
+    out = cfg.output_dir()
+    log.info("predicting %d %s images of %s with TTA %s (%d views) at %dx%d -> %s",
+             len(job.ids), cfg.split, ckpt_path, cfg.tta, len(tta.views), train_size[0], train_size[1], out)
+    with ProbWriter(out, job.coco.class_names, cfg.dtype, info) as writer, torch.inference_mode():
+        stream_predictions(cfg, tta, loader, job, writer, device)
+    if job.stored_fixed is not None:
+        log_oof_scores(cfg, writer.info, job.stored_fixed)
+    log.info("wrote probabilities of %d images to %s", len(job.ids), out)
+    return out

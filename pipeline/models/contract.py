@@ -1,0 +1,68 @@
+"""What a model family promises the engine and inference.
+
+A family's module (``nn.Module``) fulfils this contract:
+
+* ``forward(images)`` takes ``N x 3 x H x W`` float images, normalized with the family's
+  preprocessing (below), and returns its *outputs*: for most families the logits
+  ``N x K x H x W`` at the input size; a family with its own output head may return any
+  structure (for example class and mask logits of mask classification).
+* ``compute_loss(outputs, masks)`` (optional): the family's own loss against ``N x H x W``
+  class maps in which 255 is ignored. Without it the engine applies the configured loss
+  (``loss=``) to the logits.
+* ``to_probabilities(outputs)`` (optional): class probabilities ``N x K x H x W`` at the
+  input size, summing to 1 over K. Without it, softmax over the logits.
+* ``preprocessing``: a :class:`Preprocessing` (mean, std, input range) that the data layer
+  applies and the checkpoint records.
+
+Training, validation, TTA, out-of-fold and test prediction go only through
+:func:`model_loss` and :func:`model_probabilities`, so a family that brings its own loss
+and head plugs in without special cases in the loop.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module behind DistributedDataParallel / torch.compile / AveragedModel wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        for attr in ("_orig_mod", "module"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+    return model
+
+
+def has_own_loss(model: nn.Module) -> bool:
+    return callable(getattr(unwrap(model), "compute_loss", None))
+
+
+def model_loss(model: nn.Module, outputs: Any, masks: torch.Tensor, criterion: nn.Module | None) -> torch.Tensor:
+    """The training loss of ``outputs`` (from ``model(images)``) against ``masks``."""
+    own = getattr(unwrap(model), "compute_loss", None)
+    if callable(own):
+        return own(outputs, masks)
+    if criterion is None:
+        raise ValueError("this model has no loss of its own: a criterion is required")
+    return criterion(outputs, masks)
+
+
+def model_probabilities(model: nn.Module, outputs: Any) -> torch.Tensor:
+    """Class probabilities ``N x K x H x W`` (float32) of ``outputs``."""
+    own = getattr(unwrap(model), "to_probabilities", None)
+    if callable(own):
+        return own(outputs).float()
+    return outputs.float().softmax(1)
+
+
+def predict_probabilities(model: nn.Module, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Forward (under autocast when ``dtype`` is given) and probabilities, float32."""
+    with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+        outputs = model(images)
+    return model_probabilities(model, outputs)

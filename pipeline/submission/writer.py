@@ -1,0 +1,149 @@
+"""Writing submissions: members' test probabilities fused into label maps, then CSV rows.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_open
+from pipeline.data import CocoData
+from pipeline.inference.ensemble import WEIGHTS_FILE, Fusion, Workspace, load_ensemble, open_stores, resolve_members
+from pipeline.inference.store import ProbReader
+from pipeline.submission.formats import HEADERS, resize_nearest
+from pipeline.submission.rle import encode_label_map
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SubmitMember:
+    name: str
+    weight: float
+    tta: str | None
+    readers: list[ProbReader]
+
+
+def resolve_submission_members(
+    coco: CocoData, *, name: str, ensemble: str | None = None, runs: Sequence[str] | None = None,
+    tta: str | None = None, ensembles_dir: str = "ensembles",
+) -> tuple[list[SubmitMember], Fusion, dict[str, Any]]:
+    """Members with their test stores, the fusion, and the ensemble's recorded facts: the plain
+    mean of ``runs``, or the ensemble file ``ensemble`` (default ``<ensembles_dir>/<name>/weights.yaml``)."""
+    source: dict[str, Any]
+    if runs:
+        members = resolve_members(runs, tta, need_oof=False)
+        entries = [{"name": m.name, "weight": 1.0 / len(members), "tta": m.tta, "test_stores": m.test_stores} for m in members]
+        method, bias = "mean", None
+        source = {"runs": list(runs), "method": method}
+    else:
+        path = Path(ensemble) if ensemble else Path(ensembles_dir) / name / WEIGHTS_FILE
+        if not ensemble and not path.is_file():
+            raise PipelineError(
+                f"{path}: no ensemble weights file; run make ensemble NAME={name}, "
+                "or pass ensemble=<weights.yaml> or runs=<run folders>"
+            )
+        data = load_ensemble(path)
+        entries, method, bias = data["members"], data.get("method", "mean"), data.get("bias")
+        if data.get("class_names") and list(data["class_names"]) != coco.class_names:
+            raise PipelineError(f"{path}: classes {data['class_names']} differ from {coco.path}'s {coco.class_names}")
+        source = {"ensemble": str(path), "method": method, "oof": data.get("oof", {})}
+    members = []
+    for e in entries:
+        if not e["test_stores"]:
+            raise PipelineError(
+                f"member {e['name']}: no test_{e.get('tta') or '<tta>'}/ stores; run make predict SPLIT=test on its folds"
+            )
+        members.append(SubmitMember(e["name"], float(e["weight"]), e.get("tta"), open_stores(e["test_stores"], coco.class_names)))
+    fusion = Fusion([m.weight for m in members], bias, method)
+    wanted = set(coco.image_ids)
+    for m in members:
+        for r in m.readers:
+            missing = sorted(wanted - set(r.image_ids))
+            if missing:
+                raise PipelineError(f"{r.folder}: no probabilities for {len(missing)} test image(s) of {coco.path}, "
+                                    f"e.g. ids {missing[:5]} (predict again with the same test.json)")
+            renamed = [i for i in coco.image_ids if str(r.row(i).file_name) != str(coco.image(i)["file_name"])]
+            if renamed:
+                i = renamed[0]
+                raise PipelineError(f"{r.folder}: image id {i} is {r.row(i).file_name!r} there but "
+                                    f"{coco.image(i)['file_name']!r} in {coco.path} (predicted with another test.json?)")
+    return members, fusion, source
+
+
+class MemberProbs:
+    """A member's test probabilities of one image: the mean over its fold stores at the image size.
+
+    The result lives in a buffer reused by the next call (the fusion consumes one member at
+    a time), so reading a test set does not churn the allocator.
+    """
+
+    def __init__(self) -> None:
+        self.workspace = Workspace()
+
+    def read(self, reader: ProbReader, image_id: int, size: tuple[int, int], out: np.ndarray) -> None:
+        """Probabilities of ``image_id`` at ``size`` into ``out`` (stores at that size skip the resize)."""
+        row = reader.row(image_id)
+        if (int(row.stored_height), int(row.stored_width)) != tuple(size):
+            out[...] = reader.load(image_id, size).numpy()
+            return
+        path = reader.folder / row.file
+        try:
+            raw = np.load(path)
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"{path}: unreadable probability map ({exc})") from exc
+        if raw.shape != out.shape:
+            raise PipelineError(f"{path}: probabilities of shape {raw.shape}, expected {out.shape}")
+        if reader.dtype == "uint8":  # probs.py: stored as round(p * 255), read back as v / 255
+            np.divide(raw, np.float32(255), out=out)
+        else:
+            out[...] = raw
+
+    def __call__(self, member: SubmitMember, image_id: int, size: tuple[int, int]) -> np.ndarray:
+        shape = (member.readers[0].num_classes, int(size[0]), int(size[1]))
+        acc, tmp = self.workspace.arrays(shape, 2)
+        for j, reader in enumerate(member.readers):
+            self.read(reader, image_id, size, acc if j == 0 else tmp)
+            if j:
+                acc += tmp
+        if len(member.readers) > 1:
+            acc /= np.float32(len(member.readers))
+        return acc
+
+
+def predict_label_map(members: Sequence[SubmitMember], fusion: Fusion, image_id: int, size: tuple[int, int],
+                      probs: MemberProbs | None = None) -> np.ndarray:
+    """Class-index map of one test image at ``size`` (H, W)."""
+    probs = probs or MemberProbs()
+    active = fusion.active()
+    return fusion((probs(members[i], image_id, size) for i in active), indices=active)
+
+
+def rle_rows(file_name: str, labels: np.ndarray, coco: CocoData, order: str) -> list[list[str]]:
+    """One row per category (file order): ``[file_name, COCO id, EncodedPixels]``."""
+    index_to_cat = coco.index_to_cat
+    indices = sorted(index_to_cat)
+    encoded = encode_label_map(labels, indices, order=order)
+    return [[file_name, str(index_to_cat[i]), encoded[i]] for i in indices]
+
+
+def dense_row(file_name: str, labels: np.ndarray, size: Sequence[int]) -> list[str]:
+    small = resize_nearest(labels, size)
+    return [file_name, " ".join(map(str, small.reshape(-1).tolist()))]
+
+
+def write_csv(path: Path, rows, fmt: str) -> int:
+    """Write header + rows atomically; returns the number of data rows."""
+    n = 0
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(HEADERS[fmt])
+        for batch in rows:
+            writer.writerows(batch)
+            n += len(batch)
+    return n

@@ -1,0 +1,1 @@
+"""Optuna studies: search spaces, trial configs, storages and samplers."""

@@ -1,0 +1,156 @@
+"""A trial: its training config layered like every stage's (defaults, tuner defaults, base
+file, data paths, fixed overrides, sampled values), its pruning report and its objective.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shlex
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import optuna
+
+from pipeline.core.config import ConfigError, apply_mapping, parse_overrides, read_yaml_mapping, to_dict
+from pipeline.core.errors import PipelineError
+from pipeline.engine.config import TrainConfig
+from pipeline.engine.trainer import TrainResult
+from pipeline.tuning.config import TuneConfig
+from pipeline.tuning.space import (
+    LOSS_WEIGHT,
+    TRIAL_DEFAULTS,
+    TUNER_KEYS,
+    SearchSpace,
+    _train_config_cls,
+    compose_loss,
+)
+from pipeline.tuning.study import (
+    retried_from,
+)
+
+log = logging.getLogger(__name__)
+
+
+EpochCallback = Callable[[int, dict[str, Any]], None]
+
+
+TrainFn = Callable[["TrainConfig", EpochCallback], "TrainResult"]
+
+
+def split_train_args(items: Iterable[str]) -> list[str]:
+    """``["epochs=3 lr=1e-3", "augment=none"]`` -> one ``key=value`` per item (shell-style quoting)."""
+    out: list[str] = []
+    for item in items:
+        out.extend(shlex.split(item))
+    return out
+
+
+def base_train_config(cfg: TuneConfig) -> "TrainConfig":
+    """Defaults -> tuner defaults -> base_config -> data_dir/folds_file -> train_args (no sampled values yet)."""
+    cls = _train_config_cls()
+    train = apply_mapping(cls(), TRIAL_DEFAULTS, "tune defaults")
+    if cfg.base_config:
+        train = apply_mapping(train, read_yaml_mapping(cfg.base_config), cfg.base_config)
+    paths = {k: v for k, v in (("data_dir", cfg.data_dir), ("folds_file", cfg.folds_file)) if v is not None}
+    if paths:
+        train = apply_mapping(train, paths, "tune config")
+    args = parse_overrides(split_train_args(cfg.train_args))
+    tuner_set = sorted(set(args) & set(TUNER_KEYS))
+    if tuner_set:
+        raise ConfigError(f"train_args: {', '.join(tuner_set)} are set by the tuner (use runs_dir=/folds= of the tune config)")
+    train = apply_mapping(train, args, "train_args")
+    train.validate()
+    return train
+
+
+def trial_train_config(
+    base: "TrainConfig", values: Mapping[str, Any], experiment: str, runs_dir: str, fold: int, source: str
+) -> "TrainConfig":
+    """The base training config with a trial's sampled values (loss weights folded into ``loss``)."""
+    values = dict(values)
+    weights = {LOSS_WEIGHT.fullmatch(k).group("term"): float(values.pop(k)) for k in list(values) if LOSS_WEIGHT.fullmatch(k)}
+    if weights:
+        values["loss"] = compose_loss(values.get("loss", base.loss), weights, source)
+    train = apply_mapping(base, values, source)
+    train = apply_mapping(train, {"experiment": experiment, "runs_dir": runs_dir, "fold": fold, "resume": True}, "tuner")
+    train.validate()
+    return train
+
+
+def global_step(fold_index: int, epoch: int, epochs: int) -> int:
+    """Step of an epoch in a multi-fold trial: fold ``i`` owns steps ``[i * epochs, (i + 1) * epochs)``."""
+    return fold_index * epochs + epoch
+
+
+def pruning_callback(trial: optuna.Trial, fold_index: int, epochs: int, report: bool = True) -> EpochCallback:
+    """The epoch callback of a trial's training (an :class:`pipeline.engine.hooks.EpochCallback`): reports val mIoU at the global step
+    and raises ``optuna.TrialPruned`` when the pruner says so (nothing when ``report`` is off)."""
+
+    def callback(epoch: int, row: dict[str, Any]) -> None:
+        if not report:
+            return
+        value = float(row["val_miou"])
+        if not math.isfinite(value):
+            return
+        step = global_step(fold_index, epoch, epochs)
+        trial.report(value, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"val mIoU {value:.4f} at step {step} (fold index {fold_index}, epoch {epoch})")
+
+    return callback
+
+
+def _train_run(cfg: "TrainConfig", epoch_callback: EpochCallback) -> "TrainResult":
+    """The training engine with the pruning callback as a hook; out-of-memory fails only the trial."""
+    import torch
+
+    from pipeline.engine.hooks import EpochCallback
+    from pipeline.engine.trainer import train
+
+    try:
+        return train(cfg, [EpochCallback(epoch_callback)])
+    except torch.cuda.OutOfMemoryError as exc:
+        raise PipelineError(f"{cfg.experiment}: out of GPU memory (batch_size={cfg.batch_size}, img_size={cfg.img_size})") from exc
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class TrialObjective:
+    """Objective of one study: sample, build the trial's TrainConfig, train each fold, return the mean best mIoU."""
+
+    def __init__(self, cfg: TuneConfig, space: SearchSpace, base: "TrainConfig", train_fn: TrainFn | None = None):
+        self.cfg = cfg
+        self.space = space
+        self.base = base
+        self.folds = cfg.fold_list()
+        self.train_fn = train_fn or _train_run
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        origin = retried_from(trial)
+        number = origin if origin is not None else trial.number
+        values = self.space.sample(trial)
+        source = f"{self.space.path} (trial {trial.number})"
+        train = trial_train_config(self.base, values, f"{self.cfg.study}-t{number}", self.cfg.runs_dir, self.folds[0], source)
+        run_dirs = [dataclasses.replace(train, fold=f).run_dir() for f in self.folds]
+        if origin is None:
+            for d in run_dirs:
+                if (d / "last.pt").exists():
+                    raise PipelineError(
+                        f"{d / 'last.pt'} exists from an earlier study named {self.cfg.study!r}; remove "
+                        f"{Path(self.cfg.runs_dir) / (self.cfg.study + '-t*')} or choose another study= or runs_dir="
+                    )
+        trial.set_user_attr("config", to_dict(train))
+        trial.set_user_attr("run_dir", str(Path(train.runs_dir) / train.experiment_name))
+        trial.set_user_attr("run_dirs", [str(d) for d in run_dirs])
+        scores: list[float] = []
+        for i, fold in enumerate(self.folds):
+            fold_cfg = dataclasses.replace(train, fold=fold)
+            report = i == 0 or not self.cfg.prune_first_fold_only
+            result = self.train_fn(fold_cfg, pruning_callback(trial, i, fold_cfg.epochs, report))
+            if not math.isfinite(result.best_miou):
+                raise PipelineError(f"{result.run_dir}: training gave no validation mIoU")
+            scores.append(float(result.best_miou))
+            trial.set_user_attr("fold_values", scores)
+        return float(sum(scores) / len(scores))

@@ -1,0 +1,178 @@
+"""The training engine: sampling with persistent workers, exact resume with workers, the
+checkpoint saver, hooks, runtime settings and the model-family contract."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline import folds as folds_stage
+from pipeline.core.config import build_config
+from pipeline.core.layout import RunFolder
+from pipeline.engine.checkpoint import CheckpointSaver, read_checkpoint
+from pipeline.engine.hooks import Hook
+from pipeline.engine.loop import evaluate
+from pipeline.engine.runtime import configure_runtime, loader_options
+from pipeline.engine.sampling import EpochSeededDataset, EpochShuffleSampler
+from pipeline.models.contract import model_loss, model_probabilities
+from pipeline.train import TrainConfig, run
+
+
+class RandomDraw(Dataset):
+    """Each item is a draw of numpy's global generator: what an augmentation would see."""
+
+    transform = None
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, idx: int):
+        return torch.tensor([idx, np.random.rand()])
+
+
+def draws(workers: int, epochs: int = 3) -> list[torch.Tensor]:
+    sampler = EpochShuffleSampler(6, seed=7)
+    loader = DataLoader(EpochSeededDataset(RandomDraw(), seed=7), batch_size=3, sampler=sampler,
+                        **loader_options(torch.device("cpu"), workers))
+    out = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        out.append(torch.cat(list(loader)))
+    return out
+
+
+def test_persistent_workers_see_the_epoch_through_the_sampled_indices():
+    with_workers = draws(workers=1)
+    in_process = draws(workers=0)
+    for a, b in zip(with_workers, in_process):
+        assert torch.equal(a, b)  # the same order and the same augmentation draws
+    # augmentations differ between epochs (a worker that never saw the epoch would repeat them)
+    by_index = [e[e[:, 0].argsort()][:, 1] for e in with_workers]
+    assert not torch.equal(by_index[0], by_index[1]) and not torch.equal(by_index[1], by_index[2])
+    assert list(iter(EpochShuffleSampler(4, seed=1, shuffle=False)))[0] == (0, 0)
+
+
+@pytest.fixture(scope="module")
+def folds_file(demo_data_square, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("folds")
+    folds_stage.run(folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(out), k=3, seed=0, pixel_stats=False))
+    return out / "folds.csv"
+
+
+def tiny(data: Path, folds: Path, runs: Path, **kw) -> TrainConfig:
+    base = dict(data_dir=str(data), folds_file=str(folds), runs_dir=str(runs), cache_dir=str(runs / "cache"),
+                model="unet", encoder="tu-mobilenetv3_small_050", encoder_weights=None, experiment="t", epochs=3,
+                batch_size=8, lr=3e-3, warmup_epochs=0.0, augment="strong", num_workers=0, threads=2,
+                progress=False, plot=False, save_oof=False)
+    base.update(kw)
+    return build_config(TrainConfig, overrides=base)
+
+
+class Crash(Hook):
+    """Dies after the checkpoint of epoch ``at`` is written, like a killed process."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_epoch_end(self, trainer, row) -> None:
+        if row["epoch"] == self.at:
+            raise KeyboardInterrupt
+
+
+class Counter(Hook):
+    def __init__(self):
+        self.calls = {"start": 0, "step": 0, "epoch": [], "end": 0}
+
+    def on_train_start(self, trainer):
+        self.calls["start"] += 1
+
+    def on_step_end(self, trainer):
+        self.calls["step"] += 1
+
+    def on_epoch_end(self, trainer, row):
+        self.calls["epoch"].append(row["epoch"])
+
+    def on_train_end(self, trainer):
+        self.calls["end"] += 1
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_persistent_loader_workers(demo_data_square, folds_file, tmp_path):
+    full = tiny(demo_data_square, folds_file, tmp_path / "a", num_workers=1)
+    run(full)
+    cut = tiny(demo_data_square, folds_file, tmp_path / "b", num_workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        run(cut, [Crash(at=0)])
+    assert read_checkpoint(cut.folder().last)["epoch"] == 0
+    counter = Counter()
+    result = run(cut, [counter])  # resumes from last.pt
+    n_train = int((pd.read_csv(folds_file)["fold"] != 0).sum())
+    assert counter.calls == {"start": 1, "step": 2 * (n_train // 8), "epoch": [1, 2], "end": 1}
+    assert result.epochs_done == 3
+    assert (cut.folder().metrics).read_text() == full.folder().metrics.read_text()
+    # the augmentation changed between epochs: losses differ although the weights barely moved
+    assert pd.read_csv(full.folder().metrics)["train_loss"].nunique() == 3
+
+
+def test_checkpoint_saver_serializes_once_and_best_is_the_same_bytes(tmp_path, monkeypatch):
+    folder = RunFolder(tmp_path / "run")
+    saver = CheckpointSaver(folder)
+    calls = []
+    real = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (calls.append(1), real(obj, f, *a, **k)))
+    saver.save({"model": {"w": torch.ones(2)}, "config": {}, "epoch": 0}, best=True)
+    assert len(calls) == 1 and folder.best.read_bytes() == folder.last.read_bytes()
+    saver.save({"model": {"w": torch.zeros(2)}, "config": {}, "epoch": 1}, best=False)
+    assert len(calls) == 2 and read_checkpoint(folder.best)["epoch"] == 0 and read_checkpoint(folder.last)["epoch"] == 1
+    assert sorted(p.name for p in folder.path.iterdir()) == ["best.pt", "last.pt"]  # no temporary files left
+
+
+def test_runtime_settings_are_harmless_on_a_cpu():
+    before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
+    assert configure_runtime(torch.device("cpu"), cudnn_benchmark=True, tf32=True) == {"cudnn_benchmark": False, "tf32": False}
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == before
+    assert loader_options(torch.device("cpu"), 0) == {"num_workers": 0, "pin_memory": False}
+    assert loader_options(torch.device("cpu"), 2, 4) == {"num_workers": 2, "pin_memory": False, "persistent_workers": True,
+                                                         "prefetch_factor": 4}
+    with pytest.raises(Exception, match="prefetch_factor"):
+        build_config(TrainConfig, overrides={"prefetch_factor": 0})
+
+
+class OwnHead(nn.Module):
+    """A family with its own outputs, loss and probabilities (as mask classification has)."""
+
+    def __init__(self, k: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, k, 1)
+
+    def forward(self, x):
+        return {"scores": self.conv(x)}
+
+    def compute_loss(self, outputs, masks):
+        return nn.functional.cross_entropy(outputs["scores"], masks, ignore_index=255) * 0 + 7.0
+
+    def to_probabilities(self, outputs):
+        return torch.nn.functional.one_hot(torch.zeros_like(outputs["scores"][:, 0], dtype=torch.long), 3).permute(0, 3, 1, 2)
+
+
+def test_a_family_with_its_own_loss_and_head_goes_through_the_contract():
+    model = OwnHead()
+    x, masks = torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)
+    assert model_loss(model, model(x), masks, criterion=None).item() == 7.0
+    probs = model_probabilities(model, model(x))
+    assert probs.dtype == torch.float32 and probs.shape == (2, 3, 4, 4) and torch.all(probs[:, 0] == 1)
+    # the plain logits family uses the criterion and softmax
+    plain = nn.Conv2d(3, 3, 1)
+    logits = plain(x)
+    assert torch.allclose(model_probabilities(plain, logits), logits.softmax(1))
+    crit = nn.CrossEntropyLoss()
+    assert model_loss(plain, logits, masks, crit).item() == pytest.approx(crit(logits, masks).item())
+    # evaluation scores the family's own probabilities: everything predicted as class 0
+    loader = [(x, torch.tensor([[[0, 1], [1, 1]]]).repeat(2, 2, 2), [{}, {}])]
+    cm = evaluate(model, loader, 3, torch.device("cpu"), None)
+    assert cm[:, 1:].sum() == 0 and cm[:, 0].sum() == 32
