@@ -42,7 +42,7 @@ train_config = $(if $(CONFIG),--config $(CONFIG),$(if $(wildcard pipeline/config
 train_model  = $(if $(CONFIG),,model=$(MODEL)) experiment=$(EXP)
 resume_flag  = resume=$(if $(filter 0 false no,$(RESUME)),false,true)
 
-.PHONY: help setup data eda folds train train-folds predict ensemble submit validate score tune tune-report demo test bench clean
+.PHONY: help setup data eda folds train train-folds predict ensemble submit validate score tune tune-report demo test test-fast bench clean
 
 help: ## list targets and their variables
 	@echo "Targets:"
@@ -123,6 +123,9 @@ demo: setup ## the main job on the demo data: data -> EDA -> folds -> train 2 fo
 
 test: setup ## run the test suite
 	$(PY) -m pytest -q
+
+test-fast: setup ## run the tests without the slow ones
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup ## run the benchmarks (tables on stdout)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit $$?; done

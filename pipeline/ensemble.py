@@ -46,6 +46,7 @@ import yaml
 
 from pipeline.core.config import ConfigError, stage_main, to_dict
 from pipeline.core.io import atomic_write_text
+from pipeline.core.layout import ENSEMBLE_REPORT
 from pipeline.core.tables import format_table, markdown_table
 from pipeline.data import load_coco
 from pipeline.evaluation.metrics import iou_per_class, mean_iou
@@ -252,7 +253,7 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
     }
     text, md = render_report(cfg, result, coco.class_names)
     weights_path = atomic_write_text(out / WEIGHTS_FILE, yaml.safe_dump(result, sort_keys=False, allow_unicode=True))
-    report_path = atomic_write_text(out / "report.md", md)
+    report_path = atomic_write_text(out / ENSEMBLE_REPORT, md)
     log.info("ensemble %s on %d OOF images (%.1f s):\n%s", cfg.name, n_images, time.perf_counter() - started, text)
     log.info("wrote %s and %s", weights_path, report_path)
     return {**result, "weights_file": str(weights_path), "report": str(report_path)}

@@ -33,6 +33,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.data import load_coco
 from pipeline.inference.ensemble import split_paths
+from pipeline.inference.postprocess import POSTPROCESSORS, postprocess
 from pipeline.inference.store import stores_mask_rule
 from pipeline.submission.formats import check_format_options, format_problems, validate_submission
 from pipeline.submission.writer import (
@@ -61,6 +62,7 @@ class SubmitConfig:
     dense_size: list[int] = field(default_factory=lambda: [256, 256])
     out_dir: str = "submissions"
     check: bool = True  # run the validator on the written file before it replaces the old one
+    postprocess: str = "none"  # post-processor of each fused label map (pipeline.inference.postprocess)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -68,6 +70,7 @@ class SubmitConfig:
             self.runs = split_paths(self.runs)
 
     def validate(self) -> None:
+        POSTPROCESSORS.key(self.postprocess)
         """Raise ConfigError on bad settings."""
         if not self.name.strip() or "/" in self.name:
             raise ConfigError(f"name must be a plain file name, got {self.name!r}")
@@ -113,7 +116,7 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
         probs = MemberProbs()
         for im in tqdm(coco.images, desc=f"submission ({cfg.format})", disable=not cfg.progress):
             h, w = int(im["height"]), int(im["width"])
-            labels = predict_label_map(members, fusion, int(im["id"]), (h, w), probs)
+            labels = postprocess(cfg.postprocess, predict_label_map(members, fusion, int(im["id"]), (h, w), probs))
             if cfg.format == "rle":
                 yield rle_rows(str(im["file_name"]), labels, coco, cfg.order)
             else:
@@ -143,6 +146,7 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
                     for m in members],
         "mask_rule": stores_mask_rule([r.folder for m in members for r in m.readers]),
         "method": fusion.method,
+        "postprocess": cfg.postprocess,
         "bias": None if fusion.bias is None else [float(b) for b in fusion.bias],
         **{k: v for k, v in source.items() if k != "method"},
         "validated": cfg.check,

@@ -1,11 +1,25 @@
-"""Layered config: defaults -> YAML -> key=value, type coercion, unknown keys, round trip."""
+"""Layered config: defaults -> YAML (base: chains) -> key=value, type coercion, unknown keys, round trip,
+and the family configs (base.yaml + overlays) resolving exactly as the old full copies did."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline.core.config import ConfigError, build_config, parse_overrides, save_config
+from pipeline.core.config import (
+    ConfigError,
+    build_config,
+    layer,
+    layered_mapping,
+    parse_overrides,
+    save_config,
+    yaml_layers,
+)
+from pipeline.engine.config import TrainConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "pipeline" / "configs"
 
 
 @dataclass
@@ -73,3 +87,174 @@ def test_bad_files(tmp_path):
 
 def test_parse_overrides_keeps_raw_strings():
     assert parse_overrides(["a=1", "b=x=y", "c="]) == {"a": "1", "b": "x=y", "c": ""}
+
+
+# ----------------------------------------------------------------------------- base: chains
+def test_overlay_chain_resolution(tmp_path):
+    """A parent is relative to the folder of the file naming it; the chain is layered root first."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "shared" / "root.yaml").write_text("epochs: 10\nlr: 0.1\nname: root\n")
+    (tmp_path / "mid.yaml").write_text("base: shared/root.yaml\nlr: 0.2\nsize: [32]\n")
+    (tmp_path / "runs" / "leaf.yaml").write_text("base: ../mid.yaml\nname: leaf\n")
+    leaf = tmp_path / "runs" / "leaf.yaml"
+    assert [source for source, _ in yaml_layers(leaf)] == [
+        str(tmp_path / "runs" / ".." / "shared/root.yaml"), str(tmp_path / "runs" / "../mid.yaml"), str(leaf)
+    ]
+    assert layered_mapping(leaf) == {"epochs": 10, "lr": 0.2, "name": "leaf", "size": [32]}
+    assert build_config(Cfg, leaf) == Cfg(name="leaf", epochs=10, lr=0.2, size=[32])
+    assert yaml_layers(None) == [] and layered_mapping("") == {}
+
+
+def test_override_order_defaults_base_overlay_command_line(tmp_path):
+    (tmp_path / "base.yaml").write_text("epochs: 10\nlr: 0.1\nname: base\nopt: from_base\n")
+    (tmp_path / "overlay.yaml").write_text("base: base.yaml\nlr: 0.2\nname: overlay\n")
+    cfg = build_config(Cfg, tmp_path / "overlay.yaml", ["name=cli"])
+    # flag: default; epochs, opt: base; lr: overlay over base; name: command line over both
+    assert cfg == Cfg(name="cli", epochs=10, lr=0.2, flag=False, opt="from_base")
+    # layer() is the same step: later layers win, empty layers are skipped
+    assert layer(Cfg(), *yaml_layers(tmp_path / "overlay.yaml"), ("cli", {"name": "cli"}), ("nothing", {})) == cfg
+
+
+def test_errors_name_the_file_of_the_chain_that_holds_the_key(tmp_path):
+    (tmp_path / "base.yaml").write_text("epoch: 3\n")
+    (tmp_path / "overlay.yaml").write_text("base: base.yaml\nlr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: unknown key\(s\) epoch"):
+        build_config(Cfg, tmp_path / "overlay.yaml")
+    (tmp_path / "base.yaml").write_text("lr: fast\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: lr: expected a number"):
+        build_config(Cfg, tmp_path / "overlay.yaml")
+
+
+def test_cycle_is_an_error_naming_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nlr: 0.1\n")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle") as err:
+        build_config(Cfg, tmp_path / "a.yaml")
+    message = str(err.value)
+    assert message.endswith(" -> ".join(str(tmp_path / n) for n in ("a.yaml", "b.yaml", "c.yaml", "a.yaml"))), message
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(ConfigError, match="cycle") as err:
+        layered_mapping(tmp_path / "self.yaml")
+    assert str(err.value).count("self.yaml") >= 2
+
+
+def test_missing_or_bad_parent_is_an_error_naming_both_files(tmp_path):
+    (tmp_path / "overlay.yaml").write_text("base: nowhere.yaml\nlr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        build_config(Cfg, tmp_path / "overlay.yaml")
+    message = str(err.value)
+    assert str(tmp_path / "overlay.yaml") in message and str(tmp_path / "nowhere.yaml") in message and "not found" in message
+    (tmp_path / "overlay.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="overlay.yaml: base: expected a YAML file name"):
+        build_config(Cfg, tmp_path / "overlay.yaml")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        layered_mapping(tmp_path / "missing.yaml")
+
+
+# ----------------------------------------------------------------------------- family configs
+# The family YAMLs as they were before base.yaml + overlays (git show 01f4ad9:pipeline/configs/<family>.yaml),
+# as plain data: every family must still resolve to exactly these values over the TrainConfig defaults.
+OLD_FAMILY_CONFIGS: dict[str, dict] = {
+    "deeplabv3": {"model": "deeplabv3", "encoder": "resnet101", "encoder_weights": "imagenet", "img_size": None,
+        "augment": "strong", "epochs": 40, "batch_size": 6, "optimizer": "adamw", "lr": 0.0003, "encoder_lr": 0.0001,
+        "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce", "amp": "auto",
+        "patience": 10},
+    "deeplabv3plus": {"model": "deeplabv3plus", "encoder": "resnext50_32x4d", "encoder_weights": "imagenet",
+        "img_size": None, "augment": "strong", "epochs": 40, "batch_size": 8, "optimizer": "adamw", "lr": 0.0003,
+        "encoder_lr": 0.0001, "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce+dice",
+        "amp": "auto", "patience": 10},
+    "dpt": {"model": "dpt", "encoder": "tu-vit_base_patch16_224.augreg_in21k", "encoder_weights": "imagenet",
+        "img_size": None, "augment": "light", "epochs": 40, "batch_size": 4, "optimizer": "adamw", "lr": 0.0001,
+        "encoder_lr": 2e-05, "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce+dice",
+        "amp": "auto", "patience": 10, "accum_steps": 2},
+    "fpn": {"model": "fpn", "encoder": "resnext50_32x4d", "encoder_weights": "imagenet", "img_size": None,
+        "augment": "strong", "epochs": 40, "batch_size": 8, "optimizer": "adamw", "lr": 0.0003, "encoder_lr": 0.0001,
+        "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce+dice", "amp": "auto",
+        "patience": 10},
+    "linknet": {"model": "linknet", "encoder": "resnet34", "encoder_weights": "imagenet", "img_size": None,
+        "augment": "light", "epochs": 40, "batch_size": 12, "optimizer": "adamw", "lr": 0.0003, "encoder_lr": 0.0001,
+        "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce+dice", "amp": "auto",
+        "patience": 10},
+    "manet": {"model": "manet", "encoder": "resnet50", "encoder_weights": "imagenet", "img_size": None,
+        "augment": "strong", "epochs": 40, "batch_size": 8, "optimizer": "adamw", "lr": 0.0003, "encoder_lr": 0.0001,
+        "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce+dice", "amp": "auto",
+        "patience": 10},
+    "pan": {"model": "pan", "encoder": "resnet50", "encoder_weights": "imagenet", "img_size": None,
+        "augment": "strong", "epochs": 40, "batch_size": 8, "optimizer": "adamw", "lr": 0.0003, "encoder_lr": 0.0001,
+        "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce+dice", "amp": "auto",
+        "patience": 10},
+    "pspnet": {"model": "pspnet", "encoder": "resnet50", "encoder_weights": "imagenet", "img_size": None,
+        "augment": "strong", "epochs": 40, "batch_size": 8, "optimizer": "adamw", "lr": 0.0003, "encoder_lr": 0.0001,
+        "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce", "amp": "auto",
+        "patience": 10},
+    "segformer": {"model": "segformer", "encoder": "mit_b2", "encoder_weights": "imagenet", "img_size": None,
+        "augment": "strong", "epochs": 40, "batch_size": 8, "optimizer": "adamw", "lr": 0.0002, "encoder_lr": 6e-05,
+        "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce+dice", "amp": "auto",
+        "patience": 10, "ema": True},
+    "tv_deeplabv3_mobilenet_v3_large": {"model": "tv_deeplabv3_mobilenet_v3_large", "encoder": None,
+        "encoder_weights": "imagenet", "img_size": None, "augment": "light", "epochs": 40, "batch_size": 16,
+        "optimizer": "adamw", "lr": 0.0003, "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1,
+        "loss": "ce", "amp": "auto", "patience": 10},
+    "tv_deeplabv3_resnet101": {"model": "tv_deeplabv3_resnet101", "encoder": None, "encoder_weights": "imagenet",
+        "img_size": None, "augment": "light", "epochs": 40, "batch_size": 6, "optimizer": "adamw", "lr": 0.0001,
+        "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce", "amp": "auto",
+        "patience": 10},
+    "tv_deeplabv3_resnet50": {"model": "tv_deeplabv3_resnet50", "encoder": None, "encoder_weights": "imagenet",
+        "img_size": None, "augment": "light", "epochs": 40, "batch_size": 8, "optimizer": "adamw", "lr": 0.0001,
+        "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce", "amp": "auto",
+        "patience": 10},
+    "tv_fcn_resnet101": {"model": "tv_fcn_resnet101", "encoder": None, "encoder_weights": "imagenet",
+        "img_size": None, "augment": "light", "epochs": 40, "batch_size": 6, "optimizer": "adamw", "lr": 0.0001,
+        "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce", "amp": "auto",
+        "patience": 10},
+    "tv_fcn_resnet50": {"model": "tv_fcn_resnet50", "encoder": None, "encoder_weights": "imagenet", "img_size": None,
+        "augment": "light", "epochs": 40, "batch_size": 8, "optimizer": "adamw", "lr": 0.0001,
+        "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce", "amp": "auto",
+        "patience": 10},
+    "tv_lraspp_mobilenet_v3_large": {"model": "tv_lraspp_mobilenet_v3_large", "encoder": None,
+        "encoder_weights": "imagenet", "img_size": None, "augment": "light", "epochs": 40, "batch_size": 16,
+        "optimizer": "adamw", "lr": 0.0003, "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1,
+        "loss": "ce", "amp": "auto", "patience": 10},
+    "unet": {"model": "unet", "encoder": "efficientnet-b4", "encoder_weights": "imagenet", "img_size": None,
+        "augment": "strong", "epochs": 40, "batch_size": 8, "optimizer": "adamw", "lr": 0.0003, "encoder_lr": 0.0001,
+        "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce+dice", "amp": "auto",
+        "patience": 10},
+    "unetplusplus": {"model": "unetplusplus", "encoder": "efficientnet-b4", "encoder_weights": "imagenet",
+        "img_size": None, "augment": "strong", "epochs": 40, "batch_size": 6, "optimizer": "adamw", "lr": 0.0003,
+        "encoder_lr": 0.0001, "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce+dice",
+        "amp": "auto", "patience": 10},
+    "upernet": {"model": "upernet", "encoder": "tu-convnext_tiny", "encoder_weights": "imagenet", "img_size": None,
+        "augment": "strong", "epochs": 40, "batch_size": 8, "optimizer": "adamw", "lr": 0.0002, "encoder_lr": 0.0001,
+        "weight_decay": 0.0001, "scheduler": "cosine", "warmup_epochs": 1, "loss": "ce+dice", "amp": "auto",
+        "patience": 10, "ema": True},
+}
+
+
+FAMILIES = sorted(OLD_FAMILY_CONFIGS)
+
+
+def test_every_family_has_an_overlay_and_nothing_else_is_in_the_folder():
+    names = {p.stem for p in CONFIGS.glob("*.yaml")}
+    assert names == set(FAMILIES) | {"base", "search_space", "search_space_demo"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_config_resolves_exactly_as_before(family):
+    path = f"pipeline/configs/{family}.yaml"
+    cfg = build_config(TrainConfig, CONFIGS / f"{family}.yaml")
+    assert cfg == build_config(TrainConfig, overrides=OLD_FAMILY_CONFIGS[family]), path
+    for key, value in OLD_FAMILY_CONFIGS[family].items():
+        assert getattr(cfg, key) == value, (path, key)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_overlay_holds_only_what_differs_from_base(family):
+    raw = yaml.safe_load((CONFIGS / f"{family}.yaml").read_text())
+    assert raw.pop("base") == "base.yaml"
+    assert raw["model"] == family
+    shared = layered_mapping(CONFIGS / "base.yaml")
+    resolved = build_config(TrainConfig, overrides=shared)
+    redundant = [k for k, v in raw.items() if k in shared and getattr(build_config(TrainConfig, overrides={k: v}), k) == getattr(resolved, k)]
+    assert not redundant, f"{family}.yaml repeats base.yaml: {redundant}"

@@ -80,6 +80,7 @@ def trivial_miou(data: Path, folds: Path, fold: int) -> float:
     return mean_iou(cm)
 
 
+@pytest.mark.slow
 def test_training_writes_every_file_and_learns(demo_data_square, folds_file, tmp_path):
     cfg = small_cfg(demo_data_square, folds_file, tmp_path, epochs=8)
     result = run(cfg)
@@ -124,6 +125,7 @@ def test_existing_run_without_resume_is_refused(demo_data_square, folds_file, tm
     assert (cfg.run_dir() / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reproduces_uninterrupted_run(demo_data_square, folds_file, tmp_path):
     kw = dict(epochs=4, save_oof=False, plot=False, ema=True, ema_decay=0.9, accum_steps=2, batch_size=4,
               encoder="tu-mobilenetv3_small_050")

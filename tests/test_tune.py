@@ -28,7 +28,8 @@ from pipeline.train import run as train_run
 from pipeline.tune import TuneConfig, main, run
 from pipeline.tuning.space import compose_loss, load_space
 from pipeline.tuning.study import open_storage
-from pipeline.tuning.trials import global_step
+from pipeline.tuning.space import TRIAL_DEFAULTS
+from pipeline.tuning.trials import base_train_config, global_step, trial_train_config
 from pipeline.tune_report import TuneReportConfig
 from pipeline.tune_report import run as report_run
 from pipeline.core.errors import PipelineError
@@ -189,6 +190,7 @@ def test_median_pruner_prunes_bad_curve_and_global_steps_never_repeat(tmp_path, 
 
 
 # ----------------------------------------------------------------------------- 3. parallel workers
+@pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path, fake_space):
     common = dict(study="par", trials=3, space=fake_space, storage=f"sqlite:///{tmp_path / 'par.db'}",
                   runs_dir=str(tmp_path / "runs"), train_args=["epochs=2"], heartbeat_interval=1, grace_period=3,
@@ -206,6 +208,7 @@ def test_two_workers_share_one_study(tmp_path, fake_space):
 
 
 # ----------------------------------------------------------------------------- 4. killed worker
+@pytest.mark.slow
 def test_killed_worker_trial_is_failed_and_retried(tmp_path, fake_space):
     cfg = fake_cfg(tmp_path, fake_space, study="kill", trials=1, pruner="none")
     ready = tmp_path / "ready"
@@ -276,6 +279,7 @@ def postgres_url(tmp_path, request) -> str:
     return f"postgresql+psycopg2://optuna@/tune_test?host={base}"
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_postgres_backed_study(tmp_path, fake_space, postgres_url):
     cfg = fake_cfg(tmp_path, fake_space, study="pg", trials=2, storage=postgres_url, pruner="none")
@@ -347,3 +351,40 @@ def test_default_space_loads_and_bad_space_stops_the_cli(tmp_path):
     assert main([f"space={bad}", f"storage=sqlite:///{tmp_path / 'x.db'}"]) == 2
     assert not (tmp_path / "x.db").exists()
     assert TuneConfig(fold=2).fold_list() == [2] and TuneConfig(fold=2, folds=[0, 1]).fold_list() == [0, 1]
+
+
+
+# ----------------------------------------------------------------------------- 7. trial configs
+def test_trial_config_is_build_config_of_the_same_layers(tmp_path):
+    """Tuner defaults < base_config (an overlay of an overlay of base.yaml) < data paths < train_args < sampled
+    values < tuner keys: the same result as build_config of those layers, so the two cannot drift apart."""
+    overlay = tmp_path / "my_fpn.yaml"
+    overlay.write_text(f"base: {ROOT / 'pipeline/configs/fpn.yaml'}\nbatch_size: 4\nepochs: 12\naugment: light\n")
+    cfg = TuneConfig(
+        base_config=str(overlay), data_dir="data/x", folds_file="folds/x.csv", runs_dir="runs/t",
+        train_args=["epochs=3 lr=1e-3", "augment=none"],
+    )
+    defaults = build_config(TrainConfig, overrides=TRIAL_DEFAULTS)
+    fixed = {"data_dir": "data/x", "folds_file": "folds/x.csv", "epochs": "3", "lr": "1e-3", "augment": "none"}
+    base = base_train_config(cfg)
+    assert base == build_config(TrainConfig, overlay, fixed, base=defaults)
+    assert (base.model, base.encoder, base.batch_size, base.epochs, base.patience) == ("fpn", "resnext50_32x4d", 4, 3, 10)
+    assert base.save_oof is False and base.plot is False
+
+    sampled = {"lr": 0.02, "batch_size": 2, "loss_dice_weight": 0.4}
+    trial = trial_train_config(base, sampled, "s-t7", "runs/t", 1, "space.yaml (trial 7)")
+    tuner = {"experiment": "s-t7", "runs_dir": "runs/t", "fold": 1, "resume": True}
+    expected = build_config(TrainConfig, overlay, {**fixed, "lr": 0.02, "batch_size": 2, "loss": "1*ce+0.4*dice", **tuner}, base=defaults)
+    assert trial == expected
+
+
+def test_trial_config_errors_are_unchanged(tmp_path):
+    with pytest.raises(ConfigError, match="runs_dir are set by the tuner"):
+        base_train_config(TuneConfig(train_args=["runs_dir=x"]))
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        base_train_config(TuneConfig(base_config=str(tmp_path / "nope.yaml")))
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loop.yaml: base: loop.yaml makes a cycle"):
+        base_train_config(TuneConfig(base_config=str(tmp_path / "loop.yaml")))
+    with pytest.raises(ConfigError, match=r"space.yaml \(trial 3\): lr: expected a number"):
+        trial_train_config(base_train_config(TuneConfig()), {"lr": "fast"}, "s-t3", "runs/t", 0, "space.yaml (trial 3)")

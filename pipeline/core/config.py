@@ -4,6 +4,11 @@ Every stage describes its settings as a flat dataclass.  A resolved config is bu
 three layers: the dataclass defaults, then an optional YAML file, then ``key=value``
 overrides from the command line.  Values are coerced to the declared field types and
 unknown keys are rejected with the list of known ones.
+
+A YAML file may name a parent with a top-level ``base: <file>`` (relative to its own
+folder); the parent is layered first, so the YAML layer is the chain root -> ... -> file.
+:func:`layer` applies named mappings in order and is what :func:`build_config` and the
+tuner both use.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar, Union
+from typing import Any, Callable, Mapping, Sequence, TypeVar, Union
 
 import yaml
 
@@ -24,6 +29,12 @@ from pipeline.core.io import atomic_write_text, setup_logging
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# one layer of a config: (source named in errors, mapping of key: value)
+Layer = tuple[str, Mapping[str, Any]]
+
+# top-level YAML key naming the parent file of an overlay (not a config key)
+BASE_KEY = "base"
 
 
 _TRUE = {"true", "yes", "on", "1"}
@@ -168,19 +179,73 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def yaml_layers(config_file: str | Path | None) -> list[Layer]:
+    """The YAML layers of ``config_file``: its ``base:`` chain, root first, the file itself last.
+
+    Each layer is ``(file name, mapping without the base key)``; a parent's path is relative to
+    the folder of the file naming it.  A missing parent names both files, a cycle names every file
+    in it.  ``None`` or ``""`` gives no layers.
+    """
+    if not config_file:
+        return []
+    layers: list[Layer] = []
+    seen: list[tuple[Path, str]] = []  # (resolved path, name) of the files read, child first
+    path, name = Path(config_file), str(config_file)
+    while True:
+        seen.append((path.resolve(), name))
+        data = read_yaml_mapping(path)
+        parent = data.pop(BASE_KEY, None)
+        layers.append((name, data))
+        if parent is None:
+            return layers[::-1]
+        if not isinstance(parent, str) or not parent.strip():
+            raise ConfigError(f"{name}: {BASE_KEY}: expected a YAML file name relative to {path.parent}, got {parent!r}")
+        parent_path = path.parent / parent
+        parent_name = str(parent_path)
+        if parent_path.resolve() in [p for p, _ in seen]:
+            chain = " -> ".join([n for _, n in seen] + [parent_name])
+            raise ConfigError(f"{name}: {BASE_KEY}: {parent} makes a cycle of config files: {chain}")
+        if not parent_path.is_file():
+            raise ConfigError(f"{name}: {BASE_KEY}: parent config file {parent_name} not found")
+        path, name = parent_path, parent_name
+
+
+def layered_mapping(config_file: str | Path | None) -> dict[str, Any]:
+    """The keys of ``config_file`` with its ``base:`` chain resolved (later files override earlier)."""
+    merged: dict[str, Any] = {}
+    for _, mapping in yaml_layers(config_file):
+        merged.update(mapping)
+    return merged
+
+
+def override_layer(overrides: Sequence[str] | Mapping[str, Any], source: str = "command line") -> list[Layer]:
+    """``key=value`` strings (or a mapping) as a layer named ``source``; no layer when empty."""
+    if not overrides:
+        return []
+    mapping = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    return [(source, mapping)]
+
+
+def layer(cfg: T, *layers: Layer) -> T:
+    """Apply ``(source, mapping)`` layers in order (a later layer wins); errors name the layer's source.
+
+    The one layering step of every stage (:func:`build_config`) and of the tuner's trial configs.
+    Empty layers are skipped; nothing is validated here.
+    """
+    for source, mapping in layers:
+        if mapping:
+            cfg = apply_mapping(cfg, dict(mapping), source)
+    return cfg
+
+
 def build_config(
     cls: type[T],
     config_file: str | Path | None = None,
     overrides: Sequence[str] | dict[str, Any] = (),
     base: T | None = None,
 ) -> T:
-    """Defaults (or ``base``) -> YAML file -> overrides."""
-    cfg = base if base is not None else cls()
-    if config_file:
-        cfg = apply_mapping(cfg, read_yaml_mapping(config_file), str(config_file))
-    if overrides:
-        mapping = dict(overrides) if isinstance(overrides, dict) else parse_overrides(overrides)
-        cfg = apply_mapping(cfg, mapping, "command line")
+    """Defaults (or ``base``) -> YAML file (its ``base:`` chain first) -> overrides, then ``validate()``."""
+    cfg = layer(base if base is not None else cls(), *yaml_layers(config_file), *override_layer(overrides))
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         validate()

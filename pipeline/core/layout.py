@@ -29,8 +29,17 @@ OOF = "oof"
 CHECKPOINTS = ("best", "last")
 SPLIT_PREFIX = {"val": "oof", "test": "test"}
 
+STORE_META = "meta.json"
+STORE_INDEX = "index.csv"
+
 ENSEMBLE_WEIGHTS = "weights.yaml"
 ENSEMBLE_REPORT = "report.md"
+
+
+def is_store(folder: str | Path) -> bool:
+    """A probability store (written completely: its index and meta exist)."""
+    folder = Path(folder)
+    return (folder / STORE_INDEX).is_file() and (folder / STORE_META).is_file()
 
 
 def fold_name(fold: int) -> str:
@@ -85,14 +94,18 @@ class RunFolder:
         return self.path / f"{SPLIT_PREFIX[split]}_{tta}"
 
     def stores(self, split: str) -> dict[str, Path]:
-        """TTA name -> store folder of every ``<prefix>_<tta>/`` of ``split`` in this run."""
+        """TTA name -> complete store of every ``<prefix>_<tta>/`` of ``split`` in this run."""
         prefix = SPLIT_PREFIX[split] + "_"
         if not self.path.is_dir():
             return {}
-        return {p.name[len(prefix):]: p for p in sorted(self.path.glob(prefix + "*")) if p.is_dir()}
+        return {p.name[len(prefix):]: p for p in sorted(self.path.glob(prefix + "*")) if p.is_dir() and is_store(p)}
 
     def is_run(self) -> bool:
-        return self.path.is_dir() and (self.best.is_file() or self.last.is_file() or self.oof.is_dir())
+        """A training run folder: it has a checkpoint, its config, or a probability store."""
+        if not self.path.is_dir():
+            return False
+        return (self.best.is_file() or self.config.is_file() or is_store(self.oof)
+                or any(self.stores(split) for split in SPLIT_PREFIX))
 
 
 def ensemble_dir(root: str | Path, name: str) -> Path:

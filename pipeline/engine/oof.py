@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data import CocoData, MaskCache, SegmentationDataset, ValDataset, collate
+from pipeline.data import CocoData, MaskCache, Preprocessing, SegmentationDataset, ValDataset, collate
 from pipeline.engine.checkpoint import load_checkpoint_model
 from pipeline.engine.loop import evaluate
 from pipeline.evaluation.metrics import mean_iou
@@ -28,7 +28,8 @@ def write_oof(cfg, coco: CocoData, val_ids: Sequence[int], size: tuple[int, int]
     model, _, ckpt = load_checkpoint_model(best_path, device)
     stored = stored_size(size, cfg.oof_scale)
     cache = MaskCache(coco, cfg.cache_dir)
-    loader = DataLoader(ValDataset(SegmentationDataset(coco, list(val_ids), None, cache), size),
+    prep = Preprocessing.from_dict(ckpt.get("preprocessing"))
+    loader = DataLoader(ValDataset(SegmentationDataset(coco, list(val_ids), None, cache, prep), size),
                         batch_size=cfg.batch_size, num_workers=workers, collate_fn=collate)
     info = {"source": str(best_path), "epoch": ckpt["epoch"], "mask_rule": cfg.mask_rule, "train_size": list(size),
             "stored_size": list(stored), "fold": cfg.fold}

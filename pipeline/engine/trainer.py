@@ -54,6 +54,7 @@ from pipeline.engine.runtime import (
 from pipeline.engine.sampling import EpochSeededDataset, EpochShuffleSampler
 from pipeline.evaluation.metrics import IGNORE_INDEX, iou_per_class, mean_iou
 from pipeline.models.losses import build_loss
+from pipeline.models.preprocessing import encoder_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class Trainer:
         cfg = self.cfg
         self.coco = load_coco(cfg.data_dir, cfg.ann_file, mask_rule=cfg.mask_rule)
         self.size = resolve_size(cfg, self.coco)
+        self.preprocessing = encoder_preprocessing(cfg.model, cfg.encoder)
         self.train_ids, self.val_ids = split_ids(self.coco, cfg.folds_file, cfg.fold)
         self.cache = MaskCache(self.coco, cfg.cache_dir)
         if self.dist.main:
@@ -139,7 +141,8 @@ class Trainer:
                                     class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing).to(self.device)
         self.workers = cfg.num_workers if cfg.num_workers is not None else default_workers(self.device)
         opts = loader_options(self.device, self.workers, cfg.prefetch_factor)
-        base = SegmentationDataset(self.coco, self.train_ids, build_transform(cfg.augment, self.size), self.cache)
+        base = SegmentationDataset(self.coco, self.train_ids, build_transform(cfg.augment, self.size), self.cache,
+                                   self.preprocessing)
         train_set = EpochSeededDataset(base, cfg.seed)
         self.sampler = EpochShuffleSampler(len(train_set), cfg.seed, self.dist.rank, self.dist.world, shuffle=True, drop_last=True)
         if len(self.sampler) < cfg.batch_size:
@@ -151,7 +154,7 @@ class Trainer:
                                        collate_fn=collate, **opts)
         self.val_loader = None
         if self.val_ids:
-            val_set = ValDataset(SegmentationDataset(self.coco, self.val_ids, None, self.cache), self.size)
+            val_set = ValDataset(SegmentationDataset(self.coco, self.val_ids, None, self.cache, self.preprocessing), self.size)
             # shard without padding so the all-reduced confusion matrix counts each image once
             val_sampler = list(range(len(val_set)))[self.dist.rank :: self.dist.world] if self.dist.enabled else None
             self.val_loader = DataLoader(val_set, batch_size=cfg.batch_size, sampler=val_sampler, collate_fn=collate, **opts)
@@ -197,6 +200,7 @@ class Trainer:
             "class_names": self.coco.class_names,
             "num_classes": self.coco.num_classes,
             "img_size": list(self.size),
+            "preprocessing": self.preprocessing.as_dict(),
             "ann_digest": self.coco.digest,
         }
         for hook in self.hooks:

@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder, is_store
 from pipeline.core.registry import Registry
 from pipeline.data import CocoData
 from pipeline.evaluation.metrics import confusion_matrix, mean_iou
@@ -88,7 +89,7 @@ CHUNK_PIXELS = 1 << 18  # pixels per read of the OOF cache (all members, all cla
 WEIGHT_RANGE = (0.01, 1.0)  # raw weights sampled by the tuner, then normalised
 
 
-WEIGHTS_FILE = "weights.yaml"
+WEIGHTS_FILE = ENSEMBLE_WEIGHTS
 
 
 def split_paths(items: Iterable[str]) -> list[str]:
@@ -111,18 +112,8 @@ class Member:
                 "test_stores": list(self.test_stores)}
 
 
-def _is_store(folder: Path) -> bool:
-    return (folder / "index.csv").is_file() and (folder / "meta.json").is_file()
-
-
-def _is_fold_dir(folder: Path) -> bool:
-    if (folder / "best.pt").is_file() or (folder / "config.yaml").is_file():
-        return True
-    return any(_is_store(d) for d in folder.iterdir() if d.is_dir() and (d.name == "oof" or d.name.startswith(("oof_", "test_"))))
-
-
-def _tta_names(folds: Sequence[Path], prefix: str) -> set[str]:
-    return {d.name[len(prefix):] for f in folds for d in f.glob(f"{prefix}*") if d.is_dir() and _is_store(d)}
+def _tta_names(folds: Sequence[Path], split: str) -> set[str]:
+    return {tta for f in folds for tta in RunFolder(f).stores(split)}
 
 
 def find_member(path: str, tta: str | None = None, name: str | None = None, need_oof: bool = True) -> Member:
@@ -133,28 +124,28 @@ def find_member(path: str, tta: str | None = None, name: str | None = None, need
     folder = Path(path)
     if not folder.is_dir():
         raise PipelineError(f"{folder}: ensemble member folder not found (expected runs/<experiment> or runs/<experiment>/fold<k>)")
-    if _is_fold_dir(folder):
+    if RunFolder(folder).is_run():
         folds = [folder]
     else:
         folds = sorted(d for d in folder.glob("fold*") if d.is_dir())
         if not folds:
             raise PipelineError(f"{folder}: no fold*/ folders (expected runs/<experiment>/fold<k>/ with oof/ and test_<tta>/)")
     if tta is None:
-        names = _tta_names(folds, "test_") or _tta_names(folds, "oof_")
+        names = _tta_names(folds, "test") or _tta_names(folds, "val")
         if len(names) > 1:
             raise PipelineError(
                 f"{folder}: several TTA stores ({', '.join(sorted(names))}); choose one with tta=<name>"
             )
         tta = next(iter(names), None)
     oof, test = [], []
-    for fold in folds:
-        tta_oof = fold / f"oof_{tta}" if tta is not None else None
-        if tta_oof is not None and _is_store(tta_oof):
+    for fold in map(RunFolder, folds):
+        tta_oof = fold.store("val", tta) if tta is not None else None
+        if tta_oof is not None and is_store(tta_oof):
             oof.append(str(tta_oof))
-        elif _is_store(fold / "oof"):
-            oof.append(str(fold / "oof"))
-        if tta is not None and _is_store(fold / f"test_{tta}"):
-            test.append(str(fold / f"test_{tta}"))
+        elif is_store(fold.oof):
+            oof.append(str(fold.oof))
+        if tta is not None and is_store(fold.store("test", tta)):
+            test.append(str(fold.store("test", tta)))
     if not oof and need_oof:
         raise PipelineError(
             f"{folder}: no out-of-fold store in {', '.join(str(f) for f in folds)} "
@@ -260,22 +251,6 @@ class Fusion:
         return labels.astype(np.uint8 if score.shape[0] <= 256 else np.int64)
 
 
-def quantized(reader: ProbReader, image_id: int, size: tuple[int, int]) -> np.ndarray:
-    """uint8 probabilities (round(p * 255)) of one image at ``size``; uint8 stores at that size are read as they are."""
-    row = reader.row(image_id)
-    if reader.dtype == "uint8" and (int(row.stored_height), int(row.stored_width)) == tuple(size):
-        path = reader.folder / row.file
-        try:
-            return np.load(path)
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"{path}: unreadable probability map ({exc})") from exc
-    p = reader.load(image_id, size).numpy()
-    np.multiply(p, 255.0, out=p)
-    np.rint(p, out=p)
-    np.clip(p, 0, 255, out=p)
-    return p.astype(np.uint8)
-
-
 class OofCache:
     """All members' OOF probabilities at the stored resolution, as uint8, in one file on disk.
 
@@ -374,7 +349,7 @@ class OofCache:
             h, w = self.sizes[image_id]
             gt[start : start + h * w] = resize_nearest(coco.mask(image_id), (h, w)).reshape(-1)
             for j, owner in enumerate(owners):
-                probs[j, :, start : start + h * w] = quantized(owner[image_id], image_id, (h, w)).reshape(self.num_classes, -1)
+                probs[j, :, start : start + h * w] = owner[image_id].load_uint8(image_id, (h, w)).reshape(self.num_classes, -1)
             start += h * w
         size = pixels * (1 + len(self.members) * self.num_classes)
         fh.write(memoryview(self.buffer[:size]))

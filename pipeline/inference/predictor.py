@@ -25,10 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.core.config import to_dict
 from pipeline.core.errors import ConfigError, DataError, PipelineError
-from pipeline.core.layout import RunFolder
+from pipeline.core.layout import STORE_META, RunFolder
 from pipeline.data import (
     CocoData,
     MaskCache,
+    Preprocessing,
     SegmentationDataset,
     TestDataset,
     ValDataset,
@@ -126,7 +127,7 @@ def check_classes(coco: CocoData, ckpt: dict[str, Any], ckpt_path: Path) -> None
 
 def read_oof_meta(folder: RunFolder) -> dict[str, Any]:
     """The run's ``oof/meta.json`` (empty when the run wrote none)."""
-    meta = folder.oof / "meta.json"
+    meta = folder.oof / STORE_META
     if not meta.is_file():
         return {}
     try:
@@ -160,7 +161,8 @@ def val_job(cfg: PredictConfig, tcfg: TrainConfig, ckpt: dict[str, Any], ckpt_pa
                   and Path(str(oof_meta.get("source", ""))).name == ckpt_path.name)
     if same_model and "miou_full_resolution" in oof_meta:
         info["oof_miou_without_tta"] = oof_meta["miou_full_resolution"]
-    dataset = ValDataset(SegmentationDataset(coco, ids, None, MaskCache(coco, tcfg.cache_dir)), train_size)
+    prep = Preprocessing.from_dict(ckpt.get("preprocessing"))
+    dataset = ValDataset(SegmentationDataset(coco, ids, None, MaskCache(coco, tcfg.cache_dir), prep), train_size)
     return Job(coco, ids, dataset, collate, fixed, info)
 
 
@@ -171,7 +173,8 @@ def test_job(cfg: PredictConfig, ckpt: dict[str, Any], ckpt_path: Path) -> Job:
     if not coco.image_ids:
         raise DataError(f"{coco.path}: no images to predict")
     train_size = (int(ckpt["img_size"][0]), int(ckpt["img_size"][1]))
-    dataset = TestDataset(coco, coco.image_ids, build_transform("none", train_size))
+    prep = Preprocessing.from_dict(ckpt.get("preprocessing"))
+    dataset = TestDataset(coco, coco.image_ids, build_transform("none", train_size), prep)
     return Job(coco, coco.image_ids, dataset, collate_test, None, {"store_scale": cfg.store_scale})
 
 
@@ -232,6 +235,7 @@ def predict(cfg: PredictConfig) -> Path:
         "model": tcfg.model, "encoder": tcfg.encoder, "fold": tcfg.fold, "split": cfg.split, "ann_file": str(job.coco.path),
         "mask_rule": tcfg.mask_rule, "tta": cfg.tta, "tta_views": tta.view_names,
         "scales": sorted({float(v.scale) for v in tta.views}), "train_size": list(train_size),
+        "preprocessing": Preprocessing.from_dict(ckpt.get("preprocessing")).as_dict(),
         "predict_config": to_dict(cfg), **job.info,
     }
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)

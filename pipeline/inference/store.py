@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_open, atomic_write_bytes, atomic_write_text
+from pipeline.core.layout import STORE_INDEX, STORE_META
 
 DTYPES = ("float16", "uint8")
 INDEX_COLUMNS = ["image_id", "file_name", "height", "width", "stored_height", "stored_width", "file"]
@@ -81,9 +82,9 @@ class ProbWriter:
 
     def close(self) -> Path:
         meta = {"class_names": self.class_names, "num_classes": len(self.class_names), "dtype": self.dtype, **self.info}
-        atomic_write_text(self.folder / "meta.json", json.dumps(meta, indent=2))
+        atomic_write_text(self.folder / STORE_META, json.dumps(meta, indent=2))
         table = pd.DataFrame(self.rows, columns=INDEX_COLUMNS).sort_values("image_id")
-        with atomic_open(self.folder / "index.csv", "w", newline="") as fh:
+        with atomic_open(self.folder / STORE_INDEX, "w", newline="") as fh:
             table.to_csv(fh, index=False)
         return self.folder
 
@@ -101,7 +102,7 @@ def stores_mask_rule(folders: Sequence[str | Path]) -> str:
     different rules cannot be scored against one ground truth: that is an error."""
     rules: dict[str, str] = {}
     for folder in folders:
-        meta = Path(folder) / "meta.json"
+        meta = Path(folder) / STORE_META
         try:
             rules[str(folder)] = str(json.loads(meta.read_text()).get("mask_rule", "area"))
         except (OSError, json.JSONDecodeError) as exc:
@@ -117,7 +118,7 @@ class ProbReader:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        index, meta = self.folder / "index.csv", self.folder / "meta.json"
+        index, meta = self.folder / STORE_INDEX, self.folder / STORE_META
         for p in (index, meta):
             if not p.is_file():
                 raise PipelineError(f"{p}: probability store file not found (was the stage that writes it finished?)")
@@ -153,18 +154,48 @@ class ProbReader:
         except KeyError:
             raise PipelineError(f"{self.folder}: no probabilities for image id {image_id}") from None
 
-    def load(self, image_id: int, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """float32 K x h x w probabilities; resized bilinearly to ``size`` (H, W) when given."""
+    def stored_size(self, image_id: int) -> tuple[int, int]:
         row = self.row(image_id)
-        path = self.folder / row.file
+        return int(row.stored_height), int(row.stored_width)
+
+    def raw(self, image_id: int) -> np.ndarray:
+        """The stored array as it is on disk (float16, or uint8 = round(255 p))."""
+        path = self.folder / self.row(image_id).file
         try:
             arr = np.load(path)
         except (OSError, ValueError) as exc:
             raise PipelineError(f"{path}: unreadable probability map ({exc})") from exc
-        t = torch.from_numpy(arr.astype(np.float32))
+        expected = (self.num_classes, *self.stored_size(image_id))
+        if arr.shape != expected:
+            raise PipelineError(f"{path}: probabilities of shape {arr.shape}, expected {expected} (index.csv)")
+        return arr
+
+    def load(self, image_id: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """float32 K x h x w probabilities; resized bilinearly to ``size`` (H, W) when given."""
+        t = torch.from_numpy(self.raw(image_id).astype(np.float32))
         if self.dtype == "uint8":
             t = t / 255.0
         return resize_probs(t, size) if size is not None else t
+
+    def load_into(self, image_id: int, size: tuple[int, int], out: np.ndarray) -> np.ndarray:
+        """float32 probabilities at ``size`` written into ``out`` (no resize when stored at that size)."""
+        if self.stored_size(image_id) != tuple(size):
+            out[...] = self.load(image_id, size).numpy()
+        elif self.dtype == "uint8":
+            np.divide(self.raw(image_id), np.float32(255), out=out)
+        else:
+            out[...] = self.raw(image_id)
+        return out
+
+    def load_uint8(self, image_id: int, size: tuple[int, int]) -> np.ndarray:
+        """uint8 probabilities round(255 p) at ``size``; a uint8 store at that size is read as it is."""
+        if self.dtype == "uint8" and self.stored_size(image_id) == tuple(size):
+            return self.raw(image_id)
+        p = self.load(image_id, size).numpy()
+        np.multiply(p, 255.0, out=p)
+        np.rint(p, out=p)
+        np.clip(p, 0, 255, out=p)
+        return p.astype(np.uint8)
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         for image_id in self.image_ids:

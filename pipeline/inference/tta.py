@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.registry import Registry
+from pipeline.models.contract import predict_probabilities
 
 DEFAULT_SCALES: tuple[float, ...] = (0.75, 1.0, 1.25)
 DEFAULT_DIVISOR = 32
@@ -167,26 +169,19 @@ def _d4_views() -> list[View]:
     return [View(1.0, k, f) for f in (False, True) for k in range(4)]
 
 
-def _base_views(name: str, scales: Sequence[float]) -> list[View]:
-    if name == "none":
-        return [View()]
-    if name == "hflip":
-        return [View(), View(flip=True)]
-    if name == "flip":
-        return [View(), View(flip=True), View(k=2, flip=True)]
-    if name == "d4":
-        return _d4_views()
-    if name == "ms":
-        return [View(float(s), 0, f) for s in scales for f in (False, True)]
-    raise KeyError(name)
-
-
-TTA_SETS: tuple[str, ...] = ("none", "hflip", "flip", "d4", "ms")
+# name -> factory of the set's views from the multi-scale ``scales``
+TTA_SETS: Registry = Registry("TTA set")
+TTA_SETS.add("none", lambda scales: [View()], "the image as it is")
+TTA_SETS.add("hflip", lambda scales: [View(), View(flip=True)], "identity and horizontal flip")
+TTA_SETS.add("flip", lambda scales: [View(), View(flip=True), View(k=2, flip=True)], "identity, horizontal and vertical flips")
+TTA_SETS.add("d4", lambda scales: _d4_views(), "the 8 dihedral views (quarter turns x flip)")
+TTA_SETS.add("ms", lambda scales: [View(float(s), 0, f) for s in scales for f in (False, True)],
+             "each of scales (default 0.75, 1, 1.25), with and without horizontal flip")
 
 
 def list_tta() -> list[str]:
     """Names of the TTA sets (combinable with ``+``)."""
-    return list(TTA_SETS)
+    return TTA_SETS.names()
 
 
 def unique_views(views: Iterable[View]) -> list[View]:
@@ -209,17 +204,18 @@ def parse_tta(name: str, scales: Sequence[float] | None = None) -> list[View]:
     unknown = [p for p in parts if p not in TTA_SETS]
     if unknown or not parts:
         raise PipelineError(
-            f"unknown TTA set {name!r} ({', '.join(repr(u) for u in unknown)}); known: {', '.join(TTA_SETS)} "
+            f"unknown TTA set {name!r} ({', '.join(repr(u) for u in unknown)}); known: {', '.join(TTA_SETS.names())} "
             f"(combine with +, e.g. ms+flip)"
         )
     views = [View()]
     for part in parts:
-        views = unique_views(v.compose(w) for v in views for w in _base_views(part, scales))
+        views = unique_views(v.compose(w) for v in views for w in TTA_SETS.get(part)(scales))
     return views
 
 
 class TTAModel(nn.Module):
-    """Wraps a logits model; ``forward(x)`` returns the mean softmax probabilities over the views.
+    """Wraps a model; ``forward(x)`` returns the mean class probabilities over the views (each
+    view's probabilities by the model-family contract: softmax of logits, or the family's own).
 
     Output: ``N x K x H x W`` float32 probabilities at the input size.  All views that
     give inputs of the same size go through the model in one batch (``max_batch`` caps
@@ -255,9 +251,7 @@ class TTAModel(nn.Module):
         return f"tta={self.tta_name!r}, views={len(self.views)}, divisor={self.divisor}, max_batch={self.max_batch}"
 
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            out = self.model(x)
-        return out.float().softmax(1)
+        return predict_probabilities(self.model, x, self.dtype)
 
     @staticmethod
     def _view_input(v: View, xs: torch.Tensor, xt: torch.Tensor | None) -> torch.Tensor:

@@ -11,8 +11,10 @@ A family's module (``nn.Module``) fulfils this contract:
   (``loss=``) to the logits.
 * ``to_probabilities(outputs)`` (optional): class probabilities ``N x K x H x W`` at the
   input size, summing to 1 over K. Without it, softmax over the logits.
-* ``preprocessing``: a :class:`Preprocessing` (mean, std, input range) that the data layer
-  applies and the checkpoint records.
+* its input statistics (mean, std, input range) come from its encoder's pretrained
+  configuration (:func:`pipeline.models.preprocessing.encoder_preprocessing`); the engine
+  has the data layer apply them and records them in every checkpoint, and prediction
+  applies what the checkpoint records.
 
 Training, validation, TTA, out-of-fold and test prediction go only through
 :func:`model_loss` and :func:`model_probabilities`, so a family that brings its own loss

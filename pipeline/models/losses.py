@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.core.errors import PipelineError, UnknownNameError
+from pipeline.core.errors import PipelineError
+from pipeline.core.registry import Registry, UnknownNameError
 from pipeline.evaluation.metrics import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -263,12 +264,11 @@ class WeightedSumLoss(nn.Module):
         return " + ".join(f"{c:g}*{n}" for c, n in zip(self.coefficients, self.names))
 
 
-_LOSSES: dict[str, type[_SegLoss]] = {
-    "ce": CrossEntropyLoss,
-    "dice": DiceLoss,
-    "focal": FocalLoss,
-    "lovasz": LovaszSoftmaxLoss,
-}
+LOSSES: Registry = Registry("loss")
+LOSSES.add("ce", CrossEntropyLoss, "cross-entropy (class_weights, label_smoothing)")
+LOSSES.add("dice", DiceLoss, "soft Dice over classes")
+LOSSES.add("focal", FocalLoss, "focal loss (gamma)")
+LOSSES.add("lovasz", LovaszSoftmaxLoss, "Lovasz-softmax (IoU surrogate)")
 
 _NUMBER = r"(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _TERM = re.compile(rf"^\s*(?:(?P<coef>{_NUMBER})\s*\*\s*)?(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*$")
@@ -276,7 +276,7 @@ _TERM = re.compile(rf"^\s*(?:(?P<coef>{_NUMBER})\s*\*\s*)?(?P<name>[A-Za-z_][A-Z
 
 def list_losses() -> list[str]:
     """Loss names usable alone or in weighted sums such as ``0.7*ce+0.3*dice``."""
-    return list(_LOSSES)
+    return LOSSES.names()
 
 
 def parse_loss_spec(spec: str) -> list[tuple[float, str]]:
@@ -293,11 +293,11 @@ def _parse(spec: str) -> list[tuple[float, str]]:
         if match is None:
             raise PipelineError(
                 f"loss spec {spec!r}: cannot read term {raw.strip()!r}; write name or weight*name joined by +, "
-                f"e.g. 0.7*ce+0.3*dice; valid names: {', '.join(_LOSSES)}"
+                f"e.g. 0.7*ce+0.3*dice; valid names: {', '.join(LOSSES.names())}"
             )
         name = match.group("name").lower()
-        if name not in _LOSSES:
-            raise UnknownNameError(f"unknown loss {match.group('name')!r} in {spec!r}; valid names: {', '.join(_LOSSES)}")
+        if name not in LOSSES:
+            raise UnknownNameError(f"unknown loss {match.group('name')!r} in {spec!r}; valid names: {', '.join(LOSSES.names())}")
         coef = float(match.group("coef")) if match.group("coef") is not None else 1.0
         terms.append((coef, name))
     return terms
@@ -329,7 +329,7 @@ def build_loss(
         if any(w < 0 for w in class_weights) or sum(class_weights) <= 0:
             raise PipelineError(f"class_weights must be >= 0 with a positive sum, got {class_weights}")
     names = {name for _, name in terms}
-    accepted = set().union(*(_options(_LOSSES[n]) for n in names))
+    accepted = set().union(*(_options(LOSSES.get(n)) for n in names))
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise PipelineError(
@@ -341,7 +341,7 @@ def build_loss(
     options = dict(kwargs, label_smoothing=label_smoothing)
     built = []
     for coef, name in terms:
-        cls = _LOSSES[name]
+        cls = LOSSES.get(name)
         own = {k: v for k, v in options.items() if k in _options(cls)}
         built.append((coef, name, cls(num_classes, ignore_index=ignore_index, class_weights=class_weights, **own)))
     if len(built) == 1 and built[0][0] == 1.0:

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.errors import PipelineError, UnknownNameError
+from pipeline.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def _vit_reduction(timm_name: str) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _registry() -> dict[str, ModelSpec]:
+def _specs() -> dict[str, ModelSpec]:
     smp = _smp()
     specs: dict[str, ModelSpec] = {}
     for arch, arch_cls in smp.MODEL_ARCHITECTURES_MAPPING.items():
@@ -180,9 +181,24 @@ def _registry() -> dict[str, ModelSpec]:
     return specs
 
 
+@functools.lru_cache(maxsize=1)
+def model_registry() -> Registry:
+    """Family name -> builder ``(num_classes, **options) -> SegmentationNet``; built on first use
+    (the smp rows follow the installed segmentation-models-pytorch)."""
+    registry: Registry = Registry("model")
+    aliases: dict[str, list[str]] = {}
+    for alias, name in _ALIASES.items():
+        aliases.setdefault(name, []).append(alias)
+    for name, spec in _specs().items():
+        encoder = f"{spec.default_encoder}{' (fixed)' if spec.fixed_encoder else ''}"
+        registry.add(name, functools.partial(build_model, name), f"{spec.family}; default encoder {encoder}",
+                     tuple(aliases.get(name, ())))
+    return registry
+
+
 def list_models() -> list[str]:
     """Registry names of every model family (smp architectures first, then torchvision)."""
-    return list(_registry())
+    return model_registry().names()
 
 
 def list_encoders() -> list[str]:
@@ -191,15 +207,8 @@ def list_encoders() -> list[str]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The ``ModelSpec`` of a family (case-insensitive); unknown names list the valid ones."""
-    key = str(name).strip().lower()
-    key = _ALIASES.get(key, key)
-    specs = _registry()
-    if key not in specs:
-        close = difflib.get_close_matches(key, list(specs), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UnknownNameError(f"unknown model {name!r}{hint}; valid names: {', '.join(specs)}")
-    return specs[key]
+    """The ``ModelSpec`` of a family (case-insensitive, aliases too); unknown names list the valid ones."""
+    return _specs()[model_registry().key(name)]
 
 
 def default_encoder(name: str) -> str:

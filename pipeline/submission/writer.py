@@ -86,29 +86,11 @@ class MemberProbs:
     def __init__(self) -> None:
         self.workspace = Workspace()
 
-    def read(self, reader: ProbReader, image_id: int, size: tuple[int, int], out: np.ndarray) -> None:
-        """Probabilities of ``image_id`` at ``size`` into ``out`` (stores at that size skip the resize)."""
-        row = reader.row(image_id)
-        if (int(row.stored_height), int(row.stored_width)) != tuple(size):
-            out[...] = reader.load(image_id, size).numpy()
-            return
-        path = reader.folder / row.file
-        try:
-            raw = np.load(path)
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"{path}: unreadable probability map ({exc})") from exc
-        if raw.shape != out.shape:
-            raise PipelineError(f"{path}: probabilities of shape {raw.shape}, expected {out.shape}")
-        if reader.dtype == "uint8":  # probs.py: stored as round(p * 255), read back as v / 255
-            np.divide(raw, np.float32(255), out=out)
-        else:
-            out[...] = raw
-
     def __call__(self, member: SubmitMember, image_id: int, size: tuple[int, int]) -> np.ndarray:
         shape = (member.readers[0].num_classes, int(size[0]), int(size[1]))
         acc, tmp = self.workspace.arrays(shape, 2)
         for j, reader in enumerate(member.readers):
-            self.read(reader, image_id, size, acc if j == 0 else tmp)
+            reader.load_into(image_id, size, acc if j == 0 else tmp)
             if j:
                 acc += tmp
         if len(member.readers) > 1:

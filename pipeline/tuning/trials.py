@@ -12,8 +12,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import optuna
 
-from pipeline.core.config import ConfigError, apply_mapping, parse_overrides, read_yaml_mapping, to_dict
+from pipeline.core.config import ConfigError, layer, parse_overrides, to_dict, yaml_layers
 from pipeline.core.errors import PipelineError
+from pipeline.core.layout import RunFolder
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.trainer import TrainResult
 from pipeline.tuning.config import TuneConfig
@@ -47,19 +48,16 @@ def split_train_args(items: Iterable[str]) -> list[str]:
 
 
 def base_train_config(cfg: TuneConfig) -> "TrainConfig":
-    """Defaults -> tuner defaults -> base_config -> data_dir/folds_file -> train_args (no sampled values yet)."""
+    """Defaults -> tuner defaults -> base_config (its ``base:`` chain first) -> data_dir/folds_file ->
+    train_args (no sampled values yet), layered by :func:`pipeline.core.config.layer` like every stage."""
     cls = _train_config_cls()
-    train = apply_mapping(cls(), TRIAL_DEFAULTS, "tune defaults")
-    if cfg.base_config:
-        train = apply_mapping(train, read_yaml_mapping(cfg.base_config), cfg.base_config)
     paths = {k: v for k, v in (("data_dir", cfg.data_dir), ("folds_file", cfg.folds_file)) if v is not None}
-    if paths:
-        train = apply_mapping(train, paths, "tune config")
+    train = layer(cls(), ("tune defaults", TRIAL_DEFAULTS), *yaml_layers(cfg.base_config), ("tune config", paths))
     args = parse_overrides(split_train_args(cfg.train_args))
     tuner_set = sorted(set(args) & set(TUNER_KEYS))
     if tuner_set:
         raise ConfigError(f"train_args: {', '.join(tuner_set)} are set by the tuner (use runs_dir=/folds= of the tune config)")
-    train = apply_mapping(train, args, "train_args")
+    train = layer(train, ("train_args", args))
     train.validate()
     return train
 
@@ -72,8 +70,8 @@ def trial_train_config(
     weights = {LOSS_WEIGHT.fullmatch(k).group("term"): float(values.pop(k)) for k in list(values) if LOSS_WEIGHT.fullmatch(k)}
     if weights:
         values["loss"] = compose_loss(values.get("loss", base.loss), weights, source)
-    train = apply_mapping(base, values, source)
-    train = apply_mapping(train, {"experiment": experiment, "runs_dir": runs_dir, "fold": fold, "resume": True}, "tuner")
+    tuner = {"experiment": experiment, "runs_dir": runs_dir, "fold": fold, "resume": True}
+    train = layer(base, (source, values), ("tuner", tuner))
     train.validate()
     return train
 
@@ -136,7 +134,7 @@ class TrialObjective:
         run_dirs = [dataclasses.replace(train, fold=f).run_dir() for f in self.folds]
         if origin is None:
             for d in run_dirs:
-                if (d / "last.pt").exists():
+                if RunFolder(d).last.exists():
                     raise PipelineError(
                         f"{d / 'last.pt'} exists from an earlier study named {self.cfg.study!r}; remove "
                         f"{Path(self.cfg.runs_dir) / (self.cfg.study + '-t*')} or choose another study= or runs_dir="
