@@ -42,7 +42,7 @@ train_config = $(if $(CONFIG),--config $(CONFIG),$(if $(wildcard pipeline/config
 train_model  = $(if $(CONFIG),,model=$(MODEL)) experiment=$(EXP)
 resume_flag  = resume=$(if $(filter 0 false no,$(RESUME)),false,true)
 
-.PHONY: help setup data eda folds train train-folds predict ensemble submit validate score tune tune-report demo test test-fast bench clean
+.PHONY: help setup data eda folds train train-folds predict ensemble submit validate score tune tune-report demo lint test test-fast bench clean
 
 help: ## list targets and their variables
 	@echo "Targets:"
@@ -61,13 +61,13 @@ help: ## list targets and their variables
 	@echo "  PROFILE=$(PROFILE)  tuning profile: full | demo (small space, short CPU trials: SPACE and TUNE_TRAIN_ARGS)"
 	@echo "  TUNE_TRAIN_ARGS=\"$(TUNE_TRAIN_ARGS)\"  extra key=value for every trial's training config"
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	$(PYTHON_BIN) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install -r requirements.txt
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv and install requirements.txt
+setup: $(STAMP) ## create .venv and install the package (pyproject.toml) with its extras
 
 data: setup ## generate the demo dataset (ARGS: n_train= n_test= height= width= seed=)
 	$(PY) -m pipeline.demo out_dir=$(DATA_DIR) overwrite=true $(ARGS)
@@ -121,7 +121,11 @@ demo: setup ## the main job on the demo data: data -> EDA -> folds -> train 2 fo
 	$(MAKE) --no-print-directory score SUB=submissions/demo.csv
 	$(MAKE) --no-print-directory score SUB=submissions/demo-dense.csv
 
-test: setup ## run the test suite
+lint: setup ## ruff: lint rules (E, F, I, B, UP) and formatting
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint ## lint, then the whole test suite (what CI runs)
 	$(PY) -m pytest -q
 
 test-fast: setup ## run the tests without the slow ones

@@ -17,6 +17,7 @@ worker).  Before timing, the masks of both methods are compared item by item.
     python benchmarks/bench_dataset.py                      # 200 demo images, 512x512, in a temp dir
     python benchmarks/bench_dataset.py --data-dir data/demo # an existing dataset
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,19 +26,16 @@ import io
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import cv2
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.data import MaskCache, SegmentationDataset, build_transform, load_coco  # noqa: E402
+from pipeline.data import MaskCache, SegmentationDataset, build_transform, load_coco
 
 log = logging.getLogger("bench_dataset")
 
@@ -53,7 +51,9 @@ class BaselineDataset:
         self.data_dir = Path(data_dir)
         cats = self.coco.dataset["categories"]
         self.class_of = {int(c["id"]): k + 1 for k, c in enumerate(cats)}  # k-th category in file order
-        self.image_ids = list(image_ids) if image_ids is not None else [int(im["id"]) for im in self.coco.dataset["images"]]
+        self.image_ids = (
+            list(image_ids) if image_ids is not None else [int(im["id"]) for im in self.coco.dataset["images"]]
+        )
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -72,7 +72,9 @@ class BaselineDataset:
         return torch.from_numpy(images.transpose(2, 0, 1)), torch.from_numpy(masks).long(), info
 
 
-def time_methods(methods: dict[str, Callable[[int], object]], n_items: int, warmup: int, repeats: int) -> dict[str, list[float]]:
+def time_methods(
+    methods: dict[str, Callable[[int], object]], n_items: int, warmup: int, repeats: int
+) -> dict[str, list[float]]:
     """Seconds per pass over items 0..n_items-1 for each method.
 
     Each method first runs ``warmup`` untimed items; the timed passes of the methods are
@@ -94,16 +96,27 @@ def time_methods(methods: dict[str, Callable[[int], object]], n_items: int, warm
 def make_demo(root: Path, size: int, n: int, max_objects: int = 8) -> Path:
     from pipeline.demo import DemoConfig, run
 
-    return run(DemoConfig(out_dir=str(root / "data"), n_train=n, n_test=1, height=size, width=size, seed=0, max_objects=max_objects))
+    return run(
+        DemoConfig(
+            out_dir=str(root / "data"), n_train=n, n_test=1, height=size, width=size, seed=0, max_objects=max_objects
+        )
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=None, help="existing dataset (default: render a demo dataset in a temp dir)")
+    parser.add_argument(
+        "--data-dir", default=None, help="existing dataset (default: render a demo dataset in a temp dir)"
+    )
     parser.add_argument("--ann-file", default="train_all.json")
     parser.add_argument("--size", type=int, default=512, help="demo image side (only without --data-dir)")
     parser.add_argument("--n", type=int, default=200, help="demo images / items to time")
-    parser.add_argument("--max-objects", type=int, default=8, help="demo objects per image at most (16 gives about the contest's 8 annotations per image)")
+    parser.add_argument(
+        "--max-objects",
+        type=int,
+        default=8,
+        help="demo objects per image at most (16 gives about the contest's 8 annotations per image)",
+    )
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a DataLoader worker uses 1)")
@@ -137,7 +150,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info(
             "%d items (%dx%d, %.1f annotations per image); mask cache built before timing in %.2f s; "
             "masks identical: %d/%d; warm-up %d items; median of %d passes; torch threads %d",
-            len(ids), h, w, n_anns / max(len(ids), 1), build_s, same, len(ids), args.warmup, args.repeats, torch.get_num_threads(),
+            len(ids),
+            h,
+            w,
+            n_anns / max(len(ids), 1),
+            build_s,
+            same,
+            len(ids),
+            args.warmup,
+            args.repeats,
+            torch.get_num_threads(),
         )
 
         methods = {"baseline (pycocotools per item)": base.__getitem__, "ours (mask cache PNG)": ours.__getitem__}
@@ -148,7 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, sec in results.items():
             rows.append((name, f"{len(ids) / sec:.1f}", f"{1000 * sec / len(ids):.2f}", f"{ref / sec:.2f}x"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(v.ljust(wd) if i == 0 else v.rjust(wd) for i, (v, wd) in enumerate(zip(r, widths))) for r in rows]
+        lines = [
+            "  ".join(v.ljust(wd) if i == 0 else v.rjust(wd) for i, (v, wd) in enumerate(zip(r, widths, strict=False)))
+            for r in rows
+        ]
         lines.insert(1, "  ".join("-" * wd for wd in widths))
         print("\n".join(lines))
     return 0 if same == len(ids) else 1

@@ -13,6 +13,7 @@ the end.  Goal: the peak stays flat as the image count doubles.
 
     .venv/bin/python benchmarks/bench_ensemble.py [--images 50 100 200] [--members 10] [--trials 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def rss_mib() -> float:
@@ -84,8 +83,17 @@ def make_data(root: Path, n_max: int, sizes: list[int], members: int, k: int, h:
             images.append({"id": image_id, "file_name": f"{kind}/{image_id:05d}.jpg", "height": h, "width": w})
             rects = rectangles(rng, h, w, k - 1, int(rng.integers(1, 6)))
             for cat, poly, area in rects:
-                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "segmentation": [poly],
-                             "area": area, "bbox": [poly[0], poly[1], poly[4] - poly[0], poly[5] - poly[1]], "iscrowd": 0})
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": image_id,
+                        "category_id": cat,
+                        "segmentation": [poly],
+                        "area": area,
+                        "bbox": [poly[0], poly[1], poly[4] - poly[0], poly[5] - poly[1]],
+                        "iscrowd": 0,
+                    }
+                )
             maps.append(label_map(rects, h, w))
         split[kind] = (images, maps)
         for n in sizes:
@@ -100,7 +108,7 @@ def make_data(root: Path, n_max: int, sizes: list[int], members: int, k: int, h:
         for store, kind in (("oof", "train"), ("test_flip", "test")):
             images, maps = split[kind]
             with ProbWriter(fold / store, class_names, dtype="uint8") as writer:
-                for im, lab in zip(images, maps):
+                for im, lab in zip(images, maps, strict=False):
                     writer.write(im["id"], im["file_name"], h, w, noisy(lab, k, margin, rng))
 
 
@@ -119,13 +127,33 @@ def worker(args: argparse.Namespace) -> None:
     start, cpu = time.perf_counter(), cpu_seconds()
     if args.worker == "tune":
         runs = sorted(str(p) for p in (root / "runs").iterdir())
-        ensemble(EnsembleConfig(runs=runs, data_dir=str(root), ann_file=f"train_{args.n}.json", n_trials=args.trials,
-                                out_dir=str(root / "ensembles"), name=f"n{args.n}", progress=False))
+        ensemble(
+            EnsembleConfig(
+                runs=runs,
+                data_dir=str(root),
+                ann_file=f"train_{args.n}.json",
+                n_trials=args.trials,
+                out_dir=str(root / "ensembles"),
+                name=f"n{args.n}",
+                progress=False,
+            )
+        )
     else:
-        submit(SubmitConfig(name=f"n{args.n}", ensemble=str(root / "ensembles" / f"n{args.n}" / "weights.yaml"),
-                            data_dir=str(root), test_ann=f"test_{args.n}.json", out_dir=str(root / "submissions"),
-                            progress=False))
-    print(json.dumps({"base": base, "peak": rss_mib(), "seconds": time.perf_counter() - start, "cpu": cpu_seconds() - cpu}))
+        submit(
+            SubmitConfig(
+                name=f"n{args.n}",
+                ensemble=str(root / "ensembles" / f"n{args.n}" / "weights.yaml"),
+                data_dir=str(root),
+                test_ann=f"test_{args.n}.json",
+                out_dir=str(root / "submissions"),
+                progress=False,
+            )
+        )
+    print(
+        json.dumps(
+            {"base": base, "peak": rss_mib(), "seconds": time.perf_counter() - start, "cpu": cpu_seconds() - cpu}
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,22 +179,40 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         make_data(root, sizes[-1], sizes, args.members, args.classes, args.size[0], args.size[1], args.seed)
-        print(f"synthetic data: {args.members} members x {sizes[-1]} OOF + {sizes[-1]} test images, "
-              f"{args.size[0]}x{args.size[1]}, {args.classes} classes, uint8 stores ({time.perf_counter() - t0:.0f} s)")
+        print(
+            f"synthetic data: {args.members} members x {sizes[-1]} OOF + {sizes[-1]} test images, "
+            f"{args.size[0]}x{args.size[1]}, {args.classes} classes, uint8 stores ({time.perf_counter() - t0:.0f} s)"
+        )
         rows = []
         for n in sizes:
             for stage in ("tune", "submit"):
-                cmd = [sys.executable, __file__, "--worker", stage, "--root", str(root), "--n", str(n),
-                       "--trials", str(args.trials), "--threads", str(args.threads)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    stage,
+                    "--root",
+                    str(root),
+                    "--n",
+                    str(n),
+                    "--trials",
+                    str(args.trials),
+                    "--threads",
+                    str(args.threads),
+                ]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode:
                     sys.stderr.write(done.stderr[-4000:])
                     return done.returncode
                 rec = json.loads(done.stdout.strip().splitlines()[-1])
                 rows.append((stage, n, rec["base"], rec["peak"], rec["seconds"], rec["cpu"]))
-        print(f"\nmembers={args.members}  classes={args.classes}  size={args.size[0]}x{args.size[1]}  "
-              f"trials={args.trials} (+{1 + args.members} reference combinations)")
-        print(f"{'stage':<7} {'images':>6} {'RSS after imports MiB':>22} {'peak RSS MiB':>13} {'time s':>8} {'CPU s':>8}")
+        print(
+            f"\nmembers={args.members}  classes={args.classes}  size={args.size[0]}x{args.size[1]}  "
+            f"trials={args.trials} (+{1 + args.members} reference combinations)"
+        )
+        print(
+            f"{'stage':<7} {'images':>6} {'RSS after imports MiB':>22} {'peak RSS MiB':>13} {'time s':>8} {'CPU s':>8}"
+        )
         for stage in ("tune", "submit"):
             for s, n, base, peak, secs, cpu in rows:
                 if s == stage:

@@ -7,31 +7,31 @@ plus ``mask.decode``).  All three are timed side by side in one run and checked 
 
     .venv/bin/python benchmarks/bench_rle.py [--size H W] [--classes K] [--dtype uint8|int64]
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.submission.rle import decode_label_map, encode_label_map  # noqa: E402
+from pipeline.submission.rle import decode_label_map, encode_label_map
 
 
-def blob_label_map(rng: np.random.Generator, height: int, width: int, num_classes: int, n_blobs: int | None = None,
-                   dtype=np.uint8) -> np.ndarray:
+def blob_label_map(
+    rng: np.random.Generator, height: int, width: int, num_classes: int, n_blobs: int | None = None, dtype=np.uint8
+) -> np.ndarray:
     """A realistic class map: background with overlapping ellipses and rectangles of classes 1..K-1.
 
     Every foreground class gets at least one blob; blob sizes scale with the image.
     """
     label_map = np.zeros((height, width), dtype=dtype)
     n_blobs = n_blobs if n_blobs is not None else max(2 * (num_classes - 1), 12)
-    classes = np.concatenate([np.arange(1, num_classes), rng.integers(1, num_classes, max(n_blobs - num_classes + 1, 0))])
+    classes = np.concatenate(
+        [np.arange(1, num_classes), rng.integers(1, num_classes, max(n_blobs - num_classes + 1, 0))]
+    )
     scale = min(height, width)
     for cls in rng.permutation(classes):
         a, b = rng.uniform(0.03, 0.22, size=2) * scale + 1
@@ -65,7 +65,7 @@ def classic_decode(mask_rle: str, shape: tuple[int, int]) -> np.ndarray:
     starts -= 1
     ends = starts + lengths
     img = np.zeros(shape[0] * shape[1], dtype=np.uint8)
-    for lo, hi in zip(starts, ends):
+    for lo, hi in zip(starts, ends, strict=False):
         img[lo:hi] = 1
     return img.reshape(shape, order="F")
 
@@ -130,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     classic = classic_encode_all(label_map, classes)
     if ours != classic:
         raise SystemExit("pipeline.submission.rle and the classic encoder disagree")
-    if not (np.array_equal(decode_label_map(ours, shape), label_map)
-            and np.array_equal(classic_decode_all(classic, shape), label_map)):
+    if not (
+        np.array_equal(decode_label_map(ours, shape), label_map)
+        and np.array_equal(classic_decode_all(classic, shape), label_map)
+    ):
         raise SystemExit("a decoder does not give the class map back")
 
     from pycocotools import mask as mask_util
@@ -143,21 +145,31 @@ def main(argv: list[str] | None = None) -> int:
 
     n_runs = sum(len(s.split()) // 2 for s in ours.values())
     rows = [
-        ("pipeline.submission.rle (encode_label_map / decode_label_map)",
-         time_ms(lambda: encode_label_map(label_map, classes)),
-         time_ms(lambda: decode_label_map(ours, shape))),
-        ("classic Kaggle function, once per class",
-         time_ms(lambda: classic_encode_all(label_map, classes)),
-         time_ms(lambda: classic_decode_all(classic, shape))),
-        ("pycocotools, map -> HxWxK masks -> RLE -> map",
-         time_ms(lambda: mask_util.encode(coco_masks(label_map, classes))),
-         time_ms(lambda: coco_to_label_map(mask_util.decode(coco_rles), classes))),
-        ("pycocotools, encode/decode calls only (masks given)",
-         time_ms(lambda: mask_util.encode(masks)),
-         time_ms(lambda: mask_util.decode(coco_rles))),
+        (
+            "pipeline.submission.rle (encode_label_map / decode_label_map)",
+            time_ms(lambda: encode_label_map(label_map, classes)),
+            time_ms(lambda: decode_label_map(ours, shape)),
+        ),
+        (
+            "classic Kaggle function, once per class",
+            time_ms(lambda: classic_encode_all(label_map, classes)),
+            time_ms(lambda: classic_decode_all(classic, shape)),
+        ),
+        (
+            "pycocotools, map -> HxWxK masks -> RLE -> map",
+            time_ms(lambda: mask_util.encode(coco_masks(label_map, classes))),
+            time_ms(lambda: coco_to_label_map(mask_util.decode(coco_rles), classes)),
+        ),
+        (
+            "pycocotools, encode/decode calls only (masks given)",
+            time_ms(lambda: mask_util.encode(masks)),
+            time_ms(lambda: mask_util.decode(coco_rles)),
+        ),
     ]
-    print(f"class map {height}x{width} {args.dtype}, {args.classes} classes (all encoded, background included), "
-          f"{n_runs} runs, column-major; ms per map (median of 7 rounds)")
+    print(
+        f"class map {height}x{width} {args.dtype}, {args.classes} classes (all encoded, background included), "
+        f"{n_runs} runs, column-major; ms per map (median of 7 rounds)"
+    )
     name_width = max(len(r[0]) for r in rows)
     print(f"{'method':<{name_width}}  {'encode ms':>10}  {'decode ms':>10}  {'encode x':>9}  {'decode x':>9}")
     base_enc, base_dec = rows[0][1], rows[0][2]

@@ -6,6 +6,7 @@ Timed side by side with the plain int64 ``bincount`` confusion matrix; both must
 
     .venv/bin/python benchmarks/bench_score.py [--images N] [--size H W] [--classes K] [--pred-dtype int64]
 """
+
 from __future__ import annotations
 
 import os
@@ -13,20 +14,15 @@ import os
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import statistics
+import sys
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
+from bench_rle import blob_label_map
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_rle import blob_label_map  # noqa: E402
-
-from pipeline.evaluation.metrics import IGNORE_INDEX, MeanIoU, _confusion_matrix_generic, mean_iou  # noqa: E402
+from pipeline.evaluation.metrics import IGNORE_INDEX, MeanIoU, _confusion_matrix_generic, mean_iou
 
 
 def make_pair(rng: np.random.Generator, height: int, width: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -43,14 +39,14 @@ def make_pair(rng: np.random.Generator, height: int, width: int, num_classes: in
 
 def score_fast(preds, gts, num_classes: int) -> tuple[np.ndarray, float]:
     meter = MeanIoU(num_classes)
-    for pred, gt in zip(preds, gts):
+    for pred, gt in zip(preds, gts, strict=False):
         meter.update(pred, gt)
     return meter.cm, meter.compute()
 
 
 def score_plain(preds, gts, num_classes: int) -> tuple[np.ndarray, float]:
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    for pred, gt in zip(preds, gts):
+    for pred, gt in zip(preds, gts, strict=False):
         cm += _confusion_matrix_generic(pred, gt, num_classes, IGNORE_INDEX)
     return cm, mean_iou(cm)
 
@@ -78,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     del pairs
     made = time.perf_counter() - start
 
-    timings: dict[str, list[float]] = {"pipeline.evaluation.metrics (MeanIoU.update per image)": [], "plain int64 bincount": []}
+    timings: dict[str, list[float]] = {
+        "pipeline.evaluation.metrics (MeanIoU.update per image)": [],
+        "plain int64 bincount": [],
+    }
     results = {}
     for _ in range(args.repeats):
-        for name, fn in zip(timings, (score_fast, score_plain)):
+        for name, fn in zip(timings, (score_fast, score_plain), strict=False):
             start = time.perf_counter()
             results[name] = fn(preds, gts, args.classes)
             timings[name].append(time.perf_counter() - start)
@@ -90,17 +89,22 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the two confusion matrices differ")
 
     n_pixels = args.images * height * width
-    print(f"{args.images} maps {height}x{width}, {args.classes} classes, predictions {args.pred_dtype}, "
-          f"ground truth uint8 with {IGNORE_INDEX} ignored; one core; data made in {made:.1f} s")
-    print(f"mIoU {miou_fast:.6f} (plain: {miou_plain:.6f}); {n_pixels / 1e6:.0f} M pixels; "
-          f"median of {args.repeats} runs")
+    print(
+        f"{args.images} maps {height}x{width}, {args.classes} classes, predictions {args.pred_dtype}, "
+        f"ground truth uint8 with {IGNORE_INDEX} ignored; one core; data made in {made:.1f} s"
+    )
+    print(
+        f"mIoU {miou_fast:.6f} (plain: {miou_plain:.6f}); {n_pixels / 1e6:.0f} M pixels; median of {args.repeats} runs"
+    )
     base = statistics.median(timings["pipeline.evaluation.metrics (MeanIoU.update per image)"])
     name_width = max(len(name) for name in timings)
     print(f"{'method':<{name_width}}  {'total s':>8}  {'ms/map':>7}  {'ns/pixel':>8}  {'x':>6}")
     for name, values in timings.items():
         t = statistics.median(values)
-        print(f"{name:<{name_width}}  {t:>8.3f}  {t / args.images * 1e3:>7.3f}  {t / n_pixels * 1e9:>8.2f}  "
-              f"{t / base:>5.1f}x")
+        print(
+            f"{name:<{name_width}}  {t:>8.3f}  {t / args.images * 1e3:>7.3f}  {t / n_pixels * 1e9:>8.2f}  "
+            f"{t / base:>5.1f}x"
+        )
     print(f"goal <= 1 s for the pipeline: {'met' if base <= 1.0 else 'NOT met'} ({base:.3f} s)")
     return 0
 

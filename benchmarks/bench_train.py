@@ -13,12 +13,12 @@ the bare loop (the CUDA paths of the training loop).
 
     python benchmarks/bench_train.py [--size 256] [--batch 8] [--batches 12] [--workers 1]
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,19 +26,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import folds as folds_stage  # noqa: E402
-from pipeline.core.config import build_config  # noqa: E402
-from pipeline.demo import DemoConfig  # noqa: E402
-from pipeline.demo import run as make_demo  # noqa: E402
-from pipeline.models.losses import build_loss  # noqa: E402
-from pipeline.models import build_model, param_groups  # noqa: E402
-from pipeline.train import TrainConfig  # noqa: E402
-from pipeline.train import run as train  # noqa: E402
+from pipeline import folds as folds_stage
+from pipeline.core.config import build_config
+from pipeline.demo import DemoConfig
+from pipeline.demo import run as make_demo
+from pipeline.models import build_model, param_groups
+from pipeline.models.losses import build_loss
+from pipeline.train import TrainConfig
+from pipeline.train import run as train
 
 
-def bare_loop(args, num_classes: int, device: torch.device, amp: torch.dtype | None = None, channels_last: bool = False) -> float:
+def bare_loop(
+    args, num_classes: int, device: torch.device, amp: torch.dtype | None = None, channels_last: bool = False
+) -> float:
     """Seconds per step of forward + backward + AdamW on random tensors (median over steps)."""
     torch.manual_seed(0)
     model = build_model(args.model, num_classes=num_classes, encoder=args.encoder, encoder_weights=None).to(device)
@@ -96,13 +96,30 @@ def main() -> int:
         n = args.batch * args.batches * 2
         data = make_demo(DemoConfig(out_dir=str(tmp / "data"), n_train=n, n_test=1, height=args.size, width=args.size))
         folds_stage.run(folds_stage.FoldsConfig(data_dir=str(data), out_dir=str(tmp / "folds"), k=2, pixel_stats=False))
-        cfg = build_config(TrainConfig, overrides=dict(
-            data_dir=str(data), folds_file=str(tmp / "folds" / "folds.csv"), runs_dir=str(tmp / "runs"),
-            cache_dir=str(tmp / "cache"), model=args.model, encoder=args.encoder, encoder_weights=None,
-            epochs=args.epochs, batch_size=args.batch, max_train_batches=args.batches, max_val_batches=1,
-            augment=args.augment, num_workers=args.workers, device=args.device, save_oof=False, plot=False,
-            progress=False, experiment="bench", img_size=[args.size],
-        ))
+        cfg = build_config(
+            TrainConfig,
+            overrides=dict(
+                data_dir=str(data),
+                folds_file=str(tmp / "folds" / "folds.csv"),
+                runs_dir=str(tmp / "runs"),
+                cache_dir=str(tmp / "cache"),
+                model=args.model,
+                encoder=args.encoder,
+                encoder_weights=None,
+                epochs=args.epochs,
+                batch_size=args.batch,
+                max_train_batches=args.batches,
+                max_val_batches=1,
+                augment=args.augment,
+                num_workers=args.workers,
+                device=args.device,
+                save_oof=False,
+                plot=False,
+                progress=False,
+                experiment="bench",
+                img_size=[args.size],
+            ),
+        )
         result = train(cfg)
         timing = pd.read_csv(result.run_dir / "timing.csv")
         pipe_step = float(timing["train_s"].iloc[1:].median()) / args.batches
@@ -112,8 +129,11 @@ def main() -> int:
         ("bare forward+backward (random tensors)", bare_step, 1.0),
         ("pipeline.train (loader, augment, loss, optimizer, bookkeeping)", pipe_step, bare_step / pipe_step),
     ]
-    print(f"\n{args.model}-{args.encoder}, batch {args.batch}, {args.size}x{args.size}, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}, loader workers {args.workers if args.workers is not None else 'auto'}, augment {args.augment}")
+    print(
+        f"\n{args.model}-{args.encoder}, batch {args.batch}, {args.size}x{args.size}, device {args.device}, "
+        f"torch threads {torch.get_num_threads()}, loader workers "
+        f"{args.workers if args.workers is not None else 'auto'}, augment {args.augment}"
+    )
     print(f"{'method':64s} {'ms/step':>9s} {'img/s':>8s} {'throughput vs bare':>19s}")
     for name, step, ratio in rows:
         print(f"{name:64s} {step * 1000:9.1f} {args.batch / step:8.1f} {ratio:19.3f}")
@@ -123,9 +143,13 @@ def main() -> int:
         print(f"\nmixed precision on {torch.cuda.get_device_name(device)} (bare loop, same batch and size)")
         fp32 = bare_loop(args, 11, device)
         print(f"{'mode':40s} {'ms/step':>9s} {'speed-up':>9s}")
-        for name, amp, cl in (("fp32", None, False), ("fp32 + channels_last", None, True),
-                              ("bf16", torch.bfloat16, False), ("bf16 + channels_last", torch.bfloat16, True),
-                              ("fp16 + channels_last", torch.float16, True)):
+        for name, amp, cl in (
+            ("fp32", None, False),
+            ("fp32 + channels_last", None, True),
+            ("bf16", torch.bfloat16, False),
+            ("bf16 + channels_last", torch.bfloat16, True),
+            ("fp16 + channels_last", torch.float16, True),
+        ):
             t = fp32 if (amp is None and not cl) else bare_loop(args, 11, device, amp, cl)
             print(f"{name:40s} {t * 1000:9.1f} {fp32 / t:9.2f}")
     return 0

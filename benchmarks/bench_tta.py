@@ -11,30 +11,30 @@ is also timed with all 8 views in one call.  Goal: ``d4`` (8 views) at most 8.5x
         [--batch 4] [--classes 11] [--device cpu|cuda|auto] [--amp off|fp16|bf16] [--repeats 5]
         [--sets none flip d4 ms] [--max-batch auto|none|N] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.models import build_model  # noqa: E402
-from pipeline.engine.runtime import amp_dtype, resolve_device  # noqa: E402
-from pipeline.inference.tta import TTAModel, auto_max_batch  # noqa: E402
+from pipeline.engine.runtime import amp_dtype, resolve_device
+from pipeline.inference.tta import TTAModel, auto_max_batch
+from pipeline.models import build_model
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1) -> dict[str, float]:
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1
+) -> dict[str, float]:
     """Median wall time in milliseconds of each function, warm-up calls excluded.
 
     The functions are timed in turns (one call each per round), so a slow phase of the
     machine affects every set alike instead of one set.
     """
+
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -65,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sets", nargs="+", default=["none", "flip", "d4", "ms"])
     parser.add_argument("--scales", nargs="+", type=float, default=[0.75, 1.0, 1.25])
-    parser.add_argument("--max-batch", default="auto",
-                        help="images per forward call: auto (as pipeline.predict: one view of the batch at a time on "
-                             "a CPU, all views at once on a GPU), none (all views at once) or a number")
+    parser.add_argument(
+        "--max-batch",
+        default="auto",
+        help="images per forward call: auto (as pipeline.predict: one view of the batch at a time on "
+        "a CPU, all views at once on a GPU), none (all views at once) or a number",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -76,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     dtype = amp_dtype(args.amp, device)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, num_classes=args.classes, encoder=args.encoder, encoder_weights=None).to(device).eval()
+    model = (
+        build_model(args.model, num_classes=args.classes, encoder=args.encoder, encoder_weights=None).to(device).eval()
+    )
     x = torch.randn(args.batch, 3, *args.size, device=device)
     sets = ["none"] + [s for s in args.sets if s != "none"]
 
@@ -91,15 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     def label(name: str, mb: int | None) -> str:
         return name if mb == max_batch else f"{name} [max_batch={mb or 'all'}]"
 
-    models = {label(name, mb): TTAModel(model, name, scales=args.scales, max_batch=mb, dtype=dtype).eval() for name, mb in variants}
+    models = {
+        label(name, mb): TTAModel(model, name, scales=args.scales, max_batch=mb, dtype=dtype).eval()
+        for name, mb in variants
+    }
     with torch.inference_mode():
         times = time_interleaved({key: (lambda m=m: m(x)) for key, m in models.items()}, device, args.repeats)
     rows = [(key, len(m.views), times[key]) for key, m in models.items()]
 
     amp = str(dtype).replace("torch.", "") if dtype is not None else "off"
-    print(f"{args.model}-{args.encoder}, batch {args.batch}, {args.size[0]}x{args.size[1]}, {args.classes} classes, "
-          f"device {device}, amp {amp}, threads {torch.get_num_threads()}, max_batch {max_batch or 'all'}; "
-          f"median of {args.repeats} interleaved rounds (warm-up excluded)")
+    print(
+        f"{args.model}-{args.encoder}, batch {args.batch}, {args.size[0]}x{args.size[1]}, {args.classes} classes, "
+        f"device {device}, amp {amp}, threads {torch.get_num_threads()}, max_batch {max_batch or 'all'}; "
+        f"median of {args.repeats} interleaved rounds (warm-up excluded)"
+    )
     width = max(10, *(len(r[0]) for r in rows))
     print(f"{'set':<{width}} {'views':>5} {'ms/batch':>10} {'vs none':>8} {'per view':>9}")
     base = rows[0][2]

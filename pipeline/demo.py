@@ -11,6 +11,7 @@ overlaps between some classes (Paper / Paper pack, Plastic / Plastic bag, Metal 
 Objects are painted largest first, the order in which the ground-truth rule of
 README's Contracts paints annotations, so the pixels of a mask show the object it is labelled as.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,10 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -120,8 +122,25 @@ def _highlight(v: np.ndarray, centre: float, width: float) -> np.ndarray:
     return np.exp(-(((v - centre) / max(width, 1e-6)) ** 2))
 
 
-PLASTIC_COLOURS = [(30, 90, 200), (200, 40, 40), (240, 200, 30), (40, 160, 70), (150, 200, 235), (245, 245, 245), (250, 120, 30)]
-BAG_COLOURS = [(235, 235, 235), (45, 45, 50), (40, 90, 190), (200, 50, 50), (235, 205, 50), (60, 160, 80), (225, 120, 170), (200, 212, 222)]
+PLASTIC_COLOURS = [
+    (30, 90, 200),
+    (200, 40, 40),
+    (240, 200, 30),
+    (40, 160, 70),
+    (150, 200, 235),
+    (245, 245, 245),
+    (250, 120, 30),
+]
+BAG_COLOURS = [
+    (235, 235, 235),
+    (45, 45, 50),
+    (40, 90, 190),
+    (200, 50, 50),
+    (235, 205, 50),
+    (60, 160, 80),
+    (225, 120, 170),
+    (200, 212, 222),
+]
 METAL_COLOURS = [(175, 175, 180), (120, 120, 126), (195, 165, 95), (150, 150, 140)]
 GLASS_COLOURS = [(50, 130, 70), (120, 66, 26), (175, 215, 205), (60, 110, 170)]
 
@@ -143,7 +162,9 @@ def _rect(rng: np.random.Generator, aspect: float, jitter: float, subdivide: int
     return pts + rng.normal(0.0, jitter, pts.shape)
 
 
-def _blob(rng: np.random.Generator, n: int, aspect: float, amplitude: float, freqs: Sequence[int], jag: float) -> np.ndarray:
+def _blob(
+    rng: np.random.Generator, n: int, aspect: float, amplitude: float, freqs: Sequence[int], jag: float
+) -> np.ndarray:
     theta = np.linspace(0.0, 2 * np.pi, n, endpoint=False) + rng.uniform(0, 2 * np.pi)
     r = np.ones(n)
     for f in freqs:
@@ -528,11 +549,14 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     c1 = 0.6 * grey + 0.4 * rng.uniform(30, 220, 3)
     c2 = 0.6 * rng.uniform(60, 190) + 0.4 * rng.uniform(30, 220, 3)
     angle = rng.uniform(0, 2 * np.pi)
-    t = (np.arange(w, dtype=np.float32)[None, :] * np.float32(np.cos(angle))
-         + np.arange(h, dtype=np.float32)[:, None] * np.float32(np.sin(angle)))
+    t = np.arange(w, dtype=np.float32)[None, :] * np.float32(np.cos(angle)) + np.arange(h, dtype=np.float32)[
+        :, None
+    ] * np.float32(np.sin(angle))
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     shared = 22 * _smooth_noise(rng, h, w, rng.uniform(3, 7)) + 8 * _smooth_noise(rng, h, w, max(h, w) / 6)
-    planes = [np.float32(c1[k]) + np.float32(c2[k] - c1[k]) * t + shared + 10 * _smooth_noise(rng, h, w, 5) for k in range(3)]
+    planes = [
+        np.float32(c1[k]) + np.float32(c2[k] - c1[k]) * t + shared + 10 * _smooth_noise(rng, h, w, 5) for k in range(3)
+    ]
     img = cv2.merge(planes)
     side = min(h, w)
     for _ in range(int(rng.integers(3, 12))):
@@ -603,7 +627,9 @@ def _paint(rng: np.random.Generator, img: np.ndarray, obj: _Object) -> None:
     region[m] = blended[m]
 
 
-def _render(rng: np.random.Generator, categories: Sequence[int], h: int, w: int, grey: bool) -> tuple[np.ndarray, list[_Object]]:
+def _render(
+    rng: np.random.Generator, categories: Sequence[int], h: int, w: int, grey: bool
+) -> tuple[np.ndarray, list[_Object]]:
     """One RGB uint8 image and its objects (in annotation order)."""
     img = _background(rng, h, w)
     objects: list[_Object] = []
@@ -718,7 +744,7 @@ def _render_split(
 ) -> tuple[list[dict], list[dict]]:
     images, annotations = [], []
     encode = [int(cv2.IMWRITE_JPEG_QUALITY), int(cfg.jpeg_quality)]
-    for image_id, (file_name, cats, seed) in enumerate(zip(files, plan, seeds)):
+    for image_id, (file_name, cats, seed) in enumerate(zip(files, plan, seeds, strict=False)):
         rng = np.random.default_rng(int(seed))
         grey = bool(rng.random() < cfg.grey_fraction)
         img, objects = _render(rng, cats, cfg.height, cfg.width, grey)
@@ -783,7 +809,8 @@ def run(cfg: DemoConfig) -> Path:
 
     per_class = Counter(a["category_id"] for a in anns)
     log.info(
-        "demo dataset %s: %d labelled images (%d train, %d val), %d test images, %d annotations (%d test); instances: %s",
+        "demo dataset %s: %d labelled images (%d train, %d val), %d test images, %d annotations (%d test); "
+        "instances: %s",
         out,
         len(images),
         len(images) - len(val_idx),

@@ -17,6 +17,7 @@ pixel shares come from the rasterized ground-truth maps (the contest's mask rule
 occluded pixels count for the object on top).  Object areas use the absolute COCO
 thresholds (small < 32^2, medium < 96^2, large >= 96^2 pixels).
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -25,9 +26,10 @@ import io
 import logging
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -185,10 +187,6 @@ def class_rows(stats: Stats) -> list[dict[str, Any]]:
     return rows
 
 
-
-
-
-
 # ----------------------------------------------------------------------------- plots
 def _figure(width: float, height: float, layout: str | None = None):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -222,7 +220,13 @@ def plot_annotations_per_image(stats: Stats, path: Path) -> Path:
 
 
 def plot_class_bars(
-    labels: Sequence[str], values: Sequence[float], title: str, ylabel: str, path: Path, colours: np.ndarray, log_scale: bool = False
+    labels: Sequence[str],
+    values: Sequence[float],
+    title: str,
+    ylabel: str,
+    path: Path,
+    colours: np.ndarray,
+    log_scale: bool = False,
 ) -> Path:
     fig = _figure(_bar_width(len(labels)), 4.5)
     ax = fig.subplots()
@@ -249,7 +253,7 @@ def plot_object_area(stats: Stats, path: Path) -> Path:
     x = np.arange(len(names))
     bottom = np.zeros(len(names))
     labels = (f"small (< {AREA_SMALL} px)", f"medium (< {AREA_MEDIUM} px)", f"large (>= {AREA_MEDIUM} px)")
-    for b, (label, colour) in enumerate(zip(labels, ("#8fbbd9", "#4c72b0", "#1b3a66"))):
+    for b, (label, colour) in enumerate(zip(labels, ("#8fbbd9", "#4c72b0", "#1b3a66"), strict=False)):
         ax.bar(x, bins[:, b], bottom=bottom, label=label, color=colour)
         bottom += bins[:, b]
     ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8 if len(names) <= 30 else 5)
@@ -289,7 +293,15 @@ def plot_cooccurrence(stats: Stats, path: Path) -> Path:
         hi = mat.max() if mat.size else 0
         for i in range(len(names)):
             for j in range(len(names)):
-                ax.text(j, i, str(int(mat[i, j])), ha="center", va="center", fontsize=7, color="black" if mat[i, j] > hi * 0.6 else "white")
+                ax.text(
+                    j,
+                    i,
+                    str(int(mat[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if mat[i, j] > hi * 0.6 else "white",
+                )
     ax.set_title("Class co-occurrence (images containing both; diagonal: images with the class)")
     return _save(fig, path)
 
@@ -321,7 +333,7 @@ def plot_samples(coco: CocoData, cache: MaskCache, image_ids: Sequence[int], pal
     fig = _figure(cell * cols, rows * (cell * min(max(aspect, 0.25), 4.0) + 0.3) + 0.9, layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     present: set[int] = set()
-    for ax, image_id in zip(axes, image_ids):
+    for ax, image_id in zip(axes, image_ids, strict=False):
         mask = cache.get(image_id)
         present.update(int(v) for v in np.unique(mask) if v)
         ax.imshow(overlay(read_image(coco.image_path(image_id)), mask, palette), interpolation="nearest")
@@ -359,7 +371,7 @@ def summary_rows(coco: CocoData, stats: Stats, checked: int | None) -> list[dict
         "annotations_per_image_median": float(np.median(per)) if per.size else 0.0,
         "annotations_per_image_max": int(per.max()) if per.size else 0,
         "distinct_image_sizes": len(stats.sizes),
-        "most_common_size_hxw": "%dx%d" % stats.sizes.most_common(1)[0][0] if stats.sizes else "",
+        "most_common_size_hxw": "{}x{}".format(*stats.sizes.most_common(1)[0][0]) if stats.sizes else "",
         "images_checked": "" if checked is None else checked,
         "background_pixel_share": float(stats.pixel_share[0]),
     }
@@ -368,7 +380,7 @@ def summary_rows(coco: CocoData, stats: Stats, checked: int | None) -> list[dict
     return [{"key": k, "value": v} for k, v in values.items()]
 
 
-def render_report(coco: CocoData, stats: Stats, rows: list[dict[str, Any]], plots: dict[str, Path], checked: int | None, sample_ids: Sequence[int]) -> str:
+def _report_header(coco: CocoData, stats: Stats, checked: int | None) -> list[str]:
     per = stats.anns_per_image
     n_img = len(coco.images)
     lines = [
@@ -379,11 +391,19 @@ def render_report(coco: CocoData, stats: Stats, rows: list[dict[str, Any]], plot
         f"- Annotations: {int(stats.instances.sum())}",
         f"- Classes: {coco.num_classes} (Background + {len(coco.categories)} categories, in file order)",
         "- Image check: "
-        + (f"all {checked} images decoded, sizes match the annotation file" if checked is not None else "skipped (check_images=false)"),
+        + (
+            f"all {checked} images decoded, sizes match the annotation file"
+            if checked is not None
+            else "skipped (check_images=false)"
+        ),
     ]
     if coco.repairs:
         lines.append("- Repairs while loading: " + ", ".join(f"{v} {k}" for k, v in sorted(coco.repairs.items())))
-    lines += [
+    return lines
+
+
+def _report_classes(rows: list[dict[str, Any]], plots: dict[str, Path]) -> list[str]:
+    return [
         "",
         "## Classes",
         "",
@@ -394,7 +414,17 @@ def render_report(coco: CocoData, stats: Stats, rows: list[dict[str, Any]], plot
         markdown_table(
             ["index", "class", "COCO id", "images", "instances", "small", "medium", "large", "pixel share"],
             [
-                [r["class_index"], r["class_name"], r["category_id"], r["images"], r["instances"], r["small"], r["medium"], r["large"], f"{r['pixel_share']:.2%}"]
+                [
+                    r["class_index"],
+                    r["class_name"],
+                    r["category_id"],
+                    r["images"],
+                    r["instances"],
+                    r["small"],
+                    r["medium"],
+                    r["large"],
+                    f"{r['pixel_share']:.2%}",
+                ]
                 for r in rows
             ],
         ),
@@ -403,6 +433,12 @@ def render_report(coco: CocoData, stats: Stats, rows: list[dict[str, Any]], plot
         "",
         f"![Pixel share per class]({plots['class_pixel_share'].name})",
         "",
+    ]
+
+
+def _report_images(stats: Stats, plots: dict[str, Path]) -> list[str]:
+    per = stats.anns_per_image
+    lines = [
         "## Annotations per image",
         "",
         f"min {int(per.min()) if per.size else 0}, mean {per.mean() if per.size else 0:.2f}, "
@@ -426,6 +462,18 @@ def render_report(coco: CocoData, stats: Stats, rows: list[dict[str, Any]], plot
         lines += ["", f"({len(stats.sizes) - 20} more sizes not listed)"]
     if "image_sizes" in plots:
         lines += ["", f"![Image sizes]({plots['image_sizes'].name})"]
+    return lines
+
+
+def render_report(
+    coco: CocoData,
+    stats: Stats,
+    rows: list[dict[str, Any]],
+    plots: dict[str, Path],
+    checked: int | None,
+    sample_ids: Sequence[int],
+) -> str:
+    lines = _report_header(coco, stats, checked) + _report_classes(rows, plots) + _report_images(stats, plots)
     lines += [
         "",
         "## Class co-occurrence",
@@ -478,12 +526,23 @@ def run(cfg: EDAConfig) -> dict[str, Any]:
     plots["annotations_per_image"] = plot_annotations_per_image(stats, out / PLOTS["annotations_per_image"])
     names = stats.class_names
     plots["class_instances"] = plot_class_bars(
-        names[1:], stats.instances[1:].tolist(), "Instances per class", "instances", out / PLOTS["class_instances"], palette[1:]
+        names[1:],
+        stats.instances[1:].tolist(),
+        "Instances per class",
+        "instances",
+        out / PLOTS["class_instances"],
+        palette[1:],
     )
     share_colours = palette.copy()
     share_colours[0] = (200, 200, 200)
     plots["class_pixel_share"] = plot_class_bars(
-        names, stats.pixel_share.tolist(), "Pixel share per class (ground-truth maps)", "pixel share", out / PLOTS["class_pixel_share"], share_colours, log_scale=True
+        names,
+        stats.pixel_share.tolist(),
+        "Pixel share per class (ground-truth maps)",
+        "pixel share",
+        out / PLOTS["class_pixel_share"],
+        share_colours,
+        log_scale=True,
     )
     plots["object_area"] = plot_object_area(stats, out / PLOTS["object_area"])
     if len(stats.sizes) > 1:
@@ -506,7 +565,14 @@ def run(cfg: EDAConfig) -> dict[str, Any]:
         ["class", "images", "instances", "pixel share"],
         [[r["class_name"], r["images"], r["instances"], f"{r['pixel_share']:.2%}"] for r in rows],
     )
-    log.info("EDA of %s: %d images, %d annotations, %d classes\n%s", coco.path, len(coco.images), int(stats.instances.sum()), coco.num_classes, table)
+    log.info(
+        "EDA of %s: %d images, %d annotations, %d classes\n%s",
+        coco.path,
+        len(coco.images),
+        int(stats.instances.sum()),
+        coco.num_classes,
+        table,
+    )
     log.info("EDA report written to %s", report)
     return {
         **{r["key"]: r["value"] for r in summary},
@@ -525,7 +591,9 @@ def run(cfg: EDAConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return stage_main(EDAConfig, run, argv, "Exploratory data analysis of a contest-layout COCO file (writes reports/eda/).")
+    return stage_main(
+        EDAConfig, run, argv, "Exploratory data analysis of a contest-layout COCO file (writes reports/eda/)."
+    )
 
 
 if __name__ == "__main__":

@@ -32,14 +32,16 @@ ensemble scores are all computed from the same cache.
 Outputs in ``<out_dir>/<name>/``: ``weights.yaml`` (members with their store folders,
 weights, bias, method, OOF scores; read by the submit stage) and ``report.md``.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -63,7 +65,6 @@ from pipeline.inference.ensemble import (
 from pipeline.inference.store import stores_mask_rule
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -99,38 +100,16 @@ class EnsembleConfig:
             raise ConfigError("name must not be empty")
 
 
-
-
 # ----------------------------------------------------------------------------- members
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ----------------------------------------------------------------------------- combination
 
 
-
-
 # ----------------------------------------------------------------------------- OOF cache
 
 
-
-
 # ----------------------------------------------------------------------------- tuning
-
-
-
-
 
 
 # ----------------------------------------------------------------------------- report
@@ -139,19 +118,22 @@ def _fmt(v: float | None) -> str:
 
 
 def _ious(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, float | None]:
-    return {n: (None if np.isnan(v) else float(v)) for n, v in zip(class_names, iou_per_class(cm))}
+    return {n: (None if np.isnan(v) else float(v)) for n, v in zip(class_names, iou_per_class(cm), strict=False)}
 
 
 def render_report(cfg: EnsembleConfig, result: dict[str, Any], class_names: Sequence[str]) -> tuple[str, str]:
     """(text table for the log, report.md)."""
     members = result["members"]
     head = ["member", "weight", "tta", "folds", "OOF mIoU"]
-    rows = [[m["name"], f"{m['weight']:.4f}", m["tta"] or "-", len(m["oof_stores"]), _fmt(m["oof_miou"])] for m in members]
+    rows = [
+        [m["name"], f"{m['weight']:.4f}", m["tta"] or "-", len(m["oof_stores"]), _fmt(m["oof_miou"])] for m in members
+    ]
     rows.append(["plain average", "-", "-", "-", _fmt(result["oof"]["plain_average_miou"])])
     rows.append([f"ensemble ({cfg.method})", "-", "-", "-", _fmt(result["oof"]["ensemble_miou"])])
     cls_head = ["class"] + [m["name"] for m in members] + ["plain average", "ensemble"]
     cls_rows = [
-        [c] + [_fmt(m["oof_iou_per_class"][c]) for m in members]
+        [c]
+        + [_fmt(m["oof_iou_per_class"][c]) for m in members]
         + [_fmt(result["oof"]["plain_average_iou_per_class"][c]), _fmt(result["oof"]["iou_per_class"][c])]
         for c in class_names
     ]
@@ -160,7 +142,8 @@ def render_report(cfg: EnsembleConfig, result: dict[str, Any], class_names: Sequ
     md = [
         f"# Ensemble `{cfg.name}`",
         "",
-        f"Method: `{cfg.method}` ({METHODS.entry(cfg.method).description}). Tuned: {'weights' if cfg.tune else 'nothing (plain average)'}"
+        f"Method: `{cfg.method}` ({METHODS.entry(cfg.method).description}). Tuned: "
+        f"{'weights' if cfg.tune else 'nothing (plain average)'}"
         + (" and per-class bias on log-probabilities" if cfg.tune and cfg.tune_bias else "")
         + f", {result['tuning']['trials']} trials, TPE seed {cfg.seed}.",
         "",
@@ -178,15 +161,55 @@ def render_report(cfg: EnsembleConfig, result: dict[str, Any], class_names: Sequ
         "",
     ]
     if bias is not None:
-        md += ["## Bias (added to log-probabilities)", "",
-               markdown_table(["class", "bias"], [[c, f"{b:+.4f}"] for c, b in zip(class_names, bias)]), ""]
+        md += [
+            "## Bias (added to log-probabilities)",
+            "",
+            markdown_table(["class", "bias"], [[c, f"{b:+.4f}"] for c, b in zip(class_names, bias, strict=False)]),
+            "",
+        ]
     md += ["## Members", ""]
     for m in members:
-        md.append(f"- `{m['name']}` ({m['path']}): OOF {', '.join(m['oof_stores'])}; test {', '.join(m['test_stores']) or 'none'}")
+        md.append(
+            f"- `{m['name']}` ({m['path']}): OOF {', '.join(m['oof_stores'])}; test "
+            f"{', '.join(m['test_stores']) or 'none'}"
+        )
     return text, "\n".join(md) + "\n"
 
 
 # ----------------------------------------------------------------------------- stage
+def _choose(cfg: EnsembleConfig, members: list, cache: OofCache) -> tuple:
+    """The best OOF combination among tuned weights, the plain average and each member alone,
+    then a tuned bias if it helps; with the confusion matrices the report needs."""
+    m = len(members)
+    plain = Fusion(np.ones(m), None, cfg.method)
+    singles = [Fusion(np.eye(m)[i], None, cfg.method) for i in range(m)]
+    cms = cache.confusions([plain, *singles])
+    plain_cm, member_cms = cms[0], cms[1:]
+    candidates: list[tuple[str, np.ndarray, np.ndarray | None, np.ndarray]] = []
+    trials = 0
+    if cfg.tune and m > 1 and cfg.n_trials > 0:
+        weights, _ = tune_weights(cache, cfg.method, cfg.n_trials, cfg.seed)
+        trials += cfg.n_trials
+        candidates.append(("tuned weights", weights, None, cache.confusion(Fusion(weights, None, cfg.method))))
+    candidates.append(("plain average", plain.weights, None, plain_cm))
+    candidates += [
+        (f"member {x.name} alone", s.weights, None, c) for x, s, c in zip(members, singles, member_cms, strict=False)
+    ]
+    label, weights, bias, best_cm = max(candidates, key=lambda c: mean_iou(c[3]))  # first of equals wins
+    if label != "tuned weights":
+        log.info("best OOF combination: %s", label)
+    if cfg.tune and cfg.tune_bias and cfg.n_trials > 0:
+        tuned_bias, _ = tune_bias(cache, weights, cfg.method, cfg.n_trials, cfg.seed, cfg.bias_range)
+        trials += cfg.n_trials
+        bias_cm = cache.confusion(Fusion(weights, tuned_bias, cfg.method))
+        if mean_iou(bias_cm) > mean_iou(best_cm):
+            bias, best_cm = tuned_bias, bias_cm
+        else:
+            log.info("the tuned bias does not improve the OOF mIoU; no bias is used")
+    n_images = len(cache.image_ids)
+    return label, weights, bias, best_cm, plain_cm, member_cms, trials, n_images
+
+
 def run(cfg: EnsembleConfig) -> dict[str, Any]:
     """Tune the ensemble on OOF probabilities; write ``weights.yaml`` and ``report.md``."""
     cfg.validate()
@@ -198,35 +221,19 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
     m = len(members)
     log.info("ensemble %s: %d members (%s), method %s", cfg.name, m, ", ".join(x.name for x in members), cfg.method)
     with OofCache(members, coco, folder=out, max_images=cfg.max_images, seed=cfg.seed, progress=cfg.progress) as cache:
-        plain = Fusion(np.ones(m), None, cfg.method)
-        singles = [Fusion(np.eye(m)[i], None, cfg.method) for i in range(m)]
-        cms = cache.confusions([plain, *singles])
-        plain_cm, member_cms = cms[0], cms[1:]
-        candidates: list[tuple[str, np.ndarray, np.ndarray | None, np.ndarray]] = []
-        trials = 0
-        if cfg.tune and m > 1 and cfg.n_trials > 0:
-            weights, _ = tune_weights(cache, cfg.method, cfg.n_trials, cfg.seed)
-            trials += cfg.n_trials
-            candidates.append(("tuned weights", weights, None, cache.confusion(Fusion(weights, None, cfg.method))))
-        candidates.append(("plain average", plain.weights, None, plain_cm))
-        candidates += [(f"member {x.name} alone", s.weights, None, c) for x, s, c in zip(members, singles, member_cms)]
-        label, weights, bias, best_cm = max(candidates, key=lambda c: mean_iou(c[3]))  # first of equals wins
-        if label != "tuned weights":
-            log.info("best OOF combination: %s", label)
-        if cfg.tune and cfg.tune_bias and cfg.n_trials > 0:
-            tuned_bias, _ = tune_bias(cache, weights, cfg.method, cfg.n_trials, cfg.seed, cfg.bias_range)
-            trials += cfg.n_trials
-            bias_cm = cache.confusion(Fusion(weights, tuned_bias, cfg.method))
-            if mean_iou(bias_cm) > mean_iou(best_cm):
-                bias, best_cm = tuned_bias, bias_cm
-            else:
-                log.info("the tuned bias does not improve the OOF mIoU; no bias is used")
-        n_images = len(cache.image_ids)
+        choice = _choose(cfg, members, cache)
+    label, weights, bias, best_cm, plain_cm, member_cms, trials, n_images = choice
 
     member_rows = []
-    for x, w, c in zip(members, weights, member_cms):
-        member_rows.append({**x.as_dict(), "weight": float(w), "oof_miou": mean_iou(c),
-                            "oof_iou_per_class": _ious(c, coco.class_names)})
+    for x, w, c in zip(members, weights, member_cms, strict=False):
+        member_rows.append(
+            {
+                **x.as_dict(),
+                "weight": float(w),
+                "oof_miou": mean_iou(c),
+                "oof_iou_per_class": _ious(c, coco.class_names),
+            }
+        )
     result: dict[str, Any] = {
         "name": cfg.name,
         "method": cfg.method,
@@ -247,8 +254,14 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
             "plain_average_iou_per_class": _ious(plain_cm, coco.class_names),
             "chosen": label if bias is None else f"{label} + bias",
         },
-        "tuning": {"tune": cfg.tune, "tune_bias": cfg.tune_bias, "trials": trials, "sampler": "TPE", "seed": cfg.seed,
-                   "max_images": cfg.max_images},
+        "tuning": {
+            "tune": cfg.tune,
+            "tune_bias": cfg.tune_bias,
+            "trials": trials,
+            "sampler": "TPE",
+            "seed": cfg.seed,
+            "max_images": cfg.max_images,
+        },
         "config": to_dict(cfg),
     }
     text, md = render_report(cfg, result, coco.class_names)
@@ -257,8 +270,6 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
     log.info("ensemble %s on %d OOF images (%.1f s):\n%s", cfg.name, n_images, time.perf_counter() - started, text)
     log.info("wrote %s and %s", weights_path, report_path)
     return {**result, "weights_file": str(weights_path), "report": str(report_path)}
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,13 +11,14 @@ Outputs: ``folds.csv`` (image_id, file_name, group, fold, one ``has_<class>`` co
 class), ``folds_balance.csv`` (images, instances and pixel share per class per fold) and
 ``folds_meta.json`` (annotation file, its content hash, k, seed).
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -49,10 +50,6 @@ class FoldsConfig:
             raise ConfigError(f"group_by must be null or 'folder', got {self.group_by!r}")
 
 
-
-
-
-
 def _groups(coco: CocoData, cfg: FoldsConfig) -> list[str] | None:
     files = [im["file_name"] for im in coco.images]
     if cfg.groups_csv:
@@ -62,7 +59,7 @@ def _groups(coco: CocoData, cfg: FoldsConfig) -> list[str] | None:
         table = pd.read_csv(path)
         if not {"file_name", "group"} <= set(table.columns):
             raise DataError(f"{path}: groups CSV needs columns file_name,group; has {list(table.columns)}")
-        mapping = dict(zip(table["file_name"].astype(str), table["group"].astype(str)))
+        mapping = dict(zip(table["file_name"].astype(str), table["group"].astype(str), strict=False))
         missing = [f for f in files if f not in mapping]
         if missing:
             raise DataError(f"{path}: no group for {len(missing)} image(s), e.g. {missing[:3]}")
@@ -160,8 +157,6 @@ def run(cfg: FoldsConfig) -> pd.DataFrame:
     log.info("largest deviation of a class's image share from its overall share: %.4f", worst)
     log.info("wrote %s", out / "folds.csv")
     return table
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

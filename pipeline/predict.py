@@ -4,10 +4,11 @@
 store (:mod:`pipeline.inference.predictor`): ``SPLIT=test`` writes ``<run>/test_<tta>/``,
 ``SPLIT=val`` the out-of-fold store ``<run>/oof_<tta>/`` and logs its mIoU.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pipeline.core.config import stage_main
 from pipeline.inference.predictor import PredictConfig, predict

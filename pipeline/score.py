@@ -17,11 +17,13 @@ suffix ``.json``), else ``area``, the contest rule.
 * dense submissions are scored at ``dense_size`` (256x256) against the ground truth resized
   with nearest neighbour.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,12 +66,6 @@ class ScoreConfig:
             raise ConfigError(f"mask_rule: unknown {self.mask_rule!r}; known: {', '.join(MASK_RULES)}")
 
 
-
-
-
-
-
-
 def run(cfg: ScoreConfig) -> dict[str, Any]:
     """Score ``cfg.sub`` against ``cfg.gt``; returns mIoU and per-class IoU."""
     cfg.validate()
@@ -101,19 +97,31 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     dataset = meter.compute()
     image_level = float(np.mean(per_image)) if per_image else (float("nan") if cfg.image_level else None)
     ious = iou_per_class(meter.cm)
-    scored_at = (f"{cfg.dense_size[0]}x{cfg.dense_size[1]} (ground truth resized with nearest neighbour)"
-                 if fmt == "dense" else "each image's own size")
-    rows = [[name, "-" if np.isnan(v) else f"{v:.4f}"] for name, v in zip(coco.class_names, ious)]
+    scored_at = (
+        f"{cfg.dense_size[0]}x{cfg.dense_size[1]} (ground truth resized with nearest neighbour)"
+        if fmt == "dense"
+        else "each image's own size"
+    )
+    rows = [[name, "-" if np.isnan(v) else f"{v:.4f}"] for name, v in zip(coco.class_names, ious, strict=False)]
     table = format_table(["class", "IoU"], rows)
     mask_note = f", mask rule {rule!r} from {rule_source}" if rule is not None else ""
-    log.info("mIoU (dataset level): %.4f\n%s (%s, %d images) scored at %s against %s%s:\n%s%s", dataset, cfg.sub,
-             fmt, len(coco.images), scored_at, gt.path, mask_note, table,
-             f"\nmIoU (image level, extra): {image_level:.4f}" if cfg.image_level else "")
+    log.info(
+        "mIoU (dataset level): %.4f\n%s (%s, %d images) scored at %s against %s%s:\n%s%s",
+        dataset,
+        cfg.sub,
+        fmt,
+        len(coco.images),
+        scored_at,
+        gt.path,
+        mask_note,
+        table,
+        f"\nmIoU (image level, extra): {image_level:.4f}" if cfg.image_level else "",
+    )
     return {
         "miou": dataset,  # the headline is always the dataset-level mIoU
         "dataset_miou": dataset,
         "image_level_miou": image_level,
-        "iou_per_class": {n: (None if np.isnan(v) else float(v)) for n, v in zip(coco.class_names, ious)},
+        "iou_per_class": {n: (None if np.isnan(v) else float(v)) for n, v in zip(coco.class_names, ious, strict=False)},
         "format": fmt,
         "scored_at": scored_at,
         "n_images": len(coco.images),

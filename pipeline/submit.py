@@ -17,6 +17,7 @@ The CSV is written to a temporary file, validated (:mod:`pipeline.validate`) and
 renamed over ``submissions/<name>.csv``, so an earlier file of that name stays intact when
 anything fails.  A manifest ``submissions/<name>.json`` records how the file was made.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -24,9 +25,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pipeline.core.config import ConfigError, stage_main, to_dict
 from pipeline.core.errors import PipelineError
@@ -81,20 +83,6 @@ class SubmitConfig:
             raise ConfigError("runs is empty")
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def run(cfg: SubmitConfig) -> dict[str, Any]:
     """Write ``<out_dir>/<name>.csv`` and its manifest; returns the manifest."""
     from tqdm import tqdm
@@ -109,8 +97,14 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
     )
     out = Path(cfg.out_dir)
     csv_path = out / f"{cfg.name}.csv"
-    log.info("submission %s: %d test images, %d member(s) (%s), format %s", csv_path, len(coco.images), len(members),
-             ", ".join(f"{m.name} {m.weight:.3f}" for m in members), cfg.format)
+    log.info(
+        "submission %s: %d test images, %d member(s) (%s), format %s",
+        csv_path,
+        len(coco.images),
+        len(members),
+        ", ".join(f"{m.name} {m.weight:.3f}" for m in members),
+        cfg.format,
+    )
 
     def batches():
         probs = MemberProbs()
@@ -142,21 +136,30 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
         "rows": n_rows,
         "images": len(coco.images),
         "test_ann": str(coco.path),
-        "members": [{"name": m.name, "weight": m.weight, "tta": m.tta, "test_stores": [str(r.folder) for r in m.readers]}
-                    for m in members],
+        "members": [
+            {"name": m.name, "weight": m.weight, "tta": m.tta, "test_stores": [str(r.folder) for r in m.readers]}
+            for m in members
+        ],
         "mask_rule": stores_mask_rule([r.folder for m in members for r in m.readers]),
         "method": fusion.method,
         "postprocess": cfg.postprocess,
         "bias": None if fusion.bias is None else [float(b) for b in fusion.bias],
         **{k: v for k, v in source.items() if k != "method"},
         "validated": cfg.check,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "config": to_dict(cfg),
     }
     manifest_path = atomic_write_text(out / f"{cfg.name}.json", json.dumps(manifest, indent=2))
     oof = source.get("oof", {}).get("ensemble_miou")
-    log.info("wrote %s (%d rows%s) and %s in %.1f s%s", csv_path, n_rows, ", validated" if cfg.check else "",
-             manifest_path, time.perf_counter() - started, f"; OOF mIoU of the ensemble {oof:.4f}" if oof is not None else "")
+    log.info(
+        "wrote %s (%d rows%s) and %s in %.1f s%s",
+        csv_path,
+        n_rows,
+        ", validated" if cfg.check else "",
+        manifest_path,
+        time.perf_counter() - started,
+        f"; OOF mIoU of the ensemble {oof:.4f}" if oof is not None else "",
+    )
     return {**manifest, "manifest": str(manifest_path)}
 
 

@@ -11,9 +11,10 @@ A run whose ``last.pt`` exists continues from it: shuffling and augmentation dep
 on (seed, epoch, sample), so a resumed run reproduces an uninterrupted one.  Under
 ``torchrun`` the same entry point trains with DistributedDataParallel.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline.core.config import stage_main
 from pipeline.engine.config import TrainConfig

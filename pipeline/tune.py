@@ -23,12 +23,14 @@ Several workers may share one storage.  The sampler seed of a worker is derived 
 trial of the study is running, else the process id; workers started at the same moment
 should therefore be given distinct ``worker_id`` values.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import optuna
 
@@ -58,73 +60,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
-
 # ----------------------------------------------------------------------------- search space
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ----------------------------------------------------------------------------- trial configs
 
 
-
-
-
-
 # ----------------------------------------------------------------------------- pruning
-
-
-
-
-
-
-
-
 
 
 # ----------------------------------------------------------------------------- storage
 
 
-
-
-
-
-
-
-
-
 # ----------------------------------------------------------------------------- samplers, pruners
-
-
-
-
 
 
 def _log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -136,8 +84,14 @@ def _log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         best = f"{study.best_value:.4f} (trial {study.best_trial.number})"
     log.info(
         "trial %d %s: value %s%s in %.1f s, best %s; params %s; run %s",
-        trial.number, trial.state.name, value, f" (folds {', '.join(f'{v:.4f}' for v in folds)})" if folds and len(folds) > 1 else "",
-        seconds, best, trial.params, trial.user_attrs.get("run_dir", "-"),
+        trial.number,
+        trial.state.name,
+        value,
+        f" (folds {', '.join(f'{v:.4f}' for v in folds)})" if folds and len(folds) > 1 else "",
+        seconds,
+        best,
+        trial.params,
+        trial.user_attrs.get("run_dir", "-"),
     )
 
 
@@ -176,11 +130,22 @@ def run(cfg: TuneConfig, train_fn: TrainFn | None = None) -> optuna.Study:
         load_if_exists=True,
     )
     if study.direction.name.lower() != cfg.direction:
-        raise ConfigError(f"study {cfg.study!r} in {url} was created with direction={study.direction.name.lower()}, not {cfg.direction}")
+        raise ConfigError(
+            f"study {cfg.study!r} in {url} was created with direction={study.direction.name.lower()}, not "
+            f"{cfg.direction}"
+        )
     study.set_user_attr("space", space.path)
     log.info(
         "study %s (%s): %d trial(s) already, running %d more on fold(s) %s; sampler %s (seed %d, worker %d), pruner %s",
-        cfg.study, url, len(existing), cfg.trials, cfg.fold_list(), cfg.sampler, seed, worker, cfg.pruner,
+        cfg.study,
+        url,
+        len(existing),
+        cfg.trials,
+        cfg.fold_list(),
+        cfg.sampler,
+        seed,
+        worker,
+        cfg.pruner,
     )
     objective = TrialObjective(cfg, space, base, train_fn)
     t0 = time.perf_counter()
@@ -196,7 +161,10 @@ def run(cfg: TuneConfig, train_fn: TrainFn | None = None) -> optuna.Study:
     states = {s.name: sum(t.state == s for t in done) for s in optuna.trial.TrialState}
     log.info(
         "study %s: %s trial(s) in storage (%s) after %.1f s",
-        cfg.study, len(done), ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v), time.perf_counter() - t0,
+        cfg.study,
+        len(done),
+        ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v),
+        time.perf_counter() - t0,
     )
     return study
 

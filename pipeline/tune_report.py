@@ -11,6 +11,7 @@ Writes ``reports/tune/<study>/``:
   ``make train CONFIG=reports/tune/<study>/best.yaml FOLD=k`` trains it.  Its ``epochs`` and
   other budgets are the trial's: raise them there (or with ``ARGS``) for a full run.
 """
+
 from __future__ import annotations
 
 import io
@@ -18,9 +19,9 @@ import json
 import logging
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import optuna
 import yaml
@@ -99,7 +100,11 @@ def write_plots(study: optuna.Study, out: Path) -> list[Path]:
         {name for t in complete for name in t.params if len({json.dumps(c.params.get(name)) for c in complete}) > 1}
     )
     plots: list[tuple[str, Callable[[], object], str | None]] = [
-        ("optimization_history.png", lambda: vis.plot_optimization_history(study), None if complete else "no completed trial"),
+        (
+            "optimization_history.png",
+            lambda: vis.plot_optimization_history(study),
+            None if complete else "no completed trial",
+        ),
         (
             "intermediate_values.png",
             lambda: vis.plot_intermediate_values(study),
@@ -170,8 +175,15 @@ def run(cfg: TuneReportConfig) -> Path:
         log.info("study %s has no trials", cfg.study)
     else:
         counts = table["state"].value_counts().to_dict()
-        log.info("study %s: %d trial(s) (%s)\n%s", cfg.study, len(table), ", ".join(f"{k.lower()} {v}" for k, v in counts.items()),
-                 table.drop(columns=["run_dir"]).to_string(index=False, float_format=lambda v: "nan" if math.isnan(v) else f"{v:.4f}"))
+        log.info(
+            "study %s: %d trial(s) (%s)\n%s",
+            cfg.study,
+            len(table),
+            ", ".join(f"{k.lower()} {v}" for k, v in counts.items()),
+            table.drop(columns=["run_dir"]).to_string(
+                index=False, float_format=lambda v: "nan" if math.isnan(v) else f"{v:.4f}"
+            ),
+        )
     written = write_plots(study, out)
     text = best_config_text(study)
     if text is None:

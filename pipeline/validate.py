@@ -15,11 +15,12 @@ lists every problem with the CSV line number (the header is line 1) and the imag
 The file is read row by row with the ``csv`` module; only the run lists of the image
 whose rows are being read are held in memory.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from pipeline.core.config import ConfigError, stage_main
 from pipeline.core.errors import PipelineError
@@ -32,7 +33,6 @@ from pipeline.submission.formats import (
 )
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -51,32 +51,6 @@ class ValidateConfig:
         check_format_options(self.format, self.order, self.dense_size, allow_auto=True)
         if self.max_report < 1:
             raise ConfigError(f"max_report must be at least 1, got {self.max_report}")
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def run(cfg: ValidateConfig) -> list[str]:

@@ -1,4 +1,5 @@
 """Shared fixtures: small datasets in the contest layout, made by the project's own generator."""
+
 from __future__ import annotations
 
 import os

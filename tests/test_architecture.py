@@ -1,5 +1,6 @@
 """The package's shape: stages on top never import each other; building blocks never import
 stages; no function is longer than 80 lines."""
+
 from __future__ import annotations
 
 import ast
@@ -47,7 +48,8 @@ def stage_of(module: str) -> str | None:
 
 def test_the_stage_list_is_complete():
     with_main = {
-        name.split(".")[1] for name, tree in modules().items()
+        name.split(".")[1]
+        for name, tree in modules().items()
         if name.count(".") == 1 and any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
     }
     assert with_main == STAGES
@@ -76,6 +78,7 @@ def test_no_function_is_longer_than_80_lines(path):
     long = [
         f"{node.name} ({node.end_lineno - node.lineno + 1} lines, line {node.lineno})"
         for node in ast.walk(tree)
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert long == []

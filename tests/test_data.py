@@ -1,4 +1,5 @@
 """Data layer: COCO loading and validation, the mask rule, the mask cache, datasets."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from pipeline import data as data_mod
-from pipeline.data import masks as masks_mod
+from pipeline.core.errors import PipelineError
 from pipeline.data import (
     AUGMENTATIONS,
     IMAGENET_MEAN,
@@ -29,7 +30,7 @@ from pipeline.data import (
     load_coco,
     verify_images,
 )
-from pipeline.core.errors import PipelineError
+from pipeline.data import masks as masks_mod
 
 H, W = 10, 12
 CATS = [{"id": 1, "name": "big"}, {"id": 2, "name": "small"}]
@@ -48,7 +49,9 @@ def ann(aid: int, cat: int, seg: Any, image_id: int = 1, area: float | None = No
     return out
 
 
-def poly(aid: int, cat: int, x0: int, y0: int, x1: int, y1: int, image_id: int = 1, area: bool = True) -> dict[str, Any]:
+def poly(
+    aid: int, cat: int, x0: int, y0: int, x1: int, y1: int, image_id: int = 1, area: bool = True
+) -> dict[str, Any]:
     """A box annotation with its true area (or none)."""
     return ann(aid, cat, [box(x0, y0, x1, y1)], image_id, float((x1 - x0) * (y1 - y0)) if area else None)
 
@@ -263,8 +266,11 @@ def test_rle_only_image_under_polygon_length_equals_the_area_rule(tmp_path):
     m1, m2 = np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8)
     m1[2:6, 2:6] = 1
     m2[0:8, 0:8] = 1
-    path = write_coco(tmp_path, [ann(1, 2, compressed_rle(m1), area=16.0), ann(2, 1, compressed_rle(m2), area=64.0)],
-                      write_images=False)
+    path = write_coco(
+        tmp_path,
+        [ann(1, 2, compressed_rle(m1), area=16.0), ann(2, 1, compressed_rle(m2), area=64.0)],
+        write_images=False,
+    )
     by_length = load_coco(tmp_path, path.name, mask_rule="polygon_length").mask(1)
     np.testing.assert_array_equal(by_length, load_coco(tmp_path, path.name).mask(1))
     np.testing.assert_array_equal(by_length, expected_map((1, 0, 0, 8, 8), (2, 2, 2, 6, 6)))
@@ -274,7 +280,10 @@ def test_mask_rules_get_separate_cache_folders(tmp_path, monkeypatch):
     a = ann(1, 1, [[0, 0, 4, 0, 8, 0, 8, 8, 0, 8, 0, 4]], area=64.0)
     b = ann(2, 2, [box(2, 2, 5, 5)], area=9.0)
     path = write_coco(tmp_path, [a, b], write_images=False)
-    caches = {rule: MaskCache(load_coco(tmp_path, path.name, mask_rule=rule), tmp_path / "cache") for rule in data_mod.MASK_RULES}
+    caches = {
+        rule: MaskCache(load_coco(tmp_path, path.name, mask_rule=rule), tmp_path / "cache")
+        for rule in data_mod.MASK_RULES
+    }
     assert set(caches) == {"area", "polygon_length"}
     assert caches["area"].dir != caches["polygon_length"].dir
     for rule, cache in caches.items():
@@ -490,7 +499,9 @@ def test_out_of_image_polygons_are_kept_counted_and_warned_once(tmp_path, caplog
     assert segs == [[raw[0]], [raw[1]], [box(4, 4, 6, 6)], [box(0, 0, W, H)]]  # coordinates never moved
     for a in coco.annotations(1):
         np.testing.assert_array_equal(annotation_mask(a, H, W), ann_to_mask(path, a["id"]))
-    np.testing.assert_array_equal(coco.mask(1), expected_map((2, 0, 0, W, H), (1, 6, 0, W, 5), (2, 0, 6, 3, H), (1, 4, 4, 6, 6)))
+    np.testing.assert_array_equal(
+        coco.mask(1), expected_map((2, 0, 0, W, H), (1, 6, 0, W, 5), (2, 0, 6, 3, H), (1, 4, 4, 6, 6))
+    )
 
 
 def test_polygon_off_the_image_is_cut_at_the_border_not_moved(tmp_path):
@@ -665,7 +676,9 @@ def test_dataset_without_transform_returns_exact_image_and_mask(small_set, tmp_p
 @pytest.mark.parametrize("aug", AUGMENTATIONS)
 def test_dataset_transforms_to_a_non_square_size(small_set, tmp_path, aug):
     size = (32, 48)
-    ds = SegmentationDataset(small_set, [2, 1], transform=build_transform(aug, size), cache=MaskCache(small_set, tmp_path / "c"))
+    ds = SegmentationDataset(
+        small_set, [2, 1], transform=build_transform(aug, size), cache=MaskCache(small_set, tmp_path / "c")
+    )
     for idx, image_id in enumerate([2, 1]):
         image, mask, meta = ds[idx]
         assert image.dtype == torch.float32 and image.shape == (3, *size)
@@ -684,7 +697,9 @@ def test_to_tensor_equals_the_normalization_formula(mean, std):
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (17, 23, 3), dtype=np.uint8)
     image[0, :3] = [[0, 0, 0], [255, 255, 255], [1, 128, 254]]
-    reference = (torch.from_numpy(image).permute(2, 0, 1).float() / 255.0 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    reference = (
+        torch.from_numpy(image).permute(2, 0, 1).float() / 255.0 - torch.tensor(mean).view(3, 1, 1)
+    ) / torch.tensor(std).view(3, 1, 1)
     cases = [(image, reference), (image[:, ::-1], reference.flip(-1)), (np.asfortranarray(image), reference)]
     for img, expected in cases:
         out = data_mod.to_tensor(img, mean, std)
@@ -784,20 +799,25 @@ def test_strong_augmentation_keeps_a_non_square_size():
     assert any(type(op).__name__ == "RandomRotate90" for op in square.transforms)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d["images"][0].update(height="tall"), "height of image"),
-    (lambda d: d["images"][0].update(id=None), "image id must be an integer"),
-    (lambda d: d["categories"][0].update(id="one"), "category id"),
-    (lambda d: d["annotations"][0].update(image_id=[1]), "image_id of annotation"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["images"][0].update(height="tall"), "height of image"),
+        (lambda d: d["images"][0].update(id=None), "image id must be an integer"),
+        (lambda d: d["categories"][0].update(id="one"), "category id"),
+        (lambda d: d["annotations"][0].update(image_id=[1]), "image_id of annotation"),
+    ],
+)
 def test_non_numeric_ids_and_sizes_are_data_errors(tmp_path, edit, message):
     import json as _json
 
     from pipeline.data import DataError, load_coco
 
-    data = {"images": [{"id": 1, "file_name": "a.jpg", "height": 4, "width": 4}],
-            "categories": [{"id": 1, "name": "x"}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[0, 0, 3, 0, 3, 3]], "area": 4}]}
+    data = {
+        "images": [{"id": 1, "file_name": "a.jpg", "height": 4, "width": 4}],
+        "categories": [{"id": 1, "name": "x"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[0, 0, 3, 0, 3, 3]], "area": 4}],
+    }
     edit(data)
     (tmp_path / "train_all.json").write_text(_json.dumps(data))
     with pytest.raises(DataError, match=message) as err:

@@ -1,4 +1,5 @@
 """The demo dataset generator: determinism, contest layout, COCO contents, safety."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ from pycocotools import mask as mask_utils
 
 from pipeline import demo
 from pipeline.core.config import ConfigError, build_config
-from pipeline.demo import CATEGORIES, DemoConfig, run
 from pipeline.core.errors import PipelineError
+from pipeline.demo import CATEGORIES, DemoConfig, run
 
 JSON_FILES = ("train_all.json", "train.json", "val.json", "test.json", "test_gt.json")
 SMALL = dict(n_train=24, n_test=6, height=64, width=96, seed=0)
@@ -99,8 +100,16 @@ def test_test_json_has_no_annotations_and_test_gt_does(small):
 
 def test_categories_are_the_ten_contest_classes(small):
     expected = [
-        "General trash", "Paper", "Paper pack", "Metal", "Glass",
-        "Plastic", "Styrofoam", "Plastic bag", "Battery", "Clothing",
+        "General trash",
+        "Paper",
+        "Paper pack",
+        "Metal",
+        "Glass",
+        "Plastic",
+        "Styrofoam",
+        "Plastic bag",
+        "Battery",
+        "Clothing",
     ]
     for name in JSON_FILES:
         cats = load(small, name)["categories"]
@@ -205,8 +214,17 @@ def test_grey_fraction_one_gives_equal_channels(tmp_path, small):
 
 
 def test_validate_rejects_nonsense():
-    for bad in ({"height": 16}, {"width": 31}, {"n_train": 0}, {"n_test": 0}, {"n_batches": 0},
-                {"max_objects": 0}, {"val_fraction": 1.5}, {"grey_fraction": -0.1}, {"jpeg_quality": 0}):
+    for bad in (
+        {"height": 16},
+        {"width": 31},
+        {"n_train": 0},
+        {"n_test": 0},
+        {"n_batches": 0},
+        {"max_objects": 0},
+        {"val_fraction": 1.5},
+        {"grey_fraction": -0.1},
+        {"jpeg_quality": 0},
+    ):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             build_config(DemoConfig, overrides={k: v for k, v in bad.items()})
     DemoConfig().validate()

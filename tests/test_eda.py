@@ -1,4 +1,5 @@
 """EDA stage: files written, numbers equal counts taken straight from the annotation file."""
+
 from __future__ import annotations
 
 import csv
@@ -14,7 +15,13 @@ from pipeline import eda
 from pipeline.data import CocoData, DataError, load_coco
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ALWAYS = ["annotations_per_image.png", "class_instances.png", "class_pixel_share.png", "object_area.png", "cooccurrence.png"]
+ALWAYS = [
+    "annotations_per_image.png",
+    "class_instances.png",
+    "class_pixel_share.png",
+    "object_area.png",
+    "cooccurrence.png",
+]
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -44,13 +51,22 @@ def test_eda_writes_every_file(demo_eda):
     cfg, summary = demo_eda
     out = Path(cfg.out_dir)
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["report.md", "classes.csv", "summary.csv", "samples.png", *ALWAYS])  # one image size: no scatter
+    assert names == sorted(
+        ["report.md", "classes.csv", "summary.csv", "samples.png", *ALWAYS]
+    )  # one image size: no scatter
     for name in names:
         if name.endswith(".png"):
             assert_png(out / name)
     assert set(summary["files"]) == {
-        "report", "classes_csv", "summary_csv", "annotations_per_image", "class_instances",
-        "class_pixel_share", "object_area", "cooccurrence", "samples",
+        "report",
+        "classes_csv",
+        "summary_csv",
+        "annotations_per_image",
+        "class_instances",
+        "class_pixel_share",
+        "object_area",
+        "cooccurrence",
+        "samples",
     }
     assert all(Path(p).is_file() and Path(p).parent == out for p in summary["files"].values())
 
@@ -78,11 +94,14 @@ def test_classes_csv_equals_counts_from_the_file(demo_eda, demo_data):
     assert [r["category_id"] for r in rows] == [""] + [str(c["id"]) for c in raw["categories"]]
 
     instances = Counter(a["category_id"] for a in raw["annotations"])
-    images = {c["id"]: len({a["image_id"] for a in raw["annotations"] if a["category_id"] == c["id"]}) for c in raw["categories"]}
+    images = {
+        c["id"]: len({a["image_id"] for a in raw["annotations"] if a["category_id"] == c["id"]})
+        for c in raw["categories"]
+    }
     bins = {c["id"]: [0, 0, 0] for c in raw["categories"]}
     for a in raw["annotations"]:
         bins[a["category_id"]][0 if a["area"] < 32**2 else 1 if a["area"] < 96**2 else 2] += 1
-    for row, cat in zip(rows[1:], raw["categories"]):
+    for row, cat in zip(rows[1:], raw["categories"], strict=False):
         assert int(row["instances"]) == instances[cat["id"]] > 0
         assert int(row["images"]) == images[cat["id"]]
         assert [int(row["small"]), int(row["medium"]), int(row["large"])] == bins[cat["id"]]
@@ -150,7 +169,9 @@ def _hand_made(root: Path, with_images: bool = True) -> Path:
         rng = np.random.default_rng(0)
         for im in images:
             (root / im["file_name"]).parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(root / im["file_name"]), rng.integers(0, 256, (im["height"], im["width"], 3), dtype=np.uint8))
+            cv2.imwrite(
+                str(root / im["file_name"]), rng.integers(0, 256, (im["height"], im["width"], 3), dtype=np.uint8)
+            )
     return root
 
 
@@ -161,7 +182,11 @@ def test_hand_made_file_with_two_sizes_and_odd_categories(tmp_path):
     assert_png(out / "image_sizes.png")
     assert summary["files"]["image_sizes"] == str(out / "image_sizes.png")
     rows = read_csv(out / "classes.csv")
-    assert [(r["class_name"], r["category_id"]) for r in rows] == [("Background", ""), ("Seven | pipe", "7"), ("Three", "3")]
+    assert [(r["class_name"], r["category_id"]) for r in rows] == [
+        ("Background", ""),
+        ("Seven | pipe", "7"),
+        ("Three", "3"),
+    ]
     assert [int(r["instances"]) for r in rows] == [0, 2, 1]  # the 2-point polygon was dropped
     assert [int(r["images"]) for r in rows] == [2, 2, 1]  # image 3 is covered by Seven
     # pixels: image 1 = 2400 px (Three 200 minus Seven's 25 on top), image 2 background, image 3 all Seven
@@ -182,7 +207,9 @@ def test_hand_made_file_with_two_sizes_and_odd_categories(tmp_path):
 def test_without_image_check_and_samples_no_image_is_read(tmp_path):
     data = _hand_made(tmp_path / "data", with_images=False)
     out = tmp_path / "eda"
-    cfg = eda.EDAConfig(data_dir=str(data), out_dir=str(out), cache_dir=str(tmp_path / "c"), n_samples=0, check_images=False)
+    cfg = eda.EDAConfig(
+        data_dir=str(data), out_dir=str(out), cache_dir=str(tmp_path / "c"), n_samples=0, check_images=False
+    )
     summary = eda.run(cfg)
     assert "samples" not in summary["files"] and not (out / "samples.png").exists()
     assert summary["images_checked"] == ""

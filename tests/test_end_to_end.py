@@ -7,6 +7,7 @@ over through the same relative files: ``folds/folds.csv``, ``runs/<exp>/fold<k>/
 on an independent path (RLE decoding, ground-truth rasterization, confusion matrices) from the
 files alone.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,9 +39,20 @@ NAME = "e2e"
 TTA = "hflip"
 FOLDS = (0, 1)
 N_TRAIN, N_TEST, HEIGHT, WIDTH = 24, 6, 64, 96
-TINY_TRAIN = ["model=unet", "encoder=tu-mobilenetv3_small_050", "encoder_weights=null", "epochs=2", "batch_size=4",
-              "lr=3e-3", "warmup_epochs=0", "augment=light", "num_workers=0", "threads=2", "progress=false",
-              "plot=false"]
+TINY_TRAIN = [
+    "model=unet",
+    "encoder=tu-mobilenetv3_small_050",
+    "encoder_weights=null",
+    "epochs=2",
+    "batch_size=4",
+    "lr=3e-3",
+    "warmup_epochs=0",
+    "augment=light",
+    "num_workers=0",
+    "threads=2",
+    "progress=false",
+    "plot=false",
+]
 
 
 def stage(module, cls, args: list[str], config_file: str | Path | None = None):
@@ -60,23 +72,48 @@ def test_pipeline_from_data_to_score(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
     # make data ARGS="n_train=24 n_test=6 height=64 width=96 seed=0"
-    out = stage(demo_stage, demo_stage.DemoConfig,
-                [f"out_dir={DATA}", "overwrite=true", f"n_train={N_TRAIN}", f"n_test={N_TEST}", f"height={HEIGHT}",
-                 f"width={WIDTH}", "seed=0"])
+    out = stage(
+        demo_stage,
+        demo_stage.DemoConfig,
+        [
+            f"out_dir={DATA}",
+            "overwrite=true",
+            f"n_train={N_TRAIN}",
+            f"n_test={N_TEST}",
+            f"height={HEIGHT}",
+            f"width={WIDTH}",
+            "seed=0",
+        ],
+    )
     assert Path(out) == Path(DATA)
     for name in ("train_all.json", "test.json", "test_gt.json"):
         assert (tmp_path / DATA / name).is_file(), name
 
     # make folds K=2 SEED=42 ARGS="pixel_stats=false"
-    stage(folds_stage, folds_stage.FoldsConfig, [f"data_dir={DATA}", "k=2", "seed=42", "out_dir=folds/", "pixel_stats=false"])
+    stage(
+        folds_stage,
+        folds_stage.FoldsConfig,
+        [f"data_dir={DATA}", "k=2", "seed=42", "out_dir=folds/", "pixel_stats=false"],
+    )
     folds = pd.read_csv(tmp_path / "folds" / "folds.csv")
     assert sorted(folds["image_id"]) == list(range(N_TRAIN)) and sorted(folds["fold"].unique()) == list(FOLDS)
 
     for f in FOLDS:
-        # make train FOLD=f CONFIG= MODEL=unet ARGS="experiment=e2e <tiny>"  (MODEL=unet layers pipeline/configs/unet.yaml)
-        result = stage(train_stage, train_stage.TrainConfig,
-                       [f"data_dir={DATA}", "folds_file=folds/folds.csv", f"fold={f}", "resume=true", f"experiment={EXP}",
-                        *TINY_TRAIN], config_file=ROOT / "pipeline" / "configs" / "unet.yaml")
+        # make train FOLD=f CONFIG= MODEL=unet ARGS="experiment=e2e <tiny>"
+        # (MODEL=unet layers pipeline/configs/unet.yaml)
+        result = stage(
+            train_stage,
+            train_stage.TrainConfig,
+            [
+                f"data_dir={DATA}",
+                "folds_file=folds/folds.csv",
+                f"fold={f}",
+                "resume=true",
+                f"experiment={EXP}",
+                *TINY_TRAIN,
+            ],
+            config_file=ROOT / "pipeline" / "configs" / "unet.yaml",
+        )
         run_dir = Path("runs") / EXP / f"fold{f}"
         assert Path(result.run_dir) == run_dir and result.epochs_done == 2
         for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "oof/index.csv"):
@@ -86,19 +123,40 @@ def test_pipeline_from_data_to_score(tmp_path, monkeypatch):
 
         # make predict RUN=runs/e2e/fold<f> SPLIT=val|test TTA=hflip ARGS="num_workers=0 progress=false"
         for split, store in (("val", f"oof_{TTA}"), ("test", f"test_{TTA}")):
-            written = stage(predict_stage, predict_stage.PredictConfig,
-                            [f"run_dir={run_dir}", f"data_dir={DATA}", f"tta={TTA}", f"split={split}", "num_workers=0",
-                             "progress=false"])
+            written = stage(
+                predict_stage,
+                predict_stage.PredictConfig,
+                [
+                    f"run_dir={run_dir}",
+                    f"data_dir={DATA}",
+                    f"tta={TTA}",
+                    f"split={split}",
+                    "num_workers=0",
+                    "progress=false",
+                ],
+            )
             assert Path(written) == run_dir / store
-            assert (tmp_path / run_dir / store / "index.csv").is_file() and (tmp_path / run_dir / store / "meta.json").is_file()
+            assert (tmp_path / run_dir / store / "index.csv").is_file() and (
+                tmp_path / run_dir / store / "meta.json"
+            ).is_file()
         val_ids = sorted(int(i) for i in folds.loc[folds.fold == f, "image_id"])
         assert sorted(ProbReader(run_dir / f"oof_{TTA}").image_ids) == val_ids
         assert sorted(ProbReader(run_dir / f"test_{TTA}").image_ids) == list(range(N_TEST))
 
     # make ensemble RUNS="runs/e2e" NAME=e2e ARGS="tta=hflip tune_bias=true n_trials=20 progress=false"
-    stage(ensemble_stage, ensemble_stage.EnsembleConfig,
-          [f"runs=runs/{EXP}", f"data_dir={DATA}", f"name={NAME}", f"tta={TTA}", "tune_bias=true", "n_trials=20",
-           "progress=false"])
+    stage(
+        ensemble_stage,
+        ensemble_stage.EnsembleConfig,
+        [
+            f"runs=runs/{EXP}",
+            f"data_dir={DATA}",
+            f"name={NAME}",
+            f"tta={TTA}",
+            "tune_bias=true",
+            "n_trials=20",
+            "progress=false",
+        ],
+    )
     weights_file = tmp_path / "ensembles" / NAME / "weights.yaml"
     assert weights_file.is_file() and (tmp_path / "ensembles" / NAME / "report.md").is_file()
     saved = yaml.safe_load(weights_file.read_text())
@@ -123,8 +181,9 @@ def test_pipeline_from_data_to_score(tmp_path, monkeypatch):
     assert saved["oof"]["ensemble_miou"] == pytest.approx(mean_iou(cm), abs=2e-3)
 
     # make submit NAME=e2e FORMAT=rle ARGS="progress=false"  (reads ensembles/e2e/weights.yaml)
-    manifest = stage(submit_stage, submit_stage.SubmitConfig,
-                     [f"name={NAME}", "format=rle", f"data_dir={DATA}", "progress=false"])
+    manifest = stage(
+        submit_stage, submit_stage.SubmitConfig, [f"name={NAME}", "format=rle", f"data_dir={DATA}", "progress=false"]
+    )
     sub = Path("submissions") / f"{NAME}.csv"
     assert (tmp_path / sub).is_file() and (tmp_path / sub.with_suffix(".json")).is_file()
     assert manifest["ensemble"] == str(Path("ensembles") / NAME / "weights.yaml") and manifest["validated"]

@@ -1,5 +1,6 @@
 """The training engine: sampling with persistent workers, exact resume with workers, the
 checkpoint saver, hooks, runtime settings and the model-family contract."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,8 +38,12 @@ class RandomDraw(Dataset):
 
 def draws(workers: int, epochs: int = 3) -> list[torch.Tensor]:
     sampler = EpochShuffleSampler(6, seed=7)
-    loader = DataLoader(EpochSeededDataset(RandomDraw(), seed=7), batch_size=3, sampler=sampler,
-                        **loader_options(torch.device("cpu"), workers))
+    loader = DataLoader(
+        EpochSeededDataset(RandomDraw(), seed=7),
+        batch_size=3,
+        sampler=sampler,
+        **loader_options(torch.device("cpu"), workers),
+    )
     out = []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
@@ -49,7 +54,7 @@ def draws(workers: int, epochs: int = 3) -> list[torch.Tensor]:
 def test_persistent_workers_see_the_epoch_through_the_sampled_indices():
     with_workers = draws(workers=1)
     in_process = draws(workers=0)
-    for a, b in zip(with_workers, in_process):
+    for a, b in zip(with_workers, in_process, strict=False):
         assert torch.equal(a, b)  # the same order and the same augmentation draws
     # augmentations differ between epochs (a worker that never saw the epoch would repeat them)
     by_index = [e[e[:, 0].argsort()][:, 1] for e in with_workers]
@@ -60,15 +65,33 @@ def test_persistent_workers_see_the_epoch_through_the_sampled_indices():
 @pytest.fixture(scope="module")
 def folds_file(demo_data_square, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("folds")
-    folds_stage.run(folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(out), k=3, seed=0, pixel_stats=False))
+    folds_stage.run(
+        folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(out), k=3, seed=0, pixel_stats=False)
+    )
     return out / "folds.csv"
 
 
 def tiny(data: Path, folds: Path, runs: Path, **kw) -> TrainConfig:
-    base = dict(data_dir=str(data), folds_file=str(folds), runs_dir=str(runs), cache_dir=str(runs / "cache"),
-                model="unet", encoder="tu-mobilenetv3_small_050", encoder_weights=None, experiment="t", epochs=3,
-                batch_size=8, lr=3e-3, warmup_epochs=0.0, augment="strong", num_workers=0, threads=2,
-                progress=False, plot=False, save_oof=False)
+    base = dict(
+        data_dir=str(data),
+        folds_file=str(folds),
+        runs_dir=str(runs),
+        cache_dir=str(runs / "cache"),
+        model="unet",
+        encoder="tu-mobilenetv3_small_050",
+        encoder_weights=None,
+        experiment="t",
+        epochs=3,
+        batch_size=8,
+        lr=3e-3,
+        warmup_epochs=0.0,
+        augment="strong",
+        num_workers=0,
+        threads=2,
+        progress=False,
+        plot=False,
+        save_oof=False,
+    )
     base.update(kw)
     return build_config(TrainConfig, overrides=base)
 
@@ -134,11 +157,18 @@ def test_checkpoint_saver_serializes_once_and_best_is_the_same_bytes(tmp_path, m
 
 def test_runtime_settings_are_harmless_on_a_cpu():
     before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
-    assert configure_runtime(torch.device("cpu"), cudnn_benchmark=True, tf32=True) == {"cudnn_benchmark": False, "tf32": False}
+    assert configure_runtime(torch.device("cpu"), cudnn_benchmark=True, tf32=True) == {
+        "cudnn_benchmark": False,
+        "tf32": False,
+    }
     assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == before
     assert loader_options(torch.device("cpu"), 0) == {"num_workers": 0, "pin_memory": False}
-    assert loader_options(torch.device("cpu"), 2, 4) == {"num_workers": 2, "pin_memory": False, "persistent_workers": True,
-                                                         "prefetch_factor": 4}
+    assert loader_options(torch.device("cpu"), 2, 4) == {
+        "num_workers": 2,
+        "pin_memory": False,
+        "persistent_workers": True,
+        "prefetch_factor": 4,
+    }
     with pytest.raises(Exception, match="prefetch_factor"):
         build_config(TrainConfig, overrides={"prefetch_factor": 0})
 
@@ -157,7 +187,9 @@ class OwnHead(nn.Module):
         return nn.functional.cross_entropy(outputs["scores"], masks, ignore_index=255) * 0 + 7.0
 
     def to_probabilities(self, outputs):
-        return torch.nn.functional.one_hot(torch.zeros_like(outputs["scores"][:, 0], dtype=torch.long), 3).permute(0, 3, 1, 2)
+        return torch.nn.functional.one_hot(torch.zeros_like(outputs["scores"][:, 0], dtype=torch.long), 3).permute(
+            0, 3, 1, 2
+        )
 
 
 def test_a_family_with_its_own_loss_and_head_goes_through_the_contract():

@@ -1,4 +1,5 @@
 """Ensemble stage on synthetic probability stores (no trained models): tuning, voting, bias, memory."""
+
 from __future__ import annotations
 
 import tracemalloc
@@ -8,19 +9,19 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.inference import ensemble as ens
 from pipeline.core.config import build_config
+from pipeline.core.errors import PipelineError
 from pipeline.data import load_coco
 from pipeline.ensemble import EnsembleConfig, run
 from pipeline.ensemble import main as ensemble_main
-from pipeline.inference.ensemble import Fusion, OofCache, find_member, resolve_members
 from pipeline.evaluation.metrics import confusion_matrix, mean_iou
+from pipeline.inference import ensemble as ens
+from pipeline.inference.ensemble import Fusion, OofCache, find_member, resolve_members
 from pipeline.inference.store import ProbReader, ProbWriter
+from pipeline.submission.formats import resize_nearest
 from pipeline.submission.rle import decode_label_map
 from pipeline.submit import SubmitConfig
 from pipeline.submit import run as submit
-from pipeline.core.errors import PipelineError
-from pipeline.submission.formats import resize_nearest
 
 
 def noisy_probs(labels: np.ndarray, k: int, margin: float, rng: np.random.Generator) -> np.ndarray:
@@ -31,8 +32,9 @@ def noisy_probs(labels: np.ndarray, k: int, margin: float, rng: np.random.Genera
     return e / e.sum(0, keepdims=True)
 
 
-def write_member(root: Path, coco, test_coco, margin: float, seed: int, tta: str = "flip", k_folds: int = 2,
-                 scale: float = 0.5) -> Path:
+def write_member(
+    root: Path, coco, test_coco, margin: float, seed: int, tta: str = "flip", k_folds: int = 2, scale: float = 0.5
+) -> Path:
     """runs/<exp>/fold<k>/{oof, test_<tta>}: OOF = noisy ground truth at ``scale`` x the image size."""
     rng = np.random.default_rng(seed)
     ids = coco.image_ids
@@ -67,8 +69,14 @@ def runs(demo_data, tmp_path_factory):
 
 def cfg_for(members, tmp_path: Path, **kw) -> EnsembleConfig:
     data, good, bad = members
-    base = dict(runs=f"{good} {bad}", data_dir=str(data), out_dir=str(tmp_path / "ensembles"), name="t", n_trials=25,
-                progress=False)
+    base = dict(
+        runs=f"{good} {bad}",
+        data_dir=str(data),
+        out_dir=str(tmp_path / "ensembles"),
+        name="t",
+        n_trials=25,
+        progress=False,
+    )
     base.update(kw)
     return build_config(EnsembleConfig, overrides=base)
 
@@ -136,8 +144,15 @@ def test_tuning_prefers_the_good_member_and_beats_it(runs, tmp_path):
 def test_weights_yaml_is_reused_by_submit(runs, tmp_path):
     data, good, bad = runs
     result = run(cfg_for(runs, tmp_path, n_trials=8))
-    out = submit(SubmitConfig(name="t", ensembles_dir=str(tmp_path / "ensembles"), data_dir=str(data),
-                              out_dir=str(tmp_path / "subs"), progress=False))
+    out = submit(
+        SubmitConfig(
+            name="t",
+            ensembles_dir=str(tmp_path / "ensembles"),
+            data_dir=str(data),
+            out_dir=str(tmp_path / "subs"),
+            progress=False,
+        )
+    )
     assert out["ensemble"] == str(tmp_path / "ensembles" / "t" / "weights.yaml")
     assert [m["weight"] for m in out["members"]] == pytest.approx(result["weights"])
     assert out["oof"]["ensemble_miou"] == pytest.approx(result["oof"]["ensemble_miou"])
@@ -151,8 +166,10 @@ def test_weights_yaml_is_reused_by_submit(runs, tmp_path):
     readers = [[ProbReader(s) for s in m["test_stores"]] for m in result["members"]]
     for im in test.images:
         h, w = int(im["height"]), int(im["width"])
-        acc = sum(wt * np.mean([r.load(im["id"], (h, w)).numpy() for r in rs], axis=0)
-                  for wt, rs in zip(result["weights"], readers))
+        acc = sum(
+            wt * np.mean([r.load(im["id"], (h, w)).numpy() for r in rs], axis=0)
+            for wt, rs in zip(result["weights"], readers, strict=False)
+        )
         np.testing.assert_array_equal(decode_label_map(by_image[im["file_name"]], (h, w)), acc.argmax(0))
 
 
@@ -223,7 +240,9 @@ def test_errors_name_the_problem(runs, tmp_path):
 
 def test_main_accepts_a_space_separated_runs_list(runs, tmp_path):
     data, good, bad = runs
-    rc = ensemble_main([f"runs={good} {bad}", f"data_dir={data}", f"out_dir={tmp_path}", "name=m", "n_trials=3", "progress=false"])
+    rc = ensemble_main(
+        [f"runs={good} {bad}", f"data_dir={data}", f"out_dir={tmp_path}", "name=m", "n_trials=3", "progress=false"]
+    )
     assert rc == 0
     assert len(yaml.safe_load((tmp_path / "m" / "weights.yaml").read_text())["members"]) == 2
 

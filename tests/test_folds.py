@@ -1,4 +1,5 @@
 """k-fold stage: coverage, grouping, rare-class spread, balance table, determinism, errors."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,7 @@ import pandas as pd
 import pytest
 
 from pipeline.core.config import ConfigError
-from pipeline.data import DataError, load_coco
-from pipeline.data import iterative_stratification, load_folds
+from pipeline.data import DataError, iterative_stratification, load_coco, load_folds
 from pipeline.folds import FoldsConfig, main, run
 
 
@@ -55,14 +55,26 @@ def test_groups_never_split(demo_data, tmp_path):
     groups = pd.DataFrame({"file_name": [im["file_name"] for im in load_coco(demo_data).images]})
     groups["group"] = [f"g{i // 3}" for i in range(len(groups))]  # 8 groups of 3 images
     groups.to_csv(tmp_path / "groups.csv", index=False)
-    table = run(FoldsConfig(data_dir=str(demo_data), out_dir=str(tmp_path), k=4, groups_csv=str(tmp_path / "groups.csv"), pixel_stats=False))
+    table = run(
+        FoldsConfig(
+            data_dir=str(demo_data),
+            out_dir=str(tmp_path),
+            k=4,
+            groups_csv=str(tmp_path / "groups.csv"),
+            pixel_stats=False,
+        )
+    )
     assert (table.groupby("group")["fold"].nunique() == 1).all()
     assert table["fold"].nunique() == 4
 
-    by_folder = run(FoldsConfig(data_dir=str(demo_data), out_dir=str(tmp_path / "f"), k=2, group_by="folder", pixel_stats=False))
+    by_folder = run(
+        FoldsConfig(data_dir=str(demo_data), out_dir=str(tmp_path / "f"), k=2, group_by="folder", pixel_stats=False)
+    )
     assert (by_folder.groupby("group")["fold"].nunique() == 1).all()
     with pytest.raises(ConfigError, match="groups"):
-        run(FoldsConfig(data_dir=str(demo_data), out_dir=str(tmp_path / "g"), k=5, group_by="folder", pixel_stats=False))
+        run(
+            FoldsConfig(data_dir=str(demo_data), out_dir=str(tmp_path / "g"), k=5, group_by="folder", pixel_stats=False)
+        )
 
 
 def test_rare_classes_reach_every_fold_when_possible():

@@ -1,4 +1,5 @@
 """Loss values against hand computations on tiny tensors."""
+
 from __future__ import annotations
 
 import math
@@ -7,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.core.errors import PipelineError
+from pipeline.models import UnknownNameError
 from pipeline.models.losses import (
     CrossEntropyLoss,
     DiceLoss,
@@ -17,8 +20,6 @@ from pipeline.models.losses import (
     list_losses,
     parse_loss_spec,
 )
-from pipeline.models import UnknownNameError
-from pipeline.core.errors import PipelineError
 
 IGNORE = 255
 
@@ -145,7 +146,9 @@ def test_focal_gamma_two_matches_hand():
     expected = ((1 - PA0) ** 2 * -LA0 + (1 - PB1) ** 2 * -LB1) / 2
     # float32 rounding of 1 - p limits the agreement to about 1e-6 relative
     assert value("focal", gamma=2.0) == pytest.approx(expected, rel=1e-5)
-    assert value("focal", target=torch.tensor([[[0, IGNORE]]]), gamma=2.0) == pytest.approx((1 - PA0) ** 2 * -LA0, rel=1e-5)
+    assert value("focal", target=torch.tensor([[[0, IGNORE]]]), gamma=2.0) == pytest.approx(
+        (1 - PA0) ** 2 * -LA0, rel=1e-5
+    )
 
 
 def test_focal_default_gamma_is_two():
@@ -268,8 +271,14 @@ def test_bad_options_error():
 def test_losses_default_to_the_metric_modules_ignore_index():
     import inspect
 
-    from pipeline.models import losses
     from pipeline.evaluation.metrics import IGNORE_INDEX
+    from pipeline.models import losses
 
-    for obj in (losses.build_loss, losses.CrossEntropyLoss, losses.DiceLoss, losses.FocalLoss, losses.LovaszSoftmaxLoss):
+    for obj in (
+        losses.build_loss,
+        losses.CrossEntropyLoss,
+        losses.DiceLoss,
+        losses.FocalLoss,
+        losses.LovaszSoftmaxLoss,
+    ):
         assert inspect.signature(obj).parameters["ignore_index"].default == IGNORE_INDEX

@@ -1,4 +1,5 @@
 """The metric module: hand-computed confusion matrices and IoUs, and the fast path vs a plain reference."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ from pipeline.evaluation.metrics import (
 def reference_confusion_matrix(pred, target, num_classes, ignore_index=255) -> np.ndarray:
     """Pixel by pixel, as the definition reads."""
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    for t, p in zip(np.asarray(target).reshape(-1).tolist(), np.asarray(pred).reshape(-1).tolist()):
+    for t, p in zip(np.asarray(target).reshape(-1).tolist(), np.asarray(pred).reshape(-1).tolist(), strict=False):
         if t < 0 or t >= num_classes or (ignore_index is not None and t == ignore_index):
             continue
         if not 0 <= p < num_classes:
@@ -85,7 +86,7 @@ def test_image_level_differs_from_dataset_level():
     assert image_level_miou(preds, gts, 2) == pytest.approx((1.0 + 0.25) / 2)
     # dataset: cm = [[4, 0], [2, 2]] -> IoU_0 = 4/6, IoU_1 = 2/4
     meter = MeanIoU(2)
-    for p, g in zip(preds, gts):
+    for p, g in zip(preds, gts, strict=False):
         meter.update(p, g)
     np.testing.assert_array_equal(meter.cm, [[4, 0], [2, 2]])
     assert meter.compute() == pytest.approx((4 / 6 + 2 / 4) / 2)
@@ -101,7 +102,9 @@ def test_torch_and_numpy_agree():
     expected = reference_confusion_matrix(pred, gt, 5)
     np.testing.assert_array_equal(confusion_matrix(pred, gt, 5), expected)
     np.testing.assert_array_equal(confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt), 5), expected)
-    np.testing.assert_array_equal(confusion_matrix_torch(torch.from_numpy(pred), torch.from_numpy(gt), 5).numpy(), expected)
+    np.testing.assert_array_equal(
+        confusion_matrix_torch(torch.from_numpy(pred), torch.from_numpy(gt), 5).numpy(), expected
+    )
 
 
 def test_shape_mismatch_and_prediction_out_of_range():
@@ -119,7 +122,9 @@ def blob_map(rng, shape, num_classes):
     out = np.zeros(shape, dtype=np.int64)
     for _ in range(6):
         y, x = rng.integers(0, shape[-2]), rng.integers(0, shape[-1])
-        out[..., y : y + rng.integers(1, shape[-2] + 1), x : x + rng.integers(1, shape[-1] + 1)] = rng.integers(0, num_classes)
+        out[..., y : y + rng.integers(1, shape[-2] + 1), x : x + rng.integers(1, shape[-1] + 1)] = rng.integers(
+            0, num_classes
+        )
     return out
 
 
@@ -136,7 +141,12 @@ def test_fast_path_matches_reference(num_classes, structured):
             pred = rng.integers(0, num_classes, shape)
         gt[rng.random(shape) < 0.1] = 255
         for ignore_index in (255, 0, None):
-            for t_dtype, p_dtype in [(np.uint8, np.uint8), (np.int64, np.int64), (np.uint8, np.int64), (np.uint16, np.uint8)]:
+            for t_dtype, p_dtype in [
+                (np.uint8, np.uint8),
+                (np.int64, np.int64),
+                (np.uint8, np.int64),
+                (np.uint16, np.uint8),
+            ]:
                 p, t = pred.astype(p_dtype), gt.astype(t_dtype)
                 expected = reference_confusion_matrix(p, t, num_classes, ignore_index)
                 got = confusion_matrix(p, t, num_classes, ignore_index)
@@ -149,13 +159,17 @@ def test_fast_path_handles_negative_bool_and_float_inputs():
     gt = rng.integers(-2, 5, (13, 11))
     pred = rng.integers(0, 4, (13, 11))
     np.testing.assert_array_equal(confusion_matrix(pred, gt, 4), reference_confusion_matrix(pred, gt, 4))
-    np.testing.assert_array_equal(confusion_matrix(pred.astype(np.int8), gt.astype(np.int8), 4),
-                                  reference_confusion_matrix(pred, gt, 4))
+    np.testing.assert_array_equal(
+        confusion_matrix(pred.astype(np.int8), gt.astype(np.int8), 4), reference_confusion_matrix(pred, gt, 4)
+    )
     gt_bool, pred_bool = gt > 1, pred > 1
-    np.testing.assert_array_equal(confusion_matrix(pred_bool, gt_bool, 2),
-                                  reference_confusion_matrix(pred_bool.astype(int), gt_bool.astype(int), 2))
-    np.testing.assert_array_equal(confusion_matrix(pred.astype(np.float32), gt.astype(np.float32), 4),
-                                  reference_confusion_matrix(pred, gt, 4))
+    np.testing.assert_array_equal(
+        confusion_matrix(pred_bool, gt_bool, 2),
+        reference_confusion_matrix(pred_bool.astype(int), gt_bool.astype(int), 2),
+    )
+    np.testing.assert_array_equal(
+        confusion_matrix(pred.astype(np.float32), gt.astype(np.float32), 4), reference_confusion_matrix(pred, gt, 4)
+    )
 
 
 def test_fast_path_chunks_and_odd_sizes(monkeypatch):
@@ -169,8 +183,10 @@ def test_fast_path_chunks_and_odd_sizes(monkeypatch):
         for chunk in (37, 64, 1 << 21):  # odd and even chunk lengths, and one chunk
             monkeypatch.setattr(metrics, "_CHUNK", chunk)
             np.testing.assert_array_equal(confusion_matrix(pred, gt, 11), expected)
-            np.testing.assert_array_equal(confusion_matrix(pred[:, :, :-1], gt[:, :, :-1], 11),
-                                          reference_confusion_matrix(pred[:, :, :-1], gt[:, :, :-1], 11))
+            np.testing.assert_array_equal(
+                confusion_matrix(pred[:, :, :-1], gt[:, :, :-1], 11),
+                reference_confusion_matrix(pred[:, :, :-1], gt[:, :, :-1], 11),
+            )
 
 
 def test_meter_accumulates_like_one_matrix():
@@ -178,7 +194,7 @@ def test_meter_accumulates_like_one_matrix():
     gts = [blob_map(rng, (16, 20), 11).astype(np.uint8) for _ in range(5)]
     preds = [blob_map(rng, (16, 20), 11).astype(np.uint8) for _ in range(5)]
     meter = MeanIoU(11)
-    for p, g in zip(preds, gts):
+    for p, g in zip(preds, gts, strict=False):
         meter.update(p, g)
     expected = reference_confusion_matrix(np.stack(preds), np.stack(gts), 11)
     np.testing.assert_array_equal(meter.cm, expected)

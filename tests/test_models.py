@@ -1,4 +1,5 @@
 """Every registered family builds and trains one step on a CPU; weights files load; param groups split."""
+
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import registry as M
+from pipeline.core.errors import PipelineError
 from pipeline.models import (
     SegmentationNet,
     UnknownNameError,
@@ -24,7 +25,7 @@ from pipeline.models import (
     load_weights,
     param_groups,
 )
-from pipeline.core.errors import PipelineError
+from pipeline.models import registry as M
 
 torch.set_num_threads(2)
 
@@ -59,7 +60,7 @@ def test_registry_has_every_installed_smp_architecture_and_torchvision_family():
     names = list_models()
     assert set(smp.MODEL_ARCHITECTURES_MAPPING) <= set(names)
     assert set(SMP_NAMES) <= set(names)
-    assert names[-len(TV_NAMES):] == TV_NAMES
+    assert names[-len(TV_NAMES) :] == TV_NAMES
     assert len(names) == len(set(names))
 
 
@@ -253,7 +254,7 @@ def test_encoder_only_file_loads(tmp_path):
     src.eval(), dst.eval()
     x = batch(64)
     with torch.no_grad():
-        for a, b in zip(src.encoder(x), dst.encoder(x)):
+        for a, b in zip(src.encoder(x), dst.encoder(x), strict=False):
             assert torch.equal(a, b)
         assert not torch.equal(src(x), dst(x))  # the decoder keeps its own initialisation
 
@@ -266,14 +267,14 @@ def test_torchvision_backbone_and_timm_files_load(tmp_path):
     x = batch(64)
     src.eval(), dst.eval()
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(src.encoder(x).values(), dst.encoder(x).values()))
+        assert all(torch.equal(a, b) for a, b in zip(src.encoder(x).values(), dst.encoder(x).values(), strict=False))
 
     tu_src = build_model("unet", 3, encoder="tu-test_resnet")
     tu_path = tmp_path / "timm.pt"
     torch.save(tu_src.encoder.model.state_dict(), tu_path)  # keys as in a plain timm model
     tu_dst = build_model("unet", 3, encoder="tu-test_resnet")
     assert load_weights(tu_dst, tu_path).kind == "encoder only"
-    for a, b in zip(tu_src.encoder.parameters(), tu_dst.encoder.parameters()):
+    for a, b in zip(tu_src.encoder.parameters(), tu_dst.encoder.parameters(), strict=False):
         assert torch.equal(a, b)
 
 
@@ -293,7 +294,7 @@ def test_other_class_count_skips_head_and_logs(tmp_path, caplog):
     assert any("segmentation_head" in m for m in report.mismatched)
     text = caplog.text
     assert "missing" in text and "unexpected" in text and "another shape" in text
-    for a, b in zip(src.encoder.parameters(), dst.encoder.parameters()):
+    for a, b in zip(src.encoder.parameters(), dst.encoder.parameters(), strict=False):
         assert torch.equal(a, b)
 
 

@@ -1,4 +1,5 @@
 """Prediction stage on a tiny trained run: test and out-of-fold stores, TTA, errors."""
+
 from __future__ import annotations
 
 import json
@@ -12,26 +13,40 @@ import torch
 
 from pipeline import folds as folds_stage
 from pipeline import train as train_stage
-from pipeline.data import ValDataset, collate
+from pipeline.core.config import build_config
+from pipeline.core.errors import PipelineError
+from pipeline.data import MaskCache, SegmentationDataset, ValDataset, collate, load_coco
 from pipeline.engine.checkpoint import load_checkpoint_model
 from pipeline.engine.loop import evaluate
-from pipeline.core.config import build_config
-from pipeline.data import MaskCache, SegmentationDataset, load_coco
 from pipeline.evaluation.metrics import confusion_matrix, mean_iou
-from pipeline.predict import PredictConfig, main, run
 from pipeline.inference.store import ProbReader
-from pipeline.core.errors import PipelineError
+from pipeline.predict import PredictConfig, main, run
 
 
 @pytest.fixture(scope="module")
 def trained(demo_data_square, tmp_path_factory):
     """(data_dir, run_dir, folds_file) of a one-epoch unet-resnet18 run on fold 0."""
     tmp = tmp_path_factory.mktemp("predict_run")
-    folds_stage.run(folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(tmp), k=3, seed=0, pixel_stats=False))
+    folds_stage.run(
+        folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(tmp), k=3, seed=0, pixel_stats=False)
+    )
     cfg = train_stage.TrainConfig(
-        data_dir=str(demo_data_square), folds_file=str(tmp / "folds.csv"), runs_dir=str(tmp), cache_dir=str(tmp / "cache"),
-        model="unet", encoder="resnet18", encoder_weights=None, experiment="t", epochs=1, batch_size=8, lr=3e-3,
-        warmup_epochs=0.0, num_workers=0, threads=2, progress=False, plot=False,
+        data_dir=str(demo_data_square),
+        folds_file=str(tmp / "folds.csv"),
+        runs_dir=str(tmp),
+        cache_dir=str(tmp / "cache"),
+        model="unet",
+        encoder="resnet18",
+        encoder_weights=None,
+        experiment="t",
+        epochs=1,
+        batch_size=8,
+        lr=3e-3,
+        warmup_epochs=0.0,
+        num_workers=0,
+        threads=2,
+        progress=False,
+        plot=False,
     )
     result = train_stage.run(cfg)
     return demo_data_square, result.run_dir, tmp / "folds.csv"
@@ -74,8 +89,18 @@ def test_default_out_dir_store_scale_and_uint8(trained, tmp_path):
     data, run_dir, _ = trained
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    out = run(cfg_for(trained, tmp_path, run_dir=str(copy), out_dir=None, tta="ms+hflip", scales=[0.5, 1.0],
-                      store_scale=0.5, dtype="uint8"))
+    out = run(
+        cfg_for(
+            trained,
+            tmp_path,
+            run_dir=str(copy),
+            out_dir=None,
+            tta="ms+hflip",
+            scales=[0.5, 1.0],
+            store_scale=0.5,
+            dtype="uint8",
+        )
+    )
     assert out == copy / "test_ms+hflip"
     reader = ProbReader(out)
     assert reader.dtype == "uint8" and len(reader) == 8
@@ -121,7 +146,7 @@ def test_tta_none_agrees_with_the_models_own_validation(trained, tmp_path):
         for images, _, metas in loader:
             own = model(images).softmax(1)
             small = torch.nn.functional.interpolate(own, size=(32, 32), mode="bilinear", align_corners=False)
-            for p, meta in zip(small, metas):
+            for p, meta in zip(small, metas, strict=False):
                 stored = reader.load(meta["image_id"])
                 assert torch.allclose(stored, p, atol=2e-3)
                 top2 = p.topk(2, dim=0).values

@@ -1,5 +1,6 @@
 """Preprocessing belongs to the encoder: statistics from its pretrained config, stored in the
 checkpoint, applied by prediction; old checkpoints read as ImageNet's."""
+
 from __future__ import annotations
 
 import json
@@ -18,15 +19,18 @@ from pipeline.models.preprocessing import encoder_preprocessing
 from pipeline.train import TrainConfig, run
 
 
-@pytest.mark.parametrize("model, encoder, mean", [
-    ("unet", "resnet18", IMAGENET.mean),
-    ("unet", "tu-test_resnet", (0.5, 0.5, 0.5)),
-    ("upernet", "tu-test_convnext", (0.5, 0.5, 0.5)),
-    ("dpt", None, (0.5, 0.5, 0.5)),  # default tu-vit_base_patch16_224.augreg_in21k
-    ("unet", "tu-mobilenetv3_small_050", IMAGENET.mean),
-    ("unet", "inceptionv4", (0.5, 0.5, 0.5)),
-    ("tv_fcn_resnet50", None, IMAGENET.mean),
-])
+@pytest.mark.parametrize(
+    "model, encoder, mean",
+    [
+        ("unet", "resnet18", IMAGENET.mean),
+        ("unet", "tu-test_resnet", (0.5, 0.5, 0.5)),
+        ("upernet", "tu-test_convnext", (0.5, 0.5, 0.5)),
+        ("dpt", None, (0.5, 0.5, 0.5)),  # default tu-vit_base_patch16_224.augreg_in21k
+        ("unet", "tu-mobilenetv3_small_050", IMAGENET.mean),
+        ("unet", "inceptionv4", (0.5, 0.5, 0.5)),
+        ("tv_fcn_resnet50", None, IMAGENET.mean),
+    ],
+)
 def test_statistics_come_from_the_encoders_pretrained_config(model, encoder, mean):
     prep = encoder_preprocessing(model, encoder)
     assert prep.mean == pytest.approx(mean) and len(prep.std) == 3
@@ -35,29 +39,58 @@ def test_statistics_come_from_the_encoders_pretrained_config(model, encoder, mea
 def test_normalize_applies_mean_std_and_input_range():
     img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
     prep = Preprocessing((0.1, 0.2, 0.3), (0.5, 0.25, 2.0), (0.0, 255.0), "test")
-    expected = (torch.from_numpy(img).permute(2, 0, 1).float() - torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1)) \
-        / torch.tensor([0.5, 0.25, 2.0]).view(3, 1, 1)
+    expected = (
+        torch.from_numpy(img).permute(2, 0, 1).float() - torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1)
+    ) / torch.tensor([0.5, 0.25, 2.0]).view(3, 1, 1)
     assert torch.allclose(normalize(img, prep), expected, atol=1e-4)
     assert Preprocessing.from_dict(None) == IMAGENET and Preprocessing.from_dict(prep.as_dict()) == prep
 
 
 @pytest.mark.slow
 def test_checkpoint_records_the_statistics_and_prediction_uses_them(demo_data_square, tmp_path):
-    folds_stage.run(folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(tmp_path), k=3, seed=0,
-                                            pixel_stats=False))
-    cfg = build_config(TrainConfig, overrides=dict(
-        data_dir=str(demo_data_square), folds_file=str(tmp_path / "folds.csv"), runs_dir=str(tmp_path / "runs"),
-        cache_dir=str(tmp_path / "cache"), model="unet", encoder="tu-test_resnet", encoder_weights=None, experiment="p",
-        epochs=1, batch_size=8, num_workers=0, progress=False, plot=False, save_oof=False, img_size=[64]))
+    folds_stage.run(
+        folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(tmp_path), k=3, seed=0, pixel_stats=False)
+    )
+    cfg = build_config(
+        TrainConfig,
+        overrides=dict(
+            data_dir=str(demo_data_square),
+            folds_file=str(tmp_path / "folds.csv"),
+            runs_dir=str(tmp_path / "runs"),
+            cache_dir=str(tmp_path / "cache"),
+            model="unet",
+            encoder="tu-test_resnet",
+            encoder_weights=None,
+            experiment="p",
+            epochs=1,
+            batch_size=8,
+            num_workers=0,
+            progress=False,
+            plot=False,
+            save_oof=False,
+            img_size=[64],
+        ),
+    )
     result = run(cfg)
     best = result.run_dir / "best.pt"
     ckpt = torch.load(best, map_location="cpu", weights_only=False)
     assert ckpt["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and "timm" in ckpt["preprocessing"]["source"]
 
     def predicted(checkpoint: Path, out: str) -> ProbReader:
-        return ProbReader(predict(PredictConfig(run_dir=str(result.run_dir), data_dir=str(demo_data_square), split="val",
-                                                tta="none", checkpoint=str(checkpoint), out_dir=str(tmp_path / out),
-                                                progress=False, num_workers=0)))
+        return ProbReader(
+            predict(
+                PredictConfig(
+                    run_dir=str(result.run_dir),
+                    data_dir=str(demo_data_square),
+                    split="val",
+                    tta="none",
+                    checkpoint=str(checkpoint),
+                    out_dir=str(tmp_path / out),
+                    progress=False,
+                    num_workers=0,
+                )
+            )
+        )
 
     own = predicted(best, "own")
     assert own.meta["preprocessing"]["mean"] == [0.5, 0.5, 0.5]

@@ -1,4 +1,5 @@
 """One registry shape for everything made by name."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,14 @@ from pipeline.models.losses import LOSSES
 from pipeline.models.registry import model_registry
 
 ALL = {
-    "model": model_registry(), "loss": LOSSES, "TTA set": TTA_SETS, "augmentation": AUGMENTATIONS,
-    "scheduler": SCHEDULERS, "optimizer": OPTIMIZERS, "ensemble method": METHODS, "mask rule": MASK_RULES,
+    "model": model_registry(),
+    "loss": LOSSES,
+    "TTA set": TTA_SETS,
+    "augmentation": AUGMENTATIONS,
+    "scheduler": SCHEDULERS,
+    "optimizer": OPTIMIZERS,
+    "ensemble method": METHODS,
+    "mask rule": MASK_RULES,
     "post-processor": POSTPROCESSORS,
 }
 
@@ -41,7 +48,9 @@ def test_aliases_and_duplicates():
     assert reg.get("A")() == 1 and "a" in reg and reg.key("a") == "alpha"
     with pytest.raises(ValueError, match="registered twice"):
         reg.add("ALPHA", lambda: 2)
-    assert model_registry().key("unet++") == "unetplusplus" and model_registry().key("fcn_resnet50") == "tv_fcn_resnet50"
+    assert (
+        model_registry().key("unet++") == "unetplusplus" and model_registry().key("fcn_resnet50") == "tv_fcn_resnet50"
+    )
 
 
 def test_identity_post_processor_and_unknown_name():

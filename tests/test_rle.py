@@ -1,4 +1,5 @@
 """RLE in the Kaggle convention: known strings, malformed strings, round trips (hypothesis)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -146,7 +147,9 @@ def test_whitespace_variants_decode_like_canonical():
     canonical = decode_mask("1 2 5 1 9 1", (3, 3))
     for text in [" 1 2 5 1 9 1", "1  2 5 1 9 1 ", "1\t2 5 1\n9 1"]:
         np.testing.assert_array_equal(decode_mask(text, (3, 3)), canonical)
-        np.testing.assert_array_equal(decode_label_map({1: text, 2: "3 2"}, (3, 3)), canonical + 2 * decode_mask("3 2", (3, 3)))
+        np.testing.assert_array_equal(
+            decode_label_map({1: text, 2: "3 2"}, (3, 3)), canonical + 2 * decode_mask("3 2", (3, 3))
+        )
 
 
 def test_two_classes_claiming_a_pixel():
@@ -196,7 +199,11 @@ label_maps = st.one_of(
     ),
     st.builds(
         lambda seed, h, w, k, n: blobs(np.random.default_rng(seed), h, w, k, n),
-        st.integers(0, 2**32 - 1), st.integers(1, 48), st.integers(1, 48), st.integers(1, 12), st.integers(0, 10),
+        st.integers(0, 2**32 - 1),
+        st.integers(1, 48),
+        st.integers(1, 48),
+        st.integers(1, 12),
+        st.integers(0, 10),
     ),
 )
 layouts = st.sampled_from(["C", "F", "strided"])

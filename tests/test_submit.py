@@ -1,4 +1,5 @@
 """Submission writer, validator and scorer: formats, atomic writes, every validator defect, exact scores."""
+
 from __future__ import annotations
 
 import csv
@@ -10,17 +11,17 @@ import numpy as np
 import pytest
 
 from pipeline import submit as submit_module
-from pipeline.submission import writer as submit_stage
+from pipeline.core.errors import PipelineError
 from pipeline.data import load_coco
 from pipeline.inference.store import ProbReader, ProbWriter
-from pipeline.submission.rle import decode_label_map, encode_mask
 from pipeline.score import ScoreConfig
 from pipeline.score import run as score
+from pipeline.submission import writer as submit_stage
+from pipeline.submission.formats import resize_nearest, validate_submission
+from pipeline.submission.rle import decode_label_map, encode_mask
 from pipeline.submission.writer import dense_row, rle_rows
 from pipeline.submit import SubmitConfig
 from pipeline.submit import run as submit
-from pipeline.core.errors import PipelineError
-from pipeline.submission.formats import resize_nearest, validate_submission
 from pipeline.validate import ValidateConfig
 from pipeline.validate import run as validate
 
@@ -113,7 +114,9 @@ def test_dense_rows_hold_65536_class_indices(setup, tmp_path):
     for name, text in rows[1:]:
         values = np.array(text.split(), dtype=np.int64)
         assert values.size == 65536
-        np.testing.assert_array_equal(values.reshape(256, 256), resize_nearest(expected[name].astype(np.uint8), (256, 256)))
+        np.testing.assert_array_equal(
+            values.reshape(256, 256), resize_nearest(expected[name].astype(np.uint8), (256, 256))
+        )
 
 
 def test_previous_csv_stays_intact_when_writing_fails(setup, tmp_path, monkeypatch):
@@ -225,12 +228,28 @@ def _rle_case(test, rows: list[list[str]], defect: str):
             r[2] = ""
         rows[first + 1][2] = "1 10"
         rows[first + 4][2] = "5 3 20 3"
-        return rows, header, f"pixel 5 is claimed by class ids {rows[first + 1][1]} (line {line + 1}) and {rows[first + 4][1]}", name, line + 4
+        return (
+            rows,
+            header,
+            f"pixel 5 is claimed by class ids {rows[first + 1][1]} (line {line + 1}) and {rows[first + 4][1]}",
+            name,
+            line + 4,
+        )
     raise AssertionError(defect)
 
 
-RLE_DEFECTS = ["wrong header", "missing image", "extra image", "duplicate row", "unknown class id", "odd number of values",
-               "unsorted runs", "overlapping runs", "run past the image end", "pixel claimed by two classes"]
+RLE_DEFECTS = [
+    "wrong header",
+    "missing image",
+    "extra image",
+    "duplicate row",
+    "unknown class id",
+    "odd number of values",
+    "unsorted runs",
+    "overlapping runs",
+    "run past the image end",
+    "pixel claimed by two classes",
+]
 
 
 @pytest.mark.parametrize("defect", RLE_DEFECTS)
@@ -259,7 +278,10 @@ def test_validator_catches_dense_defect(valid, tmp_path, defect):
     else:
         values[256 * 5 + 7] = str(test.num_classes)
         rows[3][1] = " ".join(values)
-        message = f"value {256 * 5 + 8} (row 5, column 7) is {test.num_classes}, outside the class indices [0, {test.num_classes})"
+        message = (
+            f"value {256 * 5 + 8} (row 5, column 7) is {test.num_classes}, "
+            f"outside the class indices [0, {test.num_classes})"
+        )
     problems = check(tmp_path, test, DENSE_HEADER.split(","), rows)
     assert len(problems) == 1, problems
     assert message in problems[0]
@@ -279,12 +301,20 @@ def tiny(tmp_path):
     """Two 2x3 images, categories 5 and 7 (class indices 1, 2), PNG ground truth with one ignored pixel."""
     data = tmp_path / "data"
     (data / "gt" / "imgs").mkdir(parents=True)
-    images = [{"id": 1, "file_name": "imgs/a.jpg", "height": 2, "width": 3},
-              {"id": 2, "file_name": "imgs/b.jpg", "height": 2, "width": 3}]
+    images = [
+        {"id": 1, "file_name": "imgs/a.jpg", "height": 2, "width": 3},
+        {"id": 2, "file_name": "imgs/b.jpg", "height": 2, "width": 3},
+    ]
     cats = [{"id": 5, "name": "A"}, {"id": 7, "name": "B"}]
     (data / "test.json").write_text(json.dumps({"images": images, "categories": cats}))
-    gt = {"imgs/a.jpg": np.array([[0, 1, 1], [2, 2, 0]], np.uint8), "imgs/b.jpg": np.array([[1, 1, 255], [0, 0, 2]], np.uint8)}
-    pred = {"imgs/a.jpg": np.array([[0, 1, 0], [2, 1, 0]], np.uint8), "imgs/b.jpg": np.array([[1, 2, 2], [0, 0, 2]], np.uint8)}
+    gt = {
+        "imgs/a.jpg": np.array([[0, 1, 1], [2, 2, 0]], np.uint8),
+        "imgs/b.jpg": np.array([[1, 1, 255], [0, 0, 2]], np.uint8),
+    }
+    pred = {
+        "imgs/a.jpg": np.array([[0, 1, 0], [2, 1, 0]], np.uint8),
+        "imgs/b.jpg": np.array([[1, 2, 2], [0, 0, 2]], np.uint8),
+    }
     for name, m in gt.items():
         cv2.imwrite(str(data / "gt" / Path(name).with_suffix(".png")), m)
     return data, gt, pred
@@ -328,7 +358,10 @@ def test_score_dense_equals_hand_computed_miou(tiny, factor):
     """At the image size, and at twice it (nearest upsampling of both maps scales every count by 4)."""
     data, _, pred = tiny
     size = [2 * factor, 3 * factor]
-    rows = [[name, " ".join(map(str, np.kron(m, np.ones((factor, factor), np.uint8)).reshape(-1)))] for name, m in pred.items()]
+    rows = [
+        [name, " ".join(map(str, np.kron(m, np.ones((factor, factor), np.uint8)).reshape(-1)))]
+        for name, m in pred.items()
+    ]
     sub = write_rows(data / "sub.csv", DENSE_HEADER.split(","), rows)
     result = score(ScoreConfig(sub=str(sub), gt=str(data / "gt"), data_dir=str(data), dense_size=size))
     assert result["miou"] == pytest.approx(TINY_MIOU)
@@ -353,7 +386,13 @@ def rule_gt(tmp_path):
     cats = [{"id": 5, "name": "A"}, {"id": 7, "name": "B"}]
     (data / "test.json").write_text(json.dumps({"images": images, "categories": cats}))
     anns = [  # big box of 6 corners (12 coordinates, area 64), small box of 4 (8, area 9) inside it
-        {"id": 1, "image_id": 1, "category_id": 5, "segmentation": [[0, 0, 4, 0, 8, 0, 8, 8, 0, 8, 0, 4]], "area": 64.0},
+        {
+            "id": 1,
+            "image_id": 1,
+            "category_id": 5,
+            "segmentation": [[0, 0, 4, 0, 8, 0, 8, 8, 0, 8, 0, 4]],
+            "area": 64.0,
+        },
         {"id": 2, "image_id": 1, "category_id": 7, "segmentation": [[2, 2, 5, 2, 5, 5, 2, 5]], "area": 9.0},
     ]
     gt = data / "gt.json"
@@ -382,7 +421,11 @@ def test_score_rasterizes_coco_ground_truth_with_the_manifest_rule(rule_gt, capl
     assert result["mask_rule"] == rule
     assert result["miou"] == pytest.approx(1.0 if rule == "polygon_length" else MISMATCH_MIOU)
     source = result["mask_rule_source"]
-    assert ("manifest" in source and str(sub.with_suffix(".json")) in source) if "mask_rule" in (manifest or {}) else source.startswith("default")
+    assert (
+        ("manifest" in source and str(sub.with_suffix(".json")) in source)
+        if "mask_rule" in (manifest or {})
+        else source.startswith("default")
+    )
     logged = [r.getMessage() for r in caplog.records if r.name == "pipeline.score" and "mask rule" in r.getMessage()]
     assert logged and f"mask rule {rule!r}" in logged[0] and source in logged[0]
 
@@ -438,11 +481,13 @@ def test_stores_at_the_image_size_are_read_without_resizing(setup, tmp_path):
         with ProbWriter(run_dir / f"fold{f}" / "test_none", test.class_names, dtype="uint8") as w:
             for im in test.images:
                 p = rng.random((test.num_classes, int(im["height"]), int(im["width"])), dtype=np.float32)
-                w.write(int(im["id"]), im["file_name"], int(im["height"]), int(im["width"]), p / p.sum(0, keepdims=True))
+                w.write(
+                    int(im["id"]), im["file_name"], int(im["height"]), int(im["width"]), p / p.sum(0, keepdims=True)
+                )
     submit(submit_cfg(setup, tmp_path, runs=[str(run_dir)], format="dense", dense_size=[64, 96]))
     readers = [ProbReader(run_dir / f"fold{f}" / "test_none") for f in range(2)]
     rows = read_rows(tmp_path / "sub.csv")[1:]
-    for im, (name, text) in zip(test.images, rows):
+    for im, (_name, text) in zip(test.images, rows, strict=False):
         expected = np.mean([r.load(im["id"]).numpy() for r in readers], axis=0).argmax(0)
         np.testing.assert_array_equal(np.array(text.split(), dtype=np.int64).reshape(64, 96), expected)
 

@@ -1,4 +1,5 @@
 """Training stage: files, learning, exact resume after SIGKILL, non-finite loss, DDP (gloo)."""
+
 from __future__ import annotations
 
 import os
@@ -15,14 +16,13 @@ import torch
 
 from pipeline import folds as folds_stage
 from pipeline.core.config import build_config
-from pipeline.data import MaskCache, SegmentationDataset, load_coco
-from pipeline.evaluation.metrics import confusion_matrix, mean_iou
-from pipeline.inference.store import ProbReader
-from pipeline.data import ValDataset, collate
+from pipeline.core.errors import PipelineError
+from pipeline.data import MaskCache, SegmentationDataset, ValDataset, collate, load_coco
 from pipeline.engine.checkpoint import load_checkpoint_model
 from pipeline.engine.loop import evaluate
+from pipeline.evaluation.metrics import confusion_matrix, mean_iou
+from pipeline.inference.store import ProbReader
 from pipeline.train import TrainConfig, run
-from pipeline.core.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def folds_file(demo_data_square, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("folds")
-    folds_stage.run(folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(out), k=3, seed=0, pixel_stats=False))
+    folds_stage.run(
+        folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(out), k=3, seed=0, pixel_stats=False)
+    )
     return out / "folds.csv"
 
 
@@ -127,16 +129,29 @@ def test_existing_run_without_resume_is_refused(demo_data_square, folds_file, tm
 
 @pytest.mark.slow
 def test_resume_after_sigkill_reproduces_uninterrupted_run(demo_data_square, folds_file, tmp_path):
-    kw = dict(epochs=4, save_oof=False, plot=False, ema=True, ema_decay=0.9, accum_steps=2, batch_size=4,
-              encoder="tu-mobilenetv3_small_050")
+    kw = dict(
+        epochs=4,
+        save_oof=False,
+        plot=False,
+        ema=True,
+        ema_decay=0.9,
+        accum_steps=2,
+        batch_size=4,
+        encoder="tu-mobilenetv3_small_050",
+    )
     full = small_cfg(demo_data_square, folds_file, tmp_path / "a", **kw)
     run(full)
     expected = (full.run_dir() / "metrics.csv").read_text()
 
     cfg = small_cfg(demo_data_square, folds_file, tmp_path / "b", **kw)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *cli_args(cfg)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", *cli_args(cfg)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     metrics = cfg.run_dir() / "metrics.csv"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -185,8 +200,17 @@ def test_unknown_names_are_listed(demo_data_square, folds_file, tmp_path):
 def test_ddp_two_process_gloo_matches_single_process_metric(demo_data_square, folds_file, tmp_path):
     cfg = small_cfg(demo_data_square, folds_file, tmp_path, epochs=1, batch_size=4, save_oof=False, plot=False)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "-m", "pipeline.train", *cli_args(cfg), "threads=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "pipeline.train",
+        *cli_args(cfg),
+        "threads=1",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = pd.read_csv(cfg.run_dir() / "metrics.csv")

@@ -1,4 +1,5 @@
 """TTA: paired transforms round-trip, every set returns an equivariant model's output, probabilities are averaged."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.inference.tta import TTAModel, View, compose_d4, list_tta, parse_tta, scaled_size
 from pipeline.core.errors import PipelineError
+from pipeline.inference.tta import TTAModel, View, compose_d4, list_tta, parse_tta, scaled_size
 
 ALL_SETS = list_tta() + ["ms+flip", "d4+ms", "hflip+flip", "flip+d4"]
 
@@ -53,7 +54,9 @@ def test_list_and_view_counts():
     assert sorted({v.scale for v in parse_tta("ms", scales=[0.5, 1.0, 1.5])}) == [0.5, 1.0, 1.5]
 
 
-@pytest.mark.parametrize("a,b", [("ms", "flip"), ("hflip", "flip"), ("d4", "flip"), ("ms", "d4"), ("ms", "hflip"), ("none", "d4")])
+@pytest.mark.parametrize(
+    "a,b", [("ms", "flip"), ("hflip", "flip"), ("d4", "flip"), ("ms", "d4"), ("ms", "hflip"), ("none", "d4")]
+)
 def test_combined_sets_are_the_product_without_duplicates(a, b):
     combined = parse_tta(f"{a}+{b}")
     keys = [v.key for v in combined]

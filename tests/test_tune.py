@@ -1,5 +1,6 @@
 """Tuning stage: a real tiny study and its report, pruning with global steps, parallel workers,
 a worker killed mid-trial, a PostgreSQL-backed study and strict search-space checks."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,16 +24,15 @@ import yaml
 
 from pipeline import folds as folds_stage
 from pipeline.core.config import ConfigError, build_config
+from pipeline.core.errors import PipelineError
 from pipeline.train import TrainConfig, TrainResult
 from pipeline.train import run as train_run
 from pipeline.tune import TuneConfig, main, run
-from pipeline.tuning.space import compose_loss, load_space
-from pipeline.tuning.study import open_storage
-from pipeline.tuning.space import TRIAL_DEFAULTS
-from pipeline.tuning.trials import base_train_config, global_step, trial_train_config
 from pipeline.tune_report import TuneReportConfig
 from pipeline.tune_report import run as report_run
-from pipeline.core.errors import PipelineError
+from pipeline.tuning.space import TRIAL_DEFAULTS, compose_loss, load_space
+from pipeline.tuning.study import open_storage
+from pipeline.tuning.trials import base_train_config, global_step, trial_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -86,8 +86,14 @@ def fake_space(tmp_path) -> str:
 
 def fake_cfg(tmp_path: Path, space: str, **kw) -> TuneConfig:
     base = dict(
-        study="s", trials=2, space=space, storage=f"sqlite:///{tmp_path / 's.db'}", runs_dir=str(tmp_path / "runs"),
-        train_args=["epochs=3"], heartbeat_interval=1, grace_period=2,
+        study="s",
+        trials=2,
+        space=space,
+        storage=f"sqlite:///{tmp_path / 's.db'}",
+        runs_dir=str(tmp_path / "runs"),
+        train_args=["epochs=3"],
+        heartbeat_interval=1,
+        grace_period=2,
     )
     base.update(kw)
     return TuneConfig(**base)
@@ -101,7 +107,9 @@ def load(cfg: TuneConfig) -> optuna.Study:
 @pytest.fixture(scope="module")
 def folds_file(demo_data_square, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("folds")
-    folds_stage.run(folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(out), k=3, seed=0, pixel_stats=False))
+    folds_stage.run(
+        folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(out), k=3, seed=0, pixel_stats=False)
+    )
     return out / "folds.csv"
 
 
@@ -114,10 +122,18 @@ def test_real_study_report_and_best_yaml_reproduce_the_best_trial(demo_data_squa
         "epochs: 1\n"
     )
     cfg = TuneConfig(
-        study="real", trials=3, space=str(space), storage=f"sqlite:///{tmp_path / 'real.db'}", runs_dir=str(tmp_path / "runs"),
-        data_dir=str(demo_data_square), folds_file=str(folds_file), fold=1, sampler="random",
+        study="real",
+        trials=3,
+        space=str(space),
+        storage=f"sqlite:///{tmp_path / 'real.db'}",
+        runs_dir=str(tmp_path / "runs"),
+        data_dir=str(demo_data_square),
+        folds_file=str(folds_file),
+        fold=1,
+        sampler="random",
         train_args=[
-            "model=unet encoder=tu-mobilenetv3_small_050 encoder_weights=null img_size=32 batch_size=8 num_workers=0 threads=1",
+            "model=unet encoder=tu-mobilenetv3_small_050 encoder_weights=null img_size=32 batch_size=8 "
+            "num_workers=0 threads=1",
             f"progress=false warmup_epochs=0 max_train_batches=1 max_val_batches=1 cache_dir={tmp_path / 'cache'}",
         ],
     )
@@ -132,7 +148,9 @@ def test_real_study_report_and_best_yaml_reproduce_the_best_trial(demo_data_squa
     for t in trials:
         stored = t.user_attrs["config"]
         assert stored["experiment"] == f"real-t{t.number}" and stored["fold"] == 1 and stored["epochs"] == 1
-        assert stored["save_oof"] is False and stored["img_size"] == [32] and stored["lr"] == pytest.approx(t.params["lr"])
+        assert (
+            stored["save_oof"] is False and stored["img_size"] == [32] and stored["lr"] == pytest.approx(t.params["lr"])
+        )
         assert Path(t.user_attrs["run_dirs"][0]) == Path(cfg.runs_dir) / f"real-t{t.number}" / "fold1"
         assert (Path(t.user_attrs["run_dirs"][0]) / "best.pt").is_file()
         assert list(t.intermediate_values) == [0] and t.value == pytest.approx(t.intermediate_values[0])
@@ -144,7 +162,12 @@ def test_real_study_report_and_best_yaml_reproduce_the_best_trial(demo_data_squa
     assert list(table["number"]) == [0, 1, 2] and set(table["state"]) == {"COMPLETE"}
     assert json.loads(table.loc[0, "params"]) == trials[0].params
     assert (table["duration"] > 0).all()
-    for name in ("optimization_history.png", "param_importances.png", "parallel_coordinate.png", "intermediate_values.png"):
+    for name in (
+        "optimization_history.png",
+        "param_importances.png",
+        "parallel_coordinate.png",
+        "intermediate_values.png",
+    ):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
     best = study.best_trial
@@ -152,7 +175,9 @@ def test_real_study_report_and_best_yaml_reproduce_the_best_trial(demo_data_squa
     best_cfg = build_config(TrainConfig, out / "best.yaml")
     assert best_cfg.experiment is None and best_cfg.runs_dir == "runs" and best_cfg.save_oof and best_cfg.plot
     assert best_cfg.lr == pytest.approx(best.params["lr"]) and best_cfg.fold == 1
-    again = train_run(build_config(TrainConfig, out / "best.yaml", {"runs_dir": str(tmp_path / "again"), "save_oof": False}))
+    again = train_run(
+        build_config(TrainConfig, out / "best.yaml", {"runs_dir": str(tmp_path / "again"), "save_oof": False})
+    )
     assert again.best_miou == pytest.approx(best.value, abs=1e-6)
 
 
@@ -171,13 +196,23 @@ def test_median_pruner_prunes_bad_curve_and_global_steps_never_repeat(tmp_path, 
     assert [t.state for t in trials] == [COMPLETE, COMPLETE, COMPLETE, PRUNED]
     for t in trials[:3]:
         assert sorted(t.intermediate_values) == list(range(6))  # 2 folds x 3 epochs, no step twice
-        assert t.intermediate_values[4] == pytest.approx(fake_curve(TrainConfig(lr=t.params["lr"], epochs=3, fold=1))[1])
+        assert t.intermediate_values[4] == pytest.approx(
+            fake_curve(TrainConfig(lr=t.params["lr"], epochs=3, fold=1))[1]
+        )
         assert t.value == pytest.approx(sum(t.user_attrs["fold_values"]) / 2)
     assert sorted(trials[3].intermediate_values) == [0, 1]  # warm-up step 0, pruned at step 1
 
     # first fold only, with a hyperband pruner on a journal file
-    first_only = fake_cfg(tmp_path, fake_space, study="first", trials=2, folds=[0, 1], prune_first_fold_only=True,
-                          pruner="hyperband", storage=f"journal:{tmp_path / 'journal.log'}")
+    first_only = fake_cfg(
+        tmp_path,
+        fake_space,
+        study="first",
+        trials=2,
+        folds=[0, 1],
+        prune_first_fold_only=True,
+        pruner="hyperband",
+        storage=f"journal:{tmp_path / 'journal.log'}",
+    )
     study = run(first_only, train_fn=fake_train)
     assert isinstance(study.pruner, optuna.pruners.HyperbandPruner)
     assert all(sorted(t.intermediate_values) == [0, 1, 2] for t in load(first_only).get_trials())
@@ -185,18 +220,32 @@ def test_median_pruner_prunes_bad_curve_and_global_steps_never_repeat(tmp_path, 
     with pytest.raises(PipelineError, match="study 'nope' not found .* studies there: s"):
         report_run(TuneReportConfig(study="nope", storage=cfg.storage, out_dir=str(tmp_path / "reports")))
     with pytest.raises(PipelineError, match="not found"):
-        report_run(TuneReportConfig(study="s", storage=f"sqlite:///{tmp_path / 'missing.db'}", out_dir=str(tmp_path / "reports")))
+        report_run(
+            TuneReportConfig(
+                study="s", storage=f"sqlite:///{tmp_path / 'missing.db'}", out_dir=str(tmp_path / "reports")
+            )
+        )
     assert not (tmp_path / "missing.db").exists()
 
 
 # ----------------------------------------------------------------------------- 3. parallel workers
 @pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path, fake_space):
-    common = dict(study="par", trials=3, space=fake_space, storage=f"sqlite:///{tmp_path / 'par.db'}",
-                  runs_dir=str(tmp_path / "runs"), train_args=["epochs=2"], heartbeat_interval=1, grace_period=3,
-                  pruner="none")
-    procs = [subprocess.Popen(worker_cmd(worker_id=w, **common), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for w in (0, 1)]
+    common = dict(
+        study="par",
+        trials=3,
+        space=fake_space,
+        storage=f"sqlite:///{tmp_path / 'par.db'}",
+        runs_dir=str(tmp_path / "runs"),
+        train_args=["epochs=2"],
+        heartbeat_interval=1,
+        grace_period=3,
+        pruner="none",
+    )
+    procs = [
+        subprocess.Popen(worker_cmd(worker_id=w, **common), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for w in (0, 1)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()[-2000:]
@@ -212,13 +261,33 @@ def test_two_workers_share_one_study(tmp_path, fake_space):
 def test_killed_worker_trial_is_failed_and_retried(tmp_path, fake_space):
     cfg = fake_cfg(tmp_path, fake_space, study="kill", trials=1, pruner="none")
     ready = tmp_path / "ready"
-    kw = {k: getattr(cfg, k) for k in ("study", "trials", "space", "storage", "runs_dir", "train_args", "heartbeat_interval", "grace_period", "pruner")}
-    proc = subprocess.Popen(worker_cmd(train_fn="blocking_train", **kw), cwd=ROOT, env={**os.environ, "TUNE_READY": str(ready)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    kw = {
+        k: getattr(cfg, k)
+        for k in (
+            "study",
+            "trials",
+            "space",
+            "storage",
+            "runs_dir",
+            "train_args",
+            "heartbeat_interval",
+            "grace_period",
+            "pruner",
+        )
+    }
+    proc = subprocess.Popen(
+        worker_cmd(train_fn="blocking_train", **kw),
+        cwd=ROOT,
+        env={**os.environ, "TUNE_READY": str(ready)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 90
     while not ready.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert ready.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "worker never started a trial"
+    assert ready.exists(), (
+        proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "worker never started a trial"
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert [t.state for t in load(cfg).get_trials()] == [RUNNING]
@@ -241,7 +310,10 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, fake_space):
 @pytest.fixture
 def postgres_url(tmp_path, request) -> str:
     """A throw-away PostgreSQL server on a unix socket only, started from the Debian package binaries."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
     if not found:
         pytest.skip("PostgreSQL server binaries not installed (no /usr/lib/postgresql/*/bin/pg_ctl)")
     pytest.importorskip("psycopg2", reason="psycopg2 is not installed")
@@ -272,9 +344,22 @@ def postgres_url(tmp_path, request) -> str:
 
     data = base / "data"
     check(bindir / "initdb", "-D", data, "-A", "trust", "-U", "optuna", "--no-sync", "-E", "UTF8")
-    check(bindir / "pg_ctl", "-D", data, "-l", base / "server.log", "-w", "-t", "60",
-          "-o", f"-c listen_addresses='' -k {base} -c fsync=off", "start")
-    request.addfinalizer(lambda: subprocess.run(cmd(bindir / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"), capture_output=True))
+    check(
+        bindir / "pg_ctl",
+        "-D",
+        data,
+        "-l",
+        base / "server.log",
+        "-w",
+        "-t",
+        "60",
+        "-o",
+        f"-c listen_addresses='' -k {base} -c fsync=off",
+        "start",
+    )
+    request.addfinalizer(
+        lambda: subprocess.run(cmd(bindir / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"), capture_output=True)
+    )
     check(bindir / "createdb", "-h", base, "-U", "optuna", "tune_test")
     return f"postgresql+psycopg2://optuna@/tune_test?host={base}"
 
@@ -295,7 +380,10 @@ def test_postgres_backed_study(tmp_path, fake_space, postgres_url):
     conn = psycopg2.connect(dbname="tune_test", user="optuna", host=postgres_url.split("host=")[1])
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM trials t JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = 'pg' AND t.state = 'COMPLETE'")
+            cur.execute(
+                "SELECT count(*) FROM trials t JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = "
+                "'pg' AND t.state = 'COMPLETE'"
+            )
             assert cur.fetchone()[0] == 4
     finally:
         conn.close()
@@ -312,16 +400,29 @@ BAD_SPACES = {
     "value TrainConfig rejects": ("augment: {type: categorical, choices: [light, heavy]}\n", "augment='heavy'"),
     "wrong value type": ("epochs: {type: categorical, choices: [2, many]}\n", "epochs: expected an integer"),
     "when undefined": ("lr: {type: float, low: 0.1, high: 0.2, when: {model: unet}}\n", "when refers to 'model'"),
-    "when never holds": ("model: {type: categorical, choices: [unet, fpn]}\n"
-                         "lr: {type: float, low: 0.1, high: 0.2, when: {model: pspnet}}\n", "when model='pspnet' can never hold"),
-    "overlapping variants": ("model: {type: categorical, choices: [unet, fpn]}\nencoder:\n"
-                             "  - {when: {model: unet}, type: categorical, choices: [resnet18]}\n"
-                             "  - {when: {model: [unet, fpn]}, type: categorical, choices: [resnet34]}\n", "encoder: more than one variant"),
-    "unknown encoder": ("model: fpn\nencoder: {type: categorical, choices: [resnet18, resnet_nope]}\n", "encoder=resnet_nope"),
-    "size not divisible": ("model: fpn\nencoder: resnet18\nimg_size: {type: categorical, choices: [[64, 64], [48, 48]]}\n",
-                           "img_size [48, 48] is not a multiple of 32"),
-    "weight without term": ("loss: {type: categorical, choices: [ce, ce+dice]}\n"
-                            "loss_dice_weight: {type: float, low: 0.1, high: 1.0}\n", "loss 'ce' has no dice term"),
+    "when never holds": (
+        "model: {type: categorical, choices: [unet, fpn]}\n"
+        "lr: {type: float, low: 0.1, high: 0.2, when: {model: pspnet}}\n",
+        "when model='pspnet' can never hold",
+    ),
+    "overlapping variants": (
+        "model: {type: categorical, choices: [unet, fpn]}\nencoder:\n"
+        "  - {when: {model: unet}, type: categorical, choices: [resnet18]}\n"
+        "  - {when: {model: [unet, fpn]}, type: categorical, choices: [resnet34]}\n",
+        "encoder: more than one variant",
+    ),
+    "unknown encoder": (
+        "model: fpn\nencoder: {type: categorical, choices: [resnet18, resnet_nope]}\n",
+        "encoder=resnet_nope",
+    ),
+    "size not divisible": (
+        "model: fpn\nencoder: resnet18\nimg_size: {type: categorical, choices: [[64, 64], [48, 48]]}\n",
+        "img_size [48, 48] is not a multiple of 32",
+    ),
+    "weight without term": (
+        "loss: {type: categorical, choices: [ce, ce+dice]}\nloss_dice_weight: {type: float, low: 0.1, high: 1.0}\n",
+        "loss 'ce' has no dice term",
+    ),
     "unknown loss term": ("loss_tversky_weight: 0.5\n", "unknown loss term 'tversky'"),
     "tuner key": ("runs_dir: elsewhere\n", "runs_dir: set by the tuner"),
 }
@@ -339,7 +440,18 @@ def test_invalid_search_space_is_a_clear_config_error(tmp_path, case):
 
 def test_default_space_loads_and_bad_space_stops_the_cli(tmp_path):
     space = load_space(ROOT / "pipeline/configs/search_space.yaml")
-    assert {"model", "encoder", "lr", "encoder_lr", "weight_decay", "loss", "augment", "img_size", "batch_size", "epochs"} <= set(space.keys)
+    assert {
+        "model",
+        "encoder",
+        "lr",
+        "encoder_lr",
+        "weight_decay",
+        "loss",
+        "augment",
+        "img_size",
+        "batch_size",
+        "epochs",
+    } <= set(space.keys)
     names = [p.name for p in space.params if p.key == "encoder"]
     assert names == ["encoder[model=unet]", "encoder[model=fpn|deeplabv3plus]"]
     assert compose_loss("ce+dice", {"dice": 0.4}, "x") == "1*ce+0.4*dice"
@@ -353,7 +465,6 @@ def test_default_space_loads_and_bad_space_stops_the_cli(tmp_path):
     assert TuneConfig(fold=2).fold_list() == [2] and TuneConfig(fold=2, folds=[0, 1]).fold_list() == [0, 1]
 
 
-
 # ----------------------------------------------------------------------------- 7. trial configs
 def test_trial_config_is_build_config_of_the_same_layers(tmp_path):
     """Tuner defaults < base_config (an overlay of an overlay of base.yaml) < data paths < train_args < sampled
@@ -361,20 +472,31 @@ def test_trial_config_is_build_config_of_the_same_layers(tmp_path):
     overlay = tmp_path / "my_fpn.yaml"
     overlay.write_text(f"base: {ROOT / 'pipeline/configs/fpn.yaml'}\nbatch_size: 4\nepochs: 12\naugment: light\n")
     cfg = TuneConfig(
-        base_config=str(overlay), data_dir="data/x", folds_file="folds/x.csv", runs_dir="runs/t",
+        base_config=str(overlay),
+        data_dir="data/x",
+        folds_file="folds/x.csv",
+        runs_dir="runs/t",
         train_args=["epochs=3 lr=1e-3", "augment=none"],
     )
     defaults = build_config(TrainConfig, overrides=TRIAL_DEFAULTS)
     fixed = {"data_dir": "data/x", "folds_file": "folds/x.csv", "epochs": "3", "lr": "1e-3", "augment": "none"}
     base = base_train_config(cfg)
     assert base == build_config(TrainConfig, overlay, fixed, base=defaults)
-    assert (base.model, base.encoder, base.batch_size, base.epochs, base.patience) == ("fpn", "resnext50_32x4d", 4, 3, 10)
+    assert (base.model, base.encoder, base.batch_size, base.epochs, base.patience) == (
+        "fpn",
+        "resnext50_32x4d",
+        4,
+        3,
+        10,
+    )
     assert base.save_oof is False and base.plot is False
 
     sampled = {"lr": 0.02, "batch_size": 2, "loss_dice_weight": 0.4}
     trial = trial_train_config(base, sampled, "s-t7", "runs/t", 1, "space.yaml (trial 7)")
     tuner = {"experiment": "s-t7", "runs_dir": "runs/t", "fold": 1, "resume": True}
-    expected = build_config(TrainConfig, overlay, {**fixed, "lr": 0.02, "batch_size": 2, "loss": "1*ce+0.4*dice", **tuner}, base=defaults)
+    expected = build_config(
+        TrainConfig, overlay, {**fixed, "lr": 0.02, "batch_size": 2, "loss": "1*ce+0.4*dice", **tuner}, base=defaults
+    )
     assert trial == expected
 
 

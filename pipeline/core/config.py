@@ -10,6 +10,7 @@ folder); the parent is layered first, so the YAML layer is the chain root -> ...
 :func:`layer` applies named mappings in order and is what :func:`build_config` and the
 tuner both use.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ import logging
 import sys
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar, Union
+from typing import Any, TypeVar, Union
 
 import yaml
 
@@ -39,6 +41,58 @@ BASE_KEY = "base"
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
+
+
+def _to_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, str)) and str(value).strip().lower() in _TRUE | _FALSE:
+        return str(value).strip().lower() in _TRUE
+    raise ConfigError(f"{key}: expected true/false, got {value!r}")
+
+
+def _to_int(value: Any, key: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                as_float = float(value)
+            except ValueError:
+                as_float = float("nan")
+            if as_float.is_integer():
+                return int(as_float)
+    raise ConfigError(f"{key}: expected an integer, got {value!r}")
+
+
+def _to_float(value: Any, key: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: expected a number, got {value!r}")
+
+
+def _to_str(value: Any, key: str) -> str:
+    if value is None:
+        raise ConfigError(f"{key}: a value is required (null is not allowed)")
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return str(value)
+
+
+_SCALARS: dict[Any, Callable[[Any, str], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -66,7 +120,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} does not fit {tp}")
     if origin in (list, tuple, Sequence):
         if isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v != ""]
+            parsed = (
+                yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v != ""]
+            )
             value = parsed
         if not isinstance(value, (list, tuple)):
             value = [value]
@@ -79,47 +135,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (int, str)) and str(value).strip().lower() in _TRUE | _FALSE:
-            return str(value).strip().lower() in _TRUE
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                try:
-                    as_float = float(value)
-                except ValueError:
-                    as_float = float("nan")
-                if as_float.is_integer():
-                    return int(as_float)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if value is None:
-            raise ConfigError(f"{key}: a value is required (null is not allowed)")
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, key)
     return value
 
 
@@ -199,7 +216,9 @@ def yaml_layers(config_file: str | Path | None) -> list[Layer]:
         if parent is None:
             return layers[::-1]
         if not isinstance(parent, str) or not parent.strip():
-            raise ConfigError(f"{name}: {BASE_KEY}: expected a YAML file name relative to {path.parent}, got {parent!r}")
+            raise ConfigError(
+                f"{name}: {BASE_KEY}: expected a YAML file name relative to {path.parent}, got {parent!r}"
+            )
         parent_path = path.parent / parent
         parent_name = str(parent_path)
         if parent_path.resolve() in [p for p, _ in seen]:

@@ -1,4 +1,5 @@
 """User-facing errors: each message names the file or value and the problem."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Atomic file writes: a file is replaced whole or not at all, and logging set-up."""
+
 from __future__ import annotations
 
 import contextlib
@@ -6,8 +7,9 @@ import io
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -61,4 +63,3 @@ def setup_logging(level: str | int = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-

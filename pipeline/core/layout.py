@@ -14,6 +14,7 @@
 
 ``ensembles/<name>/{weights.yaml, report.md}``; ``submissions/<name>.{csv,json}``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ class RunFolder:
     path: Path
 
     @classmethod
-    def of(cls, runs_dir: str | Path, experiment: str, fold: int) -> "RunFolder":
+    def of(cls, runs_dir: str | Path, experiment: str, fold: int) -> RunFolder:
         return cls(Path(runs_dir) / experiment / fold_name(fold))
 
     @property
@@ -98,14 +99,18 @@ class RunFolder:
         prefix = SPLIT_PREFIX[split] + "_"
         if not self.path.is_dir():
             return {}
-        return {p.name[len(prefix):]: p for p in sorted(self.path.glob(prefix + "*")) if p.is_dir() and is_store(p)}
+        return {p.name[len(prefix) :]: p for p in sorted(self.path.glob(prefix + "*")) if p.is_dir() and is_store(p)}
 
     def is_run(self) -> bool:
         """A training run folder: it has a checkpoint, its config, or a probability store."""
         if not self.path.is_dir():
             return False
-        return (self.best.is_file() or self.config.is_file() or is_store(self.oof)
-                or any(self.stores(split) for split in SPLIT_PREFIX))
+        return (
+            self.best.is_file()
+            or self.config.is_file()
+            or is_store(self.oof)
+            or any(self.stores(split) for split in SPLIT_PREFIX)
+        )
 
 
 def ensemble_dir(root: str | Path, name: str) -> Path:

@@ -5,11 +5,13 @@ raises :class:`UnknownNameError` with close matches and the list of known names.
 Models, losses, TTA sets, augmentations, optimizers, schedulers, mask rules, ensemble
 methods and post-processors are all registries of this one class.
 """
+
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pipeline.core.errors import UnknownNameError
 

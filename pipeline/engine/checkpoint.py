@@ -6,6 +6,7 @@ training size and preprocessing.  :class:`CheckpointSaver` serializes once per s
 writes the same bytes to ``best.pt`` (when the epoch improved) and then ``last.pt``, each
 through a temporary file and a rename: a kill at any moment leaves the earlier files whole.
 """
+
 from __future__ import annotations
 
 import io
@@ -79,7 +80,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def model_state(ckpt: dict[str, Any], use_ema: bool = True) -> dict[str, torch.Tensor]:
     """The weights to predict with: the EMA copy when the checkpoint has one and ``use_ema``."""
     if use_ema and ckpt.get("ema") is not None:
-        return {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+        return {k[len("module.") :]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     return ckpt["model"]
 
 

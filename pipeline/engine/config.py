@@ -1,5 +1,6 @@
 """The training config: one flat dataclass shared by the train stage, the tuner and prediction
 (checkpoints carry it)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -74,8 +75,13 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        for key, names in (("augment", AUGMENTATIONS), ("scheduler", SCHEDULERS), ("optimizer", OPTIMIZERS),
-                           ("amp", AMP_MODES), ("mask_rule", MASK_RULES)):
+        for key, names in (
+            ("augment", AUGMENTATIONS),
+            ("scheduler", SCHEDULERS),
+            ("optimizer", OPTIMIZERS),
+            ("amp", AMP_MODES),
+            ("mask_rule", MASK_RULES),
+        ):
             if getattr(self, key) not in names:
                 raise ConfigError(f"{key}: unknown {getattr(self, key)!r}; known: {', '.join(names)}")
         for key in ("epochs", "batch_size", "accum_steps", "val_every", "prefetch_factor"):

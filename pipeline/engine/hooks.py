@@ -13,11 +13,13 @@ A hook with state to resume (EMA weights, counters) names a ``state_key`` and im
 ``state_dict`` / ``load_state_dict``; the checkpoint stores it under that key.  A hook may
 offer the model to evaluate (``evaluation_model``), as EMA does.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -30,16 +32,16 @@ log = logging.getLogger(__name__)
 class Hook:
     state_key: str | None = None
 
-    def on_train_start(self, trainer: "Trainer") -> None:
+    def on_train_start(self, trainer: Trainer) -> None:
         pass
 
-    def on_step_end(self, trainer: "Trainer") -> None:
+    def on_step_end(self, trainer: Trainer) -> None:
         pass
 
-    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
         pass
 
-    def on_train_end(self, trainer: "Trainer") -> None:
+    def on_train_end(self, trainer: Trainer) -> None:
         pass
 
     def evaluation_model(self) -> nn.Module | None:
@@ -63,7 +65,7 @@ class EMAHook(Hook):
 
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
-    def on_step_end(self, trainer: "Trainer") -> None:
+    def on_step_end(self, trainer: Trainer) -> None:
         self.ema.update_parameters(trainer.model)
 
     def evaluation_model(self) -> nn.Module:
@@ -84,18 +86,18 @@ class EarlyStopping(Hook):
         self.patience, self.val_every = patience, val_every
         self.stale = 0
 
-    def on_train_start(self, trainer: "Trainer") -> None:
+    def on_train_start(self, trainer: Trainer) -> None:
         h = trainer.history
         self.stale = h[-1]["epoch"] - trainer.best_epoch if h and trainer.best_epoch >= 0 else 0
         self._check(trainer)
 
-    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
         if math.isnan(row["val_miou"]):
             return
         self.stale = 0 if trainer.best_epoch == row["epoch"] else self.stale + self.val_every
         self._check(trainer)
 
-    def _check(self, trainer: "Trainer") -> None:
+    def _check(self, trainer: Trainer) -> None:
         if self.patience and self.stale >= self.patience and not trainer.stop:
             trainer.stop = True
             log.info("early stop: no improvement for %d epochs", self.patience)
@@ -108,6 +110,6 @@ class EpochCallback(Hook):
     def __init__(self, fn: Callable[[int, dict[str, Any]], None]):
         self.fn = fn
 
-    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
         if not math.isnan(row["val_miou"]):
             self.fn(row["epoch"], row)

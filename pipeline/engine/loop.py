@@ -1,10 +1,12 @@
 """The two loops of training: one epoch of optimizer steps, and an evaluation pass."""
+
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ def _non_finite(value: float, epoch: int, batch: int, last: str) -> PipelineErro
     )
 
 
-def _optimizer_step(t: "Trainer") -> None:
+def _optimizer_step(t: Trainer) -> None:
     if t.cfg.grad_clip:
         t.scaler.unscale_(t.optimizer)
         torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
@@ -40,7 +42,7 @@ def _optimizer_step(t: "Trainer") -> None:
         hook.on_step_end(t)
 
 
-def train_one_epoch(t: "Trainer", epoch: int) -> tuple[float, float]:
+def train_one_epoch(t: Trainer, epoch: int) -> tuple[float, float]:
     """``t.batches`` micro-batches with gradient accumulation; returns (mean loss over all
     processes, seconds)."""
     from tqdm import tqdm
@@ -112,12 +114,14 @@ def evaluate(
         if isinstance(masks, torch.Tensor) and masks.shape[-2:] == probs.shape[-2:]:
             cm += confusion_matrix_torch(probs.argmax(1), masks.to(device), num_classes)
             if on_probs is not None:
-                for p, meta in zip(probs, metas):
+                for p, meta in zip(probs, metas, strict=False):
                     on_probs(p, meta)
             continue
-        for p, m, meta in zip(probs, masks, metas):
+        for p, m, meta in zip(probs, masks, metas, strict=False):
             if on_probs is not None:
                 on_probs(p, meta)
-            full = torch.nn.functional.interpolate(p[None], size=tuple(m.shape), mode="bilinear", align_corners=False)[0]
+            full = torch.nn.functional.interpolate(p[None], size=tuple(m.shape), mode="bilinear", align_corners=False)[
+                0
+            ]
             cm += confusion_matrix_torch(full.argmax(0), m.to(device), num_classes)
     return cm.cpu().numpy()

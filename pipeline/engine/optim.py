@@ -1,8 +1,10 @@
 """Optimizers and learning-rate schedules by name (registries list what they know)."""
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,12 +56,16 @@ def _lambda_scheduler(shape: Callable[[float, Any], float]):
     return build
 
 
-SCHEDULERS.add("cosine", _lambda_scheduler(
-    lambda t, cfg: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))),
-    "linear warmup, then cosine decay to min_lr_ratio x lr")
-SCHEDULERS.add("poly", _lambda_scheduler(
-    lambda t, cfg: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 - t) ** cfg.poly_power),
-    "linear warmup, then polynomial decay (poly_power) to min_lr_ratio x lr")
+SCHEDULERS.add(
+    "cosine",
+    _lambda_scheduler(lambda t, cfg: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))),
+    "linear warmup, then cosine decay to min_lr_ratio x lr",
+)
+SCHEDULERS.add(
+    "poly",
+    _lambda_scheduler(lambda t, cfg: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 - t) ** cfg.poly_power),
+    "linear warmup, then polynomial decay (poly_power) to min_lr_ratio x lr",
+)
 SCHEDULERS.add("constant", _lambda_scheduler(lambda t, cfg: 1.0), "linear warmup, then a constant lr")
 
 

@@ -1,10 +1,12 @@
 """What a run writes beside its checkpoints: metrics.csv, timing.csv and curves.png."""
+
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pipeline.core.io import atomic_open, atomic_write_bytes
 

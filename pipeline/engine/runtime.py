@@ -3,6 +3,7 @@
 ``configure_runtime`` applies the settings a GPU user expects (cuDNN autotuning for fixed
 input sizes, TF32 matrix products); each is a no-op on a CPU.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,8 +62,9 @@ def loader_options(device: torch.device, workers: int, prefetch_factor: int = 2)
     return opts
 
 
-def configure_runtime(device: torch.device, *, cudnn_benchmark: bool = True, tf32: bool = True,
-                      threads: int | None = None) -> dict[str, bool]:
+def configure_runtime(
+    device: torch.device, *, cudnn_benchmark: bool = True, tf32: bool = True, threads: int | None = None
+) -> dict[str, bool]:
     """Process-wide speed settings; returns what was switched on (for the log)."""
     if threads:
         torch.set_num_threads(threads)

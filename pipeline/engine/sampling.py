@@ -5,6 +5,7 @@ The epoch travels with every sampled index (the sampler yields ``(epoch, index)`
 loader workers that persist across epochs never see attributes set on the dataset in the
 main process, but they do receive the indices.
 """
+
 from __future__ import annotations
 
 import math

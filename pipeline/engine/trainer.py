@@ -8,14 +8,16 @@ per epoch; everything else (EMA, early stopping, the tuner's pruning report) is 
 ``config.yaml``, ``metrics.csv``, ``timing.csv``, ``last.pt``/``best.pt`` (through
 :class:`~pipeline.engine.checkpoint.CheckpointSaver`), ``curves.png`` and ``oof/``.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +92,9 @@ class Trainer:
         self.dist = Dist(self.device)
         self.folder = cfg.folder()
         if self.folder.last.exists() and not cfg.resume:
-            raise PipelineError(f"{self.folder.last} exists; pass resume=true to continue it or choose another experiment=")
+            raise PipelineError(
+                f"{self.folder.last} exists; pass resume=true to continue it or choose another experiment="
+            )
         self.saver = CheckpointSaver(self.folder)
         self.show_progress = cfg.progress and self.dist.main
         self.history: list[dict[str, Any]] = []
@@ -119,8 +123,11 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = model_registry.build_model(
-            cfg.model, num_classes=self.coco.num_classes, encoder=cfg.encoder,
-            encoder_weights=cfg.encoder_weights, weights=cfg.weights,
+            cfg.model,
+            num_classes=self.coco.num_classes,
+            encoder=cfg.encoder,
+            encoder_weights=cfg.encoder_weights,
+            weights=cfg.weights,
         ).to(self.device)
         self.channels_last = cfg.channels_last and self.device.type == "cuda"
         if self.channels_last:
@@ -137,27 +144,42 @@ class Trainer:
 
     def _build_loaders(self) -> None:
         cfg = self.cfg
-        self.criterion = build_loss(cfg.loss, self.coco.num_classes, ignore_index=IGNORE_INDEX,
-                                    class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing).to(self.device)
+        self.criterion = build_loss(
+            cfg.loss,
+            self.coco.num_classes,
+            ignore_index=IGNORE_INDEX,
+            class_weights=cfg.class_weights,
+            label_smoothing=cfg.label_smoothing,
+        ).to(self.device)
         self.workers = cfg.num_workers if cfg.num_workers is not None else default_workers(self.device)
         opts = loader_options(self.device, self.workers, cfg.prefetch_factor)
-        base = SegmentationDataset(self.coco, self.train_ids, build_transform(cfg.augment, self.size), self.cache,
-                                   self.preprocessing)
+        base = SegmentationDataset(
+            self.coco, self.train_ids, build_transform(cfg.augment, self.size), self.cache, self.preprocessing
+        )
         train_set = EpochSeededDataset(base, cfg.seed)
-        self.sampler = EpochShuffleSampler(len(train_set), cfg.seed, self.dist.rank, self.dist.world, shuffle=True, drop_last=True)
+        self.sampler = EpochShuffleSampler(
+            len(train_set), cfg.seed, self.dist.rank, self.dist.world, shuffle=True, drop_last=True
+        )
         if len(self.sampler) < cfg.batch_size:
-            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(self.sampler)} training images per process")
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} is larger than the {len(self.sampler)} training images per process"
+            )
         per_epoch = len(self.sampler) // cfg.batch_size
         self.batches = min(per_epoch, cfg.max_train_batches) if cfg.max_train_batches else per_epoch
         self.steps_per_epoch = math.ceil(self.batches / cfg.accum_steps)
-        self.train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
-                                       collate_fn=collate, **opts)
+        self.train_loader = DataLoader(
+            train_set, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True, collate_fn=collate, **opts
+        )
         self.val_loader = None
         if self.val_ids:
-            val_set = ValDataset(SegmentationDataset(self.coco, self.val_ids, None, self.cache, self.preprocessing), self.size)
+            val_set = ValDataset(
+                SegmentationDataset(self.coco, self.val_ids, None, self.cache, self.preprocessing), self.size
+            )
             # shard without padding so the all-reduced confusion matrix counts each image once
             val_sampler = list(range(len(val_set)))[self.dist.rank :: self.dist.world] if self.dist.enabled else None
-            self.val_loader = DataLoader(val_set, batch_size=cfg.batch_size, sampler=val_sampler, collate_fn=collate, **opts)
+            self.val_loader = DataLoader(
+                val_set, batch_size=cfg.batch_size, sampler=val_sampler, collate_fn=collate, **opts
+            )
 
     def _build_optimization(self) -> None:
         self.net = maybe_compile(self.dist.wrap(self.model, self.device), self.cfg.compile)
@@ -180,8 +202,13 @@ class Trainer:
         self.start_epoch, self.best, self.best_epoch = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"]
         self.history = ckpt["history"]
         set_rng_state(ckpt["rng"])
-        log.info("resumed %s at epoch %d (best mIoU %.4f at epoch %d)", self.folder.last, self.start_epoch,
-                 self.best, self.best_epoch)
+        log.info(
+            "resumed %s at epoch %d (best mIoU %.4f at epoch %d)",
+            self.folder.last,
+            self.start_epoch,
+            self.best,
+            self.best_epoch,
+        )
         return True
 
     def checkpoint_state(self, epoch: int) -> dict[str, Any]:
@@ -223,10 +250,20 @@ class Trainer:
             return {"val_miou": float("nan")}
         model = self.evaluation_model()
         self.dist.sync_buffers(model)
-        cm = evaluate(model, self.val_loader, self.coco.num_classes, self.device, self.dtype, self.channels_last,
-                      self.cfg.max_val_batches)
+        cm = evaluate(
+            model,
+            self.val_loader,
+            self.coco.num_classes,
+            self.device,
+            self.dtype,
+            self.channels_last,
+            self.cfg.max_val_batches,
+        )
         cm = self.dist.all_sum(torch.from_numpy(cm).to(self.device)).cpu().numpy()
-        return {"val_miou": mean_iou(cm), **{f"iou_{n}": float(v) for n, v in zip(self.coco.class_names, iou_per_class(cm))}}
+        return {
+            "val_miou": mean_iou(cm),
+            **{f"iou_{n}": float(v) for n, v in zip(self.coco.class_names, iou_per_class(cm), strict=False)},
+        }
 
     def _record(self, epoch: int, row: dict[str, Any], timing: dict[str, Any], improved: bool) -> None:
         """Checkpoint and files of an epoch (rank 0)."""
@@ -237,8 +274,15 @@ class Trainer:
         append_timing(timing, self.folder.timing)
         if self.cfg.plot:
             plot_curves(self.history, self.coco.class_names, self.folder.curves)
-        log.info("epoch %d: loss %.4f, val mIoU %.4f (best %.4f @ %d), %.1f img/s", epoch, row["train_loss"],
-                 row["val_miou"], self.best, self.best_epoch, timing["train_images_per_s"])
+        log.info(
+            "epoch %d: loss %.4f, val mIoU %.4f (best %.4f @ %d), %.1f img/s",
+            epoch,
+            row["train_loss"],
+            row["val_miou"],
+            self.best,
+            self.best_epoch,
+            timing["train_images_per_s"],
+        )
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         import time
@@ -248,8 +292,12 @@ class Trainer:
         started = time.perf_counter()
         row.update(self.validate(epoch))
         images = self.batches * self.cfg.batch_size * self.dist.world
-        timing = {"epoch": epoch, "train_s": round(seconds, 4), "train_images_per_s": round(images / seconds, 3),
-                  "val_s": round(time.perf_counter() - started, 4)}
+        timing = {
+            "epoch": epoch,
+            "train_s": round(seconds, 4),
+            "train_images_per_s": round(images / seconds, 3),
+            "val_s": round(time.perf_counter() - started, 4),
+        }
         improved = not math.isnan(row["val_miou"]) and row["val_miou"] > self.best
         if improved:
             self.best, self.best_epoch = row["val_miou"], epoch
@@ -272,8 +320,13 @@ class Trainer:
         for hook in self.hooks:
             hook.on_train_start(self)
         epochs = range(self.start_epoch, self.cfg.epochs)
-        for epoch in tqdm(epochs, desc=f"{self.cfg.experiment_name} fold{self.cfg.fold}", disable=not self.show_progress,
-                          initial=self.start_epoch, total=self.cfg.epochs):
+        for epoch in tqdm(
+            epochs,
+            desc=f"{self.cfg.experiment_name} fold{self.cfg.fold}",
+            disable=not self.show_progress,
+            initial=self.start_epoch,
+            total=self.cfg.epochs,
+        ):
             if self.stop:
                 break
             row = self.run_epoch(epoch)
@@ -282,8 +335,17 @@ class Trainer:
         for hook in self.hooks:
             hook.on_train_end(self)
         if self.dist.main and self.cfg.save_oof and self.val_ids and self.folder.best.exists():
-            write_oof(self.cfg, self.coco, self.val_ids, self.size, self.folder.best, self.device, self.dtype,
-                      self.folder.oof, self.workers)
+            write_oof(
+                self.cfg,
+                self.coco,
+                self.val_ids,
+                self.size,
+                self.folder.best,
+                self.device,
+                self.dtype,
+                self.folder.oof,
+                self.workers,
+            )
         self.dist.barrier()
         self.dist.close()
         return TrainResult(self.folder.path, self.best, self.best_epoch, len(self.history), self.history)

@@ -7,6 +7,7 @@ non-zero (Background included).  Classes with an empty union get IoU = NaN and a
 out of the mean.  Validation, out-of-fold scoring, the tuner's objective and the
 submission scorer all call these functions.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,8 +29,9 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
     return cm
 
 
-def _confusion_matrix_generic(pred: np.ndarray, target: np.ndarray, num_classes: int,
-                              ignore_index: int | None) -> np.ndarray:
+def _confusion_matrix_generic(
+    pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int | None
+) -> np.ndarray:
     """Plain version for any dtype and class count: int64 codes ``target * K + pred``, one bincount."""
     t = target.reshape(-1).astype(np.int64, copy=False)
     p = pred.reshape(-1).astype(np.int64, copy=False)
@@ -83,8 +85,9 @@ def _count_codes(codes: np.ndarray, n_codes: int) -> np.ndarray:
     return np.bincount(codes, minlength=n_codes)
 
 
-def _confusion_matrix_small_codes(pred: np.ndarray, target: np.ndarray, num_classes: int,
-                                  ignore_index: int | None) -> np.ndarray | None:
+def _confusion_matrix_small_codes(
+    pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int | None
+) -> np.ndarray | None:
     """Same counts as the generic path with 8- or 16-bit codes, or None when it does not apply.
 
     Applies to integer maps with K <= 15 (uint8 codes) or K <= 255 (uint16 codes), targets
@@ -154,7 +157,7 @@ def pixel_accuracy(cm: np.ndarray) -> float:
 
 def image_level_miou(preds, targets, num_classes: int, ignore_index: int | None = IGNORE_INDEX) -> float:
     """Optional variant: the mean over images of each image's own mIoU (never the default)."""
-    scores = [mean_iou(confusion_matrix(p, t, num_classes, ignore_index)) for p, t in zip(preds, targets)]
+    scores = [mean_iou(confusion_matrix(p, t, num_classes, ignore_index)) for p, t in zip(preds, targets, strict=False)]
     scores = [s for s in scores if not np.isnan(s)]
     return float(np.mean(scores)) if scores else float("nan")
 

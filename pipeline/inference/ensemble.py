@@ -6,14 +6,16 @@ cover the labelled images, its test prediction is the mean of its folds' test st
 voting), optionally with a per-class bias on log-probabilities; :class:`OofCache` holds every
 member's OOF maps in one file so that weights can be tuned with Optuna quickly.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -38,12 +40,12 @@ class MeanMethod:
 
     arrays = 2  # work arrays: the weighted sum, a term
 
-    def add(self, fusion: "Fusion", work: tuple[np.ndarray, ...], p: np.ndarray, w: float, scale: float) -> None:
+    def add(self, fusion: Fusion, work: tuple[np.ndarray, ...], p: np.ndarray, w: float, scale: float) -> None:
         acc, term = work[0], work[1]
         np.multiply(p, np.float32(w * scale), out=term)
         acc += term
 
-    def score(self, fusion: "Fusion", work: tuple[np.ndarray, ...]) -> np.ndarray:
+    def score(self, fusion: Fusion, work: tuple[np.ndarray, ...]) -> np.ndarray:
         score = work[0]
         if fusion.bias is not None:
             np.maximum(score, np.float32(LOG_EPS), out=score)
@@ -57,7 +59,7 @@ class VoteMethod(MeanMethod):
 
     arrays = 3  # + the vote tallies
 
-    def add(self, fusion: "Fusion", work: tuple[np.ndarray, ...], p: np.ndarray, w: float, scale: float) -> None:
+    def add(self, fusion: Fusion, work: tuple[np.ndarray, ...], p: np.ndarray, w: float, scale: float) -> None:
         super().add(fusion, work, p, w, scale)
         term = work[1]
         if fusion.bias is None:
@@ -71,7 +73,7 @@ class VoteMethod(MeanMethod):
         flat = work[2].reshape(work[2].shape[0], -1)
         flat[votes.reshape(-1), np.arange(flat.shape[1])] += np.float32(w)
 
-    def score(self, fusion: "Fusion", work: tuple[np.ndarray, ...]) -> np.ndarray:
+    def score(self, fusion: Fusion, work: tuple[np.ndarray, ...]) -> np.ndarray:
         score = work[0]
         score *= np.float32(VOTE_TIE)
         score += work[2]
@@ -108,8 +110,13 @@ class Member:
     test_stores: list[str]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "tta": self.tta, "oof_stores": list(self.oof_stores),
-                "test_stores": list(self.test_stores)}
+        return {
+            "name": self.name,
+            "path": self.path,
+            "tta": self.tta,
+            "oof_stores": list(self.oof_stores),
+            "test_stores": list(self.test_stores),
+        }
 
 
 def _tta_names(folds: Sequence[Path], split: str) -> set[str]:
@@ -123,13 +130,17 @@ def find_member(path: str, tta: str | None = None, name: str | None = None, need
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise PipelineError(f"{folder}: ensemble member folder not found (expected runs/<experiment> or runs/<experiment>/fold<k>)")
+        raise PipelineError(
+            f"{folder}: ensemble member folder not found (expected runs/<experiment> or runs/<experiment>/fold<k>)"
+        )
     if RunFolder(folder).is_run():
         folds = [folder]
     else:
         folds = sorted(d for d in folder.glob("fold*") if d.is_dir())
         if not folds:
-            raise PipelineError(f"{folder}: no fold*/ folders (expected runs/<experiment>/fold<k>/ with oof/ and test_<tta>/)")
+            raise PipelineError(
+                f"{folder}: no fold*/ folders (expected runs/<experiment>/fold<k>/ with oof/ and test_<tta>/)"
+            )
     if tta is None:
         names = _tta_names(folds, "test") or _tta_names(folds, "val")
         if len(names) > 1:
@@ -152,9 +163,14 @@ def find_member(path: str, tta: str | None = None, name: str | None = None, need
             f"(expected oof/ or oof_{tta or '<tta>'}/ written by make train / make predict SPLIT=val)"
         )
     if not test and need_oof:
-        log.warning("%s: no test_%s/ stores: the ensemble can be tuned but not submitted until make predict SPLIT=test is run",
-                    folder, tta or "<tta>")
-    label = name or (f"{folder.parent.name}/{folder.name}" if folds == [folder] and folder.name.startswith("fold") else folder.name)
+        log.warning(
+            "%s: no test_%s/ stores: the ensemble can be tuned but not submitted until make predict SPLIT=test is run",
+            folder,
+            tta or "<tta>",
+        )
+    label = name or (
+        f"{folder.parent.name}/{folder.name}" if folds == [folder] and folder.name.startswith("fold") else folder.name
+    )
     return Member(label, str(path), tta, oof, test)
 
 
@@ -176,7 +192,9 @@ def open_stores(folders: Sequence[str], class_names: Sequence[str]) -> list[Prob
     readers = [ProbReader(f) for f in folders]
     for r in readers:
         if list(r.class_names) != list(class_names):
-            raise PipelineError(f"{r.folder}: classes {r.class_names} differ from the annotation file's {list(class_names)}")
+            raise PipelineError(
+                f"{r.folder}: classes {r.class_names} differ from the annotation file's {list(class_names)}"
+            )
     return readers
 
 
@@ -225,8 +243,13 @@ class Fusion:
     def bias_of(self, ndim: int) -> np.ndarray:
         return self.bias.reshape((-1,) + (1,) * (ndim - 1))
 
-    def __call__(self, members: Iterable[np.ndarray], scale: float = 1.0, indices: Sequence[int] | None = None,
-                 workspace: Workspace | None = None) -> np.ndarray:
+    def __call__(
+        self,
+        members: Iterable[np.ndarray],
+        scale: float = 1.0,
+        indices: Sequence[int] | None = None,
+        workspace: Workspace | None = None,
+    ) -> np.ndarray:
         """Class-index map of K x ... probabilities, one array per member in ``indices`` order.
 
         ``scale`` converts stored values to probabilities (1/255 for uint8).  ``indices``
@@ -237,7 +260,7 @@ class Fusion:
         workspace = workspace or self._work
         work: tuple[np.ndarray, ...] | None = None
         count = 0
-        for i, p in zip(indices, members):
+        for i, p in zip(indices, members, strict=False):
             if work is None:
                 work = workspace.arrays(tuple(p.shape), self._method.arrays)
             count += 1
@@ -259,16 +282,26 @@ class OofCache:
     one reusable buffer.
     """
 
-    def __init__(self, members: Sequence[Member], coco: CocoData, image_ids: Sequence[int] | None = None,
-                 folder: str | Path = ".", max_images: int | None = None, seed: int = 0, progress: bool = True):
+    def __init__(
+        self,
+        members: Sequence[Member],
+        coco: CocoData,
+        image_ids: Sequence[int] | None = None,
+        folder: str | Path = ".",
+        max_images: int | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ):
         if coco.num_classes > 255:
-            raise PipelineError(f"{coco.path}: {coco.num_classes} classes; the OOF cache holds class indices as uint8 (at most 255)")
+            raise PipelineError(
+                f"{coco.path}: {coco.num_classes} classes; the OOF cache holds class indices as uint8 (at most 255)"
+            )
         self.members = list(members)
         self.num_classes = coco.num_classes
         self.class_names = coco.class_names
         owners = [self._owners(m, coco) for m in self.members]
         common = set(coco.image_ids).intersection(*[set(o) for o in owners])
-        for m, o in zip(self.members, owners):
+        for m, o in zip(self.members, owners, strict=False):
             unscored = len(set(o) - set(coco.image_ids))
             if unscored:
                 log.warning("%s: %d OOF images are not in %s and are left out", m.name, unscored, coco.path.name)
@@ -276,18 +309,27 @@ class OofCache:
         if not ids:
             raise PipelineError(
                 "the members have no out-of-fold image in common with "
-                f"{coco.path} ({', '.join(f'{m.name}: {len(o)}' for m, o in zip(self.members, owners))} OOF images)"
+                f"{coco.path} "
+                f"({', '.join(f'{m.name}: {len(o)}' for m, o in zip(self.members, owners, strict=False))} OOF images)"
             )
         counts = [len(o) for o in owners]
         if len(ids) < max(counts):
-            log.info("scoring on the %d images every member has OOF probabilities for (members have %s)",
-                     len(ids), ", ".join(str(c) for c in counts))
+            log.info(
+                "scoring on the %d images every member has OOF probabilities for (members have %s)",
+                len(ids),
+                ", ".join(str(c) for c in counts),
+            )
         if max_images is not None and len(ids) > max_images:
             rng = np.random.default_rng(seed)
             ids = sorted(int(i) for i in rng.choice(ids, size=max_images, replace=False))
         self.image_ids = ids
-        self.sizes = {i: max(((int(o[i].row(i).stored_height), int(o[i].row(i).stored_width)) for o in owners),
-                             key=lambda s: s[0] * s[1]) for i in ids}
+        self.sizes = {
+            i: max(
+                ((int(o[i].row(i).stored_height), int(o[i].row(i).stored_width)) for o in owners),
+                key=lambda s: s[0] * s[1],
+            )
+            for i in ids
+        }
         self.n_pixels = sum(h * w for h, w in self.sizes.values())
         self._build(owners, coco, Path(folder), progress)
 
@@ -302,8 +344,11 @@ class OofCache:
                     continue
                 owner[image_id] = reader
         if duplicates:
-            log.warning("%s: %d images have OOF probabilities in more than one fold; the first fold's are used",
-                        member.name, duplicates)
+            log.warning(
+                "%s: %d images have OOF probabilities in more than one fold; the first fold's are used",
+                member.name,
+                duplicates,
+            )
         return owner
 
     def _build(self, owners: list[dict[int, ProbReader]], coco: CocoData, folder: Path, progress: bool) -> None:
@@ -321,7 +366,9 @@ class OofCache:
             with os.fdopen(fd, "wb") as fh:
                 group: list[int] = []
                 pixels = 0
-                for image_id in tqdm(self.image_ids, desc="caching OOF probabilities", disable=not progress, leave=False):
+                for image_id in tqdm(
+                    self.image_ids, desc="caching OOF probabilities", disable=not progress, leave=False
+                ):
                     h, w = self.sizes[image_id]
                     if group and pixels + h * w > cap:
                         offset += self._write_chunk(fh, group, pixels, owners, coco, offset)
@@ -333,8 +380,13 @@ class OofCache:
         except BaseException:
             self.close()
             raise
-        log.info("cached OOF probabilities of %d members x %d images (%.1f MiB on disk, %d chunks)",
-                 m, len(self.image_ids), offset / 2**20, len(self.chunks))
+        log.info(
+            "cached OOF probabilities of %d members x %d images (%.1f MiB on disk, %d chunks)",
+            m,
+            len(self.image_ids),
+            offset / 2**20,
+            len(self.chunks),
+        )
 
     def _views(self, pixels: int) -> tuple[np.ndarray, np.ndarray]:
         m, k = len(self.members), self.num_classes
@@ -349,7 +401,9 @@ class OofCache:
             h, w = self.sizes[image_id]
             gt[start : start + h * w] = resize_nearest(coco.mask(image_id), (h, w)).reshape(-1)
             for j, owner in enumerate(owners):
-                probs[j, :, start : start + h * w] = owner[image_id].load_uint8(image_id, (h, w)).reshape(self.num_classes, -1)
+                probs[j, :, start : start + h * w] = (
+                    owner[image_id].load_uint8(image_id, (h, w)).reshape(self.num_classes, -1)
+                )
             start += h * w
         size = pixels * (1 + len(self.members) * self.num_classes)
         fh.write(memoryview(self.buffer[:size]))
@@ -372,7 +426,7 @@ class OofCache:
                         raise PipelineError(f"{self.path}: OOF cache file is truncated")
                     got += n
                 gt, probs = self._views(pixels)
-                for cm, fusion in zip(cms, fusions):
+                for cm, fusion in zip(cms, fusions, strict=False):
                     active = fusion.active()
                     labels = fusion((probs[i] for i in active), scale=1 / 255, indices=active, workspace=self.workspace)
                     cm += confusion_matrix(labels, gt, k)
@@ -386,7 +440,7 @@ class OofCache:
         if path and os.path.exists(path):
             os.unlink(path)
 
-    def __enter__(self) -> "OofCache":
+    def __enter__(self) -> OofCache:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -416,8 +470,9 @@ def tune_weights(cache: OofCache, method: str, n_trials: int, seed: int) -> tupl
     return raw / raw.sum(), float(study.best_value)
 
 
-def tune_bias(cache: OofCache, weights: np.ndarray, method: str, n_trials: int, seed: int,
-              bias_range: float) -> tuple[np.ndarray, float]:
+def tune_bias(
+    cache: OofCache, weights: np.ndarray, method: str, n_trials: int, seed: int, bias_range: float
+) -> tuple[np.ndarray, float]:
     """Best per-class bias (weights fixed) found by TPE; the zero bias is the first trial."""
     optuna = _quiet_optuna()
     k = cache.num_classes

@@ -4,9 +4,11 @@ A post-processor takes the fused class probabilities ``K x H x W`` (float32) of 
 and its class-index map ``H x W`` and returns the final class-index map; parameters come from
 the caller.  Submit applies the one named by ``postprocess=`` and records it in its manifest.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

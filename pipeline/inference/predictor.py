@@ -11,13 +11,15 @@ and streamed into a store (:mod:`pipeline.inference.store`):
   default folder ``<run>/oof_<tta>``.  The mIoU of the written maps against the ground
   truth (at each image's own size) is recorded in the store's ``meta.json``.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,8 +159,11 @@ def val_job(cfg: PredictConfig, tcfg: TrainConfig, ckpt: dict[str, Any], ckpt_pa
     stored = oof_meta.get("stored_size")
     fixed = (int(stored[0]), int(stored[1])) if stored else stored_size(train_size, tcfg.oof_scale)
     info: dict[str, Any] = {"stored_size": list(fixed)}
-    same_model = (cfg.use_ema and oof_meta.get("epoch") == ckpt["epoch"]
-                  and Path(str(oof_meta.get("source", ""))).name == ckpt_path.name)
+    same_model = (
+        cfg.use_ema
+        and oof_meta.get("epoch") == ckpt["epoch"]
+        and Path(str(oof_meta.get("source", ""))).name == ckpt_path.name
+    )
     if same_model and "miou_full_resolution" in oof_meta:
         info["oof_miou_without_tta"] = oof_meta["miou_full_resolution"]
     prep = Preprocessing.from_dict(ckpt.get("preprocessing"))
@@ -178,8 +183,9 @@ def test_job(cfg: PredictConfig, ckpt: dict[str, Any], ckpt_path: Path) -> Job:
     return Job(coco, coco.image_ids, dataset, collate_test, None, {"store_scale": cfg.store_scale})
 
 
-def stream_predictions(cfg: PredictConfig, tta: TTAModel, loader: DataLoader, job: Job, writer: ProbWriter,
-                       device: torch.device) -> None:
+def stream_predictions(
+    cfg: PredictConfig, tta: TTAModel, loader: DataLoader, job: Job, writer: ProbWriter, device: torch.device
+) -> None:
     """Predict every batch, write each image's map, and (val) score the written and unstored maps."""
     from tqdm import tqdm
 
@@ -188,7 +194,7 @@ def stream_predictions(cfg: PredictConfig, tta: TTAModel, loader: DataLoader, jo
     cm_full = torch.zeros_like(cm_written)
     for images, masks, metas in tqdm(loader, desc=f"predict {cfg.split} ({cfg.tta})", disable=not cfg.progress):
         probs = tta(images.to(device, non_blocking=True))
-        for i, (p, meta) in enumerate(zip(probs, metas)):
+        for i, (p, meta) in enumerate(zip(probs, metas, strict=False)):
             h, w = meta["height"], meta["width"]
             small = resize_probs(p, job.stored_fixed or stored_size((h, w), cfg.store_scale))
             writer.write(meta["image_id"], meta["file_name"], h, w, small)
@@ -199,8 +205,10 @@ def stream_predictions(cfg: PredictConfig, tta: TTAModel, loader: DataLoader, jo
     if val:
         cm = cm_written.cpu().numpy()
         writer.info["miou"] = mean_iou(cm)
-        writer.info["iou_per_class"] = {n: (None if np.isnan(v) else float(v))
-                                        for n, v in zip(job.coco.class_names, iou_per_class(cm))}
+        writer.info["iou_per_class"] = {
+            n: (None if np.isnan(v) else float(v))
+            for n, v in zip(job.coco.class_names, iou_per_class(cm), strict=False)
+        }
         writer.info["miou_full_resolution"] = mean_iou(cm_full.cpu().numpy())
 
 
@@ -208,7 +216,11 @@ def log_oof_scores(cfg: PredictConfig, info: dict[str, Any], stored: tuple[int, 
     base = info.get("oof_miou_without_tta")
     log.info(
         "out-of-fold mIoU with TTA %s: %.4f from the written %dx%d maps, %.4f from the unstored maps (both "
-        "resized to each image's own size and scored there)%s", cfg.tta, info["miou"], stored[0], stored[1],
+        "resized to each image's own size and scored there)%s",
+        cfg.tta,
+        info["miou"],
+        stored[0],
+        stored[1],
         info["miou_full_resolution"],
         "" if base is None else f", without TTA {base:.4f} (gain {info['miou_full_resolution'] - base:+.4f})",
     )
@@ -231,19 +243,38 @@ def predict(cfg: PredictConfig) -> Path:
     check_files(job.coco, job.ids)
     train_size = (int(ckpt["img_size"][0]), int(ckpt["img_size"][1]))
     info: dict[str, Any] = {
-        "source": str(ckpt_path), "epoch": int(ckpt["epoch"]), "use_ema": bool(cfg.use_ema and ckpt.get("ema") is not None),
-        "model": tcfg.model, "encoder": tcfg.encoder, "fold": tcfg.fold, "split": cfg.split, "ann_file": str(job.coco.path),
-        "mask_rule": tcfg.mask_rule, "tta": cfg.tta, "tta_views": tta.view_names,
-        "scales": sorted({float(v.scale) for v in tta.views}), "train_size": list(train_size),
+        "source": str(ckpt_path),
+        "epoch": int(ckpt["epoch"]),
+        "use_ema": bool(cfg.use_ema and ckpt.get("ema") is not None),
+        "model": tcfg.model,
+        "encoder": tcfg.encoder,
+        "fold": tcfg.fold,
+        "split": cfg.split,
+        "ann_file": str(job.coco.path),
+        "mask_rule": tcfg.mask_rule,
+        "tta": cfg.tta,
+        "tta_views": tta.view_names,
+        "scales": sorted({float(v.scale) for v in tta.views}),
+        "train_size": list(train_size),
         "preprocessing": Preprocessing.from_dict(ckpt.get("preprocessing")).as_dict(),
-        "predict_config": to_dict(cfg), **job.info,
+        "predict_config": to_dict(cfg),
+        **job.info,
     }
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
     opts = {**loader_options(device, workers), "persistent_workers": False}
     loader = DataLoader(job.dataset, batch_size=cfg.batch_size, collate_fn=job.collate_fn, **opts)
     out = cfg.output_dir()
-    log.info("predicting %d %s images of %s with TTA %s (%d views) at %dx%d -> %s",
-             len(job.ids), cfg.split, ckpt_path, cfg.tta, len(tta.views), train_size[0], train_size[1], out)
+    log.info(
+        "predicting %d %s images of %s with TTA %s (%d views) at %dx%d -> %s",
+        len(job.ids),
+        cfg.split,
+        ckpt_path,
+        cfg.tta,
+        len(tta.views),
+        train_size[0],
+        train_size[1],
+        out,
+    )
     with ProbWriter(out, job.coco.class_names, cfg.dtype, info) as writer, torch.inference_mode():
         stream_predictions(cfg, tta, loader, job, writer, device)
     if job.stored_fixed is not None:

@@ -13,12 +13,14 @@ writing and reading streamed: memory never grows with the number of images.  Map
 be stored at a lower resolution than the image (for example out-of-fold maps at half the
 training size); ``ProbReader.load(image_id, size)`` resizes them bilinearly.
 """
+
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,7 +47,9 @@ def resize_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class ProbWriter:
     """Writes one probability map per image; ``close()`` writes the index (atomically)."""
 
-    def __init__(self, folder: str | Path, class_names: Sequence[str], dtype: str = "float16", info: dict | None = None):
+    def __init__(
+        self, folder: str | Path, class_names: Sequence[str], dtype: str = "float16", info: dict | None = None
+    ):
         if dtype not in DTYPES:
             raise PipelineError(f"unknown probability dtype {dtype!r}; known: {', '.join(DTYPES)}")
         self.folder = Path(folder)
@@ -88,7 +92,7 @@ class ProbWriter:
             table.to_csv(fh, index=False)
         return self.folder
 
-    def __enter__(self) -> "ProbWriter":
+    def __enter__(self) -> ProbWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -108,8 +112,9 @@ def stores_mask_rule(folders: Sequence[str | Path]) -> str:
         except (OSError, json.JSONDecodeError) as exc:
             raise PipelineError(f"{meta}: unreadable probability store meta ({exc})") from exc
     if len(set(rules.values())) > 1:
-        raise PipelineError("the members were trained with different mask rules: "
-                            + ", ".join(f"{f}: {r}" for f, r in rules.items()))
+        raise PipelineError(
+            "the members were trained with different mask rules: " + ", ".join(f"{f}: {r}" for f, r in rules.items())
+        )
     return next(iter(rules.values()), "area")
 
 

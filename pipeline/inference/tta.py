@@ -22,12 +22,13 @@ divisor.  :class:`TTAModel` averages the softmax probabilities of the views (nev
 logits or labels); it sends all views of one input size through the model in one call
 unless ``max_batch`` caps the images per call (``auto_max_batch`` picks a cap per device).
 """
+
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ def _canonical_d4() -> dict[tuple[int, bool], tuple[bool, tuple[int, ...]]]:
     """
     probe = torch.arange(6.0).reshape(2, 3)
     table = {}
-    for (k, f) in _D4_NAMES:
+    for k, f in _D4_NAMES:
         target = torch.rot90(probe.flip(-1) if f else probe, k, dims=(-2, -1))
         for t, dims in ((t, d) for t in (False, True) for d in ((), (-1,), (-2,), (-2, -1))):
             y = probe.t() if t else probe
@@ -118,7 +119,7 @@ class View:
         """Whether the view exchanges height and width."""
         return self.k % 2 == 1
 
-    def compose(self, then: "View") -> "View":
+    def compose(self, then: View) -> View:
         k, flip = compose_d4((self.k, self.flip), (then.k, then.flip))
         return View(self.scale * then.scale, k, flip)
 
@@ -173,10 +174,15 @@ def _d4_views() -> list[View]:
 TTA_SETS: Registry = Registry("TTA set")
 TTA_SETS.add("none", lambda scales: [View()], "the image as it is")
 TTA_SETS.add("hflip", lambda scales: [View(), View(flip=True)], "identity and horizontal flip")
-TTA_SETS.add("flip", lambda scales: [View(), View(flip=True), View(k=2, flip=True)], "identity, horizontal and vertical flips")
+TTA_SETS.add(
+    "flip", lambda scales: [View(), View(flip=True), View(k=2, flip=True)], "identity, horizontal and vertical flips"
+)
 TTA_SETS.add("d4", lambda scales: _d4_views(), "the 8 dihedral views (quarter turns x flip)")
-TTA_SETS.add("ms", lambda scales: [View(float(s), 0, f) for s in scales for f in (False, True)],
-             "each of scales (default 0.75, 1, 1.25), with and without horizontal flip")
+TTA_SETS.add(
+    "ms",
+    lambda scales: [View(float(s), 0, f) for s in scales for f in (False, True)],
+    "each of scales (default 0.75, 1, 1.25), with and without horizontal flip",
+)
 
 
 def list_tta() -> list[str]:
@@ -268,10 +274,14 @@ class TTAModel(nn.Module):
             return self._probs(torch.cat(inputs) if len(inputs) > 1 else inputs[0])
         if n <= self.max_batch:
             per_call = self.max_batch // n
-            return torch.cat([self._view_probs(views[i : i + per_call], xs, xt) for i in range(0, len(views), per_call)])
+            return torch.cat(
+                [self._view_probs(views[i : i + per_call], xs, xt) for i in range(0, len(views), per_call)]
+            )
         parts = xs.split(self.max_batch)
         parts_t = xt.split(self.max_batch) if xt is not None else [None] * len(parts)
-        return torch.cat([torch.cat([self._view_probs([v], a, b) for a, b in zip(parts, parts_t)]) for v in views])
+        return torch.cat(
+            [torch.cat([self._view_probs([v], a, b) for a, b in zip(parts, parts_t, strict=False)]) for v in views]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -287,7 +297,7 @@ class TTAModel(nn.Module):
             xs = x if scaled == size else F.interpolate(x, size=scaled, mode="bilinear", align_corners=False)
             xt = xs.transpose(-2, -1).contiguous() if any(v.canonical[0] for v in views) else None
             probs = self._view_probs(views, xs, xt)
-            for v, p in zip(views, probs.split(n)):
+            for v, p in zip(views, probs.split(n), strict=False):
                 t, dims = v.canonical
                 q = p.flip(dims) if dims else p
                 key = (scaled, t)

@@ -5,6 +5,7 @@ groups, preprocessing and losses.
 :mod:`pipeline.models.registry` for the table of families and :mod:`pipeline.models.contract`
 for what the engine and inference expect of a model.
 """
+
 from pipeline.core.errors import UnknownNameError
 from pipeline.models.params import decoder_parameters, encoder_parameters, param_groups
 from pipeline.models.registry import (

@@ -20,6 +20,7 @@ Training, validation, TTA, out-of-fold and test prediction go only through
 :func:`model_loss` and :func:`model_probabilities`, so a family that brings its own loss
 and head plugs in without special cases in the loop.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -11,12 +11,14 @@ default 1), ``classes`` ("all" or "present": dice default "all", lovasz default
 
 A batch whose pixels are all ignored gives a loss of 0 (with a gradient of 0).
 """
+
 from __future__ import annotations
 
 import inspect
 import logging
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +47,9 @@ _CLASS_MODES = ("all", "present")
 class _SegLoss(nn.Module):
     """Shared checks and class weights of the per-pixel losses."""
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, class_weights: Sequence[float] | None = None) -> None:
+    def __init__(
+        self, num_classes: int, ignore_index: int = IGNORE_INDEX, class_weights: Sequence[float] | None = None
+    ) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
@@ -55,10 +59,13 @@ class _SegLoss(nn.Module):
     def _check(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         if logits.ndim != 4 or target.ndim != 3:
             raise ValueError(
-                f"expected logits N x K x H x W and target N x H x W, got {tuple(logits.shape)} and {tuple(target.shape)}"
+                f"expected logits N x K x H x W and target N x H x W, got {tuple(logits.shape)} and "
+                f"{tuple(target.shape)}"
             )
         if logits.shape[1] != self.num_classes:
-            raise ValueError(f"logits have {logits.shape[1]} channels, the loss was built for {self.num_classes} classes")
+            raise ValueError(
+                f"logits have {logits.shape[1]} channels, the loss was built for {self.num_classes} classes"
+            )
         if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
             raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in batch or size")
 
@@ -246,13 +253,13 @@ class WeightedSumLoss(nn.Module):
             while unique in self.names:
                 unique, k = f"{name}{k}", k + 1
             self.names.append(unique)
-        self.parts = nn.ModuleDict({n: m for n, (_, _, m) in zip(self.names, terms)})
+        self.parts = nn.ModuleDict({n: m for n, (_, _, m) in zip(self.names, terms, strict=False)})
         self.last_parts: dict[str, torch.Tensor] = {}
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         total: torch.Tensor | None = None
         parts: dict[str, torch.Tensor] = {}
-        for coef, name in zip(self.coefficients, self.names):
+        for coef, name in zip(self.coefficients, self.names, strict=False):
             value = self.parts[name](logits, target)
             parts[name] = value.detach()
             total = coef * value if total is None else total + coef * value
@@ -261,7 +268,7 @@ class WeightedSumLoss(nn.Module):
         return total
 
     def extra_repr(self) -> str:
-        return " + ".join(f"{c:g}*{n}" for c, n in zip(self.coefficients, self.names))
+        return " + ".join(f"{c:g}*{n}" for c, n in zip(self.coefficients, self.names, strict=False))
 
 
 LOSSES: Registry = Registry("loss")
@@ -297,7 +304,9 @@ def _parse(spec: str) -> list[tuple[float, str]]:
             )
         name = match.group("name").lower()
         if name not in LOSSES:
-            raise UnknownNameError(f"unknown loss {match.group('name')!r} in {spec!r}; valid names: {', '.join(LOSSES.names())}")
+            raise UnknownNameError(
+                f"unknown loss {match.group('name')!r} in {spec!r}; valid names: {', '.join(LOSSES.names())}"
+            )
         coef = float(match.group("coef")) if match.group("coef") is not None else 1.0
         terms.append((coef, name))
     return terms

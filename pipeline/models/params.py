@@ -1,7 +1,9 @@
 """Parameter groups: encoder and decoder learning rates, no weight decay on biases and norms."""
+
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from torch import nn
 

@@ -13,6 +13,7 @@ fine-tune from pretrained weights sees inputs normalized the same way:
 The statistics are stored in each checkpoint; prediction uses what the checkpoint says
 (a checkpoint without them is read as ImageNet's).
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,12 @@ def _timm_preprocessing(timm_name: str) -> Preprocessing:
         cfg = None
     if cfg is None or cfg.mean is None or cfg.std is None:
         return Preprocessing(source=f"imagenet (timm has no pretrained config for {timm_name})")
-    return Preprocessing(tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std), (0.0, 1.0),
-                         f"timm pretrained config of {timm_name}")
+    return Preprocessing(
+        tuple(float(v) for v in cfg.mean),
+        tuple(float(v) for v in cfg.std),
+        (0.0, 1.0),
+        f"timm pretrained config of {timm_name}",
+    )
 
 
 def encoder_preprocessing(model: str, encoder: str | None = None) -> Preprocessing:

@@ -6,28 +6,28 @@ from the annotation file, never from code.  Names are case-insensitive.
 
 Families (``list_models()``; the smp rows follow the installed segmentation-models-pytorch):
 
-==================================  ===========  ==========================================  =======  ======================  ========
-name                                family       default encoder                             divisor  test encoder (CPU)      min size
-==================================  ===========  ==========================================  =======  ======================  ========
-unet                                smp          resnet34                                    1        resnet18                64
-unetplusplus                        smp          resnet34                                    32       resnet18                64
-manet                               smp          resnet34                                    32       resnet18                64
-linknet                             smp          resnet34                                    32       resnet18                64
-fpn                                 smp          resnet34                                    32       resnet18                64
-pspnet                              smp          resnet34                                    8        resnet18                64
-deeplabv3                           smp          resnet34                                    8        resnet18                64
-deeplabv3plus                       smp          resnet34                                    16       resnet18                64
-pan                                 smp          resnet34                                    16       resnet18                128
-upernet                             smp          resnet34                                    32       tu-test_convnext        64
-segformer                           smp          mit_b2                                      32       mit_b0                  64
-dpt                                 smp          tu-vit_base_patch16_224.augreg_in21k        16       tu-test_vit             64
-tv_fcn_resnet50                     torchvision  resnet50 (fixed)                            1        resnet50                64
-tv_fcn_resnet101                    torchvision  resnet101 (fixed)                           1        resnet101               64
-tv_deeplabv3_resnet50               torchvision  resnet50 (fixed)                            1        resnet50                64
-tv_deeplabv3_resnet101              torchvision  resnet101 (fixed)                           1        resnet101               64
-tv_deeplabv3_mobilenet_v3_large     torchvision  mobilenet_v3_large (fixed)                  1        mobilenet_v3_large      64
-tv_lraspp_mobilenet_v3_large        torchvision  mobilenet_v3_large (fixed)                  1        mobilenet_v3_large      64
-==================================  ===========  ==========================================  =======  ======================  ========
+===============================  ===========  ====================================  =======  ==================  ===
+name                             family       default encoder                       divisor  test encoder        min
+===============================  ===========  ====================================  =======  ==================  ===
+unet                             smp          resnet34                              1        resnet18            64
+unetplusplus                     smp          resnet34                              32       resnet18            64
+manet                            smp          resnet34                              32       resnet18            64
+linknet                          smp          resnet34                              32       resnet18            64
+fpn                              smp          resnet34                              32       resnet18            64
+pspnet                           smp          resnet34                              8        resnet18            64
+deeplabv3                        smp          resnet34                              8        resnet18            64
+deeplabv3plus                    smp          resnet34                              16       resnet18            64
+pan                              smp          resnet34                              16       resnet18            128
+upernet                          smp          resnet34                              32       tu-test_convnext    64
+segformer                        smp          mit_b2                                32       mit_b0              64
+dpt                              smp          tu-vit_base_patch16_224.augreg_in21k  16       tu-test_vit         64
+tv_fcn_resnet50                  torchvision  resnet50 (fixed)                      1        resnet50            64
+tv_fcn_resnet101                 torchvision  resnet101 (fixed)                     1        resnet101           64
+tv_deeplabv3_resnet50            torchvision  resnet50 (fixed)                      1        resnet50            64
+tv_deeplabv3_resnet101           torchvision  resnet101 (fixed)                     1        resnet101           64
+tv_deeplabv3_mobilenet_v3_large  torchvision  mobilenet_v3_large (fixed)            1        mobilenet_v3_large  64
+tv_lraspp_mobilenet_v3_large     torchvision  mobilenet_v3_large (fixed)            1        mobilenet_v3_large  64
+===============================  ===========  ====================================  =======  ==================  ===
 
 - smp families take any encoder of ``list_encoders()`` or any ``tu-<timm model name>``
   (``tu-convnext_tiny``, ``tu-swin_...``, ``tu-<name>.<pretrained tag>``); DPT takes only
@@ -37,7 +37,7 @@ tv_lraspp_mobilenet_v3_large        torchvision  mobilenet_v3_large (fixed)     
   it depends on the encoder and on ``encoder_depth`` / ``encoder_output_stride``).  A 1
   means any size: smp's Unet and the torchvision models resize internally.  Heads whose
   logits come out smaller than the input are upsampled bilinearly to the input size.
-- "min size" is the smallest square test input: PAN's pyramid pooling needs 128.
+- "min" is the smallest square test input: PAN's pyramid pooling needs 128.
 - Models with global pooling (PSPNet, DeepLabV3 ASPP, PAN) need a batch of 2 or more in
   training mode (BatchNorm on a 1x1 map).
 - ``encoder_weights="imagenet"`` downloads through smp / timm / torchvision (for ``tu-``
@@ -45,6 +45,7 @@ tv_lraspp_mobilenet_v3_large        torchvision  mobilenet_v3_large (fixed)     
   families it means the ImageNet backbone, the segmentation head stays random).
   ``weights="/path/file"`` loads a local whole-model or encoder-only state dict instead.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,6 +66,7 @@ from pipeline.core.errors import PipelineError, UnknownNameError
 from pipeline.core.registry import Registry
 
 log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -94,7 +96,11 @@ _TV_FAMILIES: dict[str, tuple[str, str, str]] = {
     "tv_fcn_resnet101": ("fcn_resnet101", "resnet101", "ResNet101_Weights"),
     "tv_deeplabv3_resnet50": ("deeplabv3_resnet50", "resnet50", "ResNet50_Weights"),
     "tv_deeplabv3_resnet101": ("deeplabv3_resnet101", "resnet101", "ResNet101_Weights"),
-    "tv_deeplabv3_mobilenet_v3_large": ("deeplabv3_mobilenet_v3_large", "mobilenet_v3_large", "MobileNet_V3_Large_Weights"),
+    "tv_deeplabv3_mobilenet_v3_large": (
+        "deeplabv3_mobilenet_v3_large",
+        "mobilenet_v3_large",
+        "MobileNet_V3_Large_Weights",
+    ),
     "tv_lraspp_mobilenet_v3_large": ("lraspp_mobilenet_v3_large", "mobilenet_v3_large", "MobileNet_V3_Large_Weights"),
 }
 
@@ -191,8 +197,12 @@ def model_registry() -> Registry:
         aliases.setdefault(name, []).append(alias)
     for name, spec in _specs().items():
         encoder = f"{spec.default_encoder}{' (fixed)' if spec.fixed_encoder else ''}"
-        registry.add(name, functools.partial(build_model, name), f"{spec.family}; default encoder {encoder}",
-                     tuple(aliases.get(name, ())))
+        registry.add(
+            name,
+            functools.partial(build_model, name),
+            f"{spec.family}; default encoder {encoder}",
+            tuple(aliases.get(name, ())),
+        )
     return registry
 
 
@@ -420,7 +430,9 @@ def _build_smp(
             + _OFFLINE_HINT
         ) from exc
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
-        raise PipelineError(f"cannot build model {spec.name!r} with encoder {encoder!r} and options {options}: {exc}") from exc
+        raise PipelineError(
+            f"cannot build model {spec.name!r} with encoder {encoder!r} and options {options}: {exc}"
+        ) from exc
 
 
 def _build_torchvision(
@@ -464,7 +476,7 @@ def _set_in_channels(module: nn.Module, in_channels: int, pretrained: bool) -> N
 
     Pretrained kernels are cycled over the new channels and rescaled, as smp does.
     """
-    for qualname, conv in module.named_modules():
+    for qualname, conv in module.named_modules():  # noqa: B007 - the first conv's name is used after the loop
         if isinstance(conv, nn.Conv2d):
             break
     else:

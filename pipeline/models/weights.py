@@ -1,5 +1,6 @@
 """Loading weights into registry models: whole-model or encoder-only state dicts from a local
 file (``.pt``/``.pth``/``.bin``/``.safetensors``, this pipeline's checkpoints included)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.models.registry import SegmentationNet
 
 log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class LoadReport:
@@ -46,7 +48,9 @@ def _read_weights_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        log.info("%s holds objects other than tensors; loading it with full unpickling (only load files you trust)", path)
+        log.info(
+            "%s holds objects other than tensors; loading it with full unpickling (only load files you trust)", path
+        )
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise PipelineError(f"{path}: not a readable torch file: {exc}") from exc
     try:
@@ -87,7 +91,7 @@ def _strip(key: str) -> str:
         changed = False
         for prefix in _STRIP_ALWAYS:
             if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
+                key, changed = key[len(prefix) :], True
     return key
 
 
@@ -96,7 +100,9 @@ def _short(keys: list[str], n: int = 8) -> str:
     return head + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def load_state_dict_into(model: SegmentationNet, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> LoadReport:
+def load_state_dict_into(
+    model: SegmentationNet, state_dict: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> LoadReport:
     """Load a whole-model or encoder-only state dict into a registry model.
 
     Keys may carry ``module.`` / ``_orig_mod.`` prefixes, come from the bare smp or
@@ -111,7 +117,7 @@ def load_state_dict_into(model: SegmentationNet, state_dict: Mapping[str, torch.
     cleaned = {_strip(k): v for k, v in state_dict.items()}
     best: tuple[int, dict[str, torch.Tensor], list[str]] | None = None
     for sp in _SOURCE_PREFIXES:
-        kept = {k[len(sp):]: v for k, v in cleaned.items() if k.startswith(sp)}
+        kept = {k[len(sp) :]: v for k, v in cleaned.items() if k.startswith(sp)}
         dropped = [k for k in cleaned if not k.startswith(sp)]
         for tp in target_prefixes:
             mapped = {tp + k: v for k, v in kept.items()}
@@ -164,5 +170,3 @@ def load_weights(model: SegmentationNet, path: str | Path) -> LoadReport:
 
 
 # ----------------------------------------------------------------------------- param groups
-
-

@@ -4,12 +4,14 @@
 well-formed rows (``rle``: runs by :func:`pipeline.submission.rle.rle_problem`, no pixel claimed
 by two classes; ``dense``: 256x256 class indices), and lists every problem with its line.
 """
+
 from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -137,7 +139,9 @@ class _Checker:
     def check_fields(self, line: int, row: list[str]) -> bool:
         if len(row) != self.n_fields:
             name = row[0] if row else None
-            self.add(line, name, f"expected {self.n_fields} fields, got {len(row)}" + (" (empty line)" if not row else ""))
+            self.add(
+                line, name, f"expected {self.n_fields} fields, got {len(row)}" + (" (empty line)" if not row else "")
+            )
             return False
         return True
 
@@ -217,7 +221,8 @@ class _RleChecker(_Checker):
             j = int(np.flatnonzero(starts[:i] + lengths[:i] > starts[i])[-1])
             a, b = runs[owner[j]], runs[owner[i]]
             self.add(
-                b[1], file_name,
+                b[1],
+                file_name,
                 f"pixel {starts[i] + 1} is claimed by class ids {a[0]} (line {a[1]}) and {b[0]} (line {b[1]})",
             )
 
@@ -268,7 +273,8 @@ class _DenseChecker(_Checker):
         if bad.size:
             i = int(bad[0])
             self.add(
-                line, file_name,
+                line,
+                file_name,
                 f"PredictionString value {i + 1} (row {i // w}, column {i % w}) is {values[i]}, "
                 f"outside the class indices [0, {k}) ({bad.size} such values)",
             )
@@ -305,7 +311,11 @@ def validate_submission(
             found = detect_format(header)
             expected = format if format != "auto" else found
             if expected is None or found != expected:
-                want = ",".join(HEADERS[format]) if format != "auto" else " or ".join(",".join(h) for h in HEADERS.values())
+                want = (
+                    ",".join(HEADERS[format])
+                    if format != "auto"
+                    else " or ".join(",".join(h) for h in HEADERS.values())
+                )
                 return [f"line 1: header {','.join(header)!r} must be exactly {want!r}"]
             checker = _RleChecker(coco) if expected == "rle" else _DenseChecker(coco, dense_size)
             for row in reader:

@@ -9,10 +9,11 @@ Everything here is pure, vectorised numpy: a label map is encoded for all classe
 pass (run boundaries are found once, then the runs are grouped by value), strings are
 written and parsed without a Python loop over runs, and decoding uses ``np.repeat``.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from numpy.typing import DTypeLike
@@ -132,7 +133,11 @@ def _format_ints(numbers: np.ndarray) -> tuple[str, np.ndarray]:
 def _parse_ints(rle) -> np.ndarray:
     """The integers of an ``EncodedPixels`` string; ValueError names the first bad token."""
     if not isinstance(rle, str):
-        hint = " (an empty CSV cell read as NaN? read the file with keep_default_na=False)" if isinstance(rle, float) else ""
+        hint = (
+            " (an empty CSV cell read as NaN? read the file with keep_default_na=False)"
+            if isinstance(rle, float)
+            else ""
+        )
         raise ValueError(f"EncodedPixels must be a string, got {type(rle).__name__} {rle!r}{hint}")
     text = rle.strip()
     if not text:
@@ -182,7 +187,9 @@ def _runs_problem(starts: np.ndarray, lengths: np.ndarray, n_pixels: int) -> str
     bad = np.flatnonzero((starts > n_pixels) | (lengths > n_pixels))
     if bad.size:
         i = int(bad[0])
-        return f"run {i + 1} (start {starts[i]}, length {lengths[i]}) goes past the end of the image ({n_pixels} pixels)"
+        return (
+            f"run {i + 1} (start {starts[i]}, length {lengths[i]}) goes past the end of the image ({n_pixels} pixels)"
+        )
     ends = starts + lengths  # one past the run's last pixel
     bad = np.flatnonzero(starts[1:] < ends[:-1])
     if bad.size:
@@ -335,7 +342,7 @@ def encode_label_map(label_map: np.ndarray, class_indices: Sequence[int], order:
     last = 2 * np.searchsorted(values, wanted, side="right")
     encoded = {
         int(c): text[offsets[a] : offsets[b] - 1] if b > a else ""
-        for c, a, b in zip(wanted.tolist(), first.tolist(), last.tolist())
+        for c, a, b in zip(wanted.tolist(), first.tolist(), last.tolist(), strict=False)
     }
     return {c: encoded[c] for c in classes}
 

@@ -1,11 +1,12 @@
-"""Ground truth a submission is scored against, and the label maps a submission file holds.
-"""
+"""Ground truth a submission is scored against, and the label maps a submission file holds."""
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -59,7 +60,9 @@ class GroundTruth:
                 raise PipelineError(f"{path}: categories {have} differ from {coco.path}'s {want}")
             self.by_name = {str(im["file_name"]): int(im["id"]) for im in self.gt_coco.images}
         else:
-            raise PipelineError(f"{path}: ground truth not found (a COCO file with annotations or a folder of PNG label maps)")
+            raise PipelineError(
+                f"{path}: ground truth not found (a COCO file with annotations or a folder of PNG label maps)"
+            )
 
     @staticmethod
     def locate(gt: str | Path, data_dir: str | Path) -> Path:
@@ -80,12 +83,16 @@ class GroundTruth:
         else:
             target, where = self._png(file_name)
         if target.shape != (h, w):
-            raise PipelineError(f"{where}: ground truth is {target.shape[0]}x{target.shape[1]} (HxW), "
-                                f"the image is {h}x{w} in {self.coco.path}")
+            raise PipelineError(
+                f"{where}: ground truth is {target.shape[0]}x{target.shape[1]} (HxW), "
+                f"the image is {h}x{w} in {self.coco.path}"
+            )
         bad = (target >= self.coco.num_classes) & (target != IGNORE_INDEX)
         if bad.any():
-            raise PipelineError(f"{where}: label {int(target[bad][0])} is neither a class index "
-                                f"(0..{self.coco.num_classes - 1}) nor {IGNORE_INDEX} (ignore)")
+            raise PipelineError(
+                f"{where}: label {int(target[bad][0])} is neither a class index "
+                f"(0..{self.coco.num_classes - 1}) nor {IGNORE_INDEX} (ignore)"
+            )
         return target
 
     def _png(self, file_name: str) -> tuple[np.ndarray, str]:
@@ -99,8 +106,9 @@ class GroundTruth:
         raise PipelineError(f"{candidates[0]}: ground-truth label map not found")
 
 
-def iter_predictions(path: str | Path, coco: CocoData, fmt: str, order: str = "F",
-                     dense_size: Sequence[int] = (256, 256)) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+def iter_predictions(
+    path: str | Path, coco: CocoData, fmt: str, order: str = "F", dense_size: Sequence[int] = (256, 256)
+) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
     """``(image, predicted map)`` of a valid submission, streamed (rle maps at the image size)."""
     images = {str(im["file_name"]): im for im in coco.images}
     if fmt == "dense":

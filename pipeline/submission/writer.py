@@ -1,12 +1,13 @@
-"""Writing submissions: members' test probabilities fused into label maps, then CSV rows.
-"""
+"""Writing submissions: members' test probabilities fused into label maps, then CSV rows."""
+
 from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,15 +31,22 @@ class SubmitMember:
 
 
 def resolve_submission_members(
-    coco: CocoData, *, name: str, ensemble: str | None = None, runs: Sequence[str] | None = None,
-    tta: str | None = None, ensembles_dir: str = "ensembles",
+    coco: CocoData,
+    *,
+    name: str,
+    ensemble: str | None = None,
+    runs: Sequence[str] | None = None,
+    tta: str | None = None,
+    ensembles_dir: str = "ensembles",
 ) -> tuple[list[SubmitMember], Fusion, dict[str, Any]]:
     """Members with their test stores, the fusion, and the ensemble's recorded facts: the plain
     mean of ``runs``, or the ensemble file ``ensemble`` (default ``<ensembles_dir>/<name>/weights.yaml``)."""
     source: dict[str, Any]
     if runs:
         members = resolve_members(runs, tta, need_oof=False)
-        entries = [{"name": m.name, "weight": 1.0 / len(members), "tta": m.tta, "test_stores": m.test_stores} for m in members]
+        entries = [
+            {"name": m.name, "weight": 1.0 / len(members), "tta": m.tta, "test_stores": m.test_stores} for m in members
+        ]
         method, bias = "mean", None
         source = {"runs": list(runs), "method": method}
     else:
@@ -57,22 +65,29 @@ def resolve_submission_members(
     for e in entries:
         if not e["test_stores"]:
             raise PipelineError(
-                f"member {e['name']}: no test_{e.get('tta') or '<tta>'}/ stores; run make predict SPLIT=test on its folds"
+                f"member {e['name']}: no test_{e.get('tta') or '<tta>'}/ stores; run make predict SPLIT=test "
+                "on its folds"
             )
-        members.append(SubmitMember(e["name"], float(e["weight"]), e.get("tta"), open_stores(e["test_stores"], coco.class_names)))
+        members.append(
+            SubmitMember(e["name"], float(e["weight"]), e.get("tta"), open_stores(e["test_stores"], coco.class_names))
+        )
     fusion = Fusion([m.weight for m in members], bias, method)
     wanted = set(coco.image_ids)
     for m in members:
         for r in m.readers:
             missing = sorted(wanted - set(r.image_ids))
             if missing:
-                raise PipelineError(f"{r.folder}: no probabilities for {len(missing)} test image(s) of {coco.path}, "
-                                    f"e.g. ids {missing[:5]} (predict again with the same test.json)")
+                raise PipelineError(
+                    f"{r.folder}: no probabilities for {len(missing)} test image(s) of {coco.path}, "
+                    f"e.g. ids {missing[:5]} (predict again with the same test.json)"
+                )
             renamed = [i for i in coco.image_ids if str(r.row(i).file_name) != str(coco.image(i)["file_name"])]
             if renamed:
                 i = renamed[0]
-                raise PipelineError(f"{r.folder}: image id {i} is {r.row(i).file_name!r} there but "
-                                    f"{coco.image(i)['file_name']!r} in {coco.path} (predicted with another test.json?)")
+                raise PipelineError(
+                    f"{r.folder}: image id {i} is {r.row(i).file_name!r} there but "
+                    f"{coco.image(i)['file_name']!r} in {coco.path} (predicted with another test.json?)"
+                )
     return members, fusion, source
 
 
@@ -98,8 +113,13 @@ class MemberProbs:
         return acc
 
 
-def predict_label_map(members: Sequence[SubmitMember], fusion: Fusion, image_id: int, size: tuple[int, int],
-                      probs: MemberProbs | None = None) -> np.ndarray:
+def predict_label_map(
+    members: Sequence[SubmitMember],
+    fusion: Fusion,
+    image_id: int,
+    size: tuple[int, int],
+    probs: MemberProbs | None = None,
+) -> np.ndarray:
     """Class-index map of one test image at ``size`` (H, W)."""
     probs = probs or MemberProbs()
     active = fusion.active()

@@ -1,4 +1,5 @@
 """The tuning stage's config (``make tune``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,7 +36,9 @@ class TuneConfig:
 
     def validate(self) -> None:
         if not _STUDY_NAME.fullmatch(self.study):
-            raise ConfigError(f"study: {self.study!r} must be letters, digits, '_', '.' or '-' (it names files and folders)")
+            raise ConfigError(
+                f"study: {self.study!r} must be letters, digits, '_', '.' or '-' (it names files and folders)"
+            )
         if self.trials < 1:
             raise ConfigError(f"trials must be at least 1, got {self.trials}")
         if self.sampler not in SAMPLERS:

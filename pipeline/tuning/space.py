@@ -1,6 +1,7 @@
 """Search spaces: a YAML file of training keys and how to sample each (categorical, float, int,
 fixed, with conditions), checked against the training config before any trial runs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,9 +9,10 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import optuna
 
@@ -137,7 +139,9 @@ def _check_value(path: str, key: str, value: Any) -> Any:
     return getattr(cfg, key)
 
 
-def _parse_when(path: str, key: str, raw: Any, defined: Mapping[str, list[ParamSpec]]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+def _parse_when(
+    path: str, key: str, raw: Any, defined: Mapping[str, list[ParamSpec]]
+) -> tuple[tuple[str, tuple[Any, ...]], ...]:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path}: {key}: when must be a mapping such as {{model: unet}}, got {raw!r}")
     out = []
@@ -145,19 +149,21 @@ def _parse_when(path: str, key: str, raw: Any, defined: Mapping[str, list[ParamS
         ref = str(ref)
         if ref not in defined:
             above = ", ".join(defined) or "none"
-            raise ConfigError(f"{path}: {key}: when refers to {ref!r}, which is not a parameter defined above it (defined: {above})")
+            raise ConfigError(
+                f"{path}: {key}: when refers to {ref!r}, which is not a parameter defined above it (defined: {above})"
+            )
         variants = defined[ref]
         if any(v.kind not in ("categorical", "fixed") for v in variants):
-            raise ConfigError(f"{path}: {key}: when may only refer to categorical or fixed parameters; {ref!r} is {variants[0].kind}")
+            raise ConfigError(
+                f"{path}: {key}: when may only refer to categorical or fixed parameters; {ref!r} is {variants[0].kind}"
+            )
         allowed_t = tuple(allowed) if isinstance(allowed, list) else (allowed,)
         if not allowed_t:
             raise ConfigError(f"{path}: {key}: when {ref}: an empty list of values")
         possible = [c for v in variants for c in v.finite_values()]
         for a in allowed_t:
             if a not in possible:
-                raise ConfigError(
-                    f"{path}: {key}: when {ref}={a!r} can never hold; {ref} takes one of {possible}"
-                )
+                raise ConfigError(f"{path}: {key}: when {ref}={a!r} can never hold; {ref} takes one of {possible}")
         out.append((ref, allowed_t))
     return tuple(out)
 
@@ -167,7 +173,8 @@ def _parse_spec(path: str, key: str, raw: Any, defined: Mapping[str, list[ParamS
         return ParamSpec(key, key, "fixed", value=_check_value(path, key, raw))
     if "type" not in raw:
         raise ConfigError(
-            f"{path}: {key}: a mapping needs type: one of {', '.join(SPEC_TYPES)} (for a fixed value write the value itself)"
+            f"{path}: {key}: a mapping needs type: one of {', '.join(SPEC_TYPES)} (for a fixed value write "
+            "the value itself)"
         )
     kind = raw["type"]
     if kind not in SPEC_TYPES:
@@ -180,7 +187,10 @@ def _parse_spec(path: str, key: str, raw: Any, defined: Mapping[str, list[ParamS
     }[kind] | {"type", "when"}
     unknown = sorted(set(raw) - allowed_fields)
     if unknown:
-        raise ConfigError(f"{path}: {key}: unknown field(s) {', '.join(unknown)} for type {kind}; allowed: {', '.join(sorted(allowed_fields))}")
+        raise ConfigError(
+            f"{path}: {key}: unknown field(s) {', '.join(unknown)} for type {kind}; allowed: "
+            f"{', '.join(sorted(allowed_fields))}"
+        )
     when = _parse_when(path, key, raw["when"], defined) if "when" in raw else ()
     if kind == "fixed":
         if "value" not in raw:
@@ -199,7 +209,9 @@ def _parse_spec(path: str, key: str, raw: Any, defined: Mapping[str, list[ParamS
         if bound not in raw:
             raise ConfigError(f"{path}: {key}: type {kind} needs low: and high:")
         if not _is_number(raw[bound]) or (kind == "int" and not float(raw[bound]).is_integer()):
-            raise ConfigError(f"{path}: {key}: {bound} must be {'an integer' if kind == 'int' else 'a number'}, got {raw[bound]!r}")
+            raise ConfigError(
+                f"{path}: {key}: {bound} must be {'an integer' if kind == 'int' else 'a number'}, got {raw[bound]!r}"
+            )
     low, high = raw["low"], raw["high"]
     log_scale = raw.get("log", False)
     if not isinstance(log_scale, bool):
@@ -211,11 +223,16 @@ def _parse_spec(path: str, key: str, raw: Any, defined: Mapping[str, list[ParamS
     step = raw.get("step")
     if step is not None:
         if not _is_number(step) or step <= 0 or (kind == "int" and not float(step).is_integer()):
-            raise ConfigError(f"{path}: {key}: step must be a positive {'integer' if kind == 'int' else 'number'}, got {step!r}")
+            raise ConfigError(
+                f"{path}: {key}: step must be a positive {'integer' if kind == 'int' else 'number'}, got {step!r}"
+            )
         if step > high - low:
             raise ConfigError(f"{path}: {key}: step {step} is larger than high - low ({high - low})")
         if log_scale and (kind == "float" or step != 1):
-            raise ConfigError(f"{path}: {key}: log: true cannot be combined with {'step' if kind == 'float' else 'a step other than 1'}")
+            raise ConfigError(
+                f"{path}: {key}: log: true cannot be combined with "
+                f"{'step' if kind == 'float' else 'a step other than 1'}"
+            )
     for bound in (low, high):
         _check_value(path, key, int(bound) if kind == "int" else float(bound))
     return ParamSpec(key, key, kind, low=low, high=high, step=step, log=log_scale, when=when)
@@ -243,7 +260,10 @@ def _check_combination(path: str, values: Mapping[str, Any], seen: set) -> None:
             if isinstance(img_size, list):
                 sides = img_size if len(img_size) == 2 else img_size * 2
                 if any(int(s) % divisor for s in sides):
-                    raise ConfigError(f"{path}: img_size {img_size} is not a multiple of {divisor}, which model={model} encoder={encoder} needs")
+                    raise ConfigError(
+                        f"{path}: img_size {img_size} is not a multiple of {divisor}, which model={model} "
+                        f"encoder={encoder} needs"
+                    )
     weights = sorted(k for k in values if LOSS_WEIGHT.fullmatch(k))
     loss = values.get("loss")
     if weights and isinstance(loss, str):
@@ -276,7 +296,10 @@ def _walk(space: SearchSpace) -> None:
             return
         if p.key in values:
             shown = ", ".join(f"{k}={v!r}" for k, v in values.items() if v is not _ANY)
-            raise ConfigError(f"{space.path}: {p.key}: more than one variant applies when {shown}; make their `when` conditions exclusive")
+            raise ConfigError(
+                f"{space.path}: {p.key}: more than one variant applies when {shown}; make their `when` "
+                "conditions exclusive"
+            )
         active[i] = True
         for v in p.finite_values():
             values[p.key] = v
@@ -285,9 +308,13 @@ def _walk(space: SearchSpace) -> None:
 
     visit(0, {})
     if count > _MAX_COMBINATIONS:
-        log.info("%s: more than %d combinations of categorical values; checked the first ones only", space.path, _MAX_COMBINATIONS)
+        log.info(
+            "%s: more than %d combinations of categorical values; checked the first ones only",
+            space.path,
+            _MAX_COMBINATIONS,
+        )
         return
-    for p, was_active in zip(params, active):
+    for p, was_active in zip(params, active, strict=False):
         if not was_active:
             raise ConfigError(f"{space.path}: {p.key}: its condition when {_condition_label(p.when)} never holds")
 
@@ -310,10 +337,14 @@ def load_space(path: str | Path) -> SearchSpace:
         if key in TUNER_KEYS:
             raise ConfigError(f"{path_s}: {key}: set by the tuner for each trial; it cannot be searched")
         if m and m.group("term") not in terms:
-            raise ConfigError(f"{path_s}: {key}: unknown loss term {m.group('term')!r}; loss weights are loss_<term>_weight with term one of {', '.join(terms)}")
+            raise ConfigError(
+                f"{path_s}: {key}: unknown loss term {m.group('term')!r}; loss weights are loss_<term>_weight "
+                f"with term one of {', '.join(terms)}"
+            )
         if key not in known and not m:
             raise ConfigError(
-                f"{path_s}: unknown key {key!r}; keys are TrainConfig keys ({', '.join(sorted(known - set(TUNER_KEYS)))}) "
+                f"{path_s}: unknown key {key!r}; keys are TrainConfig keys "
+                f"({', '.join(sorted(known - set(TUNER_KEYS)))}) "
                 f"or loss_<term>_weight"
             )
         is_variants = isinstance(raw, list) and raw and all(isinstance(r, dict) and "when" in r for r in raw)
@@ -337,5 +368,8 @@ def compose_loss(loss: str, weights: Mapping[str, float], source: str) -> str:
     names = [n for _, n in terms]
     for term in weights:
         if term not in names:
-            raise ConfigError(f"{source}: loss_{term}_weight is set but loss {loss!r} has no {term} term (guard it with when: {{loss: [...]}})")
+            raise ConfigError(
+                f"{source}: loss_{term}_weight is set but loss {loss!r} has no {term} term (guard it with "
+                f"when: {{loss: [...]}})"
+            )
     return "+".join(f"{float(weights.get(n, c)):.6g}*{n}" for c, n in terms)

@@ -1,6 +1,7 @@
 """Optuna storages (SQLite, SQLAlchemy URLs, journal files) with heartbeats, samplers, pruners
 and the facts shared by the tuner and its report.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +11,9 @@ import random
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import optuna
 
@@ -39,10 +41,6 @@ PRUNERS = ("median", "hyperband", "none")
 DIRECTIONS = ("maximize", "minimize")
 
 
-
-
-
-
 _STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -66,7 +64,7 @@ def storage_url(study: str, storage: str | None) -> str:
 
 def _sqlite_path(url: str) -> Path | None:
     if url.startswith("sqlite:///") and ":memory:" not in url:
-        return Path(url[len("sqlite:///"):].split("?", 1)[0])
+        return Path(url[len("sqlite:///") :].split("?", 1)[0])
     return None
 
 
@@ -84,17 +82,23 @@ def open_storage(
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        path = Path(url[len("journal:"):])
+        path = Path(url[len("journal:") :])
         if not path.name:
             raise ConfigError(f"storage: {url!r} needs a file name, e.g. journal:studies/demo.log")
         if must_exist and not path.is_file():
             raise PipelineError(f"{path}: journal file not found (run make tune first)")
         path.parent.mkdir(parents=True, exist_ok=True)
         if heartbeat_interval:
-            log.warning("journal storage has no heartbeats: a trial whose worker dies stays RUNNING (use a database storage to retry it)")
+            log.warning(
+                "journal storage has no heartbeats: a trial whose worker dies stays RUNNING (use a database "
+                "storage to retry it)"
+            )
         return JournalStorage(JournalFileBackend(str(path)))
     if "://" not in url:
-        raise ConfigError(f"storage: {url!r} is neither an SQLAlchemy URL (sqlite:///file.db, postgresql+psycopg2://...) nor journal:<path>")
+        raise ConfigError(
+            f"storage: {url!r} is neither an SQLAlchemy URL (sqlite:///file.db, postgresql+psycopg2://...) nor "
+            "journal:<path>"
+        )
     import sqlalchemy.exc
 
     engine_kwargs: dict[str, Any] = {}
@@ -180,7 +184,10 @@ def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.Ba
             return optuna.samplers.RandomSampler(seed=seed)
         if space.has_categorical:
             keys = sorted({p.key for p in space.params if p.kind == "categorical" or p.when})
-            raise ConfigError(f"sampler=cmaes samples float/int parameters only; {space.path} has categorical or conditional ones: {', '.join(keys)} (use sampler=tpe)")
+            raise ConfigError(
+                f"sampler=cmaes samples float/int parameters only; {space.path} has categorical or conditional "
+                f"ones: {', '.join(keys)} (use sampler=tpe)"
+            )
         if importlib.util.find_spec("cmaes") is None:
             raise ConfigError("sampler=cmaes needs the cmaes package (pip install cmaes)")
         return optuna.samplers.CmaEsSampler(seed=seed)

@@ -1,14 +1,16 @@
 """A trial: its training config layered like every stage's (defaults, tuner defaults, base
 file, data paths, fixed overrides, sampled values), its pruning report and its objective.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
 import shlex
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import optuna
 
@@ -47,7 +49,7 @@ def split_train_args(items: Iterable[str]) -> list[str]:
     return out
 
 
-def base_train_config(cfg: TuneConfig) -> "TrainConfig":
+def base_train_config(cfg: TuneConfig) -> TrainConfig:
     """Defaults -> tuner defaults -> base_config (its ``base:`` chain first) -> data_dir/folds_file ->
     train_args (no sampled values yet), layered by :func:`pipeline.core.config.layer` like every stage."""
     cls = _train_config_cls()
@@ -56,18 +58,22 @@ def base_train_config(cfg: TuneConfig) -> "TrainConfig":
     args = parse_overrides(split_train_args(cfg.train_args))
     tuner_set = sorted(set(args) & set(TUNER_KEYS))
     if tuner_set:
-        raise ConfigError(f"train_args: {', '.join(tuner_set)} are set by the tuner (use runs_dir=/folds= of the tune config)")
+        raise ConfigError(
+            f"train_args: {', '.join(tuner_set)} are set by the tuner (use runs_dir=/folds= of the tune config)"
+        )
     train = layer(train, ("train_args", args))
     train.validate()
     return train
 
 
 def trial_train_config(
-    base: "TrainConfig", values: Mapping[str, Any], experiment: str, runs_dir: str, fold: int, source: str
-) -> "TrainConfig":
+    base: TrainConfig, values: Mapping[str, Any], experiment: str, runs_dir: str, fold: int, source: str
+) -> TrainConfig:
     """The base training config with a trial's sampled values (loss weights folded into ``loss``)."""
     values = dict(values)
-    weights = {LOSS_WEIGHT.fullmatch(k).group("term"): float(values.pop(k)) for k in list(values) if LOSS_WEIGHT.fullmatch(k)}
+    weights = {
+        LOSS_WEIGHT.fullmatch(k).group("term"): float(values.pop(k)) for k in list(values) if LOSS_WEIGHT.fullmatch(k)
+    }
     if weights:
         values["loss"] = compose_loss(values.get("loss", base.loss), weights, source)
     tuner = {"experiment": experiment, "runs_dir": runs_dir, "fold": fold, "resume": True}
@@ -82,7 +88,8 @@ def global_step(fold_index: int, epoch: int, epochs: int) -> int:
 
 
 def pruning_callback(trial: optuna.Trial, fold_index: int, epochs: int, report: bool = True) -> EpochCallback:
-    """The epoch callback of a trial's training (an :class:`pipeline.engine.hooks.EpochCallback`): reports val mIoU at the global step
+    """The epoch callback of a trial's training (an :class:`pipeline.engine.hooks.EpochCallback`):
+    reports val mIoU at the global step
     and raises ``optuna.TrialPruned`` when the pruner says so (nothing when ``report`` is off)."""
 
     def callback(epoch: int, row: dict[str, Any]) -> None:
@@ -99,7 +106,7 @@ def pruning_callback(trial: optuna.Trial, fold_index: int, epochs: int, report: 
     return callback
 
 
-def _train_run(cfg: "TrainConfig", epoch_callback: EpochCallback) -> "TrainResult":
+def _train_run(cfg: TrainConfig, epoch_callback: EpochCallback) -> TrainResult:
     """The training engine with the pruning callback as a hook; out-of-memory fails only the trial."""
     import torch
 
@@ -109,7 +116,9 @@ def _train_run(cfg: "TrainConfig", epoch_callback: EpochCallback) -> "TrainResul
     try:
         return train(cfg, [EpochCallback(epoch_callback)])
     except torch.cuda.OutOfMemoryError as exc:
-        raise PipelineError(f"{cfg.experiment}: out of GPU memory (batch_size={cfg.batch_size}, img_size={cfg.img_size})") from exc
+        raise PipelineError(
+            f"{cfg.experiment}: out of GPU memory (batch_size={cfg.batch_size}, img_size={cfg.img_size})"
+        ) from exc
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -118,7 +127,7 @@ def _train_run(cfg: "TrainConfig", epoch_callback: EpochCallback) -> "TrainResul
 class TrialObjective:
     """Objective of one study: sample, build the trial's TrainConfig, train each fold, return the mean best mIoU."""
 
-    def __init__(self, cfg: TuneConfig, space: SearchSpace, base: "TrainConfig", train_fn: TrainFn | None = None):
+    def __init__(self, cfg: TuneConfig, space: SearchSpace, base: TrainConfig, train_fn: TrainFn | None = None):
         self.cfg = cfg
         self.space = space
         self.base = base
@@ -130,7 +139,9 @@ class TrialObjective:
         number = origin if origin is not None else trial.number
         values = self.space.sample(trial)
         source = f"{self.space.path} (trial {trial.number})"
-        train = trial_train_config(self.base, values, f"{self.cfg.study}-t{number}", self.cfg.runs_dir, self.folds[0], source)
+        train = trial_train_config(
+            self.base, values, f"{self.cfg.study}-t{number}", self.cfg.runs_dir, self.folds[0], source
+        )
         run_dirs = [dataclasses.replace(train, fold=f).run_dir() for f in self.folds]
         if origin is None:
             for d in run_dirs:
