@@ -1,0 +1,52 @@
+"""Reading images: RGB uint8 (greyscale replicated to three channels), size checks.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+from pipeline.core.errors import DataError
+
+if TYPE_CHECKING:
+    from pipeline.data.coco import CocoData
+
+cv2.setNumThreads(0)
+
+
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.11 decodes straight to RGB
+
+
+def read_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB uint8 HxWx3; greyscale files are replicated to three channels."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB)
+    if img is None:
+        raise DataError(f"{path}: image file cannot be decoded")
+    if expected_hw is not None and img.shape[:2] != tuple(expected_hw):
+        raise DataError(
+            f"{path}: real size {img.shape[1]}x{img.shape[0]} (WxH) differs from the annotation file's "
+            f"{expected_hw[1]}x{expected_hw[0]}"
+        )
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if _IMREAD_RGB is None else img
+
+
+def verify_images(coco: CocoData, progress: bool = True) -> int:
+    """Decode every image of ``coco`` and check its size; raises on the first bad file."""
+    from tqdm import tqdm
+
+    for im in tqdm(coco.images, desc="checking images", disable=not progress, leave=False):
+        read_image(coco.data_dir / im["file_name"], (int(im["height"]), int(im["width"])))
+    return len(coco.images)
+
+
+def image_size_from_data(coco: CocoData, divisor: int = 32) -> tuple[int, int]:
+    """The most common (height, width) of the file, rounded up to a multiple of ``divisor``."""
+    (h, w), _ = Counter((int(im["height"]), int(im["width"])) for im in coco.images).most_common(1)[0]
+    up = lambda v: int(-(-v // divisor) * divisor)  # noqa: E731
+    return up(h), up(w)
