@@ -29,12 +29,23 @@ number of images.  (Explicit reads rather than ``np.memmap``: pages of a mapping
 the process's resident set until the kernel drops them.)  Member, plain-average and
 ensemble scores are all computed from the same cache.
 
+Honest selection (:mod:`pipeline.evaluation.selection`): the candidates, simplest first, are the
+best single member, the plain average, the tuned weights and then the chosen one plus a tuned
+bias; a more complex candidate replaces the current choice only if the paired bootstrap
+interval (over OOF images, ``level``, ``n_boot`` replicates, seeded by ``seed``) of its OOF
+mIoU gain lies above zero.  Every OOF mIoU is reported with its interval, and the report
+estimates the public/private leaderboard shake-up for the test set's size (the number of
+images in ``test_ann`` when present, else ``test_images``) with a public share of
+``public_share``.  Only the test set's image count is read; test labels are never used.
+
 Outputs in ``<out_dir>/<name>/``: ``weights.yaml`` (members with their store folders,
-weights, bias, method, OOF scores; read by the submit stage) and ``report.md``.
+weights, bias, method, OOF scores with intervals, the selection table and the shake-up; read
+by the submit stage) and ``report.md``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -47,11 +58,20 @@ import numpy as np
 import yaml
 
 from pipeline.core.config import ConfigError, stage_main, to_dict
+from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.core.layout import ENSEMBLE_REPORT
 from pipeline.core.tables import format_table, markdown_table
 from pipeline.data import load_coco
 from pipeline.evaluation.metrics import iou_per_class, mean_iou
+from pipeline.evaluation.selection import (
+    RULE,
+    bootstrap_miou,
+    format_interval,
+    format_shakeup,
+    select,
+    shakeup,
+)
 from pipeline.inference.ensemble import (
     METHODS,
     WEIGHTS_FILE,
@@ -82,6 +102,12 @@ class EnsembleConfig:
     out_dir: str = "ensembles"
     name: str = "ensemble"
     max_images: int | None = None  # subsample the OOF images (seeded) for speed
+    n_boot: int = 1000  # bootstrap replicates of every interval and of the selection rule (seeded by seed)
+    level: float = 0.9  # level of the intervals
+    test_ann: str = "test.json"  # its number of images is the test-set size of the shake-up estimate
+    test_images: int | None = None  # test-set size when data_dir has no test_ann (None: the OOF images)
+    public_share: float = 0.5  # share of the test images on the public leaderboard
+    shakeup_splits: int = 1000  # random public/private splits of the shake-up estimate
     progress: bool = True
 
     def validate(self) -> None:
@@ -98,6 +124,12 @@ class EnsembleConfig:
             raise ConfigError(f"max_images must be at least 1, got {self.max_images}")
         if not self.name.strip():
             raise ConfigError("name must not be empty")
+        if self.n_boot < 1 or self.shakeup_splits < 1:
+            raise ConfigError(f"n_boot and shakeup_splits must be >= 1, got {self.n_boot} and {self.shakeup_splits}")
+        if not 0 < self.level < 1 or not 0 < self.public_share < 1:
+            raise ConfigError(f"level and public_share must lie in (0, 1), got {self.level} and {self.public_share}")
+        if self.test_images is not None and self.test_images < 2:
+            raise ConfigError(f"test_images must be at least 2, got {self.test_images}")
 
 
 # ----------------------------------------------------------------------------- members
@@ -121,15 +153,57 @@ def _ious(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, float | None]
     return {n: (None if np.isnan(v) else float(v)) for n, v in zip(class_names, iou_per_class(cm), strict=False)}
 
 
+def _score_rows(cfg: EnsembleConfig, result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    oof = result["oof"]
+    head = ["member", "weight", "tta", "folds", "OOF mIoU", f"{round(100 * cfg.level)}% interval"]
+    rows = [
+        [m["name"], f"{m['weight']:.4f}", m["tta"] or "-", len(m["oof_stores"]), *_iv_cells(m["oof_miou_interval"])]
+        for m in result["members"]
+    ]
+    rows.append(["plain average", "-", "-", "-", *_iv_cells(oof["plain_average_interval"])])
+    rows.append([f"ensemble ({cfg.method})", "-", "-", "-", *_iv_cells(oof["ensemble_interval"])])
+    return head, rows
+
+
+def _iv_cells(iv: dict[str, float]) -> list[str]:
+    return [_fmt(iv["point"]), format_interval(iv).split(" ", 1)[1]]
+
+
+def _selection_rows(cfg: EnsembleConfig, selection: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    head = ["current choice", "candidate", "OOF gain", f"{round(100 * cfg.level)}% interval", "accepted"]
+    rows = [
+        [c["current"], c["candidate"], f"{c['gain']:+.4f}", f"[{c['low']:+.4f}, {c['high']:+.4f}]"]
+        + ["yes" if c["accepted"] else "no"]
+        for c in selection["comparisons"]
+    ]
+    return head, rows
+
+
+def _selection_md(cfg: EnsembleConfig, result: dict[str, Any]) -> list[str]:
+    selection, shake = result["selection"], result["shakeup"]
+    head, rows = _selection_rows(cfg, selection)
+    md = [
+        "## Selection",
+        "",
+        f"Rule: {RULE} ({round(100 * cfg.level)}% percentile interval, {cfg.n_boot} replicates, seed {cfg.seed}). "
+        f"Candidates, simplest first: {', '.join(selection['candidates'])}.",
+        "",
+        markdown_table(head, rows) if rows else "Only one candidate: nothing to compare.",
+        "",
+        "## Leaderboard shake-up (estimate)",
+        "",
+    ]
+    if shake is None:
+        md.append("Not estimated: fewer than 2 test images.")
+    else:
+        md.append(f"Chosen ensemble, test-set size from {shake['test_images_from']}: {format_shakeup(shake)}.")
+    return md + [""]
+
+
 def render_report(cfg: EnsembleConfig, result: dict[str, Any], class_names: Sequence[str]) -> tuple[str, str]:
     """(text table for the log, report.md)."""
     members = result["members"]
-    head = ["member", "weight", "tta", "folds", "OOF mIoU"]
-    rows = [
-        [m["name"], f"{m['weight']:.4f}", m["tta"] or "-", len(m["oof_stores"]), _fmt(m["oof_miou"])] for m in members
-    ]
-    rows.append(["plain average", "-", "-", "-", _fmt(result["oof"]["plain_average_miou"])])
-    rows.append([f"ensemble ({cfg.method})", "-", "-", "-", _fmt(result["oof"]["ensemble_miou"])])
+    head, rows = _score_rows(cfg, result)
     cls_head = ["class"] + [m["name"] for m in members] + ["plain average", "ensemble"]
     cls_rows = [
         [c]
@@ -137,7 +211,12 @@ def render_report(cfg: EnsembleConfig, result: dict[str, Any], class_names: Sequ
         + [_fmt(result["oof"]["plain_average_iou_per_class"][c]), _fmt(result["oof"]["iou_per_class"][c])]
         for c in class_names
     ]
+    sel_head, sel_rows = _selection_rows(cfg, result["selection"])
     text = format_table(head, rows) + "\n\n" + format_table(cls_head, cls_rows)
+    if sel_rows:
+        text += "\n\nselection (simplest first):\n" + format_table(sel_head, sel_rows)
+    if result["shakeup"] is not None:
+        text += "\n\nshake-up: " + format_shakeup(result["shakeup"])
     bias = result["bias"]
     md = [
         f"# Ensemble `{cfg.name}`",
@@ -149,12 +228,14 @@ def render_report(cfg: EnsembleConfig, result: dict[str, Any], class_names: Sequ
         "",
         f"Out-of-fold scores: dataset-level mIoU over {result['oof']['n_images']} images that every member has "
         "OOF probabilities for, at the stored OOF resolution (ground truth resized with nearest neighbour), "
-        "probabilities quantised to 1/255.",
+        f"probabilities quantised to 1/255; intervals: {round(100 * cfg.level)}% paired bootstrap over images "
+        f"({cfg.n_boot} replicates, seed {cfg.seed}, the same resamples for every row).",
         "",
         markdown_table(head, rows),
         "",
         f"Chosen on OOF: {result['oof']['chosen']}.",
         "",
+        *_selection_md(cfg, result),
         "## Per-class IoU (OOF)",
         "",
         markdown_table(cls_head, cls_rows),
@@ -177,37 +258,99 @@ def render_report(cfg: EnsembleConfig, result: dict[str, Any], class_names: Sequ
 
 
 # ----------------------------------------------------------------------------- stage
-def _choose(cfg: EnsembleConfig, members: list, cache: OofCache) -> tuple:
-    """The best OOF combination among tuned weights, the plain average and each member alone,
-    then a tuned bias if it helps; with the confusion matrices the report needs."""
+@dataclass
+class Choice:
+    """What :func:`_choose` picked, with the per-image confusion matrices the report needs."""
+
+    label: str  # the chosen weights: a member alone, the plain average or the tuned weights
+    weights: np.ndarray
+    bias: np.ndarray | None
+    chosen: np.ndarray  # per-image matrices of the chosen fusion (with its bias)
+    plain: np.ndarray
+    members: list[np.ndarray]
+    candidates: list[str]
+    comparisons: list[dict[str, Any]]
+    trials: int
+
+
+def _choose(cfg: EnsembleConfig, members: list, cache: OofCache) -> Choice:
+    """Honest selection among, simplest first, the best single member, the plain average and the
+    tuned weights; then the chosen weights + a tuned bias.  A more complex candidate replaces the
+    current choice only if its paired bootstrap gain interval lies above zero."""
     m = len(members)
     plain = Fusion(np.ones(m), None, cfg.method)
     singles = [Fusion(np.eye(m)[i], None, cfg.method) for i in range(m)]
-    cms = cache.confusions([plain, *singles])
-    plain_cm, member_cms = cms[0], cms[1:]
-    candidates: list[tuple[str, np.ndarray, np.ndarray | None, np.ndarray]] = []
+    per_image = cache.per_image_confusions([plain, *singles])
+    plain_pi, member_pi = per_image[0], per_image[1:]
+    best = max(range(m), key=lambda i: mean_iou(member_pi[i].sum(axis=0)))  # first of equals wins
+    candidates: list[tuple[str, np.ndarray, np.ndarray]] = [
+        (f"member {members[best].name} alone", singles[best].weights, member_pi[best])
+    ]
+    if m > 1:
+        candidates.append(("plain average", plain.weights, plain_pi))
     trials = 0
     if cfg.tune and m > 1 and cfg.n_trials > 0:
         weights, _ = tune_weights(cache, cfg.method, cfg.n_trials, cfg.seed)
         trials += cfg.n_trials
-        candidates.append(("tuned weights", weights, None, cache.confusion(Fusion(weights, None, cfg.method))))
-    candidates.append(("plain average", plain.weights, None, plain_cm))
-    candidates += [
-        (f"member {x.name} alone", s.weights, None, c) for x, s, c in zip(members, singles, member_cms, strict=False)
-    ]
-    label, weights, bias, best_cm = max(candidates, key=lambda c: mean_iou(c[3]))  # first of equals wins
-    if label != "tuned weights":
-        log.info("best OOF combination: %s", label)
+        tuned = cache.per_image_confusions([Fusion(weights, None, cfg.method)])[0]
+        candidates.append(("tuned weights", weights, tuned))
+    rule = dict(n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level)
+    selection = select([(name, pi) for name, _, pi in candidates], **rule)
+    label, weights, chosen = candidates[selection.index]
+    names, comparisons = [c[0] for c in candidates], [c.as_dict() for c in selection.comparisons]
+    bias = None
     if cfg.tune and cfg.tune_bias and cfg.n_trials > 0:
         tuned_bias, _ = tune_bias(cache, weights, cfg.method, cfg.n_trials, cfg.seed, cfg.bias_range)
         trials += cfg.n_trials
-        bias_cm = cache.confusion(Fusion(weights, tuned_bias, cfg.method))
-        if mean_iou(bias_cm) > mean_iou(best_cm):
-            bias, best_cm = tuned_bias, bias_cm
+        bias_pi = cache.per_image_confusions([Fusion(weights, tuned_bias, cfg.method)])[0]
+        step = select([(label, chosen), (f"{label} + bias", bias_pi)], **rule)
+        names.append(f"{label} + bias")
+        comparisons += [c.as_dict() for c in step.comparisons]
+        if step.index == 1:
+            bias, chosen = tuned_bias, bias_pi
         else:
-            log.info("the tuned bias does not improve the OOF mIoU; no bias is used")
-    n_images = len(cache.image_ids)
-    return label, weights, bias, best_cm, plain_cm, member_cms, trials, n_images
+            log.info("the tuned bias does not raise the OOF mIoU beyond its interval; no bias is used")
+    log.info("chosen on OOF: %s%s", label, "" if bias is None else " + bias")
+    return Choice(label, weights, bias, chosen, plain_pi, member_pi, names, comparisons, trials)
+
+
+def _test_size(cfg: EnsembleConfig) -> tuple[int | None, str]:
+    """(number of test images, where it comes from): ``test_ann``'s images (never its labels), else the config."""
+    path = Path(cfg.data_dir) / cfg.test_ann
+    if path.is_file():
+        try:
+            images = json.loads(path.read_text()).get("images")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise PipelineError(f"{path}: cannot read the test images ({exc})") from exc
+        if isinstance(images, list):
+            return len(images), f"{path} ({len(images)} images)"
+    if cfg.test_images is not None:
+        return cfg.test_images, f"config test_images={cfg.test_images}"
+    return None, "the number of OOF images (no test file, test_images unset)"
+
+
+def _honesty(cfg: EnsembleConfig, choice: Choice) -> dict[str, Any]:
+    """Intervals of every member, the plain average and the ensemble; the selection; the shake-up."""
+    rule = dict(n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level)
+    size, source = _test_size(cfg)
+    shake = None
+    if (size if size is not None else len(choice.chosen)) >= 2:
+        shake = shakeup(choice.chosen, cfg.public_share, cfg.shakeup_splits, cfg.seed, size, cfg.level).as_dict()
+        shake["public_share"] = cfg.public_share
+        shake["test_images_from"] = source
+    return {
+        "members": [bootstrap_miou(c, **rule).as_dict() for c in choice.members],
+        "plain": bootstrap_miou(choice.plain, **rule).as_dict(),
+        "ensemble": bootstrap_miou(choice.chosen, **rule).as_dict(),
+        "selection": {
+            "chosen": choice.label if choice.bias is None else f"{choice.label} + bias",
+            "rule": RULE,
+            **rule,
+            "candidates": choice.candidates,
+            "comparisons": choice.comparisons,
+        },
+        "shakeup": shake,
+    }
 
 
 def run(cfg: EnsembleConfig) -> dict[str, Any]:
@@ -222,16 +365,19 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
     log.info("ensemble %s: %d members (%s), method %s", cfg.name, m, ", ".join(x.name for x in members), cfg.method)
     with OofCache(members, coco, folder=out, max_images=cfg.max_images, seed=cfg.seed, progress=cfg.progress) as cache:
         choice = _choose(cfg, members, cache)
-    label, weights, bias, best_cm, plain_cm, member_cms, trials, n_images = choice
+        n_images = len(cache.image_ids)
+    honest = _honesty(cfg, choice)
+    best_cm, plain_cm = choice.chosen.sum(axis=0), choice.plain.sum(axis=0)
 
     member_rows = []
-    for x, w, c in zip(members, weights, member_cms, strict=False):
+    for x, w, c, iv in zip(members, choice.weights, choice.members, honest["members"], strict=True):
         member_rows.append(
             {
                 **x.as_dict(),
                 "weight": float(w),
-                "oof_miou": mean_iou(c),
-                "oof_iou_per_class": _ious(c, coco.class_names),
+                "oof_miou": mean_iou(c.sum(axis=0)),
+                "oof_miou_interval": iv,
+                "oof_iou_per_class": _ious(c.sum(axis=0), coco.class_names),
             }
         )
     result: dict[str, Any] = {
@@ -241,23 +387,28 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
         "class_names": coco.class_names,
         "mask_rule": mask_rule,
         "members": member_rows,
-        "weights": [float(w) for w in weights],
-        "bias": None if bias is None else [float(b) for b in bias],
+        "weights": [float(w) for w in choice.weights],
+        "bias": None if choice.bias is None else [float(b) for b in choice.bias],
         "bias_on": "log-probabilities",
         "oof": {
             "ann_file": str(coco.path),
             "n_images": n_images,
             "scored_at": "stored OOF resolution, ground truth resized with nearest neighbour",
             "ensemble_miou": mean_iou(best_cm),
+            "ensemble_interval": honest["ensemble"],
             "iou_per_class": _ious(best_cm, coco.class_names),
             "plain_average_miou": mean_iou(plain_cm),
+            "plain_average_interval": honest["plain"],
             "plain_average_iou_per_class": _ious(plain_cm, coco.class_names),
-            "chosen": label if bias is None else f"{label} + bias",
+            "interval": f"{round(100 * cfg.level)}% paired bootstrap over images, {cfg.n_boot} replicates",
+            "chosen": honest["selection"]["chosen"],
         },
+        "selection": honest["selection"],
+        "shakeup": honest["shakeup"],
         "tuning": {
             "tune": cfg.tune,
             "tune_bias": cfg.tune_bias,
-            "trials": trials,
+            "trials": choice.trials,
             "sampler": "TPE",
             "seed": cfg.seed,
             "max_images": cfg.max_images,

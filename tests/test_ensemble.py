@@ -214,12 +214,79 @@ def test_bias_tuning_does_not_lower_oof_miou(runs, tmp_path):
     assert biased["tuning"]["trials"] == 20
 
 
-def test_no_tuning_is_the_plain_average_or_a_better_member(runs, tmp_path):
+def test_no_tuning_is_the_best_member_unless_the_plain_average_is_surely_better(runs, tmp_path):
     result = run(cfg_for(runs, tmp_path, tune=False))
     assert result["tuning"]["trials"] == 0
-    members = {m["name"]: m for m in result["members"]}
-    best = max(result["oof"]["plain_average_miou"], *(m["oof_miou"] for m in members.values()))
-    assert result["oof"]["ensemble_miou"] == pytest.approx(best)
+    best = max(m["oof_miou"] for m in result["members"])
+    (row,) = result["selection"]["comparisons"]  # the best single member against the plain average
+    assert (row["current"], row["candidate"]) == ("member good alone", "plain average")
+    expected = result["oof"]["plain_average_miou"] if row["accepted"] else best
+    assert result["oof"]["ensemble_miou"] == pytest.approx(expected)
+    assert row["accepted"] == (row["low"] > 0)
+
+
+def test_per_image_confusions_sum_to_the_confusions(runs, tmp_path):
+    data, good, bad = runs
+    coco = load_coco(data, "train_all.json")
+    members = resolve_members([str(good), str(bad)])
+    with OofCache(members, coco, folder=tmp_path, max_images=9, progress=False) as cache:
+        fusions = [Fusion([0.7, 0.3]), Fusion([0, 1])]
+        per_image = cache.per_image_confusions(fusions)
+        totals = cache.confusions(fusions)
+        assert [p.shape for p in per_image] == [(9, coco.num_classes, coco.num_classes)] * 2
+        for p, total in zip(per_image, totals, strict=True):
+            np.testing.assert_array_equal(p.sum(axis=0), total)
+        # image j of the array is image_ids[j]: its pixel count is its stored size
+        sizes = [cache.sizes[i][0] * cache.sizes[i][1] for i in cache.image_ids]
+        gt_pixels = per_image[1].sum(axis=(1, 2))
+        assert (gt_pixels <= np.array(sizes)).all() and gt_pixels.sum() > 0
+
+
+def test_report_and_weights_record_intervals_selection_and_shakeup(runs, tmp_path):
+    result = run(cfg_for(runs, tmp_path, n_trials=10, n_boot=300, shakeup_splits=200, public_share=0.4))
+    saved = yaml.safe_load((tmp_path / "ensembles" / "t" / "weights.yaml").read_text())
+    oof = saved["oof"]
+    for iv in [oof["ensemble_interval"], oof["plain_average_interval"]] + [
+        m["oof_miou_interval"] for m in saved["members"]
+    ]:
+        assert set(iv) == {"point", "low", "high"} and iv["low"] <= iv["point"] <= iv["high"]
+    assert oof["ensemble_interval"]["point"] == pytest.approx(oof["ensemble_miou"])
+    assert saved["members"][0]["oof_miou_interval"]["point"] == pytest.approx(saved["members"][0]["oof_miou"])
+    selection = saved["selection"]
+    assert selection["candidates"] == ["member good alone", "plain average", "tuned weights"]
+    assert selection["n_boot"] == 300 and selection["level"] == 0.9 and selection["seed"] == 0
+    first = selection["comparisons"][0]
+    assert (first["current"], first["candidate"]) == ("member good alone", "plain average")
+    for c in selection["comparisons"]:
+        assert c["accepted"] == (c["gain"] > 0 and c["low"] > 0)
+    assert selection["chosen"] == oof["chosen"] == result["oof"]["chosen"]
+    shake = saved["shakeup"]
+    assert shake["test_images"] == 6 and (shake["public_images"], shake["private_images"]) == (2, 4)  # test.json
+    assert "test.json" in shake["test_images_from"] and shake["public_share"] == 0.4 and shake["n_splits"] == 200
+    assert 0 <= shake["abs_gap"]["low"] <= shake["abs_gap"]["point"] <= shake["abs_gap"]["high"]
+    report = (tmp_path / "ensembles" / "t" / "report.md").read_text()
+    assert "| OOF mIoU | 90% interval |" in report and "## Selection" in report and "## Leaderboard shake-up" in report
+    assert "| current choice | candidate | OOF gain | 90% interval | accepted |" in report
+    assert f"| member good alone | plain average | {selection['comparisons'][0]['gain']:+.4f} |" in report
+    assert "6 test images (2 public, 4 private)" in report
+    ens = oof["ensemble_interval"]
+    assert f"| {ens['point']:.4f} | [{ens['low']:.4f}, {ens['high']:.4f}] |" in report
+
+
+def test_a_tie_keeps_the_simplest_candidate_and_test_size_falls_back_to_the_config(runs, tmp_path):
+    data, good, _ = runs
+    result = run(
+        cfg_for(runs, tmp_path, runs=f"{good} {good}", n_trials=5, n_boot=200, test_ann="none.json", test_images=10)
+    )
+    comparisons = result["selection"]["comparisons"]
+    assert [c["candidate"] for c in comparisons] == ["plain average", "tuned weights"]
+    assert all(c["gain"] == 0 and c["low"] == c["high"] == 0 and not c["accepted"] for c in comparisons)
+    assert result["oof"]["chosen"] == "member good alone" and result["weights"] == [1.0, 0.0]
+    assert result["shakeup"]["test_images"] == 10 and result["shakeup"]["test_images_from"] == "config test_images=10"
+    with pytest.raises(PipelineError, match="n_boot"):
+        cfg_for(runs, tmp_path, n_boot=0)
+    with pytest.raises(PipelineError, match="public_share"):
+        cfg_for(runs, tmp_path, public_share=1.5)
 
 
 def test_max_images_subsamples_with_a_seed(runs, tmp_path):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,8 +278,9 @@ class OofCache:
     """All members' OOF probabilities at the stored resolution, as uint8, in one file on disk.
 
     Layout: chunks of consecutive images; a chunk of P pixels is P bytes of ground truth
-    followed by an M x K x P uint8 array.  :meth:`confusions` streams over the chunks with
-    one reusable buffer.
+    followed by an M x K x P uint8 array.  :meth:`confusions` (one matrix per fusion) and
+    :meth:`per_image_confusions` (one per image and fusion) stream over the chunks with one
+    reusable buffer.
     """
 
     def __init__(
@@ -360,7 +361,8 @@ class OofCache:
         self.workspace = Workspace()
         folder.mkdir(parents=True, exist_ok=True)
         fd, self.path = tempfile.mkstemp(prefix=".oof-cache-", suffix=".u8", dir=folder)
-        self.chunks: list[tuple[int, int]] = []
+        self.chunks: list[tuple[int, int]] = []  # (byte offset, pixels)
+        self.chunk_images: list[list[int]] = []  # the images of each chunk, in order
         offset = 0
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -408,14 +410,14 @@ class OofCache:
         size = pixels * (1 + len(self.members) * self.num_classes)
         fh.write(memoryview(self.buffer[:size]))
         self.chunks.append((offset, pixels))
+        self.chunk_images.append(list(group))
         return size
 
-    def confusions(self, fusions: Sequence[Fusion]) -> list[np.ndarray]:
-        """One confusion matrix per fusion, in one streaming pass over the cache."""
+    def _stream(self) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+        """(image ids, ground truth, M x K x P probabilities) of every chunk, read into the one buffer."""
         k = self.num_classes
-        cms = [np.zeros((k, k), dtype=np.int64) for _ in fusions]
         with open(self.path, "rb", buffering=0) as fh:
-            for offset, pixels in self.chunks:
+            for (offset, pixels), group in zip(self.chunks, self.chunk_images, strict=True):
                 size = pixels * (1 + len(self.members) * k)
                 fh.seek(offset)
                 view = memoryview(self.buffer)[:size]
@@ -426,10 +428,37 @@ class OofCache:
                         raise PipelineError(f"{self.path}: OOF cache file is truncated")
                     got += n
                 gt, probs = self._views(pixels)
-                for cm, fusion in zip(cms, fusions, strict=False):
-                    active = fusion.active()
-                    labels = fusion((probs[i] for i in active), scale=1 / 255, indices=active, workspace=self.workspace)
-                    cm += confusion_matrix(labels, gt, k)
+                yield group, gt, probs
+
+    def _labels(self, fusion: Fusion, probs: np.ndarray) -> np.ndarray:
+        active = fusion.active()
+        return fusion((probs[i] for i in active), scale=1 / 255, indices=active, workspace=self.workspace)
+
+    def confusions(self, fusions: Sequence[Fusion]) -> list[np.ndarray]:
+        """One confusion matrix per fusion, in one streaming pass over the cache."""
+        k = self.num_classes
+        cms = [np.zeros((k, k), dtype=np.int64) for _ in fusions]
+        for _, gt, probs in self._stream():
+            for cm, fusion in zip(cms, fusions, strict=False):
+                cm += confusion_matrix(self._labels(fusion, probs), gt, k)
+        return cms
+
+    def per_image_confusions(self, fusions: Sequence[Fusion]) -> list[np.ndarray]:
+        """Per fusion, an ``(n_images, K, K)`` int64 array: one confusion matrix per image, in
+        :attr:`image_ids` order (the unit of :mod:`pipeline.evaluation.selection`); one streaming
+        pass, and their sum over images is :meth:`confusions`."""
+        k = self.num_classes
+        index = {image_id: j for j, image_id in enumerate(self.image_ids)}
+        cms = [np.zeros((len(self.image_ids), k, k), dtype=np.int64) for _ in fusions]
+        for group, gt, probs in self._stream():
+            for out, fusion in zip(cms, fusions, strict=False):
+                labels = self._labels(fusion, probs)
+                start = 0
+                for image_id in group:
+                    h, w = self.sizes[image_id]
+                    end = start + h * w
+                    out[index[image_id]] = confusion_matrix(labels[start:end], gt[start:end], k)
+                    start = end
         return cms
 
     def confusion(self, fusion: Fusion) -> np.ndarray:
