@@ -10,12 +10,15 @@ into ``out_dir``:
 * ``summary.csv``: dataset-level ``key,value`` rows;
 * PNG plots: ``annotations_per_image.png``, ``class_instances.png``,
   ``class_pixel_share.png``, ``object_area.png``, ``cooccurrence.png``,
-  ``samples.png`` and, when the images have more than one size, ``image_sizes.png``.
+  ``samples.png``, when the images have more than one size, ``image_sizes.png``, and when
+  some images look alike, ``similar_groups.png``.
 
 Instances, images per class, object areas and co-occurrence come from the annotations;
 pixel shares come from the rasterized ground-truth maps (the contest's mask rule, so
 occluded pixels count for the object on top).  Object areas use the absolute COCO
-thresholds (small < 32^2, medium < 96^2, large >= 96^2 pixels).
+thresholds (small < 32^2, medium < 96^2, large >= 96^2 pixels).  Near-duplicates and
+frames of one sequence are found by ``pipeline.data.similarity_groups``, the function that
+``make folds ARGS="group_by=similar"`` keeps together in one fold.
 """
 
 from __future__ import annotations
@@ -36,7 +39,17 @@ import numpy as np
 from pipeline.core.config import ConfigError, stage_main
 from pipeline.core.io import atomic_write_bytes, atomic_write_text
 from pipeline.core.tables import format_table, markdown_table
-from pipeline.data import CocoData, MaskCache, annotation_area, load_coco, read_image, verify_images
+from pipeline.data import (
+    CocoData,
+    MaskCache,
+    SimilarityGroups,
+    SimilarityParams,
+    annotation_area,
+    load_coco,
+    read_image,
+    similarity_groups,
+    verify_images,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +65,7 @@ PLOTS = {
     "image_sizes": "image_sizes.png",
     "cooccurrence": "cooccurrence.png",
     "samples": "samples.png",
+    "similar_groups": "similar_groups.png",
 }
 
 
@@ -67,8 +81,18 @@ class EDAConfig:
     check_images: bool = True
     cache_dir: str = ".cache/masks"
     mask_rule: str = "area"  # ground-truth mask rule (pipeline.data.MASK_RULES): area | polygon_length
+    similarity: bool = True  # near-duplicate / sequence groups (reads every image: needs check_images=true)
+    similarity_threshold: int | None = None  # max pHash+dHash distance (None: SimilarityParams' default)
+
+    def similarity_params(self) -> SimilarityParams:
+        if self.similarity_threshold is None:
+            return SimilarityParams()
+        return SimilarityParams(
+            threshold=self.similarity_threshold, strict=min(SimilarityParams.strict, self.similarity_threshold)
+        )
 
     def validate(self) -> None:
+        self.similarity_params()  # raises ConfigError on a bad threshold
         if self.n_samples < 0:
             raise ConfigError(f"n_samples: must be 0 or more, got {self.n_samples}")
         if not str(self.out_dir).strip():
@@ -348,6 +372,56 @@ def plot_samples(coco: CocoData, cache: MaskCache, image_ids: Sequence[int], pal
     return _save(fig, path)
 
 
+def _thumbnail(path: Path, side: int = 384) -> np.ndarray:
+    import cv2
+
+    img = read_image(path)
+    scale = side / max(img.shape[:2])
+    if scale < 1:
+        size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
+        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    return img
+
+
+def plot_similar_groups(
+    coco: CocoData, groups: Sequence[Sequence[int]], path: Path, max_groups: int = 6, max_per_group: int = 6
+) -> Path:
+    """One row per group (largest first): its first images side by side, file names above."""
+    shown = [list(g) for g in groups[:max_groups]]
+    cols = max(len(g[:max_per_group]) for g in shown)
+    aspect = float(np.median([coco.image(i)["height"] / coco.image(i)["width"] for g in shown for i in g]))
+    cell = 2.4
+    row_h = cell * min(max(aspect, 0.25), 2.0) + 0.55
+    fig = _figure(cell * cols, row_h * len(shown) + 0.5, layout="constrained")
+    axes = fig.subplots(len(shown), cols, squeeze=False)
+    for r, group in enumerate(shown):
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c >= min(len(group), max_per_group):
+                continue
+            image_id = group[c]
+            ax.imshow(_thumbnail(coco.image_path(image_id)), interpolation="bilinear")
+            name = str(coco.image(image_id)["file_name"])
+            head = f"group {r + 1}: {len(group)} images" + (
+                f" (first {max_per_group})" if len(group) > max_per_group else ""
+            )
+            ax.set_title((head + "\n" if c == 0 else "\n") + name, fontsize=7, loc="left")
+    fig.suptitle(f"Look-alike images ({len(shown)} of {len(groups)} groups, largest first)", fontsize=10)
+    return _save(fig, path)
+
+
+def similar_images(coco: CocoData, cfg: EDAConfig, out: Path, plots: dict[str, Path]) -> SimilarityGroups | None:
+    """Groups of look-alike images (None when skipped) and their panel in ``plots``."""
+    found = None
+    if cfg.similarity and cfg.check_images:
+        found = similarity_groups(coco, cfg.similarity_params(), cache_dir=cfg.cache_dir)
+    if found is not None and found.groups:
+        plots["similar_groups"] = plot_similar_groups(coco, found.groups, out / PLOTS["similar_groups"])
+    else:
+        (out / PLOTS["similar_groups"]).unlink(missing_ok=True)
+    return found
+
+
 # ----------------------------------------------------------------------------- outputs
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     buf = io.StringIO()
@@ -357,7 +431,9 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
-def summary_rows(coco: CocoData, stats: Stats, checked: int | None) -> list[dict[str, Any]]:
+def summary_rows(
+    coco: CocoData, stats: Stats, checked: int | None, similar: SimilarityGroups | None = None
+) -> list[dict[str, Any]]:
     per = stats.anns_per_image
     values = {
         "annotation_file": str(coco.path),
@@ -374,6 +450,9 @@ def summary_rows(coco: CocoData, stats: Stats, checked: int | None) -> list[dict
         "most_common_size_hxw": "{}x{}".format(*stats.sizes.most_common(1)[0][0]) if stats.sizes else "",
         "images_checked": "" if checked is None else checked,
         "background_pixel_share": float(stats.pixel_share[0]),
+        "similar_multi_image_groups": "" if similar is None else len(similar.groups),
+        "similar_images_grouped": "" if similar is None else similar.grouped_images,
+        "similar_largest_group": "" if similar is None else similar.largest,
     }
     for k, v in sorted(coco.repairs.items()):
         values[f"repair: {k}"] = v
@@ -465,6 +544,34 @@ def _report_images(stats: Stats, plots: dict[str, Path]) -> list[str]:
     return lines
 
 
+def _report_similar(coco: CocoData, similar: SimilarityGroups | None, plots: dict[str, Path]) -> list[str]:
+    lines = ["", "## Near-duplicates and sequences", ""]
+    if similar is None:
+        return lines + ["Skipped (similarity=false or check_images=false)."]
+    p = similar.params
+    lines += [
+        f"Images that look alike are grouped: pHash + dHash distance <= {p['threshold']} of 128 bits with a "
+        f"similar colour layout (<= {p['threshold'] + p['sequence_slack']} for file numbers at most "
+        f"{p['sequence_gap']} apart in one folder; near-duplicates <= {p['strict']} always), groups of weak links "
+        f"capped at {p['max_group']} images. Split across folds, such images leak and flatter out-of-fold "
+        'scores: `make folds ARGS="group_by=similar"` keeps each group in one fold.',
+        "",
+        f"- Groups with more than one image: {len(similar.groups)} "
+        f"({similar.grouped_images} of {len(similar.group_of)} images)",
+        f"- Largest group sizes: {', '.join(str(len(g)) for g in similar.groups[:10]) or '-'}",
+        f"- Links: {', '.join(f'{k} {v}' for k, v in similar.kinds.items()) or 'none'}; "
+        f"merges refused above the cap: {similar.refused}",
+    ]
+    if not similar.groups:
+        return lines
+    names = [[str(coco.image(i)["file_name"]) for i in g] for g in similar.groups[:10]]
+    table = [[k + 1, len(g), ", ".join(g[:4]) + (" ..." if len(g) > 4 else "")] for k, g in enumerate(names)]
+    lines += ["", markdown_table(["group", "images", "files"], table)]
+    if "similar_groups" in plots:
+        lines += ["", f"![Groups of look-alike images]({plots['similar_groups'].name})"]
+    return lines
+
+
 def render_report(
     coco: CocoData,
     stats: Stats,
@@ -472,6 +579,7 @@ def render_report(
     plots: dict[str, Path],
     checked: int | None,
     sample_ids: Sequence[int],
+    similar: SimilarityGroups | None = None,
 ) -> str:
     lines = _report_header(coco, stats, checked) + _report_classes(rows, plots) + _report_images(stats, plots)
     lines += [
@@ -491,6 +599,7 @@ def render_report(
             "",
             f"![Samples]({plots['samples'].name})",
         ]
+    lines += _report_similar(coco, similar, plots)
     lines += ["", "## Files", ""]
     lines += [f"- [{name}]({name})" for name in ("classes.csv", "summary.csv")]
     return "\n".join(lines) + "\n"
@@ -510,18 +619,8 @@ def choose_samples(coco: CocoData, n: int, seed: int) -> list[int]:
     return chosen
 
 
-def run(cfg: EDAConfig) -> dict[str, Any]:
-    """Analyse ``cfg.ann_file`` and write the report, tables and plots; return the summary."""
-    cfg.validate()
-    coco = load_coco(cfg.data_dir, cfg.ann_file, mask_rule=cfg.mask_rule)
-    checked = verify_images(coco) if cfg.check_images else None
-    cache = MaskCache(coco, cfg.cache_dir)
-    stats = collect_stats(coco, cache)
-    rows = class_rows(stats)
-    palette = class_palette(coco.num_classes)
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def write_class_plots(stats: Stats, palette: np.ndarray, out: Path) -> dict[str, Path]:
+    """The count, share, area, size and co-occurrence plots; returns their paths by name."""
     plots: dict[str, Path] = {}
     plots["annotations_per_image"] = plot_annotations_per_image(stats, out / PLOTS["annotations_per_image"])
     names = stats.class_names
@@ -550,16 +649,34 @@ def run(cfg: EDAConfig) -> dict[str, Any]:
     else:
         (out / PLOTS["image_sizes"]).unlink(missing_ok=True)
     plots["cooccurrence"] = plot_cooccurrence(stats, out / PLOTS["cooccurrence"])
+    return plots
+
+
+def run(cfg: EDAConfig) -> dict[str, Any]:
+    """Analyse ``cfg.ann_file`` and write the report, tables and plots; return the summary."""
+    cfg.validate()
+    coco = load_coco(cfg.data_dir, cfg.ann_file, mask_rule=cfg.mask_rule)
+    checked = verify_images(coco) if cfg.check_images else None
+    cache = MaskCache(coco, cfg.cache_dir)
+    stats = collect_stats(coco, cache)
+    rows = class_rows(stats)
+    palette = class_palette(coco.num_classes)
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = write_class_plots(stats, palette, out)
     sample_ids = choose_samples(coco, cfg.n_samples, cfg.seed)
     if sample_ids:
         plots["samples"] = plot_samples(coco, cache, sample_ids, palette, out / PLOTS["samples"])
     else:
         (out / PLOTS["samples"]).unlink(missing_ok=True)
+    similar = similar_images(coco, cfg, out, plots)
 
     classes_csv = write_csv(out / "classes.csv", rows)
-    summary = summary_rows(coco, stats, checked)
+    summary = summary_rows(coco, stats, checked, similar)
     summary_csv = write_csv(out / "summary.csv", summary)
-    report = atomic_write_text(out / "report.md", render_report(coco, stats, rows, plots, checked, sample_ids))
+    text = render_report(coco, stats, rows, plots, checked, sample_ids, similar)
+    report = atomic_write_text(out / "report.md", text)
 
     table = format_table(
         ["class", "images", "instances", "pixel share"],
@@ -580,6 +697,7 @@ def run(cfg: EDAConfig) -> dict[str, Any]:
         "classes": rows,
         "image_sizes": {f"{h}x{w}": c for (h, w), c in stats.sizes.items()},
         "samples": sample_ids,
+        "similarity": None if similar is None else similar.summary(),
         "out_dir": str(out),
         "files": {
             "report": str(report),

@@ -2,20 +2,25 @@
 
 Stratification is iterative (Sechidis et al., 2011) on per-image class presence
 (Background left out, every image has it).  The unit that is assigned to a fold is a
-group: with ``group_by=folder`` all images of one batch folder (or with ``groups_csv`` any
-user-given group) go to the same fold; without grouping each image is its own group.
+group: with ``group_by=folder`` all images of one batch folder, with ``group_by=similar`` all
+images that look alike (near-duplicates and frames of one sequence, found by
+``pipeline.data.similarity_groups``), or with ``groups_csv`` any user-given group go to the
+same fold; without grouping each image is its own group.  Similar images split across
+folds leak: out-of-fold scores then flatter the model and every choice tuned on them.
 Rarest classes are placed first, each unit into the fold that still lacks most of that
 class, so rare classes reach every fold whenever there are enough of them.
 
 Outputs: ``folds.csv`` (image_id, file_name, group, fold, one ``has_<class>`` column per
 class), ``folds_balance.csv`` (images, instances and pixel share per class per fold) and
-``folds_meta.json`` (annotation file, its content hash, k, seed).
+``folds_meta.json`` (annotation file, its content hash, k, seed, and under ``grouping`` the
+method, its parameters, the number of multi-image groups and the largest group).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +30,16 @@ import pandas as pd
 
 from pipeline.core.config import ConfigError, stage_main
 from pipeline.core.io import atomic_open, atomic_write_text
-from pipeline.data import CocoData, DataError, MaskCache, iterative_stratification, load_coco, presence_matrix
+from pipeline.data import (
+    CocoData,
+    DataError,
+    MaskCache,
+    SimilarityParams,
+    iterative_stratification,
+    load_coco,
+    presence_matrix,
+    similarity_groups,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +51,9 @@ class FoldsConfig:
     out_dir: str = "folds"
     k: int = 5
     seed: int = 42
-    group_by: str | None = None  # None, or "folder" (the batch folder of file_name)
+    group_by: str | None = None  # None, "folder" (the batch folder of file_name) or "similar" (look-alike images)
+    similarity_threshold: int | None = None  # group_by=similar: max pHash+dHash distance (None: SimilarityParams')
+    similarity_max_group: int | None = None  # group_by=similar: largest group from weak links (None: 5% of images)
     groups_csv: str | None = None  # optional CSV with columns file_name,group
     cache_dir: str = ".cache/masks"
     mask_rule: str = "area"  # ground-truth mask rule (pipeline.data.MASK_RULES): area | polygon_length
@@ -46,27 +62,54 @@ class FoldsConfig:
     def validate(self) -> None:
         if self.k < 2:
             raise ConfigError(f"k must be at least 2, got {self.k}")
-        if self.group_by not in (None, "folder"):
-            raise ConfigError(f"group_by must be null or 'folder', got {self.group_by!r}")
+        if self.group_by not in (None, "folder", "similar"):
+            raise ConfigError(f"group_by must be null, 'folder' or 'similar', got {self.group_by!r}")
+        self.similarity_params()  # raises ConfigError on bad similarity settings
+
+    def similarity_params(self) -> SimilarityParams:
+        extra = {} if self.similarity_threshold is None else {"threshold": self.similarity_threshold}
+        if self.similarity_threshold is not None and self.similarity_threshold < SimilarityParams.strict:
+            extra["strict"] = self.similarity_threshold
+        return SimilarityParams(max_group=self.similarity_max_group, **extra)
 
 
-def _groups(coco: CocoData, cfg: FoldsConfig) -> list[str] | None:
-    files = [im["file_name"] for im in coco.images]
+def _group_stats(groups: list[str] | None, n_images: int) -> dict[str, int]:
+    sizes = Counter(groups).values() if groups is not None else [1] * n_images
+    return {
+        "groups": len(sizes),
+        "multi_image_groups": sum(1 for v in sizes if v > 1),
+        "largest_group": max(sizes, default=0),
+    }
+
+
+def _groups(coco: CocoData, cfg: FoldsConfig) -> tuple[list[str] | None, dict]:
+    """Group label per image (None: every image alone) and what ``folds_meta.json`` records of the grouping."""
     if cfg.groups_csv:
-        path = Path(cfg.groups_csv)
-        if not path.is_file():
-            raise DataError(f"{path}: groups CSV not found")
-        table = pd.read_csv(path)
-        if not {"file_name", "group"} <= set(table.columns):
-            raise DataError(f"{path}: groups CSV needs columns file_name,group; has {list(table.columns)}")
-        mapping = dict(zip(table["file_name"].astype(str), table["group"].astype(str), strict=False))
-        missing = [f for f in files if f not in mapping]
-        if missing:
-            raise DataError(f"{path}: no group for {len(missing)} image(s), e.g. {missing[:3]}")
-        return [mapping[f] for f in files]
+        labels = _csv_groups(coco, cfg.groups_csv)
+        return labels, {"method": "groups_csv", **_group_stats(labels, len(coco.images))}
     if cfg.group_by == "folder":
-        return [str(Path(f).parent) for f in files]
-    return None
+        labels = [str(Path(im["file_name"]).parent) for im in coco.images]
+        return labels, {"method": "folder", **_group_stats(labels, len(coco.images))}
+    if cfg.group_by == "similar":
+        found = similarity_groups(coco, cfg.similarity_params(), cache_dir=cfg.cache_dir)
+        labels = found.labels(coco.image_ids)
+        return labels, {"method": "similar", **found.summary(), **_group_stats(labels, len(coco.images))}
+    return None, {"method": None, **_group_stats(None, len(coco.images))}
+
+
+def _csv_groups(coco: CocoData, groups_csv: str) -> list[str]:
+    files = [im["file_name"] for im in coco.images]
+    path = Path(groups_csv)
+    if not path.is_file():
+        raise DataError(f"{path}: groups CSV not found")
+    table = pd.read_csv(path)
+    if not {"file_name", "group"} <= set(table.columns):
+        raise DataError(f"{path}: groups CSV needs columns file_name,group; has {list(table.columns)}")
+    mapping = dict(zip(table["file_name"].astype(str), table["group"].astype(str), strict=False))
+    missing = [f for f in files if f not in mapping]
+    if missing:
+        raise DataError(f"{path}: no group for {len(missing)} image(s), e.g. {missing[:3]}")
+    return [mapping[f] for f in files]
 
 
 def balance_table(
@@ -116,7 +159,7 @@ def pixel_counts(coco: CocoData, cache_dir: str | Path) -> np.ndarray:
 def run(cfg: FoldsConfig) -> pd.DataFrame:
     coco = load_coco(cfg.data_dir, cfg.ann_file, mask_rule=cfg.mask_rule)
     pres, inst = presence_matrix(coco)
-    groups = _groups(coco, cfg)
+    groups, grouping = _groups(coco, cfg)
     fold = iterative_stratification(pres[:, 1:], cfg.k, cfg.seed, groups)
     names = coco.class_names
     table = pd.DataFrame(
@@ -145,6 +188,7 @@ def run(cfg: FoldsConfig) -> pd.DataFrame:
         "seed": cfg.seed,
         "group_by": cfg.group_by,
         "groups_csv": cfg.groups_csv,
+        "grouping": grouping,
         "max_image_share_deviation": worst,
     }
     atomic_write_text(out / "folds_meta.json", json.dumps(meta, indent=2))
@@ -152,11 +196,38 @@ def run(cfg: FoldsConfig) -> pd.DataFrame:
     pivot = balance.pivot(index="class", columns="fold", values="images").reindex(names[1:])
     pivot.columns = [f"fold{c}" for c in pivot.columns]
     sizes = table.groupby("fold").size()
+    _log_grouping(grouping, len(table))
     log.info("images per fold: %s", ", ".join(f"fold{f}={n}" for f, n in sizes.items()))
     log.info("images containing each class, per fold:\n%s", pivot.to_string())
     log.info("largest deviation of a class's image share from its overall share: %.4f", worst)
     log.info("wrote %s", out / "folds.csv")
     return table
+
+
+def _log_grouping(grouping: dict, n_images: int) -> None:
+    if grouping["method"] is None:
+        return
+    log.info(
+        "grouping %s: %d groups for %d images, %d with more than one image, the largest %d images",
+        grouping["method"],
+        grouping["groups"],
+        n_images,
+        grouping["multi_image_groups"],
+        grouping["largest_group"],
+    )
+    if grouping["method"] == "similar":
+        log.info(
+            "similar images (pHash+dHash distance <= %d of 128 bits, %d in sequences; links %s): "
+            "%d images in %d multi-image groups, sizes %s; %d merge(s) refused above max_group=%d",
+            grouping["threshold"],
+            grouping["threshold"] + grouping["sequence_slack"],
+            grouping["links_by_kind"] or "none",
+            grouping["images_in_multi_image_groups"],
+            grouping["multi_image_groups"],
+            grouping["largest_sizes"] or "-",
+            grouping["refused_merges"],
+            grouping["max_group"],
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from test_similarity import make_sequences
 
 from pipeline import eda
 from pipeline.data import CocoData, DataError, load_coco
@@ -84,6 +85,9 @@ def test_report_mentions_every_class_and_plot(demo_eda, demo_data):
     assert f"Annotations: {len(raw['annotations'])}" in report
     assert "| 64 | 96 | 24 |" in report  # the image-size table
     assert "32^2 = 1024" in report and "96^2 = 9216" in report and "not scaled" in report
+    assert "## Near-duplicates and sequences" in report
+    assert "Groups with more than one image: 0 (0 of 24 images)" in report  # demo images are all unrelated
+    assert summary["similarity"]["multi_image_groups"] == 0 and summary["similar_largest_group"] == 1
 
 
 def test_classes_csv_equals_counts_from_the_file(demo_eda, demo_data):
@@ -214,8 +218,35 @@ def test_without_image_check_and_samples_no_image_is_read(tmp_path):
     assert "samples" not in summary["files"] and not (out / "samples.png").exists()
     assert summary["images_checked"] == ""
     assert "skipped (check_images=false)" in (out / "report.md").read_text()
+    assert "Skipped (similarity=false or check_images=false)" in (out / "report.md").read_text()
+    assert summary["similarity"] is None and summary["similar_multi_image_groups"] == ""
     with pytest.raises(DataError, match=r"a/1\.png: image file not found"):
         eda.run(eda.EDAConfig(**{**cfg.__dict__, "check_images": True}))
+
+
+def test_near_duplicate_sequences_are_listed_and_shown(tmp_path):
+    root, truth = make_sequences(tmp_path / "data")
+    out = tmp_path / "eda"
+    summary = eda.run(eda.EDAConfig(data_dir=str(root), out_dir=str(out), cache_dir=str(tmp_path / "c"), n_samples=0))
+    assert_png(out / "similar_groups.png", min_side=300)
+    assert summary["files"]["similar_groups"] == str(out / "similar_groups.png")
+    report = (out / "report.md").read_text()
+    section = report.split("## Near-duplicates and sequences")[1]
+    assert "Groups with more than one image: 8 (28 of 44 images)" in section
+    assert "Largest group sizes: 4, 4, 4, 4, 3, 3, 3, 3" in section
+    assert "](similar_groups.png)" in section and 'ARGS="group_by=similar"' in section
+    first = next(g for g in truth if len(g) == 4)
+    assert ", ".join(f"batch_01/{i:04d}.jpg" for i in first) in section  # the groups table names the files
+    kv = {r["key"]: r["value"] for r in read_csv(out / "summary.csv")}
+    assert (kv["similar_multi_image_groups"], kv["similar_images_grouped"], kv["similar_largest_group"]) == (
+        "8",
+        "28",
+        "4",
+    )
+    assert summary["similarity"]["largest_sizes"] == [4, 4, 4, 4, 3, 3, 3, 3]
+    eda.run(eda.EDAConfig(data_dir=str(root), out_dir=str(out), cache_dir=str(tmp_path / "c"), similarity=False))
+    assert not (out / "similar_groups.png").exists()
+    assert "Skipped (similarity=false" in (out / "report.md").read_text()
 
 
 def test_main_parses_overrides_and_reports_errors(tmp_path, caplog):

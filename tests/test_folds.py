@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
 import pytest
+from test_similarity import make_sequences
 
 from pipeline.core.config import ConfigError
 from pipeline.data import DataError, iterative_stratification, load_coco, load_folds
@@ -77,6 +79,35 @@ def test_groups_never_split(demo_data, tmp_path):
         )
 
 
+@pytest.fixture(scope="module")
+def sequences(tmp_path_factory):
+    return make_sequences(tmp_path_factory.mktemp("sequences") / "data")
+
+
+def test_group_by_similar_keeps_look_alike_images_in_one_fold(sequences, tmp_path, caplog):
+    root, truth = sequences
+    caplog.set_level(logging.INFO, logger="pipeline.folds")
+    common = dict(data_dir=str(root), k=4, seed=0, cache_dir=str(tmp_path / "c"), pixel_stats=False)
+    table = run(FoldsConfig(out_dir=str(tmp_path / "similar"), group_by="similar", **common))
+    fold_of = dict(zip(table["image_id"], table["fold"], strict=True))
+    assert all(len({fold_of[i] for i in group}) == 1 for group in truth)
+    assert table["fold"].nunique() == 4
+    assert table["group"].nunique() == len(truth) == 8 + 16
+    grouping = json.loads((tmp_path / "similar" / "folds_meta.json").read_text())["grouping"]
+    assert grouping["method"] == "similar" and grouping["threshold"] == 20 and grouping["descriptor"] == "phash+dhash"
+    assert grouping["multi_image_groups"] == 8 and grouping["largest_group"] == 4 and grouping["refused_merges"] == 0
+    assert "grouping similar: 24 groups for 44 images, 8 with more than one image, the largest 4 images" in caplog.text
+    # without the grouping some sequence is split across folds: the leak this prevents
+    plain = run(FoldsConfig(out_dir=str(tmp_path / "plain"), **common))
+    fold_of = dict(zip(plain["image_id"], plain["fold"], strict=True))
+    assert any(len({fold_of[i] for i in group}) > 1 for group in truth)
+    assert json.loads((tmp_path / "plain" / "folds_meta.json").read_text())["grouping"]["method"] is None
+    # a stricter threshold is recorded (the strict near-duplicate bound follows it down)
+    run(FoldsConfig(out_dir=str(tmp_path / "t"), group_by="similar", similarity_threshold=6, **common))
+    grouping = json.loads((tmp_path / "t" / "folds_meta.json").read_text())["grouping"]
+    assert grouping["threshold"] == 6 == grouping["strict"] and grouping["multi_image_groups"] <= 8
+
+
 def test_rare_classes_reach_every_fold_when_possible():
     rng = np.random.default_rng(0)
     n, k = 200, 5
@@ -111,4 +142,8 @@ def test_cli_rejects_bad_settings(demo_data, tmp_path, caplog):
     assert "k must be at least 2" in caplog.text
     assert main([f"data_dir={demo_data}", f"out_dir={tmp_path}", "kk=3"]) == 2
     assert "unknown key(s) kk" in caplog.text and "known keys" in caplog.text
+    assert main([f"data_dir={demo_data}", f"out_dir={tmp_path}", "group_by=similars"]) == 2
+    assert "group_by must be null, 'folder' or 'similar'" in caplog.text
+    assert main([f"data_dir={demo_data}", f"out_dir={tmp_path}", "group_by=similar", "similarity_max_group=1"]) == 2
+    assert "max_group must be at least 2" in caplog.text
     assert not (tmp_path / "folds.csv").exists()

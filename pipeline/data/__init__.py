@@ -1,5 +1,6 @@
 """The data layer: COCO files of the contest layout, ground-truth maps, images, augmentations,
-datasets and fold splits.  Every public name is importable from ``pipeline.data``."""
+datasets, fold splits and look-alike image groups.  Every public name is importable from ``pipeline.data``."""
+
 from pipeline.core.errors import DataError
 from pipeline.data.coco import BACKGROUND, OFF_IMAGE_REPAIR, CocoData, file_digest, load_coco, resolve_annotation
 from pipeline.data.datasets import SegmentationDataset, TestDataset, ValDataset, collate, collate_test, image_meta
@@ -16,6 +17,14 @@ from pipeline.data.masks import (
     mask_dtype,
     rasterize,
 )
+from pipeline.data.similarity import (
+    ImageHashes,
+    SimilarityGroups,
+    SimilarityParams,
+    group_hashes,
+    image_hashes,
+    similarity_groups,
+)
 from pipeline.data.splits import iterative_stratification, load_folds, presence_matrix, split_ids
 from pipeline.data.transforms import (
     AUGMENTATIONS,
@@ -29,10 +38,48 @@ from pipeline.data.transforms import (
 )
 
 __all__ = [
-    "AUGMENTATIONS", "BACKGROUND", "IMAGENET", "Preprocessing", "normalize", "DEFAULT_MASK_RULE", "IMAGENET_MEAN", "IMAGENET_STD", "MASK_RULES",
-    "MASK_RULE_VERSION", "OFF_IMAGE_REPAIR", "PNG_PARAMS", "CocoData", "DataError", "MaskCache",
-    "SegmentationDataset", "TestDataset", "ValDataset", "annotation_area", "annotation_mask", "build_transform",
-    "check_mask_rule", "collate", "collate_test", "file_digest", "image_meta", "image_size_from_data",
-    "iterative_stratification", "load_coco", "load_folds", "mask_dtype", "presence_matrix", "rasterize",
-    "read_image", "resolve_annotation", "split_ids", "to_tensor", "verify_images",
+    "AUGMENTATIONS",
+    "BACKGROUND",
+    "IMAGENET",
+    "Preprocessing",
+    "normalize",
+    "DEFAULT_MASK_RULE",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MASK_RULES",
+    "MASK_RULE_VERSION",
+    "OFF_IMAGE_REPAIR",
+    "PNG_PARAMS",
+    "CocoData",
+    "DataError",
+    "MaskCache",
+    "SegmentationDataset",
+    "TestDataset",
+    "ValDataset",
+    "annotation_area",
+    "annotation_mask",
+    "build_transform",
+    "check_mask_rule",
+    "collate",
+    "collate_test",
+    "file_digest",
+    "image_meta",
+    "image_size_from_data",
+    "iterative_stratification",
+    "load_coco",
+    "load_folds",
+    "mask_dtype",
+    "presence_matrix",
+    "rasterize",
+    "read_image",
+    "resolve_annotation",
+    "split_ids",
+    "to_tensor",
+    "verify_images",
+    "ImageHashes",
+    "SimilarityGroups",
+    "SimilarityParams",
+    "group_hashes",
+    "image_hashes",
+    "similarity_groups",
 ]

@@ -4,15 +4,17 @@
 fatal problems raise :class:`DataError` naming the file.  The class list is Background
 followed by the file's categories in file order; class index k >= 1 is the k-th category.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -78,8 +80,9 @@ class CocoData:
     def mask(self, image_id: int) -> np.ndarray:
         """Ground-truth class map of ``image_id`` by ``self.mask_rule``."""
         im = self._by_id[image_id]
-        return rasterize(self.annotations(image_id), int(im["height"]), int(im["width"]), self.cat_to_index,
-                         rule=self.mask_rule)
+        return rasterize(
+            self.annotations(image_id), int(im["height"]), int(im["width"]), self.cat_to_index, rule=self.mask_rule
+        )
 
 
 def file_digest(path: str | Path) -> str:
@@ -181,8 +184,9 @@ def _checked_polygons(path: Path, aid: Any, seg: list[Any], h: int, w: int, repa
     return polys
 
 
-def _checked_annotation(path: Path, ann: Any, by_id: dict[int, dict[str, Any]], known_cats: set[int],
-                        repairs: Counter) -> dict[str, Any] | None:
+def _checked_annotation(
+    path: Path, ann: Any, by_id: dict[int, dict[str, Any]], known_cats: set[int], repairs: Counter
+) -> dict[str, Any] | None:
     """The annotation as the pipeline keeps it, None when nothing of it is usable."""
     if not isinstance(ann, dict) or not {"image_id", "category_id", "segmentation"} <= set(ann):
         what = ann.get("id") if isinstance(ann, dict) else ann
@@ -203,7 +207,9 @@ def _checked_annotation(path: Path, ann: Any, by_id: dict[int, dict[str, Any]], 
         return {**ann, "segmentation": polys}
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
         if [_int(path, v, f"RLE size of annotation {aid}") for v in seg["size"]] != [h, w]:
-            raise DataError(f"{path}: annotation {aid} has an RLE of size {seg['size']} but image {image_id} is {h}x{w}")
+            raise DataError(
+                f"{path}: annotation {aid} has an RLE of size {seg['size']} but image {image_id} is {h}x{w}"
+            )
         return ann
     raise DataError(f"{path}: annotation {aid} has an unsupported segmentation {str(seg)[:80]}")
 

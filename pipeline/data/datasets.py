@@ -4,9 +4,11 @@
 the same with the image resized to the training size and the mask at the image's own
 size; ``TestDataset`` returns ``(image, meta)``.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,8 +68,13 @@ class SegmentationDataset(Dataset):
 class TestDataset(Dataset):
     """Unlabelled images (test.json): ``(image float CxHxW, meta)``."""
 
-    def __init__(self, coco: CocoData, image_ids: Sequence[int] | None = None, transform: Callable[..., dict] | None = None,
-                 preprocessing: Preprocessing = IMAGENET):
+    def __init__(
+        self,
+        coco: CocoData,
+        image_ids: Sequence[int] | None = None,
+        transform: Callable[..., dict] | None = None,
+        preprocessing: Preprocessing = IMAGENET,
+    ):
         self.coco = coco
         self.image_ids = list(image_ids) if image_ids is not None else coco.image_ids
         self.transform = transform

@@ -1,5 +1,5 @@
-"""Reading images: RGB uint8 (greyscale replicated to three channels), size checks.
-"""
+"""Reading images: RGB uint8 (greyscale replicated to three channels), size checks."""
+
 from __future__ import annotations
 
 from collections import Counter

@@ -5,12 +5,14 @@ Contracts); ``MaskCache`` stores the maps as PNG files in a folder keyed by the 
 file's content, the rule and the rule version, so an epoch never rasterizes twice and an
 edited file or another rule never reuses stale masks.
 """
+
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -83,8 +85,9 @@ def _polygon_length_key(ann: dict[str, Any], h: int, w: int) -> tuple:
 # name -> sort key of one annotation (ann, h, w); rasterize paints in ascending key order.
 MASK_RULES: Registry = Registry("mask rule")
 MASK_RULES.add("area", _area_key, "area descending: smaller objects on top (the 2022 baseline; default)")
-MASK_RULES.add("polygon_length", _polygon_length_key,
-               "first polygon's length ascending, RLE first by area (the 2021 baseline)")
+MASK_RULES.add(
+    "polygon_length", _polygon_length_key, "first polygon's length ascending, RLE first by area (the 2021 baseline)"
+)
 
 
 def check_mask_rule(rule: str) -> str:
@@ -92,8 +95,9 @@ def check_mask_rule(rule: str) -> str:
     return MASK_RULES.key(rule)
 
 
-def rasterize(anns: Sequence[dict[str, Any]], h: int, w: int, cat_to_index: dict[int, int],
-              rule: str = DEFAULT_MASK_RULE) -> np.ndarray:
+def rasterize(
+    anns: Sequence[dict[str, Any]], h: int, w: int, cat_to_index: dict[int, int], rule: str = DEFAULT_MASK_RULE
+) -> np.ndarray:
     """Ground-truth class map: start from Background (0), paint annotations in the rule's order.
 
     Annotations are sorted by the rule's key, ascending and stable (ties keep file order),

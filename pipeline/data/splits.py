@@ -1,10 +1,12 @@
 """Fold splits: class-stratified (iterative stratification, Sechidis et al. 2011, with
 groups as the assignment unit), reading a folds file, and a fold's train/val image ids.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -1,9 +1,11 @@
 """Augmentations by name and the conversion of images to normalized tensors."""
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -73,15 +75,24 @@ class Preprocessing:
     source: str = "imagenet"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mean": list(self.mean), "std": list(self.std), "input_range": list(self.input_range), "source": self.source}
+        return {
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_range": list(self.input_range),
+            "source": self.source,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "Preprocessing":
+    def from_dict(cls, data: dict[str, Any] | None) -> Preprocessing:
         """From a checkpoint's record; a checkpoint without one (written before it existed) is ImageNet's."""
         if not data:
             return IMAGENET
-        return cls(tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]),
-                   tuple(float(v) for v in data.get("input_range", (0.0, 1.0))), str(data.get("source", "checkpoint")))
+        return cls(
+            tuple(float(v) for v in data["mean"]),
+            tuple(float(v) for v in data["std"]),
+            tuple(float(v) for v in data.get("input_range", (0.0, 1.0))),
+            str(data.get("source", "checkpoint")),
+        )
 
 
 IMAGENET = Preprocessing()
@@ -93,7 +104,7 @@ def _normalize_luts(mean: tuple[float, ...], std: tuple[float, ...], top: float 
     levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
     if top != 1.0:
         levels = levels * np.float32(top)
-    return tuple((levels - np.float32(m)) / np.float32(s) for m, s in zip(mean, std))
+    return tuple((levels - np.float32(m)) / np.float32(s) for m, s in zip(mean, std, strict=False))
 
 
 def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, top: float = 1.0) -> torch.Tensor:
