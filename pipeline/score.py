@@ -23,12 +23,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.core.config import ConfigError, stage_main
 from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write_bytes, atomic_write_text
 from pipeline.core.tables import format_table
 from pipeline.data import DEFAULT_MASK_RULE, MASK_RULES, load_coco
 from pipeline.evaluation.metrics import MeanIoU, confusion_matrix, iou_per_class, mean_iou
@@ -55,6 +57,7 @@ class ScoreConfig:
     dense_size: list[int] = field(default_factory=lambda: [256, 256])
     image_level: bool = False
     mask_rule: str | None = None  # rule of a COCO ground truth; None: the manifest's, else area
+    out_json: str | None = None  # also write the result (and per-image confusion matrices, .npz beside it)
 
     def validate(self) -> None:
         if not self.sub:
@@ -84,12 +87,15 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     k = coco.num_classes
     meter = MeanIoU(k)
     per_image: list[float] = []
+    matrices: list[np.ndarray] = []
     for image, pred in iter_predictions(cfg.sub, coco, fmt, cfg.order, cfg.dense_size):
         target = gt.get(image)
         if fmt == "dense":
             target = resize_nearest(target, cfg.dense_size)
         cm = confusion_matrix(pred, target, k)
         meter.add_confusion(cm)
+        if cfg.out_json:
+            matrices.append(cm)
         if cfg.image_level:
             score = mean_iou(cm)
             if not np.isnan(score):
@@ -117,7 +123,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         table,
         f"\nmIoU (image level, extra): {image_level:.4f}" if cfg.image_level else "",
     )
-    return {
+    result = {
         "miou": dataset,  # the headline is always the dataset-level mIoU
         "dataset_miou": dataset,
         "image_level_miou": image_level,
@@ -129,6 +135,20 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         "mask_rule_source": rule_source,
         "confusion": meter.cm.tolist(),
     }
+    if cfg.out_json:
+        write_score(result, np.stack(matrices), Path(cfg.out_json))
+    return result
+
+
+def write_score(result: dict[str, Any], per_image: np.ndarray, path: Path) -> None:
+    """``result`` as JSON and the per-image confusion matrices as ``<path>.npz`` (for intervals)."""
+    import io
+    import json
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, per_image=per_image)
+    atomic_write_bytes(path.with_suffix(".npz"), buf.getvalue())
+    atomic_write_text(path, json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -208,3 +208,30 @@ def test_a_family_with_its_own_loss_and_head_goes_through_the_contract():
     loader = [(x, torch.tensor([[[0, 1], [1, 1]]]).repeat(2, 2, 2), [{}, {}])]
     cm = evaluate(model, loader, 3, torch.device("cpu"), None)
     assert cm[:, 1:].sum() == 0 and cm[:, 0].sum() == 32
+
+
+def test_time_budget_shortens_the_run_and_ends_the_schedule_on_time(
+    demo_data_square, folds_file, tmp_path, monkeypatch
+):
+    import pipeline.engine.hooks as hooks_mod
+
+    clock = {"t": 1000.0}
+
+    def monotonic() -> float:  # every epoch "takes" 10 s: on_train_start reads once, each epoch end once
+        clock["t"] += 10.0
+        return clock["t"]
+
+    monkeypatch.setattr(hooks_mod.time, "monotonic", monotonic)
+    cfg = tiny(
+        demo_data_square, folds_file, tmp_path, epochs=6, time_budget=25, augment="none", lr=1e-3, min_lr_ratio=0.1
+    )
+    result = run(cfg)
+    metrics = pd.read_csv(cfg.folder().metrics)
+    # 10 s per epoch and 25 s: after epoch 0 only two epochs fit, so the run ends after epoch 1 ...
+    assert list(metrics["epoch"]) == [0, 1] and result.epochs_done == 2
+    # ... validated at its new last epoch, with the cosine schedule ended at min_lr_ratio x lr
+    assert not metrics["val_miou"].isna().any()
+    assert metrics["lr"].iloc[-1] == pytest.approx(1e-4)
+    assert read_checkpoint(cfg.folder().last)["time_budget"] == {"end_epoch": 2}
+    with pytest.raises(Exception, match="time_budget must be positive"):
+        tiny(demo_data_square, folds_file, tmp_path, time_budget=0)

@@ -70,6 +70,7 @@ class TrainConfig:
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest kernels (inputs have one size)
     tf32: bool = True  # CUDA: TF32 matrix products and convolutions on Ampere and newer
     compile: bool = False  # torch.compile the model (slower start, faster steps on a GPU)
+    time_budget: float | None = None  # seconds of training + validation; the run shortens to fit (make all)
     max_train_batches: int | None = None  # cap per epoch (smoke runs, tuning budgets)
     max_val_batches: int | None = None
     progress: bool = True
@@ -89,6 +90,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.img_size is not None and len(self.img_size) not in (1, 2):
             raise ConfigError(f"img_size must be [side] or [height, width], got {self.img_size}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ConfigError(f"time_budget must be positive seconds or null, got {self.time_budget}")
         if not 0 < self.oof_scale <= 1:
             raise ConfigError(f"oof_scale must be in (0, 1], got {self.oof_scale}")
 

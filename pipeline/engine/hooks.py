@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +102,52 @@ class EarlyStopping(Hook):
         if self.patience and self.stale >= self.patience and not trainer.stop:
             trainer.stop = True
             log.info("early stop: no improvement for %d epochs", self.patience)
+
+
+class TimeBudget(Hook):
+    """Keeps a run inside ``seconds`` of wall time (training and validation of this process).
+
+    After every epoch the mean epoch time so far projects the finish; when the planned epochs
+    no longer fit, the run is shortened to the epochs that do and the learning-rate schedule is
+    re-sized to end with them (cosine/poly decay over the new horizon), so a run that falls
+    behind its plan shortens and never overruns.  The shortened length is saved in checkpoints.
+    """
+
+    state_key = "time_budget"
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+        self.end_epoch: int | None = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.started = time.monotonic()
+        self.first_epoch = trainer.start_epoch
+        if self.end_epoch is not None:
+            trainer.shorten(self.end_epoch)
+
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        done = row["epoch"] + 1
+        elapsed = time.monotonic() - self.started
+        per_epoch = elapsed / max(1, done - self.first_epoch)
+        fits = done + int(max(0.0, self.seconds - elapsed) // per_epoch)
+        if fits < trainer.end_epoch:
+            log.info(
+                "time budget: %.0f s of %.0f s used, %.1f s per epoch: %d epochs instead of %d",
+                elapsed,
+                self.seconds,
+                per_epoch,
+                fits,
+                trainer.end_epoch,
+            )
+            self.end_epoch = fits
+            trainer.shorten(fits)
+
+    def state_dict(self) -> Any:
+        return {"end_epoch": self.end_epoch}
+
+    def load_state_dict(self, state: Any) -> None:
+        if state:
+            self.end_epoch = state.get("end_epoch")
 
 
 class EpochCallback(Hook):

@@ -41,17 +41,27 @@ def _progress(step: int, total: int, warmup: int) -> float:
     return min(1.0, (step - warmup) / max(1, total - warmup))
 
 
-def _lambda(shape: Callable[[float, Any], float], cfg, total: int, warmup: int) -> Callable[[int], float]:
+class Horizon:
+    """The number of optimizer steps a schedule decays over; a time budget may shorten it."""
+
+    def __init__(self, total: int, warmup: int):
+        self.total, self.warmup = total, warmup
+
+
+def _lambda(shape: Callable[[float, Any], float], cfg, horizon: Horizon) -> Callable[[int], float]:
     def f(step: int) -> float:
-        w = _warmup(step, warmup)
-        return w if w is not None else shape(_progress(step, total, warmup), cfg)
+        w = _warmup(step, horizon.warmup)
+        return w if w is not None else shape(_progress(step, horizon.total, horizon.warmup), cfg)
 
     return f
 
 
 def _lambda_scheduler(shape: Callable[[float, Any], float]):
     def build(optimizer: torch.optim.Optimizer, cfg, total: int, warmup: int):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, _lambda(shape, cfg, total, warmup))
+        horizon = Horizon(total, warmup)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lambda(shape, cfg, horizon))
+        scheduler.horizon = horizon  # shortened by pipeline.engine.hooks.TimeBudget
+        return scheduler
 
     return build
 
@@ -85,3 +95,13 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int)
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     return SCHEDULERS.get(cfg.scheduler)(optimizer, cfg, total, warmup)
+
+
+def shorten_schedule(scheduler, total_steps: int) -> bool:
+    """Make a schedule decay over ``total_steps`` steps from now on (the learning rate of the next
+    step follows the new horizon); False for schedules without a horizon (onecycle)."""
+    horizon = getattr(scheduler, "horizon", None)
+    if horizon is None:
+        return False
+    horizon.total = max(1, int(total_steps))
+    return True

@@ -39,10 +39,10 @@ from pipeline.data import (
 )
 from pipeline.engine.checkpoint import CheckpointSaver, rng_state, set_rng_state
 from pipeline.engine.config import TrainConfig
-from pipeline.engine.hooks import EarlyStopping, EMAHook, Hook
+from pipeline.engine.hooks import EarlyStopping, EMAHook, Hook, TimeBudget
 from pipeline.engine.loop import evaluate, train_one_epoch
 from pipeline.engine.oof import write_oof
-from pipeline.engine.optim import build_optimizer, build_scheduler
+from pipeline.engine.optim import build_optimizer, build_scheduler, shorten_schedule
 from pipeline.engine.records import append_timing, plot_curves, write_metrics
 from pipeline.engine.runtime import (
     Dist,
@@ -99,6 +99,7 @@ class Trainer:
         self.show_progress = cfg.progress and self.dist.main
         self.history: list[dict[str, Any]] = []
         self.start_epoch, self.best, self.best_epoch, self.stop = 0, -1.0, -1, False
+        self.end_epoch = cfg.epochs  # a time budget may bring it forward
         self._build_data()
         self._build_model()
         self.hooks: list[Hook] = [*self._default_hooks(), *hooks]
@@ -140,6 +141,8 @@ class Trainer:
         if self.cfg.ema:
             hooks.append(EMAHook(self.model, self.cfg.ema_decay))
         hooks.append(EarlyStopping(self.cfg.patience, self.cfg.val_every))
+        if self.cfg.time_budget is not None:
+            hooks.append(TimeBudget(self.cfg.time_budget))
         return hooks
 
     def _build_loaders(self) -> None:
@@ -235,6 +238,12 @@ class Trainer:
                 state[hook.state_key] = hook.state_dict()
         return state
 
+    def shorten(self, end_epoch: int) -> None:
+        """End training after epoch ``end_epoch - 1`` and make the schedule decay by then."""
+        self.end_epoch = min(self.end_epoch, max(0, int(end_epoch)))
+        if not shorten_schedule(self.scheduler, self.end_epoch * self.steps_per_epoch):
+            log.info("scheduler %s cannot be shortened: training stops at epoch %d", self.cfg.scheduler, self.end_epoch)
+
     # ------------------------------------------------------------------------- epochs
     def evaluation_model(self) -> torch.nn.Module:
         for hook in self.hooks:
@@ -245,7 +254,7 @@ class Trainer:
 
     def validate(self, epoch: int) -> dict[str, float]:
         """val mIoU and per-class IoU of the evaluation model (NaN when this epoch is not validated)."""
-        due = (epoch + 1) % self.cfg.val_every == 0 or epoch + 1 == self.cfg.epochs
+        due = (epoch + 1) % self.cfg.val_every == 0 or epoch + 1 >= self.end_epoch
         if self.val_loader is None or not due:
             return {"val_miou": float("nan")}
         model = self.evaluation_model()
@@ -327,7 +336,7 @@ class Trainer:
             initial=self.start_epoch,
             total=self.cfg.epochs,
         ):
-            if self.stop:
+            if self.stop or epoch >= self.end_epoch:
                 break
             row = self.run_epoch(epoch)
             for hook in self.hooks:

@@ -170,3 +170,49 @@ def load_weights(model: SegmentationNet, path: str | Path) -> LoadReport:
 
 
 # ----------------------------------------------------------------------------- param groups
+
+
+HUB_HOST = ("huggingface.co", 443)
+
+
+def _reachable(host: tuple[str, int], timeout: float) -> bool:
+    """Whether a TCP connection to ``host`` opens within ``timeout`` seconds (name lookup included)."""
+    import socket
+    import threading
+
+    ok: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection(host, timeout=timeout):
+                ok.append(True)
+        except OSError:
+            ok.append(False)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(ok and ok[0])
+
+
+def pretrained_available(model: str, encoder: str | None, setting: str | None, timeout: float = 3.0) -> str | None:
+    """The ``encoder_weights`` to train with: ``setting`` itself unless it is ``auto``; for ``auto``,
+    ``imagenet`` when the model hub answers within ``timeout`` seconds, else None with a notice
+    (training from scratch).  ``HF_HUB_OFFLINE=1`` counts as offline."""
+    import os
+
+    if setting is None or str(setting).lower() in ("none", "null", ""):
+        return None
+    if str(setting).lower() != "auto":
+        return str(setting)
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _reachable(HUB_HOST, timeout):
+        log.warning(
+            "pretrained weights for %s/%s cannot be downloaded (no answer from %s within %.0f s): training "
+            "from scratch; pass encoder_weights=imagenet once they are cached, or weights=/path/file",
+            model,
+            encoder,
+            HUB_HOST[0],
+            timeout,
+        )
+        return None
+    return "imagenet"
