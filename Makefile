@@ -26,6 +26,7 @@ FORMAT   ?= rle
 SUB      ?= submissions/$(NAME).csv
 GT       ?= $(DATA_DIR)/test_gt.json
 STUDY    ?= demo
+BUDGET   ?= 20m
 TRIALS   ?= 4
 STORAGE  ?=
 # tuning profile: full (pipeline/configs/search_space.yaml, the family configs' budgets) or
@@ -42,7 +43,7 @@ train_config = $(if $(CONFIG),--config $(CONFIG),$(if $(wildcard pipeline/config
 train_model  = $(if $(CONFIG),,model=$(MODEL)) experiment=$(EXP)
 resume_flag  = resume=$(if $(filter 0 false no,$(RESUME)),false,true)
 
-.PHONY: help setup data eda folds train train-folds predict ensemble submit validate score tune tune-report demo lint test test-fast bench clean
+.PHONY: help setup data eda folds train train-folds predict ensemble submit validate score tune tune-report all demo lint test test-fast bench clean
 
 help: ## list targets and their variables
 	@echo "Targets:"
@@ -57,6 +58,7 @@ help: ## list targets and their variables
 	@echo "  RUN=$(RUN) TTA=$(TTA) SPLIT=$(SPLIT)  (predict)"
 	@echo "  RUNS=\"runs/a/fold0 runs/a/fold1 ...\"  (ensemble)"
 	@echo "  NAME=$(NAME) FORMAT=$(FORMAT) SUB=$(SUB) GT=$(GT)  (submit, validate, score)"
+	@echo "  BUDGET=$(BUDGET)  wall time of make all after set-up (20m, 2h, 1h30m, 90s)"
 	@echo "  STUDY=$(STUDY) TRIALS=$(TRIALS) STORAGE=$(STORAGE) SPACE=$(SPACE)  (tune)"
 	@echo "  PROFILE=$(PROFILE)  tuning profile: full | demo (small space, short CPU trials: SPACE and TUNE_TRAIN_ARGS)"
 	@echo "  TUNE_TRAIN_ARGS=\"$(TUNE_TRAIN_ARGS)\"  extra key=value for every trial's training config"
@@ -105,6 +107,9 @@ tune: setup ## Optuna study STUDY with TRIALS trials (FOLD=, SPACE=, STORAGE=)
 
 tune-report: setup ## report of study STUDY -> reports/tune/<study>/ (with best.yaml)
 	$(PY) -m pipeline.tune_report study=$(STUDY) $(if $(STORAGE),storage=$(STORAGE)) $(ARGS)
+
+all: setup ## budgeted run DATA_DIR -> validated submission within BUDGET (NAME=, FORMAT=, GT=): work/NAME/, submissions/NAME.csv
+	$(PY) -m pipeline.autopilot data_dir=$(DATA_DIR) budget=$(BUDGET) name=$(NAME) format=$(FORMAT) $(if $(filter-out $(DATA_DIR)/test_gt.json,$(GT)),gt=$(GT)) $(ARGS)
 
 demo: setup ## the main job on the demo data: data -> EDA -> folds -> train 2 folds -> TTA predict -> ensemble -> submit -> validate -> score
 	$(MAKE) --no-print-directory data

@@ -10,7 +10,20 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "pipeline"
 # every module with a main(): the stages, listed explicitly
-STAGES = {"demo", "eda", "folds", "train", "predict", "ensemble", "submit", "validate", "score", "tune", "tune_report"}
+STAGES = {
+    "demo",
+    "eda",
+    "folds",
+    "train",
+    "predict",
+    "ensemble",
+    "submit",
+    "validate",
+    "score",
+    "tune",
+    "tune_report",
+    "autopilot",
+}
 MAX_FUNCTION_LINES = 80
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -120,20 +121,27 @@ class TimeBudget(Hook):
         self.end_epoch: int | None = None
 
     def on_train_start(self, trainer: Trainer) -> None:
-        self.started = time.monotonic()
-        self.first_epoch = trainer.start_epoch
+        self.started = self.mark = time.monotonic()
+        self.durations: list[float] = []
         if self.end_epoch is not None:
             trainer.shorten(self.end_epoch)
 
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        now = time.monotonic()
+        self.durations.append(now - self.mark)
+        self.mark = now
+        left = self.seconds - (now - self.started)
+        # the first epoch carries start-up costs (loader, caches, first checkpoint): decide on it alone
+        # only when not even two more epochs of its length fit
+        per_epoch = statistics.median(self.durations[1:]) if len(self.durations) > 1 else self.durations[0]
+        if len(self.durations) == 1 and left >= 2 * per_epoch:
+            return
         done = row["epoch"] + 1
-        elapsed = time.monotonic() - self.started
-        per_epoch = elapsed / max(1, done - self.first_epoch)
-        fits = done + int(max(0.0, self.seconds - elapsed) // per_epoch)
+        fits = done + int(max(0.0, left) // per_epoch)
         if fits < trainer.end_epoch:
             log.info(
                 "time budget: %.0f s of %.0f s used, %.1f s per epoch: %d epochs instead of %d",
-                elapsed,
+                now - self.started,
                 self.seconds,
                 per_epoch,
                 fits,

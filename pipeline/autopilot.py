@@ -1,0 +1,398 @@
+"""Budgeted auto-pilot stage: ``make all DATA_DIR=... BUDGET=20m NAME=x``.
+
+From any contest-layout folder to a validated (and, when labels exist, scored) submission
+within a wall-time budget.  Everything lives in one workspace ``work/<NAME>/``; each step runs
+as its own stage process (the same commands as the Makefile's targets) and is skipped when a
+stamp of its inputs and settings matches:
+
+folds (keyed by the annotation file's digest; near-duplicate groups kept in one fold when found)
+-> a probe of candidate recipes on this device -> the plan, printed before any long work
+-> training of fold 0 with its schedule sized to the time it has (a run that falls behind
+   shortens, never overruns) -> out-of-fold prediction with each candidate TTA set -> the TTA
+set chosen on OOF by the selection rule -> test prediction -> ensemble (OOF-tuned, with
+intervals and the shake-up estimate) -> submission (validated) -> score when labels exist ->
+a summary table.  Killed and re-run, it continues with the budget that was left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import ConfigError, stage_main
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write_text
+from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder, submission_paths
+from pipeline.core.tables import format_table
+from pipeline.data import load_coco, load_folds
+from pipeline.engine.runtime import resolve_device
+from pipeline.evaluation.selection import format_interval, select
+from pipeline.inference.ensemble import Fusion, OofCache, find_member
+from pipeline.models.weights import pretrained_available
+from pipeline.planning.budget import BudgetClock, format_duration, parse_budget
+from pipeline.planning.plan import TARGET_EPOCHS, Plan, epoch_seconds, make_plan, plan_from_dict, plan_to_dict
+from pipeline.planning.probe import Recipe, probe
+from pipeline.planning.stamps import Stamps, stamp_key
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("rle", "dense")
+BUDGET_RECIPE = Path(__file__).resolve().parent / "configs" / "recipes" / "budget.yaml"
+PROBE_SHARE = 0.08  # the probe stops measuring larger recipes after this share of the budget
+EPOCHS_CAP = 3  # training may run up to this many times the planned epochs when it is faster than measured
+
+
+@dataclass
+class AutopilotConfig:
+    data_dir: str = "data/demo"
+    budget: str = "20m"  # wall time for everything after set-up: 20m, 2h, 1h30m, 90s
+    name: str = "auto"  # workspace work/<name>/ and submissions/<name>.csv
+    format: str = "rle"
+    gt: str | None = None  # test labels for the final score only; default <data_dir>/test_gt.json when present
+    work_dir: str = "work"
+    submissions_dir: str = "submissions"
+    k: int = 5
+    seed: int = 42
+    tta: list[str] = field(default_factory=lambda: ["none", "hflip"])  # tried on OOF, simplest first
+    models: list[str] = field(default_factory=lambda: ["unet:resnet18"])  # candidate family:encoder pairs
+    sizes: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])  # candidate fractions of the image size
+    batch_size: int = 8
+    encoder_weights: str = "auto"  # auto: imagenet when it can be fetched (or is cached), else none
+    device: str = "auto"
+    threads: int | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        parse_budget(self.budget)
+        if not self.name.strip() or "/" in self.name:
+            raise ConfigError(f"name must be a plain folder name, got {self.name!r}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"format: unknown {self.format!r}; known: {', '.join(FORMATS)}")
+        if self.k < 2:
+            raise ConfigError(f"k must be at least 2, got {self.k}")
+        if not self.tta or not self.models or not self.sizes:
+            raise ConfigError("tta, models and sizes need at least one candidate each")
+        for m in self.models:
+            if m.count(":") != 1:
+                raise ConfigError(f"models: {m!r} must be family:encoder, e.g. unet:resnet18")
+        if any(not 0 < s <= 2 for s in self.sizes):
+            raise ConfigError(f"sizes must be fractions of the image size in (0, 2], got {self.sizes}")
+
+
+class Autopilot:
+    """One budgeted run: the workspace, the clock, the stamps, and the steps in order."""
+
+    def __init__(self, cfg: AutopilotConfig):
+        self.cfg = cfg
+        self.budget_s = parse_budget(cfg.budget)
+        self.ws = Path(cfg.work_dir) / cfg.name
+        self.ws.mkdir(parents=True, exist_ok=True)
+        self.clock = BudgetClock(self.ws / "state.json", self.budget_s)
+        self.stamps = Stamps(self.ws / "stamps")
+        self.coco = load_coco(cfg.data_dir, "train_all.json")
+        self.test = load_coco(cfg.data_dir, "test.json", require_annotations=False)
+        self.folds_file = self.ws / "folds" / self.coco.digest[:12] / "folds.csv"
+        self.runs_dir = self.ws / "runs"
+
+    # ------------------------------------------------------------------------- stage processes
+    def stage(
+        self,
+        name: str,
+        args: list[str],
+        settings: dict[str, Any],
+        inputs: Sequence[Path],
+        outputs: Sequence[Path],
+        volatile: Sequence[str] = (),
+    ) -> bool:
+        """Run ``python -m pipeline.<args> <volatile>`` unless its stamp matches; False when skipped.
+        ``volatile`` arguments (the time left) are passed but not part of the stamp."""
+        key = stamp_key({"args": args, **settings}, list(inputs))
+        if self.stamps.done(name, key):
+            log.info("%s: unchanged, skipped", name)
+            return False
+        command = [sys.executable, "-m", *args, *volatile]
+        log.info("%s: %s", name, " ".join(shlex.quote(a) for a in command[2:]))
+        started = time.monotonic()
+        done = subprocess.run(command, check=False)
+        self.clock.add_stage(name, time.monotonic() - started)
+        if done.returncode != 0:
+            raise PipelineError(f"{name} failed (exit {done.returncode}): {' '.join(command[2:])}")
+        self.stamps.mark(name, key, list(outputs))
+        return True
+
+    def folds(self) -> None:
+        args = [
+            "pipeline.folds",
+            f"data_dir={self.cfg.data_dir}",
+            f"out_dir={self.folds_file.parent}",
+            f"k={self.cfg.k}",
+            f"seed={self.cfg.seed}",
+            f"cache_dir={self.ws / 'cache'}",
+            "group_by=similar",  # near-duplicates and sequences stay in one fold
+        ]
+        self.stage("folds", args, {}, [self.coco.path], [self.folds_file])
+
+    # ------------------------------------------------------------------------- plan
+    def candidates(self) -> list[Recipe]:
+        from pipeline.models import input_divisor
+
+        (h, w), _ = Counter((int(im["height"]), int(im["width"])) for im in self.coco.images).most_common(1)[0]
+        out = []
+        for spec in self.cfg.models:
+            model, encoder = spec.split(":")
+            d = max(32, input_divisor(model, encoder))
+            for frac in sorted(set(self.cfg.sizes)):
+                size = (max(d, round(h * frac / d) * d), max(d, round(w * frac / d) * d))
+                out.append(Recipe(model, encoder, size, self.cfg.batch_size))
+        return list(dict.fromkeys(out))
+
+    def plan(self) -> Plan:
+        """The plan of this budget on this device, measured once and kept in ``plan.json``."""
+        settings = {
+            "budget": self.cfg.budget,
+            "models": self.cfg.models,
+            "sizes": self.cfg.sizes,
+            "tta": self.cfg.tta,
+            "batch": self.cfg.batch_size,
+            "device": self.cfg.device,
+            "threads": self.cfg.threads,
+        }
+        key = stamp_key(settings, [self.coco.path, self.test.path, self.folds_file])
+        path = self.ws / "plan.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                return plan_from_dict(saved["plan"])
+        plan = self._measure_and_plan()
+        atomic_write_text(path, json.dumps({"key": key, "plan": plan_to_dict(plan)}, indent=2))
+        return plan
+
+    def _measure_and_plan(self) -> Plan:
+        folds = load_folds(self.folds_file, self.coco)
+        n_val = int((folds["fold"] == 0).sum())
+        device = resolve_device(self.cfg.device)
+        if self.cfg.threads:
+            import torch
+
+            torch.set_num_threads(self.cfg.threads)
+        started = time.monotonic()
+        measured = []
+        for recipe in sorted(self.candidates(), key=lambda r: r.size[0] * r.size[1]):  # smallest first
+            t = probe(recipe, self.coco.num_classes, device)
+            measured.append(t)
+            left = self.budget_s - self.clock.spent()
+            if epoch_seconds(t, len(self.coco.images) - n_val, n_val) * TARGET_EPOCHS > left:
+                break  # larger recipes would train fewer epochs still
+            if time.monotonic() - started > PROBE_SHARE * self.budget_s:
+                break  # the probe may not eat the budget
+        self.clock.add_stage("probe", time.monotonic() - started)
+        plan = make_plan(
+            measured,
+            self.clock.remaining(),
+            len(self.coco.images) - n_val,
+            n_val,
+            len(self.test.images),
+            list(self.cfg.tta),
+            self.coco.num_classes,
+        )
+        return plan
+
+    # ------------------------------------------------------------------------- steps
+    def experiment(self, plan: Plan) -> str:
+        return plan.recipe.name
+
+    def train(self, plan: Plan, weights: str | None) -> Path:
+        r = plan.recipe
+        reserve = plan.planned_s - plan.train_s
+        budget = max(30.0, min(plan.train_s, self.clock.remaining() - reserve))
+        args = [
+            "pipeline.train",
+            "--config",
+            str(BUDGET_RECIPE),
+            f"data_dir={self.cfg.data_dir}",
+            f"folds_file={self.folds_file}",
+            "fold=0",
+            f"model={r.model}",
+            f"encoder={r.encoder}",
+            f"encoder_weights={weights or 'null'}",
+            f"img_size=[{r.size[0]},{r.size[1]}]",
+            f"batch_size={r.batch}",
+            f"epochs={plan.epochs * EPOCHS_CAP}",  # the time budget sizes the run after its second epoch
+            f"runs_dir={self.runs_dir}",
+            f"experiment={self.experiment(plan)}",
+            f"cache_dir={self.ws / 'cache'}",
+            f"seed={self.cfg.seed}",
+            f"device={self.cfg.device}",
+            f"progress={str(self.cfg.progress).lower()}",
+        ]
+        if weights:
+            args.append("encoder_lr=0.0001")
+        if self.cfg.threads:
+            args.append(f"threads={self.cfg.threads}")
+        folder = RunFolder.of(self.runs_dir, self.experiment(plan), 0)
+        # the budget itself is not part of the stamp: a re-run after a kill continues the same run
+        self.stage(
+            "train",
+            args,
+            {"budget": self.cfg.budget},
+            [self.folds_file, self.coco.path],
+            [folder.best, folder.oof / "meta.json"],
+            volatile=[f"time_budget={budget:.0f}"],
+        )
+        return folder.path
+
+    def predict(self, run_dir: Path, split: str, tta: str) -> Path:
+        folder = RunFolder(run_dir)
+        args = [
+            "pipeline.predict",
+            f"run_dir={run_dir}",
+            f"data_dir={self.cfg.data_dir}",
+            f"split={split}",
+            f"tta={tta}",
+            f"device={self.cfg.device}",
+            f"progress={str(self.cfg.progress).lower()}",
+        ]
+        self.stage(f"predict-{split}-{tta}", args, {}, [folder.best], [folder.store(split, tta) / "meta.json"])
+        return folder.store(split, tta)
+
+    def choose_tta(self, run_dir: Path) -> tuple[str, Any]:
+        """The TTA set by the selection rule on OOF (simplest first); test labels are never used."""
+        for tta in self.cfg.tta:
+            self.predict(run_dir, "val", tta)
+        members = [find_member(str(run_dir), tta=t, name=t) for t in self.cfg.tta]
+        with OofCache(members, self.coco, folder=self.ws, seed=self.cfg.seed, progress=False) as cache:
+            cms = cache.per_image_confusions(
+                [Fusion([1.0 if j == i else 0.0 for j in range(len(members))]) for i in range(len(members))]
+            )
+        choice = select(list(zip(self.cfg.tta, cms, strict=True)), seed=self.cfg.seed)
+        return choice.chosen, choice
+
+    def finish(self, run_dir: Path, tta: str) -> dict[str, Any]:
+        """Test prediction, ensemble, submission and (labels permitting) the score."""
+        self.predict(run_dir, "test", tta)
+        ens_dir = self.ws / "ensembles"
+        weights = ens_dir / self.cfg.name / ENSEMBLE_WEIGHTS
+        self.stage(
+            "ensemble",
+            [
+                "pipeline.ensemble",
+                f"runs={run_dir.parent}",
+                f"tta={tta}",
+                f"data_dir={self.cfg.data_dir}",
+                f"name={self.cfg.name}",
+                f"out_dir={ens_dir}",
+                f"progress={str(self.cfg.progress).lower()}",
+            ],
+            {},
+            [RunFolder(run_dir).store("val", tta) / "index.csv"],
+            [weights],
+        )
+        csv_path, manifest = submission_paths(self.cfg.submissions_dir, self.cfg.name)
+        self.stage(
+            "submit",
+            [
+                "pipeline.submit",
+                f"name={self.cfg.name}",
+                f"format={self.cfg.format}",
+                f"ensemble={weights}",
+                f"data_dir={self.cfg.data_dir}",
+                f"out_dir={self.cfg.submissions_dir}",
+                f"progress={str(self.cfg.progress).lower()}",
+            ],
+            {},
+            [weights],
+            [csv_path, manifest],
+        )
+        result: dict[str, Any] = {"submission": str(csv_path), "ensemble": str(weights)}
+        gt = Path(self.cfg.gt) if self.cfg.gt else Path(self.cfg.data_dir) / "test_gt.json"
+        if gt.exists():
+            score = self.ws / "score.json"
+            self.stage(
+                "score",
+                ["pipeline.score", f"sub={csv_path}", f"gt={gt}", f"data_dir={self.cfg.data_dir}", f"out_json={score}"],
+                {},
+                [csv_path, gt],
+                [score],
+            )
+            result["score"] = json.loads(score.read_text())
+        return result
+
+
+def summary(pilot: Autopilot, plan: Plan, tta: str, choice, result: dict[str, Any]) -> str:
+    ens = json.loads(json.dumps(_read_yaml(Path(result["ensemble"]))))
+    rows = [[f"member {m['name']}", format_interval(m["oof_miou_interval"])] for m in ens["members"]]
+    rows.append(["ensemble (OOF)", format_interval(ens["oof"]["ensemble_interval"])])
+    rows += [
+        [
+            f"TTA {c.candidate} vs {c.current} (OOF gain)",
+            f"{c.gain:+.4f} [{c.low:+.4f}, {c.high:+.4f}] {'accepted' if c.accepted else 'refused'}",
+        ]
+        for c in choice.comparisons
+    ]
+    rows.append(["TTA chosen", tta])
+    if "shakeup" in ens:
+        gap = ens["shakeup"]["abs_gap"]
+        rows.append(
+            [
+                f"public/private gap ({ens['shakeup']['test_images']} test images)",
+                f"median {gap['point']:.4f}, 90% range [{gap['low']:.4f}, {gap['high']:.4f}]",
+            ]
+        )
+    if "score" in result:
+        rows.append(["test mIoU (labels)", f"{result['score']['miou']:.4f}"])
+    rows += [[f"minutes: {k}", f"{v / 60:.1f}"] for k, v in pilot.clock.stages.items()]
+    rows.append(["minutes: total", f"{pilot.clock.spent() / 60:.1f} of {pilot.budget_s / 60:.1f}"])
+    rows.append(["submission", result["submission"]])
+    rows.append(["workspace", str(pilot.ws)])
+    return format_table(["summary", ""], rows)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def run(cfg: AutopilotConfig) -> dict[str, Any]:
+    """Run (or continue) the budgeted pipeline; returns the summary figures."""
+    cfg.validate()
+    pilot = Autopilot(cfg)
+    try:
+        log.info(
+            "budget %s: %s already spent in %s",
+            format_duration(pilot.budget_s),
+            format_duration(pilot.clock.spent_before),
+            pilot.ws,
+        )
+        pilot.folds()
+        plan = pilot.plan()
+        weights = pretrained_available(plan.recipe.model, plan.recipe.encoder, cfg.encoder_weights)
+        text = plan.table()
+        atomic_write_text(pilot.ws / "plan.txt", text + "\n")
+        log.info("plan (%s):\n%s", "pretrained encoder" if weights else "from scratch", text)
+        run_dir = pilot.train(plan, weights)
+        tta, choice = pilot.choose_tta(run_dir)
+        result = pilot.finish(run_dir, tta)
+        table = summary(pilot, plan, tta, choice, result)
+        atomic_write_text(pilot.ws / "summary.txt", table + "\n")
+        log.info("summary:\n%s", table)
+        return {**result, "tta": tta, "plan": text, "summary": table, "spent_s": pilot.clock.spent()}
+    finally:
+        pilot.clock.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(AutopilotConfig, run, argv, "Budgeted run: data folder -> validated submission (make all)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

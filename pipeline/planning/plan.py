@@ -1,0 +1,153 @@
+"""The plan of a budgeted run: which recipe, how many epochs, which TTA sets are tried, and the
+minutes each stage is expected to take, so that the whole run uses most of the budget (at least
+0.8) and never more than it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.tables import format_table
+from pipeline.planning.budget import format_duration
+from pipeline.planning.probe import Recipe, Throughput
+
+MIN_EPOCHS = 4  # a recipe that cannot train this many epochs is not planned
+TARGET_EPOCHS = 24  # the largest size that still gets this many epochs is preferred
+STAGE_OVERHEAD_S = 6.0  # start-up of one stage process (imports, reading the data)
+EPOCH_OVERHEAD_S = 3.0  # per epoch: checkpoint, metrics, curves
+TTA_VIEWS = {"none": 1, "hflip": 2, "flip": 3, "d4": 8}
+
+
+@dataclass
+class Plan:
+    throughput: Throughput
+    epochs: int
+    train_s: float  # the training stage's time budget (training + validation)
+    n_train: int
+    n_val: int
+    n_test: int
+    tta_candidates: list[str]
+    stages_s: dict[str, float] = field(default_factory=dict)
+    budget_s: float = 0.0
+    disk_mb: float = 0.0
+
+    @property
+    def recipe(self):
+        return self.throughput.recipe
+
+    @property
+    def planned_s(self) -> float:
+        return sum(self.stages_s.values())
+
+    def table(self) -> str:
+        r = self.recipe
+        rows = [
+            ["recipe", f"{r.model} / {r.encoder}, {r.size[0]}x{r.size[1]}, batch {r.batch}"],
+            [
+                "training",
+                f"about {self.epochs} epochs on {self.n_train} images, validated on {self.n_val} (fold 0); "
+                "sized to its time after 2 epochs",
+            ],
+            ["measured", f"{self.throughput.step_s:.3f} s per step, {self.throughput.image_s * 1000:.1f} ms per image"],
+            ["TTA tried on OOF", ", ".join(self.tta_candidates)],
+            *[[f"stage: {k}", format_duration(v)] for k, v in self.stages_s.items()],
+            [
+                "planned",
+                f"{format_duration(self.planned_s)} of {format_duration(self.budget_s)} "
+                f"({self.planned_s / max(self.budget_s, 1e-9):.0%})",
+            ],
+            ["disk", f"about {self.disk_mb:.0f} MB"],
+        ]
+        return format_table(["plan", ""], rows)
+
+
+def epoch_seconds(t: Throughput, n_train: int, n_val: int) -> float:
+    steps = max(1, n_train // t.recipe.batch)
+    return steps * t.step_s + n_val * t.image_s + EPOCH_OVERHEAD_S
+
+
+def predict_seconds(t: Throughput, n_val: int, n_test: int, tta: list[str], chosen_views: int = 2) -> float:
+    val = sum(TTA_VIEWS.get(name, 2) for name in tta) * n_val * t.image_s
+    return val + chosen_views * n_test * t.image_s
+
+
+def make_plan(
+    candidates: list[Throughput],
+    budget_s: float,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    tta: list[str],
+    num_classes: int,
+) -> Plan:
+    """The largest recipe that trains at least TARGET_EPOCHS epochs (else the one with most epochs),
+    with training sized to use what the other stages leave of ``budget_s``."""
+    options = []
+    for t in candidates:
+        fixed = {
+            "train set-up": STAGE_OVERHEAD_S * 2,
+            "predict (OOF with each TTA, test)": predict_seconds(t, n_val, n_test, tta) * 1.2 + STAGE_OVERHEAD_S * 3,
+            "ensemble, submit, score": STAGE_OVERHEAD_S * 4 + 0.02 * (n_val + n_test),
+        }
+        train_s = budget_s * 0.97 - sum(fixed.values())
+        epochs = int(train_s // epoch_seconds(t, n_train, n_val))
+        options.append((t, epochs, train_s, fixed))
+    feasible = [o for o in options if o[1] >= MIN_EPOCHS]
+    if not feasible:
+        best = max(options, key=lambda o: o[1])
+        raise PipelineError(
+            f"a budget of {format_duration(budget_s)} is too short: the fastest recipe "
+            f"({best[0].recipe.name}) fits {max(best[1], 0)} epochs, at least {MIN_EPOCHS} are needed"
+        )
+    rich = [o for o in feasible if o[1] >= TARGET_EPOCHS]
+    pool = rich or feasible
+    t, epochs, train_s, fixed = (
+        max(pool, key=lambda o: (o[0].recipe.size[0] * o[0].recipe.size[1], o[1]))
+        if rich
+        else max(pool, key=lambda o: o[1])
+    )
+    stages = {"train (fold 0)": train_s, **fixed}
+    h, w = t.recipe.size
+    disk = 2 * 60 + (n_val + n_test) * num_classes * h * w * 2 * (1 + len(tta)) / 4 / 1e6  # checkpoints + stores
+    return Plan(t, epochs, train_s, n_train, n_val, n_test, tta, stages, budget_s, math.ceil(disk))
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    t = plan.throughput
+    return {
+        "recipe": {
+            "model": t.recipe.model,
+            "encoder": t.recipe.encoder,
+            "size": list(t.recipe.size),
+            "batch": t.recipe.batch,
+        },
+        "step_s": t.step_s,
+        "image_s": t.image_s,
+        "epochs": plan.epochs,
+        "train_s": plan.train_s,
+        "n_train": plan.n_train,
+        "n_val": plan.n_val,
+        "n_test": plan.n_test,
+        "tta": list(plan.tta_candidates),
+        "stages_s": plan.stages_s,
+        "budget_s": plan.budget_s,
+        "disk_mb": plan.disk_mb,
+    }
+
+
+def plan_from_dict(d: dict) -> Plan:
+    r = d["recipe"]
+    t = Throughput(Recipe(r["model"], r["encoder"], tuple(r["size"]), int(r["batch"])), d["step_s"], d["image_s"])
+    return Plan(
+        t,
+        int(d["epochs"]),
+        float(d["train_s"]),
+        int(d["n_train"]),
+        int(d["n_val"]),
+        int(d["n_test"]),
+        list(d["tta"]),
+        dict(d["stages_s"]),
+        float(d["budget_s"]),
+        float(d["disk_mb"]),
+    )

@@ -1,0 +1,84 @@
+"""The throughput probe: seconds per training step and per predicted image of candidate recipes
+on this device, measured on random tensors of the recipe's size (a few steps after a warm-up)."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.engine.runtime import amp_dtype
+from pipeline.models import build_model, param_groups
+
+log = logging.getLogger(__name__)
+
+# what the training loop adds to the bare model's step: loading, augmentation, loss, bookkeeping
+# (benchmarks/bench_train.py measured the loop at 0.94 of the bare step's throughput on a CPU)
+LOOP_OVERHEAD = 1.15
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: str
+    encoder: str
+    size: tuple[int, int]  # (H, W)
+    batch: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.encoder}-{self.size[0]}x{self.size[1]}"
+
+
+@dataclass(frozen=True)
+class Throughput:
+    recipe: Recipe
+    step_s: float  # one optimizer step of ``batch`` images, loop overhead included
+    image_s: float  # prediction of one image (one view)
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up (allocations, kernels)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def probe(recipe: Recipe, num_classes: int, device: torch.device, amp: str = "auto", repeats: int = 3) -> Throughput:
+    """Measure ``recipe`` on ``device``: a forward/backward/AdamW step and a batched forward."""
+    torch.manual_seed(0)
+    model = build_model(recipe.model, num_classes, encoder=recipe.encoder, encoder_weights=None).to(device)
+    opt = torch.optim.AdamW(param_groups(model, 1e-4, 1e-4, 1e-4))
+    dtype = amp_dtype(amp, device)
+    x = torch.randn(recipe.batch, 3, *recipe.size, device=device)
+    y = torch.randint(0, num_classes, (recipe.batch, *recipe.size), device=device)
+
+    def step() -> None:
+        model.train()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    @torch.no_grad()
+    def infer() -> None:
+        model.eval()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step_s = _time(step, repeats) * LOOP_OVERHEAD
+    image_s = _time(infer, repeats) / recipe.batch
+    log.info(
+        "probe %s, batch %d: %.3f s per step, %.4f s per predicted image", recipe.name, recipe.batch, step_s, image_s
+    )
+    return Throughput(recipe, step_s, image_s)

@@ -1,0 +1,108 @@
+"""The budgeted auto-pilot: budgets, stamps, plans, and a tiny budgeted run that re-runs in seconds."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.autopilot import AutopilotConfig, run
+from pipeline.core.errors import ConfigError
+from pipeline.planning.budget import BudgetClock, parse_budget
+from pipeline.planning.plan import MIN_EPOCHS, TARGET_EPOCHS, epoch_seconds, make_plan, plan_from_dict, plan_to_dict
+from pipeline.planning.probe import Recipe, Throughput
+from pipeline.planning.stamps import Stamps, stamp_key
+
+
+@pytest.mark.parametrize(
+    "text, seconds", [("20m", 1200), ("2h", 7200), ("90m", 5400), ("1h30m", 5400), ("45s", 45), ("600", 600), (90, 90)]
+)
+def test_budgets_parse(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "20 minutes", "-5m", "0", "m", "2x"])
+def test_bad_budgets_are_clear_errors(bad):
+    with pytest.raises(ConfigError, match="BUDGET="):
+        parse_budget(bad)
+
+
+def test_the_clock_keeps_what_was_spent_across_a_restart(tmp_path):
+    clock = BudgetClock(tmp_path / "state.json", 100, every=0.05)
+    time.sleep(0.2)
+    clock.add_stage("train", 12.5)
+    clock.close()
+    again = BudgetClock(tmp_path / "state.json", 100)
+    assert again.spent_before >= 0.2 and again.stages == {"train": 12.5}
+    assert again.remaining() < 100 - 0.2
+    again.close()
+
+
+def test_stamps_follow_contents_and_settings_not_file_times(tmp_path):
+    src, out = tmp_path / "in.json", tmp_path / "out.csv"
+    src.write_text("a")
+    out.write_text("x")
+    stamps = Stamps(tmp_path / "stamps")
+    key = stamp_key({"k": 5}, [src])
+    stamps.mark("folds", key, [out])
+    assert stamps.done("folds", stamp_key({"k": 5}, [src]))
+    src.touch()  # a new time, the same content
+    assert stamps.done("folds", stamp_key({"k": 5}, [src]))
+    assert not stamps.done("folds", stamp_key({"k": 4}, [src]))
+    src.write_text("b")
+    assert not stamps.done("folds", stamp_key({"k": 5}, [src]))
+    src.write_text("a")
+    out.unlink()  # a missing output re-runs the stage
+    assert not stamps.done("folds", key)
+
+
+def throughput(side: int, step_s: float) -> Throughput:
+    return Throughput(Recipe("unet", "resnet18", (side, side), 8), step_s, step_s / 20)
+
+
+def test_the_plan_uses_most_of_the_budget_and_prefers_the_largest_size_that_trains_enough():
+    small, large = throughput(128, 0.2), throughput(256, 0.35)
+    plan = make_plan([small, large], 1200, n_train=800, n_val=200, n_test=200, tta=["none", "hflip"], num_classes=12)
+    assert plan.recipe.size == (256, 256) and plan.epochs >= TARGET_EPOCHS  # the larger one still trains enough
+    assert 0.8 * 1200 <= plan.planned_s <= 1200
+    assert plan.epochs == int(plan.train_s // epoch_seconds(plan.throughput, 800, 200))
+    assert plan_from_dict(json.loads(json.dumps(plan_to_dict(plan)))) == plan
+    # a shorter budget: the large size no longer trains enough epochs, the small one does
+    short = make_plan([small, large], 600, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
+    assert short.recipe.size == (128, 128) and short.epochs >= MIN_EPOCHS and short.planned_s <= 600
+    with pytest.raises(Exception, match="too short"):
+        make_plan([large], 60, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError, match="BUDGET="):
+        AutopilotConfig(budget="soon").validate()
+    with pytest.raises(ConfigError, match="family:encoder"):
+        AutopilotConfig(models=["unet"]).validate()
+
+
+@pytest.mark.slow
+def test_a_tiny_budgeted_run_ends_in_a_scored_submission_and_reruns_in_seconds(demo_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = AutopilotConfig(
+        data_dir=str(demo_data), budget="150s", name="t", sizes=[0.5], tta=["none", "hflip"], progress=False, threads=2
+    )
+    started = time.monotonic()
+    first = run(cfg)
+    spent = time.monotonic() - started
+    assert spent <= 1.1 * 150
+    ws = Path("work/t")
+    for name in ("plan.txt", "summary.txt", "state.json", "ensembles/t/weights.yaml", "score.json"):
+        assert (ws / name).is_file(), name
+    assert Path(first["submission"]).is_file() and 0 <= first["score"]["miou"] <= 1
+    assert first["tta"] in ("none", "hflip")
+    state = json.loads((ws / "state.json").read_text())
+    assert {"folds", "probe", "train", "ensemble", "submit", "score"} <= set(state["stages"])
+    before = Path(first["submission"]).read_bytes()
+    started = time.monotonic()
+    second = run(cfg)  # every stage's stamp matches
+    assert time.monotonic() - started < 20
+    assert Path(second["submission"]).read_bytes() == before and second["score"]["miou"] == first["score"]["miou"]
