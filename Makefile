@@ -27,6 +27,7 @@ SUB      ?= submissions/$(NAME).csv
 GT       ?= $(DATA_DIR)/test_gt.json
 STUDY    ?= demo
 BUDGET   ?= 20m
+THRESHOLD ?= 0.9
 TRIALS   ?= 4
 STORAGE  ?=
 # tuning profile: full (pipeline/configs/search_space.yaml, the family configs' budgets) or
@@ -43,7 +44,7 @@ train_config = $(if $(CONFIG),--config $(CONFIG),$(if $(wildcard pipeline/config
 train_model  = $(if $(CONFIG),,model=$(MODEL)) experiment=$(EXP)
 resume_flag  = resume=$(if $(filter 0 false no,$(RESUME)),false,true)
 
-.PHONY: help setup data eda folds train train-folds predict ensemble submit validate score tune tune-report all demo lint test test-fast bench clean
+.PHONY: help setup data eda folds train train-folds predict average pseudo analyze ensemble submit validate score tune tune-report all demo lint test test-fast bench clean
 
 help: ## list targets and their variables
 	@echo "Targets:"
@@ -90,8 +91,17 @@ train-folds: setup ## train MODEL (or CONFIG) on every fold of FOLDS_FILE
 predict: setup ## predict RUN's best checkpoint with TTA on SPLIT (test|val) -> RUN/test_<tta>/ or RUN/oof_<tta>/
 	$(PY) -m pipeline.predict run_dir=$(RUN) data_dir=$(DATA_DIR) tta=$(TTA) split=$(SPLIT) $(ARGS)
 
+average: setup ## average RUN's K best epochs (trained with keep_top_k>=K; default K 3) -> RUN/averaged.pt
+	$(PY) -m pipeline.average run_dir=$(RUN) $(if $(filter command line,$(origin K)),k=$(K)) $(ARGS)
+
 ensemble: setup ## tune weights of RUNS on out-of-fold predictions and average their test probabilities
 	$(PY) -m pipeline.ensemble runs="$(RUNS)" data_dir=$(DATA_DIR) name=$(NAME) $(ARGS)
+
+pseudo: setup ## pseudo-labels of the test images from ensemble NAME (THRESHOLD=0.9) -> pseudo/NAME/ (train with ARGS="pseudo_dir=pseudo/NAME")
+	$(PY) -m pipeline.pseudo name=$(NAME) data_dir=$(DATA_DIR) threshold=$(THRESHOLD) $(ARGS)
+
+analyze: setup ## error analysis of RUNS (or ensemble NAME) on OOF -> reports/analyze/<name>/ (PNG panels, label-error ranking)
+	$(PY) -m pipeline.analyze $(if $(RUNS),runs="$(RUNS)",name=$(NAME)) data_dir=$(DATA_DIR) $(ARGS)
 
 submit: setup ## write submissions/NAME.csv (FORMAT=rle|dense) and validate it
 	$(PY) -m pipeline.submit name=$(NAME) format=$(FORMAT) data_dir=$(DATA_DIR) $(ARGS)

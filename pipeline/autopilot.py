@@ -69,12 +69,15 @@ class AutopilotConfig:
     encoder_weights: str = "auto"  # auto: imagenet when it can be fetched (or is cached), else none
     device: str = "auto"
     threads: int | None = None
+    postprocess: str = "min_area"  # none | min_area | crf: tuned on OOF, kept only by the selection rule
     progress: bool = True
 
     def validate(self) -> None:
         parse_budget(self.budget)
         if not self.name.strip() or "/" in self.name:
             raise ConfigError(f"name must be a plain folder name, got {self.name!r}")
+        if self.postprocess not in ("none", "min_area", "crf"):
+            raise ConfigError(f"postprocess: unknown {self.postprocess!r}; known: none, min_area, crf")
         if self.format not in FORMATS:
             raise ConfigError(f"format: unknown {self.format!r}; known: {', '.join(FORMATS)}")
         if self.k < 2:
@@ -290,11 +293,26 @@ class Autopilot:
                 f"data_dir={self.cfg.data_dir}",
                 f"name={self.cfg.name}",
                 f"out_dir={ens_dir}",
+                f"postprocess={self.cfg.postprocess}",
                 f"progress={str(self.cfg.progress).lower()}",
             ],
             {},
             [RunFolder(run_dir).store("val", tta) / "index.csv"],
             [weights],
+        )
+        self.stage(
+            "analyze",
+            [
+                "pipeline.analyze",
+                f"name={self.cfg.name}",
+                f"ensembles_dir={ens_dir}",
+                f"data_dir={self.cfg.data_dir}",
+                f"out_dir={self.ws / 'analysis'}",
+                f"progress={str(self.cfg.progress).lower()}",
+            ],
+            {},
+            [weights],
+            [self.ws / "analysis" / self.cfg.name / "report.md"],
         )
         csv_path, manifest = submission_paths(self.cfg.submissions_dir, self.cfg.name)
         self.stage(
@@ -338,6 +356,15 @@ def summary(pilot: Autopilot, plan: Plan, tta: str, choice, result: dict[str, An
         ]
         for c in choice.comparisons
     ]
+    post = ens.get("postprocess") or {}
+    if post.get("oof_gain"):
+        g = post["oof_gain"]
+        rows.append(
+            [
+                f"post-processing {pilot.cfg.postprocess} (OOF gain)",
+                f"{g['gain']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}] {'kept' if post['accepted'] else 'refused'}",
+            ]
+        )
     rows.append(["TTA chosen", tta])
     if "shakeup" in ens:
         gap = ens["shakeup"]["abs_gap"]

@@ -23,7 +23,6 @@ frames of one sequence are found by ``pipeline.data.similarity_groups``, the fun
 
 from __future__ import annotations
 
-import colorsys
 import csv
 import io
 import logging
@@ -50,12 +49,10 @@ from pipeline.data import (
     similarity_groups,
     verify_images,
 )
+from pipeline.evaluation.visual import AREA_MEDIUM, AREA_SMALL, area_bin, class_palette, overlay
 
 log = logging.getLogger(__name__)
 
-AREA_SMALL = 32**2
-AREA_MEDIUM = 96**2
-AREA_BINS = ("small", "medium", "large")
 
 PLOTS = {
     "annotations_per_image": "annotations_per_image.png",
@@ -118,29 +115,6 @@ class Stats:
     def pixel_share(self) -> np.ndarray:
         total = self.pixels.sum()
         return self.pixels / total if total else np.zeros(len(self.pixels))
-
-
-def area_bin(area: float) -> int:
-    """0, 1 or 2 for a COCO small / medium / large object (absolute thresholds)."""
-    if area < AREA_SMALL:
-        return 0
-    return 1 if area < AREA_MEDIUM else 2
-
-
-def class_palette(num_classes: int) -> np.ndarray:
-    """Fixed RGB colours (uint8, K x 3): black for Background, then tab20, then golden-ratio hues."""
-    from matplotlib import colormaps
-
-    tab = colormaps["tab20"].colors
-    order = list(range(0, 20, 2)) + list(range(1, 20, 2))  # the ten strong shades first
-    out = np.zeros((num_classes, 3), np.uint8)
-    for k in range(1, num_classes):
-        if k - 1 < len(order):
-            rgb = tab[order[k - 1]]
-        else:
-            rgb = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.75, 0.95)
-        out[k] = np.round(np.asarray(rgb) * 255).astype(np.uint8)
-    return out
 
 
 def collect_stats(coco: CocoData, cache: MaskCache, progress: bool = True) -> Stats:
@@ -328,22 +302,6 @@ def plot_cooccurrence(stats: Stats, path: Path) -> Path:
                 )
     ax.set_title("Class co-occurrence (images containing both; diagonal: images with the class)")
     return _save(fig, path)
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """RGB uint8 image with non-Background pixels tinted in the palette colour and class borders drawn."""
-    import cv2
-
-    out = image.astype(np.float32)
-    fg = mask > 0
-    out[fg] = (1 - alpha) * out[fg] + alpha * palette[mask[fg]].astype(np.float32)
-    m = mask.astype(np.int32)
-    border = np.zeros_like(fg)
-    border[:, 1:] |= m[:, 1:] != m[:, :-1]
-    border[1:, :] |= m[1:, :] != m[:-1, :]
-    border &= cv2.dilate(fg.astype(np.uint8), np.ones((2, 2), np.uint8)).astype(bool)
-    out[border & fg] = palette[mask[border & fg]]
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def plot_samples(coco: CocoData, cache: MaskCache, image_ids: Sequence[int], palette: np.ndarray, path: Path) -> Path:

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import yaml
 
@@ -62,7 +63,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.core.layout import ENSEMBLE_REPORT
 from pipeline.core.tables import format_table, markdown_table
-from pipeline.data import load_coco
+from pipeline.data import load_coco, read_image
 from pipeline.evaluation.metrics import iou_per_class, mean_iou
 from pipeline.evaluation.selection import (
     RULE,
@@ -83,6 +84,7 @@ from pipeline.inference.ensemble import (
     tune_weights,
 )
 from pipeline.inference.store import stores_mask_rule
+from pipeline.inference.tuning_postprocess import tune_crf, tune_min_area, write_postprocess
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +110,15 @@ class EnsembleConfig:
     test_images: int | None = None  # test-set size when data_dir has no test_ann (None: the OOF images)
     public_share: float = 0.5  # share of the test images on the public leaderboard
     shakeup_splits: int = 1000  # random public/private splits of the shake-up estimate
+    postprocess: str = "none"  # none | min_area | crf: tuned on OOF, kept by the selection rule (postprocess.yaml)
     progress: bool = True
 
     def validate(self) -> None:
         self.runs = split_paths(self.runs)
         if not self.runs:
             raise ConfigError('runs is required: experiment folders such as runs="runs/unet-demo runs/fpn-demo"')
+        if self.postprocess not in ("none", "min_area", "crf"):
+            raise ConfigError(f"postprocess: unknown {self.postprocess!r}; known: none, min_area, crf")
         if self.method not in METHODS:
             raise ConfigError(f"method: unknown {self.method!r}; known: {', '.join(METHODS)}")
         if self.n_trials < 0:
@@ -353,6 +358,34 @@ def _honesty(cfg: EnsembleConfig, choice: Choice) -> dict[str, Any]:
     }
 
 
+def _tune_postprocess(cfg: EnsembleConfig, choice: Choice, cache: OofCache, coco) -> dict[str, Any]:
+    """The post-processing of ``cfg.postprocess`` tuned on the chosen fusion's OOF maps."""
+    if cfg.postprocess == "none":
+        return {"name": "none", "params": {}}
+    fusion = Fusion(choice.weights, choice.bias, cfg.method)
+    if cfg.postprocess == "min_area":
+        maps = [(labels, gt) for _, labels, gt in cache.label_maps(fusion)]
+        post = tune_min_area(maps, coco.num_classes, seed=cfg.seed)
+    else:
+        samples = []
+        for image_id, probs, gt in cache.fused_probabilities(fusion):
+            image = read_image(coco.image_path(image_id))
+            samples.append((probs, cv2.resize(image, gt.shape[::-1], interpolation=cv2.INTER_AREA), gt))
+        post = tune_crf(samples, coco.num_classes, seed=cfg.seed)
+    gain = post["oof_gain"]
+    log.info(
+        "post-processing %s on OOF: %.4f -> %.4f, gain %+.4f [%+.4f, %+.4f]: %s",
+        cfg.postprocess,
+        post["oof_miou_without"],
+        post["oof_miou_with"],
+        gain["gain"],
+        gain["low"],
+        gain["high"],
+        "kept" if post["accepted"] else "refused",
+    )
+    return post
+
+
 def run(cfg: EnsembleConfig) -> dict[str, Any]:
     """Tune the ensemble on OOF probabilities; write ``weights.yaml`` and ``report.md``."""
     cfg.validate()
@@ -366,6 +399,8 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
     with OofCache(members, coco, folder=out, max_images=cfg.max_images, seed=cfg.seed, progress=cfg.progress) as cache:
         choice = _choose(cfg, members, cache)
         n_images = len(cache.image_ids)
+        post = _tune_postprocess(cfg, choice, cache, coco)
+    write_postprocess(out, post)
     honest = _honesty(cfg, choice)
     best_cm, plain_cm = choice.chosen.sum(axis=0), choice.plain.sum(axis=0)
 
@@ -404,6 +439,7 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
             "chosen": honest["selection"]["chosen"],
         },
         "selection": honest["selection"],
+        "postprocess": post,
         "shakeup": honest["shakeup"],
         "tuning": {
             "tune": cfg.tune,

@@ -32,15 +32,16 @@ from typing import Any
 
 from pipeline.core.config import ConfigError, stage_main, to_dict
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_write_text
-from pipeline.data import load_coco
+from pipeline.core.io import atomic_write_text, fault_point
+from pipeline.data import load_coco, read_image
 from pipeline.inference.ensemble import split_paths
-from pipeline.inference.postprocess import POSTPROCESSORS, postprocess
 from pipeline.inference.store import stores_mask_rule
+from pipeline.inference.tuning_postprocess import apply_postprocess, needs_probabilities, read_postprocess
 from pipeline.submission.formats import check_format_options, format_problems, validate_submission
 from pipeline.submission.writer import (
     MemberProbs,
     dense_row,
+    fused_probabilities,
     predict_label_map,
     resolve_submission_members,
     rle_rows,
@@ -64,7 +65,7 @@ class SubmitConfig:
     dense_size: list[int] = field(default_factory=lambda: [256, 256])
     out_dir: str = "submissions"
     check: bool = True  # run the validator on the written file before it replaces the old one
-    postprocess: str = "none"  # post-processor of each fused label map (pipeline.inference.postprocess)
+    postprocess: str = "auto"  # auto: the ensemble's postprocess.yaml (chosen on OOF) when it has one; none
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -72,7 +73,8 @@ class SubmitConfig:
             self.runs = split_paths(self.runs)
 
     def validate(self) -> None:
-        POSTPROCESSORS.key(self.postprocess)
+        if self.postprocess not in ("auto", "none"):
+            raise ConfigError(f"postprocess: unknown {self.postprocess!r}; known: auto, none")
         """Raise ConfigError on bad settings."""
         if not self.name.strip() or "/" in self.name:
             raise ConfigError(f"name must be a plain file name, got {self.name!r}")
@@ -81,6 +83,23 @@ class SubmitConfig:
             raise ConfigError("give either ensemble=<weights.yaml> or runs=..., not both")
         if self.runs is not None and not self.runs:
             raise ConfigError("runs is empty")
+
+
+def _write_validated(cfg: SubmitConfig, coco, rows, csv_path: Path) -> int:
+    """Write the rows beside ``csv_path``, validate them, then replace ``csv_path`` in one rename."""
+    staging = csv_path.parent / f".{cfg.name}.csv.staging" if cfg.check else csv_path
+    try:
+        n_rows = write_csv(staging, rows, cfg.format)
+        if cfg.check:
+            problems = validate_submission(staging, coco, cfg.format, cfg.order, cfg.dense_size)
+            if problems:
+                raise PipelineError(format_problems(csv_path, problems))
+            fault_point(f"before-rename:{csv_path.name}")
+            os.replace(staging, csv_path)
+    finally:
+        if staging != csv_path and staging.exists():
+            staging.unlink()
+    return n_rows
 
 
 def run(cfg: SubmitConfig) -> dict[str, Any]:
@@ -95,6 +114,9 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
     members, fusion, source = resolve_submission_members(
         coco, name=cfg.name, ensemble=cfg.ensemble, runs=cfg.runs, tta=cfg.tta, ensembles_dir=cfg.ensembles_dir
     )
+    post = None
+    if cfg.postprocess == "auto" and source.get("ensemble"):
+        post = read_postprocess(Path(source["ensemble"]).parent)
     out = Path(cfg.out_dir)
     csv_path = out / f"{cfg.name}.csv"
     log.info(
@@ -110,23 +132,18 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
         probs = MemberProbs()
         for im in tqdm(coco.images, desc=f"submission ({cfg.format})", disable=not cfg.progress):
             h, w = int(im["height"]), int(im["width"])
-            labels = postprocess(cfg.postprocess, predict_label_map(members, fusion, int(im["id"]), (h, w), probs))
+            labels = predict_label_map(members, fusion, int(im["id"]), (h, w), probs)
+            if needs_probabilities(post):
+                fused = fused_probabilities(members, list(fusion.weights), int(im["id"]), (h, w), probs, fusion.bias)
+                labels = apply_postprocess(post, labels, fused, read_image(coco.image_path(int(im["id"])), (h, w)))
+            else:
+                labels = apply_postprocess(post, labels)
             if cfg.format == "rle":
                 yield rle_rows(str(im["file_name"]), labels, coco, cfg.order)
             else:
                 yield [dense_row(str(im["file_name"]), labels, cfg.dense_size)]
 
-    staging = out / f".{cfg.name}.csv.staging" if cfg.check else csv_path
-    try:
-        n_rows = write_csv(staging, batches(), cfg.format)
-        if cfg.check:
-            problems = validate_submission(staging, coco, cfg.format, cfg.order, cfg.dense_size)
-            if problems:
-                raise PipelineError(format_problems(csv_path, problems))
-            os.replace(staging, csv_path)
-    finally:
-        if staging != csv_path and staging.exists():
-            staging.unlink()
+    n_rows = _write_validated(cfg, coco, batches(), csv_path)
     manifest = {
         "name": cfg.name,
         "csv": str(csv_path),
@@ -142,7 +159,7 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
         ],
         "mask_rule": stores_mask_rule([r.folder for m in members for r in m.readers]),
         "method": fusion.method,
-        "postprocess": cfg.postprocess,
+        "postprocess": post or {"name": "none"},
         "bias": None if fusion.bias is None else [float(b) for b in fusion.bias],
         **{k: v for k, v in source.items() if k != "method"},
         "validated": cfg.check,

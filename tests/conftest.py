@@ -28,3 +28,15 @@ def demo_data(tmp_path_factory) -> Path:
 def demo_data_square(tmp_path_factory) -> Path:
     """A slightly larger square demo dataset (48 labelled + 8 test images, 64x64) for training tests."""
     return make_demo(tmp_path_factory.mktemp("demo_sq") / "data", n_train=48, n_test=8, height=64, width=64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def folds_file(demo_data_square, tmp_path_factory) -> Path:
+    """3-fold split of ``demo_data_square`` (folds.csv path), made by the folds stage."""
+    from pipeline import folds as folds_stage
+
+    out = tmp_path_factory.mktemp("folds")
+    folds_stage.run(
+        folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(out), k=3, seed=0, pixel_stats=False)
+    )
+    return out / "folds.csv"

@@ -23,6 +23,9 @@ STAGES = {
     "tune",
     "tune_report",
     "autopilot",
+    "pseudo",
+    "analyze",
+    "average",
 }
 MAX_FUNCTION_LINES = 80
 

@@ -14,6 +14,7 @@ from test_similarity import make_sequences
 
 from pipeline import eda
 from pipeline.data import CocoData, DataError, load_coco
+from pipeline.evaluation import visual
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALWAYS = [
@@ -261,18 +262,18 @@ def test_main_parses_overrides_and_reports_errors(tmp_path, caplog):
 
 
 def test_palette_and_overlay():
-    pal = eda.class_palette(11)
+    pal = visual.class_palette(11)
     assert pal.shape == (11, 3) and pal.dtype == np.uint8
     assert (pal[0] == 0).all()
     assert len({tuple(c) for c in pal}) == 11
-    np.testing.assert_array_equal(eda.class_palette(11), pal)
-    np.testing.assert_array_equal(eda.class_palette(40)[:11], pal)
-    assert len({tuple(c) for c in eda.class_palette(40)}) == 40
+    np.testing.assert_array_equal(visual.class_palette(11), pal)
+    np.testing.assert_array_equal(visual.class_palette(40)[:11], pal)
+    assert len({tuple(c) for c in visual.class_palette(40)}) == 40
 
     image = np.full((6, 6, 3), 100, np.uint8)
     mask = np.zeros((6, 6), np.uint8)
     mask[1:5, 1:5] = 2
-    out = eda.overlay(image, mask, pal, alpha=0.5)
+    out = visual.overlay(image, mask, pal, alpha=0.5)
     np.testing.assert_array_equal(out[0, 0], image[0, 0])  # background untouched
     np.testing.assert_array_equal(out[1, 1], pal[2])  # border pixel: full class colour
     expected = np.rint(0.5 * 100 + 0.5 * pal[2].astype(float)).astype(np.uint8)
@@ -281,4 +282,4 @@ def test_palette_and_overlay():
 
 @pytest.mark.parametrize("area,bin_", [(0, 0), (1023.9, 0), (1024, 1), (9215, 1), (9216, 2), (1e6, 2)])
 def test_area_bins_use_absolute_coco_thresholds(area, bin_):
-    assert eda.area_bin(area) == bin_
+    assert visual.area_bin(area) == bin_

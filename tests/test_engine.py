@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline import folds as folds_stage
 from pipeline.core.config import build_config
 from pipeline.core.layout import RunFolder
 from pipeline.engine.checkpoint import CheckpointSaver, read_checkpoint
@@ -60,15 +59,6 @@ def test_persistent_workers_see_the_epoch_through_the_sampled_indices():
     by_index = [e[e[:, 0].argsort()][:, 1] for e in with_workers]
     assert not torch.equal(by_index[0], by_index[1]) and not torch.equal(by_index[1], by_index[2])
     assert list(iter(EpochShuffleSampler(4, seed=1, shuffle=False)))[0] == (0, 0)
-
-
-@pytest.fixture(scope="module")
-def folds_file(demo_data_square, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("folds")
-    folds_stage.run(
-        folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(out), k=3, seed=0, pixel_stats=False)
-    )
-    return out / "folds.csv"
 
 
 def tiny(data: Path, folds: Path, runs: Path, **kw) -> TrainConfig:
@@ -235,3 +225,13 @@ def test_time_budget_shortens_the_run_and_ends_the_schedule_on_time(
     assert read_checkpoint(cfg.folder().last)["time_budget"] == {"end_epoch": 2}
     with pytest.raises(Exception, match="time_budget must be positive"):
         tiny(demo_data_square, folds_file, tmp_path, time_budget=0)
+
+
+def test_tensorboard_needs_its_package_and_says_so(demo_data_square, folds_file, tmp_path, monkeypatch):
+    import sys
+
+    from pipeline.core.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were missing
+    with pytest.raises(ConfigError, match="tensorboard=true needs the tensorboard package"):
+        run(tiny(demo_data_square, folds_file, tmp_path, epochs=1, tensorboard=True))

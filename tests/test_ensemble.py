@@ -330,3 +330,39 @@ def test_peak_memory_of_a_tuning_pass_does_not_grow_with_the_images(runs, tmp_pa
             peaks.append(tracemalloc.get_traced_memory()[1])
             tracemalloc.stop()
     assert max(peaks) < 1.25 * min(peaks), peaks
+
+
+@pytest.mark.parametrize("name", ["min_area", "crf"])
+def test_post_processing_is_tuned_on_oof_recorded_and_applied_by_submit(runs, tmp_path, name):
+    import yaml
+
+    data = runs[0]
+    result = run(cfg_for(runs, tmp_path, n_trials=4, postprocess=name, n_boot=200))
+    post = yaml.safe_load((tmp_path / "ensembles" / "t" / "postprocess.yaml").read_text())
+    assert post == result["postprocess"] and post["name"] in ("none", name)
+    gain = post["oof_gain"]
+    assert post["accepted"] == (gain["low"] > 0) and (post["name"] == name) == post["accepted"]
+    assert post["oof_miou_with"] - post["oof_miou_without"] == pytest.approx(gain["gain"], abs=1e-9)
+    out = submit(
+        SubmitConfig(
+            name="t",
+            ensembles_dir=str(tmp_path / "ensembles"),
+            data_dir=str(data),
+            out_dir=str(tmp_path / "subs"),
+            progress=False,
+        )
+    )
+    assert out["postprocess"]["name"] == post["name"]
+    plain = submit(
+        SubmitConfig(
+            name="p",
+            ensemble=str(tmp_path / "ensembles" / "t" / "weights.yaml"),
+            postprocess="none",
+            data_dir=str(data),
+            out_dir=str(tmp_path / "subs"),
+            progress=False,
+        )
+    )
+    assert plain["postprocess"] == {"name": "none"}
+    same = (tmp_path / "subs" / "t.csv").read_bytes() == (tmp_path / "subs" / "p.csv").read_bytes()
+    assert same == (post["name"] == "none")  # applied exactly when chosen (and it changes some pixel)

@@ -60,3 +60,48 @@ def test_identity_post_processor_and_unknown_name():
     assert postprocess("none", labels) is labels
     with pytest.raises(UnknownNameError, match="post-processor"):
         postprocess("crf9", labels)
+
+
+def test_min_area_gives_small_regions_to_the_surrounding_majority():
+    import numpy as np
+
+    labels = np.ones((12, 12), dtype=np.uint8)
+    labels[:, 8:] = 3  # a big region of class 3 on the right
+    labels[2:4, 2:4] = 2  # a 4-pixel island of class 2 inside class 1
+    labels[6:9, 2:5] = 2  # a 9-pixel region of class 2, kept
+    labels[10, 6] = 0  # a lone background pixel (background has no threshold)
+    out = postprocess("min_area", labels, min_area={2: 5, 3: 5})
+    expected = labels.copy()
+    expected[2:4, 2:4] = 1
+    np.testing.assert_array_equal(out, expected)
+    # a threshold above every region of class 2 removes both; the neighbours decide each one
+    out = postprocess("min_area", labels, min_area=[0, 0, 100, 0])
+    assert not (out == 2).any() and (out[6:9, 2:5] == 1).all()
+    # an island on the border between two classes takes the majority of its border
+    mixed = np.zeros((6, 6), dtype=np.uint8)
+    mixed[:, 3:] = 4
+    mixed[1:3, 2:4] = 5
+    assert (postprocess("min_area", mixed, min_area={5: 10})[1:3, 2:4] != 5).all()
+
+
+def test_layer_decay_gives_the_expected_lr_per_stage():
+    import torch
+
+    from pipeline.models import build_model, param_groups
+
+    model = build_model("unet", 3, encoder="resnet18")
+    groups = param_groups(model, 1e-3, 1e-2, 1e-4, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.encoder.named_parameters())
+    assert lr_of[id(named["conv1.weight"])] == pytest.approx(1e-3 * 0.5**4)  # stem: depth 0 of 4
+    assert lr_of[id(named["layer1.0.conv1.weight"])] == pytest.approx(1e-3 * 0.5**3)
+    assert lr_of[id(named["layer4.1.bn2.weight"])] == pytest.approx(1e-3)
+    decoder = [p for n, p in model.named_parameters() if "decoder" in n]
+    assert {lr_of[id(p)] for p in decoder} == {1e-2}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(map(id, trainable)) == sorted(id(p) for g in groups for p in g["params"])  # each once
+    assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith("no_decay"))
+    vit = build_model("upernet", 3, encoder="tu-test_convnext")
+    depths = {g["name"]: g["lr"] for g in param_groups(vit, 1.0, 1.0, 0.0, layer_decay=0.8)}
+    assert max(depths.values()) == 1.0 and min(depths.values()) < 1.0
+    del torch

@@ -101,7 +101,7 @@ def test_rle_rows_decode_to_the_argmax_maps(setup, tmp_path, order):
     assert manifest["members"][0]["weight"] == 1.0 and manifest["members"][0]["tta"] == "flip"
     assert manifest["runs"] == [str(setup[2])] and manifest["validated"] is True and manifest["created"]
     assert manifest["mask_rule"] == "area"  # the rule of the runs behind the stores (score reads it)
-    assert manifest["postprocess"] == "none"
+    assert manifest["postprocess"] == {"name": "none"}
 
 
 def test_dense_rows_hold_65536_class_indices(setup, tmp_path):
@@ -501,7 +501,7 @@ def test_submit_config_is_checked_by_the_generic_hook():
     with pytest.raises(ConfigError, match="either ensemble"):
         build_config(SubmitConfig, overrides=["ensemble=e.yaml", "runs=runs/x"])
     assert build_config(SubmitConfig, overrides=["check=false"]).check is False
-    with pytest.raises(PipelineError, match="unknown post-processor 'crf9'"):
+    with pytest.raises(PipelineError, match="postprocess: unknown 'crf9'"):
         build_config(SubmitConfig, overrides=["postprocess=crf9"])
 
 

@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import folds as folds_stage
 from pipeline.core.config import build_config
 from pipeline.core.errors import PipelineError
 from pipeline.data import MaskCache, SegmentationDataset, ValDataset, collate, load_coco
@@ -25,15 +24,6 @@ from pipeline.inference.store import ProbReader
 from pipeline.train import TrainConfig, run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def folds_file(demo_data_square, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("folds")
-    folds_stage.run(
-        folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(out), k=3, seed=0, pixel_stats=False)
-    )
-    return out / "folds.csv"
 
 
 def small_cfg(data: Path, folds: Path, runs: Path, **kw) -> TrainConfig:

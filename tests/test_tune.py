@@ -22,7 +22,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import folds as folds_stage
 from pipeline.core.config import ConfigError, build_config
 from pipeline.core.errors import PipelineError
 from pipeline.train import TrainConfig, TrainResult
@@ -104,15 +103,6 @@ def load(cfg: TuneConfig) -> optuna.Study:
 
 
 # ----------------------------------------------------------------------------- 1. real study + report
-@pytest.fixture(scope="module")
-def folds_file(demo_data_square, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("folds")
-    folds_stage.run(
-        folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(out), k=3, seed=0, pixel_stats=False)
-    )
-    return out / "folds.csv"
-
-
 def test_real_study_report_and_best_yaml_reproduce_the_best_trial(demo_data_square, folds_file, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(

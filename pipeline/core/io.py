@@ -11,8 +11,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from pipeline.core.errors import PipelineError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+FAULT_ENV = "PIPELINE_FAULT"
+
+
+def fault_point(name: str) -> None:
+    """Reliability tests: the process kills itself (SIGKILL) here when ``$PIPELINE_FAULT`` names
+    this point, e.g. ``before-rename:last.pt`` (a temporary file is written, not yet renamed)."""
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -22,15 +36,25 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs) -> Iterator[IO]:
     If the block raises, the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot write here ({exc.strerror or exc})") from exc
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        fault_point(f"before-rename:{path.name}")
         os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise PipelineError(
+            f"{path}: cannot write ({exc.strerror or exc}); the earlier file, if any, is unchanged"
+        ) from exc
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

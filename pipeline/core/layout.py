@@ -27,7 +27,10 @@ LAST = "last.pt"
 BEST = "best.pt"
 CURVES = "curves.png"
 OOF = "oof"
-CHECKPOINTS = ("best", "last")
+TOP = "top"  # the best epochs' weights (keep_top_k=), with index.json
+AVERAGED = "averaged.pt"  # make average: the top-k weights averaged, BatchNorm statistics recomputed
+SWA = "swa.pt"  # swa_epochs=: weights averaged over the last epochs, BatchNorm statistics recomputed
+CHECKPOINTS = ("best", "last", "averaged", "swa")
 SPLIT_PREFIX = {"val": "oof", "test": "test"}
 
 STORE_META = "meta.json"
@@ -86,8 +89,12 @@ class RunFolder:
     def oof(self) -> Path:
         return self.path / OOF
 
+    @property
+    def top(self) -> Path:
+        return self.path / TOP
+
     def checkpoint(self, which: str) -> Path:
-        """``best`` / ``last`` name a checkpoint of this run; anything else is a path."""
+        """``best`` / ``last`` / ``averaged`` / ``swa`` name a checkpoint of this run; anything else is a path."""
         return self.path / f"{which}.pt" if which in CHECKPOINTS else Path(which)
 
     def store(self, split: str, tta: str) -> Path:

@@ -36,12 +36,14 @@ class SegmentationDataset(Dataset):
         transform: Callable[..., dict] | None = None,
         cache: MaskCache | None = None,
         preprocessing: Preprocessing = IMAGENET,
+        pairs: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
     ):
         self.coco = coco
         self.image_ids = list(image_ids) if image_ids is not None else coco.image_ids
         self.transform = transform
         self.cache = cache
         self.preprocessing = preprocessing
+        self.pairs = pairs  # an (image, mask) -> (image, mask) step before the transform (copy-paste)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -59,6 +61,8 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, idx: int):
         image, mask, meta = self.load(idx)
+        if self.pairs is not None:
+            image, mask = self.pairs(image, mask)
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]

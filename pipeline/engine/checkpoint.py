@@ -10,6 +10,8 @@ through a temporary file and a rename: a kill at any moment leaves the earlier f
 from __future__ import annotations
 
 import io
+import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_write_bytes
+from pipeline.core.io import atomic_write_bytes, atomic_write_text
 from pipeline.core.layout import RunFolder
 
 
@@ -47,17 +49,50 @@ def serialize(obj: Any) -> bytes:
 class CheckpointSaver:
     """Writes a run's ``best.pt`` / ``last.pt`` from one serialization per save."""
 
-    def __init__(self, folder: RunFolder):
+    def __init__(self, folder: RunFolder, keep_top_k: int = 0):
         self.folder = folder
+        self.keep_top_k = keep_top_k
         self.saves = 0
 
-    def save(self, state: dict[str, Any], best: bool) -> bytes:
+    def save(
+        self,
+        state: dict[str, Any],
+        best: bool,
+        metric: float | None = None,
+        eval_weights: dict[str, torch.Tensor] | None = None,
+    ) -> bytes:
+        """``best.pt`` (when ``best``) and ``last.pt`` from one serialization; with ``keep_top_k``,
+        the evaluation weights of the k best epochs by ``metric`` under ``top/``."""
         data = serialize(state)
         if best:
             atomic_write_bytes(self.folder.best, data)
         atomic_write_bytes(self.folder.last, data)
         self.saves += 1
+        if self.keep_top_k and metric is not None and math.isfinite(metric) and eval_weights is not None:
+            self._keep_top(state, metric, eval_weights)
         return data
+
+    def top_index(self) -> list[dict[str, Any]]:
+        path = self.folder.top / "index.json"
+        return json.loads(path.read_text()) if path.is_file() else []
+
+    def _keep_top(self, state: dict[str, Any], metric: float, weights: dict[str, torch.Tensor]) -> None:
+        epoch = int(state["epoch"])
+        entries = [e for e in self.top_index() if e["epoch"] != epoch]  # a resumed epoch replaces itself
+        entries.append({"epoch": epoch, "metric": float(metric), "file": f"epoch{epoch:04d}.pt"})
+        entries.sort(key=lambda e: (-e["metric"], e["epoch"]))
+        kept, dropped = entries[: self.keep_top_k], entries[self.keep_top_k :]
+        if any(e["epoch"] == epoch for e in kept):
+            meta = {
+                k: state[k] for k in ("config", "class_names", "num_classes", "img_size", "preprocessing") if k in state
+            }
+            atomic_write_bytes(
+                self.folder.top / f"epoch{epoch:04d}.pt",
+                serialize({"model": weights, "epoch": epoch, "metric": float(metric), **meta}),
+            )
+        atomic_write_text(self.folder.top / "index.json", json.dumps(kept, indent=2))
+        for e in dropped:
+            (self.folder.top / e["file"]).unlink(missing_ok=True)
 
     def load_last(self) -> dict[str, Any] | None:
         return read_checkpoint(self.folder.last) if self.folder.last.exists() else None

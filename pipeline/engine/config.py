@@ -26,6 +26,8 @@ class TrainConfig:
     encoder: str | None = None  # None: the family's default encoder
     encoder_weights: str | None = None  # e.g. imagenet (the family configs set it)
     weights: str | None = None  # local encoder or whole-model checkpoint
+    fine_tune_from: str | None = None  # start from another run's best.pt (a run folder or a checkpoint file)
+    pseudo_dir: str | None = None  # pseudo-labelled test images (make pseudo) added to the training images
     # run folder
     runs_dir: str = "runs"
     experiment: str | None = None  # default: <model>-<encoder>
@@ -33,6 +35,11 @@ class TrainConfig:
     # input
     img_size: list[int] | None = None  # [h, w] or [side]; None: most common size in the data
     augment: str = "light"
+    copy_paste: float = 0.0  # probability of pasting rare-class objects of other training images
+    copy_paste_classes: list[str] | None = None  # class names; None: the copy_paste_rarest rarest
+    copy_paste_rarest: int = 3
+    copy_paste_max: int = 2  # objects pasted per image at most
+    rfs_threshold: float | None = None  # repeat-factor sampling (LVIS): images of classes rarer than this repeat
     # optimisation
     epochs: int = 30
     batch_size: int = 8
@@ -41,6 +48,7 @@ class TrainConfig:
     lr: float = 3e-4  # decoder / head learning rate
     encoder_lr: float | None = None  # None: same as lr
     weight_decay: float = 1e-4
+    layer_decay: float | None = None  # e.g. 0.8: encoder lr x layer_decay ** (deepest stage - stage)
     momentum: float = 0.9
     scheduler: str = "cosine"
     warmup_epochs: float = 1.0
@@ -57,10 +65,13 @@ class TrainConfig:
     # validation and outputs
     val_every: int = 1
     patience: int = 0  # epochs without improvement before stopping; 0: never
+    keep_top_k: int = 0  # keep the weights of the k best epochs under top/ (make average)
+    swa_epochs: int = 0  # average the weights of the last n epochs into swa.pt (BatchNorm recomputed)
     save_oof: bool = True
     oof_scale: float = 0.5  # out-of-fold maps are stored at this fraction of the training size
     oof_dtype: str = "float16"
     plot: bool = True
+    tensorboard: bool = False  # also log every epoch's metrics to <run>/tensorboard (needs the tensorboard package)
     # runtime
     seed: int = 42
     device: str = "auto"
@@ -85,11 +96,19 @@ class TrainConfig:
         ):
             if getattr(self, key) not in names:
                 raise ConfigError(f"{key}: unknown {getattr(self, key)!r}; known: {', '.join(names)}")
+        if not 0 <= self.copy_paste <= 1 or self.copy_paste_max < 1 or self.copy_paste_rarest < 1:
+            raise ConfigError("copy_paste must be in [0, 1], copy_paste_max and copy_paste_rarest at least 1")
+        if self.rfs_threshold is not None and not self.rfs_threshold > 0:
+            raise ConfigError(f"rfs_threshold must be positive or null, got {self.rfs_threshold}")
+        if self.keep_top_k < 0 or self.swa_epochs < 0:
+            raise ConfigError(f"keep_top_k and swa_epochs must be >= 0, got {self.keep_top_k}, {self.swa_epochs}")
         for key in ("epochs", "batch_size", "accum_steps", "val_every", "prefetch_factor"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.img_size is not None and len(self.img_size) not in (1, 2):
             raise ConfigError(f"img_size must be [side] or [height, width], got {self.img_size}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay must be in (0, 1] or null, got {self.layer_decay}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ConfigError(f"time_budget must be positive seconds or null, got {self.time_budget}")
         if not 0 < self.oof_scale <= 1:

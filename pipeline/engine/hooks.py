@@ -168,3 +168,25 @@ class EpochCallback(Hook):
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
         if not math.isnan(row["val_miou"]):
             self.fn(row["epoch"], row)
+
+
+class TensorBoardHook(Hook):
+    """Writes every epoch's metrics row as scalars under ``<run>/tensorboard`` (``tensorboard=true``)."""
+
+    def __init__(self, folder):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # the tensorboard package is optional
+            from pipeline.core.errors import ConfigError
+
+            raise ConfigError("tensorboard=true needs the tensorboard package (pip install tensorboard)") from exc
+        self.writer = SummaryWriter(str(folder))
+
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, float) and math.isfinite(value):
+                self.writer.add_scalar(key.replace("iou_", "iou/"), value, row["epoch"])
+        self.writer.flush()
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.writer.close()

@@ -29,7 +29,7 @@ def _sgd(groups: list[dict[str, Any]], cfg) -> torch.optim.Optimizer:
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """Encoder and decoder parameter groups (``encoder_lr``, ``lr``), no decay on biases and norms."""
     encoder_lr = cfg.encoder_lr if cfg.encoder_lr is not None else cfg.lr
-    groups = param_groups(model, encoder_lr, cfg.lr, cfg.weight_decay)
+    groups = param_groups(model, encoder_lr, cfg.lr, cfg.weight_decay, cfg.layer_decay)
     return OPTIMIZERS.get(cfg.optimizer)(groups, cfg)
 
 

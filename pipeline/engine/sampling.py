@@ -45,21 +45,44 @@ class EpochSeededDataset(Dataset):
 class EpochShuffleSampler(Sampler[tuple[int, int]]):
     """Shuffles by (seed, epoch), shards by rank and yields ``(epoch, index)`` pairs."""
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True, drop_last: bool = False):
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        repeats: np.ndarray | None = None,
+    ):
         self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+        self.repeats = None if repeats is None else np.asarray(repeats, dtype=np.float64)
         self.epoch = 0
-        self.per_rank = n // world if drop_last else math.ceil(n / world)
+        length = n if self.repeats is None else int(round(float(self.repeats.sum())))
+        self.per_rank = length // world if drop_last else math.ceil(length / world)
+
+    def _repeated(self, g: torch.Generator) -> list[int]:
+        """Each index floor(r) times, plus distinct extra draws weighted by the fractional parts, so
+        every epoch has the same length and index i appears r_i times on average."""
+        base = np.floor(self.repeats).astype(np.int64)
+        out = np.repeat(np.arange(self.n), base).tolist()
+        frac = torch.from_numpy(self.repeats - base)
+        extra = int(round(float(self.repeats.sum()))) - len(out)
+        if extra > 0 and float(frac.sum()) > 0:
+            out += torch.multinomial(frac, min(extra, int((frac > 0).sum())), replacement=False, generator=g).tolist()
+        return out
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def order(self) -> list[int]:
         """This rank's indices of the current epoch."""
+        g = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+        pool = list(range(self.n)) if self.repeats is None else self._repeated(g)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
+            order = [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
         else:
-            order = list(range(self.n))
+            order = pool
         total = self.per_rank * self.world
         order = (order + order[: max(0, total - len(order))])[:total]
         return order[self.rank : total : self.world]

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from pipeline import models as model_registry
 from pipeline.core.config import save_config, to_dict
 from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.layout import RunFolder
 from pipeline.data import (
     CocoData,
     MaskCache,
@@ -37,9 +38,18 @@ from pipeline.data import (
     load_coco,
     split_ids,
 )
-from pipeline.engine.checkpoint import CheckpointSaver, rng_state, set_rng_state
+from pipeline.data.copypaste import CopyPaste, ObjectBank, repeat_factors, resolve_classes
+from pipeline.data.pseudo import JoinedDataset, PseudoDataset
+from pipeline.engine.checkpoint import (
+    CheckpointSaver,
+    load_model_state,
+    model_state,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from pipeline.engine.config import TrainConfig
-from pipeline.engine.hooks import EarlyStopping, EMAHook, Hook, TimeBudget
+from pipeline.engine.hooks import EarlyStopping, EMAHook, Hook, TensorBoardHook, TimeBudget
 from pipeline.engine.loop import evaluate, train_one_epoch
 from pipeline.engine.oof import write_oof
 from pipeline.engine.optim import build_optimizer, build_scheduler, shorten_schedule
@@ -95,7 +105,7 @@ class Trainer:
             raise PipelineError(
                 f"{self.folder.last} exists; pass resume=true to continue it or choose another experiment="
             )
-        self.saver = CheckpointSaver(self.folder)
+        self.saver = CheckpointSaver(self.folder, cfg.keep_top_k)
         self.show_progress = cfg.progress and self.dist.main
         self.history: list[dict[str, Any]] = []
         self.start_epoch, self.best, self.best_epoch, self.stop = 0, -1.0, -1, False
@@ -130,11 +140,28 @@ class Trainer:
             encoder_weights=cfg.encoder_weights,
             weights=cfg.weights,
         ).to(self.device)
+        if cfg.fine_tune_from:
+            self._load_fine_tune(cfg.fine_tune_from)
         self.channels_last = cfg.channels_last and self.device.type == "cuda"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.dtype = amp_dtype(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+
+    def _load_fine_tune(self, source: str) -> None:
+        """Start from another run's weights (its best.pt, EMA weights when it has them)."""
+        path = Path(source)
+        path = RunFolder(path).best if path.is_dir() else path
+        ckpt = read_checkpoint(path)
+        if list(ckpt.get("class_names", [])) != self.coco.class_names:
+            raise PipelineError(f"{path}: classes {ckpt.get('class_names')} differ from {self.coco.path}'s")
+        load_model_state(self.model, model_state(ckpt), path)
+        log.info(
+            "fine-tuning from %s (epoch %s, val mIoU %.4f)",
+            path,
+            ckpt.get("epoch"),
+            ckpt.get("best_metric", float("nan")),
+        )
 
     def _default_hooks(self) -> list[Hook]:
         hooks: list[Hook] = []
@@ -143,6 +170,12 @@ class Trainer:
         hooks.append(EarlyStopping(self.cfg.patience, self.cfg.val_every))
         if self.cfg.time_budget is not None:
             hooks.append(TimeBudget(self.cfg.time_budget))
+        if self.cfg.tensorboard and self.dist.main:
+            hooks.append(TensorBoardHook(self.folder.path / "tensorboard"))
+        if self.cfg.swa_epochs:
+            from pipeline.engine.averaging import SWAHook
+
+            hooks.append(SWAHook(self.model, self.cfg.swa_epochs))
         return hooks
 
     def _build_loaders(self) -> None:
@@ -156,12 +189,28 @@ class Trainer:
         ).to(self.device)
         self.workers = cfg.num_workers if cfg.num_workers is not None else default_workers(self.device)
         opts = loader_options(self.device, self.workers, cfg.prefetch_factor)
+        transform = build_transform(cfg.augment, self.size)
         base = SegmentationDataset(
-            self.coco, self.train_ids, build_transform(cfg.augment, self.size), self.cache, self.preprocessing
+            self.coco, self.train_ids, transform, self.cache, self.preprocessing, pairs=self._copy_paste()
         )
+        self.pseudo = None
+        if cfg.pseudo_dir:
+            self.pseudo = PseudoDataset(
+                cfg.pseudo_dir, cfg.data_dir, self.coco.class_names, transform, self.preprocessing
+            )
+            log.info(
+                "adding %d pseudo-labelled images (round %d) from %s to the training images",
+                len(self.pseudo),
+                self.pseudo.manifest["round"],
+                cfg.pseudo_dir,
+            )
+            base = JoinedDataset(base, self.pseudo)
         train_set = EpochSeededDataset(base, cfg.seed)
+        repeats = repeat_factors(self.coco, self.train_ids, cfg.rfs_threshold) if cfg.rfs_threshold else None
+        if repeats is not None and self.pseudo is not None:
+            repeats = np.concatenate([repeats, np.ones(len(self.pseudo))])
         self.sampler = EpochShuffleSampler(
-            len(train_set), cfg.seed, self.dist.rank, self.dist.world, shuffle=True, drop_last=True
+            len(train_set), cfg.seed, self.dist.rank, self.dist.world, shuffle=True, drop_last=True, repeats=repeats
         )
         if len(self.sampler) < cfg.batch_size:
             raise ConfigError(
@@ -183,6 +232,13 @@ class Trainer:
             self.val_loader = DataLoader(
                 val_set, batch_size=cfg.batch_size, sampler=val_sampler, collate_fn=collate, **opts
             )
+
+    def _copy_paste(self) -> CopyPaste | None:
+        cfg = self.cfg
+        if not cfg.copy_paste:
+            return None
+        classes = resolve_classes(self.coco, self.train_ids, cfg.copy_paste_classes, cfg.copy_paste_rarest)
+        return CopyPaste(ObjectBank(self.coco, self.train_ids, classes, self.cache), cfg.copy_paste, cfg.copy_paste_max)
 
     def _build_optimization(self) -> None:
         self.net = maybe_compile(self.dist.wrap(self.model, self.device), self.cfg.compile)
@@ -232,6 +288,9 @@ class Trainer:
             "img_size": list(self.size),
             "preprocessing": self.preprocessing.as_dict(),
             "ann_digest": self.coco.digest,
+            "pseudo": None
+            if self.pseudo is None
+            else {"dir": self.cfg.pseudo_dir, "round": self.pseudo.manifest["round"]},
         }
         for hook in self.hooks:
             if hook.state_key is not None:
@@ -257,7 +316,12 @@ class Trainer:
         due = (epoch + 1) % self.cfg.val_every == 0 or epoch + 1 >= self.end_epoch
         if self.val_loader is None or not due:
             return {"val_miou": float("nan")}
-        model = self.evaluation_model()
+        return self.evaluate_model(self.evaluation_model())
+
+    def evaluate_model(self, model: torch.nn.Module) -> dict[str, float]:
+        """val mIoU and per-class IoU of ``model`` on the fold's images (NaN without them)."""
+        if self.val_loader is None:
+            return {"val_miou": float("nan")}
         self.dist.sync_buffers(model)
         cm = evaluate(
             model,
@@ -278,7 +342,8 @@ class Trainer:
         """Checkpoint and files of an epoch (rank 0)."""
         if not self.dist.main:
             return
-        self.saver.save(self.checkpoint_state(epoch), best=improved)
+        weights = self.evaluation_model().state_dict() if self.cfg.keep_top_k else None
+        self.saver.save(self.checkpoint_state(epoch), best=improved, metric=row["val_miou"], eval_weights=weights)
         write_metrics(self.history, self.folder.metrics)
         append_timing(timing, self.folder.timing)
         if self.cfg.plot:

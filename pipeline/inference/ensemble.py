@@ -464,6 +464,35 @@ class OofCache:
     def confusion(self, fusion: Fusion) -> np.ndarray:
         return self.confusions([fusion])[0]
 
+    def fused_probabilities(self, fusion: Fusion) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(image id, fused probabilities K x h x w float32, ground truth) per image at the stored
+        OOF size: the weighted mean of the members, the bias (if any) applied to log-probabilities."""
+        for group, gt, probs in self._stream():
+            start = 0
+            for image_id in group:
+                h, w = self.sizes[image_id]
+                end = start + h * w
+                fused = np.zeros((self.num_classes, end - start), np.float32)
+                for j in fusion.active():
+                    fused += np.float32(fusion.weights[j] / 255.0) * probs[j, :, start:end]
+                if fusion.bias is not None:
+                    logits = np.log(np.maximum(fused, LOG_EPS)) + fusion.bias_of(2)
+                    fused = np.exp(logits - logits.max(0, keepdims=True))
+                    fused /= fused.sum(0, keepdims=True)
+                yield image_id, fused.reshape(self.num_classes, h, w), gt[start:end].reshape(h, w).copy()
+                start = end
+
+    def label_maps(self, fusion: Fusion) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(image id, fused class map, ground truth), both h x w at the stored OOF size, per image."""
+        for group, gt, probs in self._stream():
+            labels = self._labels(fusion, probs)
+            start = 0
+            for image_id in group:
+                h, w = self.sizes[image_id]
+                end = start + h * w
+                yield image_id, labels[start:end].reshape(h, w).copy(), gt[start:end].reshape(h, w).copy()
+                start = end
+
     def close(self) -> None:
         path = getattr(self, "path", None)
         if path and os.path.exists(path):

@@ -140,15 +140,17 @@ class DiceLoss(_SegLoss):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check(logits, target)
-        valid = (target != self.ignore_index).unsqueeze(1)
-        probs = logits.float().softmax(dim=1) * valid
-        onehot = F.one_hot(target.masked_fill(~valid.squeeze(1), 0), self.num_classes).permute(0, 3, 1, 2)
-        onehot = onehot.to(probs) * valid
-        dims = (0, 2, 3)
-        inter = (probs * onehot).sum(dims)
-        card = probs.sum(dims) + onehot.sum(dims)
+        valid = target != self.ignore_index
+        probs = logits.float().softmax(dim=1) * valid.unsqueeze(1)
+        # per-class sums without a one-hot tensor (K times the pixels): the true class's probability
+        # of every valid pixel, summed per class, and the pixel count per class
+        labels = target[valid]
+        true_p = probs.gather(1, target.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)[valid]
+        inter = torch.zeros(self.num_classes, dtype=probs.dtype, device=probs.device).scatter_add(0, labels, true_p)
+        count = torch.bincount(labels, minlength=self.num_classes).to(probs)
+        card = probs.sum((0, 2, 3)) + count
         dice = (2.0 * inter + self.smooth) / (card + self.smooth).clamp_min(torch.finfo(probs.dtype).tiny)
-        present = onehot.sum(dims) > 0 if self.classes == "present" else None
+        present = count > 0 if self.classes == "present" else None
         return self._class_mean(1.0 - dice, present)
 
 

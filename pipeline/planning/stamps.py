@@ -9,14 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.io import atomic_write_text
-
-
-def file_hash(path: str | Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from pipeline.data.coco import file_digest
 
 
 def stamp_key(settings: dict[str, Any], inputs: list[str | Path] = ()) -> str:
@@ -24,7 +17,7 @@ def stamp_key(settings: dict[str, Any], inputs: list[str | Path] = ()) -> str:
     h = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode())
     for path in inputs:
         h.update(str(path).encode())
-        h.update(file_hash(path).encode() if Path(path).is_file() else b"missing")
+        h.update(file_digest(path).encode() if Path(path).is_file() else b"missing")
     return h.hexdigest()
 
 

@@ -113,6 +113,30 @@ class MemberProbs:
         return acc
 
 
+def fused_probabilities(
+    members: list[SubmitMember],
+    weights: list[float],
+    image_id: int,
+    size: tuple[int, int],
+    probs: MemberProbs,
+    bias: np.ndarray | None = None,
+) -> np.ndarray:
+    """The weighted mean of the members' probabilities (K x H x W) of one image; a bias (per class)
+    is applied to the log-probabilities, as the fusion applies it."""
+    total = None
+    for member, w in zip(members, weights, strict=True):
+        if w <= 0:
+            continue
+        p = probs(member, image_id, size) * np.float32(w)
+        total = p if total is None else total + p
+    total = total / np.float32(sum(w for w in weights if w > 0))
+    if bias is not None:
+        logits = np.log(np.maximum(total, 1e-6)) + np.asarray(bias, np.float32).reshape(-1, 1, 1)
+        total = np.exp(logits - logits.max(0, keepdims=True))
+        total /= total.sum(0, keepdims=True)
+    return total
+
+
 def predict_label_map(
     members: Sequence[SubmitMember],
     fusion: Fusion,

@@ -1,0 +1,50 @@
+"""What the reports draw with: the class palette, mask overlays and COCO object-size bins."""
+
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+
+AREA_SMALL = 32**2
+AREA_MEDIUM = 96**2
+AREA_BINS = ("small", "medium", "large")
+
+
+def area_bin(area: float) -> int:
+    """0, 1 or 2 for a COCO small / medium / large object (absolute thresholds)."""
+    if area < AREA_SMALL:
+        return 0
+    return 1 if area < AREA_MEDIUM else 2
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    """Fixed RGB colours (uint8, K x 3): black for Background, then tab20, then golden-ratio hues."""
+    from matplotlib import colormaps
+
+    tab = colormaps["tab20"].colors
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))  # the ten strong shades first
+    out = np.zeros((num_classes, 3), np.uint8)
+    for k in range(1, num_classes):
+        if k - 1 < len(order):
+            rgb = tab[order[k - 1]]
+        else:
+            rgb = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.75, 0.95)
+        out[k] = np.round(np.asarray(rgb) * 255).astype(np.uint8)
+    return out
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """RGB uint8 image with non-Background pixels tinted in the palette colour and class borders drawn."""
+    import cv2
+
+    out = image.astype(np.float32)
+    fg = mask > 0
+    out[fg] = (1 - alpha) * out[fg] + alpha * palette[mask[fg]].astype(np.float32)
+    m = mask.astype(np.int32)
+    border = np.zeros_like(fg)
+    border[:, 1:] |= m[:, 1:] != m[:, :-1]
+    border[1:, :] |= m[1:, :] != m[:-1, :]
+    border &= cv2.dilate(fg.astype(np.uint8), np.ones((2, 2), np.uint8)).astype(bool)
+    out[border & fg] = palette[mask[border & fg]]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
