@@ -9,6 +9,7 @@ errors: images whose labels the predictions contradict with high confidence over
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -52,7 +53,8 @@ class Analysis:
             counts = np.bincount(rng.integers(0, n, n), minlength=n)
             reps[b] = iou_per_class(np.tensordot(counts, self.per_image, axes=1))
         alpha = (1 - level) / 2
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # classes absent from every replicate: NaN
             low, high = np.nanquantile(reps, alpha, axis=0), np.nanquantile(reps, 1 - alpha, axis=0)
         return np.stack([point, low, high], 1)
 
