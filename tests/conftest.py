@@ -40,3 +40,31 @@ def folds_file(demo_data_square, tmp_path_factory) -> Path:
         folds_stage.FoldsConfig(data_dir=str(demo_data_square), out_dir=str(out), k=3, seed=0, pixel_stats=False)
     )
     return out / "folds.csv"
+
+
+def small_train_config(data: Path, folds: Path, runs: Path, **kw):
+    """A TrainConfig for tests: the demo data, a small encoder without pretrained weights, CPU."""
+    from pipeline.core.config import build_config
+    from pipeline.engine.config import TrainConfig
+
+    base = dict(
+        data_dir=str(data),
+        folds_file=str(folds),
+        runs_dir=str(runs),
+        cache_dir=str(runs / "cache"),
+        model="unet",
+        encoder="resnet18",
+        encoder_weights=None,
+        experiment="t",
+        epochs=2,
+        batch_size=8,
+        lr=3e-3,
+        warmup_epochs=0.0,
+        augment="light",
+        num_workers=0,
+        threads=2,
+        progress=False,
+        plot=True,
+    )
+    base.update(kw)
+    return build_config(TrainConfig, overrides=base)

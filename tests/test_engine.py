@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import small_train_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -62,28 +63,8 @@ def test_persistent_workers_see_the_epoch_through_the_sampled_indices():
 
 
 def tiny(data: Path, folds: Path, runs: Path, **kw) -> TrainConfig:
-    base = dict(
-        data_dir=str(data),
-        folds_file=str(folds),
-        runs_dir=str(runs),
-        cache_dir=str(runs / "cache"),
-        model="unet",
-        encoder="tu-mobilenetv3_small_050",
-        encoder_weights=None,
-        experiment="t",
-        epochs=3,
-        batch_size=8,
-        lr=3e-3,
-        warmup_epochs=0.0,
-        augment="strong",
-        num_workers=0,
-        threads=2,
-        progress=False,
-        plot=False,
-        save_oof=False,
-    )
-    base.update(kw)
-    return build_config(TrainConfig, overrides=base)
+    base = dict(encoder="tu-mobilenetv3_small_050", epochs=3, augment="strong", plot=False, save_oof=False)
+    return small_train_config(data, folds, runs, **{**base, **kw})
 
 
 class Crash(Hook):

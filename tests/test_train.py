@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import small_train_config
 
 from pipeline.core.config import build_config
 from pipeline.core.errors import PipelineError
@@ -27,27 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_cfg(data: Path, folds: Path, runs: Path, **kw) -> TrainConfig:
-    base = dict(
-        data_dir=str(data),
-        folds_file=str(folds),
-        runs_dir=str(runs),
-        cache_dir=str(runs / "cache"),
-        model="unet",
-        encoder="resnet18",
-        encoder_weights=None,
-        experiment="t",
-        epochs=2,
-        batch_size=8,
-        lr=3e-3,
-        warmup_epochs=0.0,
-        augment="light",
-        num_workers=0,
-        threads=2,
-        progress=False,
-        plot=True,
-    )
-    base.update(kw)
-    return build_config(TrainConfig, overrides={k: v for k, v in base.items()})
+    return small_train_config(data, folds, runs, **kw)
 
 
 def cli_args(cfg: TrainConfig) -> list[str]:
