@@ -149,5 +149,5 @@ test-fast: setup ## run the tests without the slow ones
 bench: setup ## run the benchmarks (tables on stdout)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit $$?; done
 
-clean: ## remove generated runs, reports, caches (keeps data/ and .venv)
-	rm -rf runs reports .cache studies
+clean: ## remove generated runs, reports, caches, workspaces, ensembles, pseudo-labels (keeps data/, submissions/ and .venv)
+	rm -rf runs reports .cache studies work ensembles pseudo
