@@ -11,7 +11,6 @@ confidence: where a few dozen wrong labels are most likely to be).
 from __future__ import annotations
 
 import csv
-import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,12 +21,12 @@ import cv2
 import numpy as np
 
 from pipeline.core.config import ConfigError, stage_main
-from pipeline.core.io import atomic_open, atomic_write_bytes, atomic_write_text
+from pipeline.core.io import atomic_open, atomic_write_text
 from pipeline.core.layout import ENSEMBLE_WEIGHTS
 from pipeline.data import load_coco, read_image
 from pipeline.evaluation.analysis import Analysis, analyse
 from pipeline.evaluation.metrics import mean_iou
-from pipeline.evaluation.visual import AREA_BINS, class_palette, overlay
+from pipeline.evaluation.visual import AREA_BINS, class_palette, figure, overlay, save_png
 from pipeline.inference.ensemble import Fusion, OofCache, find_member, load_ensemble, resolve_members
 from pipeline.inference.store import stores_mask_rule
 
@@ -70,24 +69,9 @@ def _members(cfg: AnalyzeConfig) -> tuple[list, Fusion, str]:
     return members, Fusion(np.ones(len(members)), None, "mean"), label
 
 
-def _figure(w: float, h: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 def plot_confusion(a: Analysis, path: Path) -> Path:
     k = len(a.class_names)
-    fig = _figure(max(6, 0.35 * k + 2), max(5, 0.35 * k + 1.5))
+    fig = figure(max(6, 0.35 * k + 2), max(5, 0.35 * k + 1.5), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(a.row_normalised(), vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(k), a.class_names, rotation=90, fontsize=7)
@@ -95,12 +79,12 @@ def plot_confusion(a: Analysis, path: Path) -> Path:
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth (each row sums to 1)")
     fig.colorbar(im, ax=ax, shrink=0.8)
-    return _save(fig, path)
+    return save_png(fig, path, tight=False)
 
 
 def plot_recall(a: Analysis, path: Path) -> Path:
     k = len(a.class_names)
-    fig = _figure(max(6, 0.3 * k + 2), 4)
+    fig = figure(max(6, 0.3 * k + 2), 4, layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(1, k)
     for b, name in enumerate(AREA_BINS):
@@ -109,14 +93,14 @@ def plot_recall(a: Analysis, path: Path) -> Path:
     ax.set_ylabel("mean recall per instance")
     ax.set_ylim(0, 1)
     ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path, tight=False)
 
 
 def plot_worst(a: Analysis, coco, n: int, path: Path) -> Path:
     """Rows of image | ground truth | prediction | errors (red: wrong, grey: ignored)."""
     rows = a.worst(n)
     palette = class_palette(len(a.class_names))
-    fig = _figure(12, 3 * max(1, len(rows)))
+    fig = figure(12, 3 * max(1, len(rows)), layout="constrained")
     for r, res in enumerate(rows):
         h, w = res.gt.shape
         image = cv2.resize(read_image(coco.image_path(res.image_id)), (w, h), interpolation=cv2.INTER_AREA)
@@ -131,7 +115,7 @@ def plot_worst(a: Analysis, coco, n: int, path: Path) -> Path:
             ax.imshow(panel)
             ax.set_title(title, fontsize=8)
             ax.axis("off")
-    return _save(fig, path)
+    return save_png(fig, path, tight=False)
 
 
 def write_tables(a: Analysis, coco, out: Path, n_boot: int, seed: int) -> dict[str, Path]:

@@ -210,9 +210,6 @@ class Autopilot:
         return plan
 
     # ------------------------------------------------------------------------- steps
-    def experiment(self, plan: Plan) -> str:
-        return plan.recipe.name
-
     def train(self, plan: Plan, weights: str | None) -> Path:
         r = plan.recipe
         reserve = plan.planned_s - plan.train_s
@@ -231,7 +228,7 @@ class Autopilot:
             f"batch_size={r.batch}",
             f"epochs={plan.epochs * EPOCHS_CAP}",  # the time budget sizes the run after its second epoch
             f"runs_dir={self.runs_dir}",
-            f"experiment={self.experiment(plan)}",
+            f"experiment={plan.recipe.name}",
             f"cache_dir={self.ws / 'cache'}",
             f"seed={self.cfg.seed}",
             f"device={self.cfg.device}",
@@ -241,7 +238,7 @@ class Autopilot:
             args.append("encoder_lr=0.0001")
         if self.cfg.threads:
             args.append(f"threads={self.cfg.threads}")
-        folder = RunFolder.of(self.runs_dir, self.experiment(plan), 0)
+        folder = RunFolder.of(self.runs_dir, plan.recipe.name, 0)
         # the budget itself is not part of the stamp: a re-run after a kill continues the same run
         self.stage(
             "train",

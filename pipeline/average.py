@@ -23,11 +23,10 @@ from pipeline.core.io import atomic_write_bytes
 from pipeline.core.layout import RunFolder
 from pipeline.data import MaskCache, Preprocessing, SegmentationDataset, ValDataset, collate, load_coco, split_ids
 from pipeline.engine.averaging import average_states, recompute_bn
-from pipeline.engine.checkpoint import load_model_state, read_checkpoint, serialize
+from pipeline.engine.checkpoint import load_checkpoint_model, load_model_state, read_checkpoint, serialize
 from pipeline.engine.loop import evaluate
 from pipeline.engine.runtime import amp_dtype, resolve_device
 from pipeline.evaluation.metrics import mean_iou
-from pipeline.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +65,9 @@ def run(cfg: AverageConfig) -> Path:
     cfg.validate()
     folder = RunFolder(Path(cfg.run_dir))
     entries, states = top_weights(folder, cfg.k)
-    base = read_checkpoint(folder.best)
-    from pipeline.core.config import config_from_dict
-    from pipeline.engine.config import TrainConfig
-
-    tcfg = config_from_dict(TrainConfig, base["config"], str(folder.best))
     device = resolve_device(cfg.device)
-    model = build_model(tcfg.model, num_classes=base["num_classes"], encoder=tcfg.encoder, encoder_weights=None)
+    model, tcfg, base = load_checkpoint_model(folder.best, device)
     load_model_state(model, average_states(states), folder.top)
-    model.to(device)
     coco = load_coco(cfg.data_dir or tcfg.data_dir, tcfg.ann_file, mask_rule=tcfg.mask_rule)
     train_ids, val_ids = split_ids(coco, tcfg.folds_file, tcfg.fold)
     size = (int(base["img_size"][0]), int(base["img_size"][1]))

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.config import ConfigError, stage_main
-from pipeline.core.io import atomic_write_bytes, atomic_write_text
+from pipeline.core.io import atomic_write_text
 from pipeline.core.tables import format_table, markdown_table
 from pipeline.data import (
     CocoData,
@@ -49,7 +49,7 @@ from pipeline.data import (
     similarity_groups,
     verify_images,
 )
-from pipeline.evaluation.visual import AREA_MEDIUM, AREA_SMALL, area_bin, class_palette, overlay
+from pipeline.evaluation.visual import AREA_MEDIUM, AREA_SMALL, area_bin, class_palette, figure, overlay, save_png
 
 log = logging.getLogger(__name__)
 
@@ -186,27 +186,12 @@ def class_rows(stats: Stats) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- plots
-def _figure(width: float, height: float, layout: str | None = None):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout=layout)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 def _bar_width(n: int) -> float:
     return float(min(max(6.0, 0.45 * n + 2.0), 40.0))
 
 
 def plot_annotations_per_image(stats: Stats, path: Path) -> Path:
-    fig = _figure(7, 4)
+    fig = figure(7, 4)
     ax = fig.subplots()
     counts = stats.anns_per_image
     top = int(counts.max()) if counts.size else 0
@@ -214,7 +199,7 @@ def plot_annotations_per_image(stats: Stats, path: Path) -> Path:
     ax.set_xlabel("annotations per image")
     ax.set_ylabel("images")
     ax.set_title(f"Annotations per image ({len(counts)} images)")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_class_bars(
@@ -226,7 +211,7 @@ def plot_class_bars(
     colours: np.ndarray,
     log_scale: bool = False,
 ) -> Path:
-    fig = _figure(_bar_width(len(labels)), 4.5)
+    fig = figure(_bar_width(len(labels)), 4.5)
     ax = fig.subplots()
     x = np.arange(len(labels))
     bars = ax.bar(x, values, color=colours / 255.0, edgecolor="#333333", linewidth=0.5)
@@ -240,13 +225,13 @@ def plot_class_bars(
     ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8 if len(labels) <= 30 else 5)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_object_area(stats: Stats, path: Path) -> Path:
     names = stats.class_names[1:]
     bins = stats.area_bins[1:]
-    fig = _figure(_bar_width(len(names)), 4.5)
+    fig = figure(_bar_width(len(names)), 4.5)
     ax = fig.subplots()
     x = np.arange(len(names))
     bottom = np.zeros(len(names))
@@ -258,11 +243,11 @@ def plot_object_area(stats: Stats, path: Path) -> Path:
     ax.set_ylabel("instances")
     ax.set_title("Object area per class (absolute COCO thresholds)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_image_sizes(stats: Stats, path: Path) -> Path:
-    fig = _figure(6, 5)
+    fig = figure(6, 5)
     ax = fig.subplots()
     items = list(stats.sizes.items())
     hs = [h for (h, _), _ in items]
@@ -272,14 +257,14 @@ def plot_image_sizes(stats: Stats, path: Path) -> Path:
     ax.set_xlabel("width (px)")
     ax.set_ylabel("height (px)")
     ax.set_title(f"Image sizes ({len(stats.sizes)} distinct; marker area ~ images)")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_cooccurrence(stats: Stats, path: Path) -> Path:
     names = stats.class_names[1:]
     mat = stats.cooccurrence[1:, 1:]
     side = float(min(max(5.0, 0.5 * len(names) + 2.5), 40.0))
-    fig = _figure(side + 1.0, side)
+    fig = figure(side + 1.0, side)
     ax = fig.subplots()
     im = ax.imshow(mat, cmap="viridis")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="images")
@@ -301,7 +286,7 @@ def plot_cooccurrence(stats: Stats, path: Path) -> Path:
                     color="black" if mat[i, j] > hi * 0.6 else "white",
                 )
     ax.set_title("Class co-occurrence (images containing both; diagonal: images with the class)")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_samples(coco: CocoData, cache: MaskCache, image_ids: Sequence[int], palette: np.ndarray, path: Path) -> Path:
@@ -312,7 +297,7 @@ def plot_samples(coco: CocoData, cache: MaskCache, image_ids: Sequence[int], pal
     rows = math.ceil(n / cols)
     aspect = float(np.median([coco.image(i)["height"] / coco.image(i)["width"] for i in image_ids]))
     cell = 3.2
-    fig = _figure(cell * cols, rows * (cell * min(max(aspect, 0.25), 4.0) + 0.3) + 0.9, layout="constrained")
+    fig = figure(cell * cols, rows * (cell * min(max(aspect, 0.25), 4.0) + 0.3) + 0.9, layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     present: set[int] = set()
     for ax, image_id in zip(axes, image_ids, strict=False):
@@ -327,7 +312,7 @@ def plot_samples(coco: CocoData, cache: MaskCache, image_ids: Sequence[int], pal
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=min(5, len(handles)), fontsize=8, frameon=False)
     fig.suptitle("Samples with ground-truth masks", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _thumbnail(path: Path, side: int = 384) -> np.ndarray:
@@ -350,7 +335,7 @@ def plot_similar_groups(
     aspect = float(np.median([coco.image(i)["height"] / coco.image(i)["width"] for g in shown for i in g]))
     cell = 2.4
     row_h = cell * min(max(aspect, 0.25), 2.0) + 0.55
-    fig = _figure(cell * cols, row_h * len(shown) + 0.5, layout="constrained")
+    fig = figure(cell * cols, row_h * len(shown) + 0.5, layout="constrained")
     axes = fig.subplots(len(shown), cols, squeeze=False)
     for r, group in enumerate(shown):
         for c, ax in enumerate(axes[r]):
@@ -365,7 +350,7 @@ def plot_similar_groups(
             )
             ax.set_title((head + "\n" if c == 0 else "\n") + name, fontsize=7, loc="left")
     fig.suptitle(f"Look-alike images ({len(shown)} of {len(groups)} groups, largest first)", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def similar_images(coco: CocoData, cfg: EDAConfig, out: Path, plots: dict[str, Path]) -> SimilarityGroups | None:

@@ -131,13 +131,12 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
     def batches():
         probs = MemberProbs()
         for im in tqdm(coco.images, desc=f"submission ({cfg.format})", disable=not cfg.progress):
-            h, w = int(im["height"]), int(im["width"])
-            labels = predict_label_map(members, fusion, int(im["id"]), (h, w), probs)
-            if needs_probabilities(post):
-                fused = fused_probabilities(members, list(fusion.weights), int(im["id"]), (h, w), probs, fusion.bias)
-                labels = apply_postprocess(post, labels, fused, read_image(coco.image_path(int(im["id"])), (h, w)))
+            h, w, image_id = int(im["height"]), int(im["width"]), int(im["id"])
+            if needs_probabilities(post):  # the CRF decides from the fused probabilities and the image
+                fused = fused_probabilities(members, list(fusion.weights), image_id, (h, w), probs, fusion.bias)
+                labels = apply_postprocess(post, fused.argmax(0), fused, read_image(coco.image_path(image_id), (h, w)))
             else:
-                labels = apply_postprocess(post, labels)
+                labels = apply_postprocess(post, predict_label_map(members, fusion, image_id, (h, w), probs))
             if cfg.format == "rle":
                 yield rle_rows(str(im["file_name"]), labels, coco, cfg.order)
             else:

@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
+from conftest import small_train_config
 from torch import nn
 
 from pipeline.average import AverageConfig
 from pipeline.average import run as average
-from pipeline.core.config import build_config
 from pipeline.engine.averaging import average_states, recompute_bn
 from pipeline.engine.checkpoint import read_checkpoint
 from pipeline.inference.predictor import PredictConfig, predict
-from pipeline.train import TrainConfig, run
+from pipeline.train import run
 
 
 def test_average_states_is_the_mean_and_keeps_counters():
@@ -41,30 +41,20 @@ def test_recompute_bn_gives_the_statistics_of_the_data():
 @pytest.fixture(scope="module")
 def averaged_run(demo_data_square, folds_file, tmp_path_factory):
     runs = tmp_path_factory.mktemp("avg")
-    cfg = build_config(
-        TrainConfig,
-        overrides=dict(
-            data_dir=str(demo_data_square),
-            folds_file=str(folds_file),
-            runs_dir=str(runs),
-            cache_dir=str(runs / "cache"),
-            model="unet",
-            encoder="tu-mobilenetv3_small_050",
-            encoder_weights=None,
-            experiment="a",
-            epochs=3,
-            batch_size=8,
-            lr=3e-3,
-            warmup_epochs=0.0,
-            augment="none",
-            num_workers=0,
-            progress=False,
-            plot=False,
-            save_oof=False,
-            keep_top_k=3,
-            swa_epochs=2,
-            img_size=[64],
-        ),
+    cfg = small_train_config(
+        demo_data_square,
+        folds_file,
+        runs,
+        encoder="tu-mobilenetv3_small_050",
+        experiment="a",
+        epochs=3,
+        augment="none",
+        plot=False,
+        save_oof=False,
+        keep_top_k=3,
+        swa_epochs=2,
+        img_size=[64],
+        threads=None,
     )
     return cfg, run(cfg)
 

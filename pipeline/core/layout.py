@@ -120,14 +120,6 @@ class RunFolder:
         )
 
 
-def ensemble_dir(root: str | Path, name: str) -> Path:
-    return Path(root) / name
-
-
 def submission_paths(out_dir: str | Path, name: str) -> tuple[Path, Path]:
     """The CSV and its manifest."""
     return Path(out_dir) / f"{name}.csv", Path(out_dir) / f"{name}.json"
-
-
-def manifest_of(csv_path: str | Path) -> Path:
-    return Path(csv_path).with_suffix(".json")

@@ -52,7 +52,6 @@ class CheckpointSaver:
     def __init__(self, folder: RunFolder, keep_top_k: int = 0):
         self.folder = folder
         self.keep_top_k = keep_top_k
-        self.saves = 0
 
     def save(
         self,
@@ -67,7 +66,6 @@ class CheckpointSaver:
         if best:
             atomic_write_bytes(self.folder.best, data)
         atomic_write_bytes(self.folder.last, data)
-        self.saves += 1
         if self.keep_top_k and metric is not None and math.isfinite(metric) and eval_weights is not None:
             self._keep_top(state, metric, eval_weights)
         return data

@@ -1,10 +1,15 @@
-"""What the reports draw with: the class palette, mask overlays and COCO object-size bins."""
+"""What the reports draw with: figures saved as PNG, the class palette, mask overlays and COCO
+object-size bins."""
 
 from __future__ import annotations
 
 import colorsys
+import io
+from pathlib import Path
 
 import numpy as np
+
+from pipeline.core.io import atomic_write_bytes
 
 AREA_SMALL = 32**2
 AREA_MEDIUM = 96**2
@@ -48,3 +53,20 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: flo
     border &= cv2.dilate(fg.astype(np.uint8), np.ones((2, 2), np.uint8)).astype(bool)
     out[border & fg] = palette[mask[border & fg]]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def figure(width: float, height: float, layout: str | None = None):
+    """A matplotlib figure (100 dpi) drawn without pyplot's global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig, path: Path, tight: bool = True) -> Path:
+    """``fig`` as a PNG written atomically (``tight``: cropped to what is drawn)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, **({"bbox_inches": "tight"} if tight else {}))
+    return atomic_write_bytes(path, buf.getvalue())

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 EPS = 1e-6
 CLASS_CHUNK = 8
+WORK_SIDE = 256  # the CRF runs at most this many pixels on the long side (memory and time bound)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def dense_crf(probs: np.ndarray | torch.Tensor, image: np.ndarray, params: CRFPa
     return q.numpy()
 
 
-def crf_labels(probs: np.ndarray, image: np.ndarray, params: CRFParams, work_side: int = 256) -> np.ndarray:
+def crf_labels(probs: np.ndarray, image: np.ndarray, params: CRFParams, work_side: int = WORK_SIDE) -> np.ndarray:
     """Class map at the probabilities' size, the CRF run at most ``work_side`` pixels on the long side
     (probabilities and image resized down, refined probabilities resized back bilinearly)."""
     import cv2

@@ -35,6 +35,18 @@ LOG_EPS = 1e-6  # floor of probabilities before the log when a bias is applied
 VOTE_TIE = 1e-4  # weight of the mean probability that breaks ties between vote tallies
 
 
+def biased_probabilities(probs: np.ndarray, bias: np.ndarray | Sequence[float] | None) -> np.ndarray:
+    """``probs`` (K x ...) with a per-class bias added to their logarithm, renormalised over K
+    (as the fusion decides with a bias); ``probs`` itself without a bias."""
+    if bias is None:
+        return probs
+    shape = (-1,) + (1,) * (probs.ndim - 1)
+    logits = np.log(np.maximum(probs, np.float32(LOG_EPS))) + np.asarray(bias, np.float32).reshape(shape)
+    out = np.exp(logits - logits.max(0, keepdims=True))
+    out /= out.sum(0, keepdims=True)
+    return out
+
+
 class MeanMethod:
     """argmax of the weighted mean of the members' probabilities (+ bias on log-probabilities)."""
 
@@ -475,10 +487,7 @@ class OofCache:
                 fused = np.zeros((self.num_classes, end - start), np.float32)
                 for j in fusion.active():
                     fused += np.float32(fusion.weights[j] / 255.0) * probs[j, :, start:end]
-                if fusion.bias is not None:
-                    logits = np.log(np.maximum(fused, LOG_EPS)) + fusion.bias_of(2)
-                    fused = np.exp(logits - logits.max(0, keepdims=True))
-                    fused /= fused.sum(0, keepdims=True)
+                fused = biased_probabilities(fused, fusion.bias)
                 yield image_id, fused.reshape(self.num_classes, h, w), gt[start:end].reshape(h, w).copy()
                 start = end
 

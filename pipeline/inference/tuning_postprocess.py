@@ -25,7 +25,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.evaluation.metrics import confusion_matrix, mean_iou
 from pipeline.evaluation.selection import select
-from pipeline.inference.crf import CRFParams, crf_labels
+from pipeline.inference.crf import WORK_SIDE, CRFParams, crf_labels
 from pipeline.inference.postprocess import postprocess
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def tune_crf(
     c = choice.comparisons[0]
     return {
         "name": choice.chosen,
-        "params": {"crf": best.as_dict(), "work_side": 256},
+        "params": {"crf": best.as_dict(), "work_side": WORK_SIDE},
         "oof_miou_without": float(mean_iou(base.sum(0))),
         "oof_miou_with": float(mean_iou(best_cms.sum(0))),
         "oof_gain": {"gain": c.gain, "low": c.low, "high": c.high},
@@ -154,6 +154,6 @@ def apply_postprocess(
         params = CRFParams(
             **{k: (int(v) if k in ("window", "iterations") else v) for k, v in record["params"]["crf"].items()}
         )
-        return crf_labels(probs, image, params, int(record["params"].get("work_side", 256)))
+        return crf_labels(probs, image, params, int(record["params"].get("work_side", WORK_SIDE)))
     fractions = {int(c): float(f) for c, f in record["params"]["min_area_fraction"].items()}
     return postprocess("min_area", labels, min_area=pixel_thresholds(fractions, labels.shape))

@@ -14,7 +14,15 @@ import numpy as np
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_open
 from pipeline.data import CocoData
-from pipeline.inference.ensemble import WEIGHTS_FILE, Fusion, Workspace, load_ensemble, open_stores, resolve_members
+from pipeline.inference.ensemble import (
+    WEIGHTS_FILE,
+    Fusion,
+    Workspace,
+    biased_probabilities,
+    load_ensemble,
+    open_stores,
+    resolve_members,
+)
 from pipeline.inference.store import ProbReader
 from pipeline.submission.formats import HEADERS, resize_nearest
 from pipeline.submission.rle import encode_label_map
@@ -129,12 +137,7 @@ def fused_probabilities(
             continue
         p = probs(member, image_id, size) * np.float32(w)
         total = p if total is None else total + p
-    total = total / np.float32(sum(w for w in weights if w > 0))
-    if bias is not None:
-        logits = np.log(np.maximum(total, 1e-6)) + np.asarray(bias, np.float32).reshape(-1, 1, 1)
-        total = np.exp(logits - logits.max(0, keepdims=True))
-        total /= total.sum(0, keepdims=True)
-    return total
+    return biased_probabilities(total / np.float32(sum(w for w in weights if w > 0)), bias)
 
 
 def predict_label_map(
