@@ -146,8 +146,9 @@ test: setup lint ## lint, then the whole test suite (what CI runs)
 test-fast: setup ## run the tests without the slow ones
 	$(PY) -m pytest -q -m "not slow"
 
-bench: setup ## run the benchmarks (tables on stdout)
+bench: setup ## run every benchmark (its table; its figures as JSON in reports/bench/), then one table of all their goals
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit $$?; done
+	@echo "== summary"; $(PY) benchmarks/results.py
 
 clean: ## remove generated runs, reports, caches, workspaces, ensembles, pseudo-labels (keeps data/, submissions/ and .venv)
 	rm -rf runs reports .cache studies work ensembles pseudo

@@ -34,6 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from results import Goal, save
 
 from pipeline.data import MaskCache, SegmentationDataset, build_transform, load_coco
 
@@ -176,6 +177,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         lines.insert(1, "  ".join("-" * wd for wd in widths))
         print("\n".join(lines))
+        save(
+            "bench_dataset",
+            [Goal("ours items/s / baseline items/s", ref / results["ours (mask cache PNG)"], ">=", 5)],
+            settings=dict(
+                items=len(ids),
+                size=[h, w],
+                annotations_per_image=n_anns / max(len(ids), 1),
+                threads=torch.get_num_threads(),
+                data_dir=args.data_dir or "demo (temporary)",
+            ),
+            seconds_per_pass=results,
+        )
     return 0 if same == len(ids) else 1
 
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results import Goal, save
 
 
 def rss_mib() -> float:
@@ -217,6 +218,21 @@ def main(argv: list[str] | None = None) -> int:
             for s, n, base, peak, secs, cpu in rows:
                 if s == stage:
                     print(f"{s:<7} {n:>6} {base:>22.0f} {peak:>13.0f} {secs:>8.1f} {cpu:>8.1f}")
+        peaks = {(s, n): peak for s, n, _, peak, _, _ in rows}
+        save(
+            "bench_ensemble",
+            [
+                Goal(
+                    f"{stage} peak RSS at {sizes[-1]} images / at {sizes[0]}",
+                    peaks[stage, sizes[-1]] / peaks[stage, sizes[0]],
+                    "<=",
+                    1.1,
+                )
+                for stage in ("tune", "submit")
+            ],
+            settings=dict(members=args.members, classes=args.classes, size=list(args.size), trials=args.trials),
+            peak_rss_mib={f"{s} {n}": peak for (s, n), peak in peaks.items()},
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

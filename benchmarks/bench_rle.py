@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from results import Goal, save
 
 from pipeline.submission.rle import decode_label_map, encode_label_map
 
@@ -176,6 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, enc, dec in rows:
         print(f"{name:<{name_width}}  {enc:>10.3f}  {dec:>10.3f}  {enc / base_enc:>8.1f}x  {dec / base_dec:>8.1f}x")
     print("(x = time of the row / time of pipeline.submission.rle: how many times faster pipeline.submission.rle is)")
+    _, classic_enc, classic_dec = rows[1]
+    _, coco_enc, coco_dec = rows[2]
+    save(
+        "bench_rle",
+        [
+            Goal("classic encode time / ours", classic_enc / base_enc, ">=", 10),
+            Goal("classic decode time / ours", classic_dec / base_dec, ">=", 10),
+            Goal("pycocotools encode time / ours", coco_enc / base_enc, ">=", 5),
+            Goal("pycocotools decode time / ours", coco_dec / base_dec, ">=", 5),
+        ],
+        settings=dict(size=[height, width], classes=args.classes, dtype=args.dtype),
+        ms_per_map={name: {"encode": enc, "decode": dec} for name, enc, dec in rows},
+    )
     return 0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from results import Goal, save
 
 from pipeline import folds as folds_stage
 from pipeline.core.config import build_config
@@ -137,7 +138,7 @@ def main() -> int:
     print(f"{'method':64s} {'ms/step':>9s} {'img/s':>8s} {'throughput vs bare':>19s}")
     for name, step, ratio in rows:
         print(f"{name:64s} {step * 1000:9.1f} {args.batch / step:8.1f} {ratio:19.3f}")
-    print(f"goal >= 0.9: {'met' if bare_step / pipe_step >= 0.9 else 'NOT met'}")
+    amp_rows = {}
 
     if device.type == "cuda":
         print(f"\nmixed precision on {torch.cuda.get_device_name(device)} (bare loop, same batch and size)")
@@ -152,6 +153,22 @@ def main() -> int:
         ):
             t = fp32 if (amp is None and not cl) else bare_loop(args, 11, device, amp, cl)
             print(f"{name:40s} {t * 1000:9.1f} {fp32 / t:9.2f}")
+            amp_rows[name] = t
+    save(
+        "bench_train",
+        [Goal("pipeline.train throughput / bare forward+backward", bare_step / pipe_step, ">=", 0.9)],
+        device=str(device),
+        settings=dict(
+            model=f"{args.model}-{args.encoder}",
+            batch=args.batch,
+            size=args.size,
+            workers=args.workers,
+            augment=args.augment,
+            threads=torch.get_num_threads(),
+        ),
+        seconds_per_step={name: step for name, step, _ in rows},
+        mixed_precision_seconds_per_step=amp_rows,
+    )
     return 0
 
 

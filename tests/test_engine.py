@@ -216,3 +216,89 @@ def test_tensorboard_needs_its_package_and_says_so(demo_data_square, folds_file,
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were missing
     with pytest.raises(ConfigError, match="tensorboard=true needs the tensorboard package"):
         run(tiny(demo_data_square, folds_file, tmp_path, epochs=1, tensorboard=True))
+
+
+class _Step:
+    """The parts of a Trainer that ``backward_batch`` uses, around a model without BatchNorm."""
+
+    def __init__(self, model: nn.Module, oom_above: int | None = None) -> None:
+        self.model = self.net = model
+        self.device = torch.device("cpu")
+        self.dtype = None
+        self.criterion = nn.CrossEntropyLoss()
+        self.cfg = type("Cfg", (), {"accum_steps": 2})()
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        self.micro_batch = None
+        self.oom_above = oom_above
+        self.calls: list[int] = []
+        if oom_above is not None:
+            inner = model.forward
+
+            def forward(x):  # what CUDA does when a batch does not fit
+                self.calls.append(x.shape[0])
+                if x.shape[0] > self.oom_above:
+                    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+                return inner(x)
+
+            model.forward = forward
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_gradient(caplog):
+    from pipeline.engine.loop import backward_batch
+
+    torch.manual_seed(0)
+    images, masks = torch.randn(6, 3, 5, 7), torch.randint(0, 4, (6, 5, 7))
+    reference = nn.Conv2d(3, 4, 3, padding=1)
+    whole = _Step(reference)
+    loss_whole = backward_batch(whole, images, masks)
+    grads_whole = [p.grad.clone() for p in reference.parameters()]
+
+    model = nn.Conv2d(3, 4, 3, padding=1)
+    model.load_state_dict(reference.state_dict())
+    for p in model.parameters():  # a gradient left from an earlier batch of the window
+        p.grad = torch.ones_like(p)
+    step = _Step(model, oom_above=2)
+    with caplog.at_level("WARNING"):
+        loss = backward_batch(step, images, masks)
+    # 6 failed, then 3 failed, then three micro-batches of 2 (the last one's size is what was asked)
+    assert step.calls == [6, 3, 2, 2, 2] and step.micro_batch == 2
+    assert "now 2 (gradient accumulation x6, effective batch 12 unchanged)" in caplog.text
+    # the window's earlier gradient was dropped; this batch's gradient is the whole batch's
+    for p, g in zip(model.parameters(), grads_whole, strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-6)
+    assert loss.item() == pytest.approx(loss_whole.item(), rel=1e-5)
+    # the next batch goes straight through in micro-batches of 2
+    step.calls.clear()
+    backward_batch(step, images, masks)
+    assert step.calls == [2, 2, 2]
+
+
+def test_out_of_memory_at_one_image_is_a_clear_error():
+    from pipeline.core.errors import PipelineError
+    from pipeline.engine.loop import backward_batch
+
+    step = _Step(nn.Conv2d(3, 4, 1), oom_above=0)
+    with pytest.raises(PipelineError, match="one image per micro-batch at size \\(5, 7\\): lower img_size="):
+        backward_batch(step, torch.randn(4, 3, 5, 7), torch.zeros(4, 5, 7, dtype=torch.long))
+    assert step.calls == [4, 2, 1]
+
+
+def test_a_run_survives_out_of_memory_with_the_same_number_of_steps(demo_data_square, folds_file, tmp_path, monkeypatch):
+    import pipeline.engine.loop as loop
+
+    real = loop.model_loss
+
+    def model_loss(model, outputs, masks, criterion):
+        if masks.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, outputs, masks, criterion)
+
+    monkeypatch.setattr(loop, "model_loss", model_loss)
+    cfg = tiny(demo_data_square, folds_file, tmp_path, epochs=2, batch_size=4, max_train_batches=3, lr=1e-3)
+    result = run(cfg)
+    assert result.epochs_done == 2
+    metrics = pd.read_csv(cfg.folder().metrics)
+    assert np.isfinite(metrics["train_loss"]).all()
+    # the scheduler stepped once per batch as planned: 3 steps an epoch, 2 epochs
+    assert read_checkpoint(cfg.folder().last)["scheduler"]["last_epoch"] == 6

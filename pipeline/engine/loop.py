@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from pipeline.models.contract import model_loss, predict_probabilities
 
 if TYPE_CHECKING:
     from pipeline.engine.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 LOSS_CHECK_EVERY = 20  # batches between checks of the running loss (each check syncs with the GPU)
 
@@ -40,6 +43,55 @@ def _optimizer_step(t: Trainer) -> None:
     t.scheduler.step()
     for hook in t.hooks:
         hook.on_step_end(t)
+
+
+def _forward_backward(t: Trainer, images: torch.Tensor, masks: torch.Tensor, weight: float) -> torch.Tensor:
+    with torch.autocast(t.device.type, dtype=t.dtype, enabled=t.dtype is not None):
+        loss = model_loss(t.model, t.net(images), masks, t.criterion)
+    t.scaler.scale(loss * (weight / t.cfg.accum_steps)).backward()
+    return loss.detach()
+
+
+def backward_batch(t: Trainer, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Forward and backward of one loader batch; returns its loss (detached).
+
+    The batch goes through in micro-batches of ``t.micro_batch`` images (all at once while
+    it is None), each loss weighted by its share of the batch, so the gradient is that of the
+    whole batch.  On an out-of-memory error the micro-batch is halved, which doubles the
+    gradient accumulation and keeps the effective batch: the gradients of the current
+    accumulation window are dropped (a failed backward may have left part of them) and this
+    batch is done again.  At one image per micro-batch the error is raised, with advice.
+    """
+    n = images.shape[0]
+    while True:
+        size = min(t.micro_batch or n, n)
+        try:
+            if size >= n:
+                return _forward_backward(t, images, masks, 1.0)
+            total = torch.zeros((), device=images.device)
+            for start in range(0, n, size):
+                part = slice(start, start + size)
+                share = images[part].shape[0] / n
+                total += share * _forward_backward(t, images[part], masks[part], share).float()
+            return total
+        except torch.OutOfMemoryError as exc:
+            t.optimizer.zero_grad(set_to_none=True)
+            if t.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if size <= 1:
+                raise PipelineError(
+                    f"out of memory with one image per micro-batch at size {tuple(images.shape[-2:])}: "
+                    "lower img_size=, use amp=bf16/fp16 or a smaller encoder"
+                ) from exc
+            t.micro_batch = (size + 1) // 2
+            log.warning(
+                "out of memory with micro-batches of %d images: now %d (gradient accumulation x%d, effective batch "
+                "%d unchanged); this accumulation window's gradients were dropped",
+                size,
+                t.micro_batch,
+                math.ceil(n / t.micro_batch) * t.cfg.accum_steps,
+                n * t.cfg.accum_steps,
+            )
 
 
 def train_one_epoch(t: Trainer, epoch: int) -> tuple[float, float]:
@@ -65,10 +117,8 @@ def train_one_epoch(t: Trainer, epoch: int) -> tuple[float, float]:
         last_micro = (i + 1) % t.cfg.accum_steps == 0 or i + 1 == t.batches
         skip_sync = t.dist.enabled and not last_micro
         with t.net.no_sync() if skip_sync else contextlib.nullcontext():
-            with torch.autocast(t.device.type, dtype=t.dtype, enabled=t.dtype is not None):
-                loss = model_loss(t.model, t.net(images), masks, t.criterion)
-            t.scaler.scale(loss / t.cfg.accum_steps).backward()
-        loss_sum += loss.detach().double()
+            loss = backward_batch(t, images, masks)
+        loss_sum += loss.double()
         seen += 1
         if last_micro:
             _optimizer_step(t)

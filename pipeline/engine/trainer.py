@@ -143,6 +143,7 @@ class Trainer:
         if cfg.fine_tune_from:
             self._load_fine_tune(cfg.fine_tune_from)
         self.channels_last = cfg.channels_last and self.device.type == "cuda"
+        self.micro_batch: int | None = None  # images per forward pass; halved on an out-of-memory error
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.dtype = amp_dtype(cfg.amp, self.device)
