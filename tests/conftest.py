@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# tests never reach a model hub: whole-model weights are tested from local save_pretrained folders
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def make_demo(out_dir: Path, **kwargs) -> Path:

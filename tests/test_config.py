@@ -489,11 +489,21 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
 
 
 FAMILIES = sorted(OLD_FAMILY_CONFIGS)
+# families added after the redesign (transformers): their overlays start from whole pretrained models
+NEW_FAMILIES = ["hf_segformer", "hf_upernet", "mask2former", "maskformer"]
 
 
 def test_every_family_has_an_overlay_and_nothing_else_is_in_the_folder():
     names = {p.stem for p in CONFIGS.glob("*.yaml")}
-    assert names == set(FAMILIES) | {"base", "search_space", "search_space_demo"}
+    assert names == set(FAMILIES) | set(NEW_FAMILIES) | {"base", "search_space", "search_space_demo"}
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_new_family_overlays_start_from_a_whole_pretrained_model(family):
+    cfg = build_config(TrainConfig, CONFIGS / f"{family}.yaml")
+    assert cfg.model == family and cfg.pretrained and cfg.encoder_weights is None
+    assert cfg.loss == ("model" if family.startswith("mask") else "ce+dice")
+    assert all(side % 32 == 0 for side in cfg.img_size)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -505,7 +515,7 @@ def test_family_config_resolves_exactly_as_before(family):
         assert getattr(cfg, key) == value, (path, key)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + NEW_FAMILIES)
 def test_family_overlay_holds_only_what_differs_from_base(family):
     raw = yaml.safe_load((CONFIGS / f"{family}.yaml").read_text())
     assert raw.pop("base") == "base.yaml"

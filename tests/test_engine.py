@@ -284,7 +284,9 @@ def test_out_of_memory_at_one_image_is_a_clear_error():
     assert step.calls == [4, 2, 1]
 
 
-def test_a_run_survives_out_of_memory_with_the_same_number_of_steps(demo_data_square, folds_file, tmp_path, monkeypatch):
+def test_a_run_survives_out_of_memory_with_the_same_number_of_steps(
+    demo_data_square, folds_file, tmp_path, monkeypatch
+):
     import pipeline.engine.loop as loop
 
     real = loop.model_loss

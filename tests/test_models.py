@@ -7,7 +7,6 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.errors import PipelineError
@@ -26,6 +25,7 @@ from pipeline.models import (
     param_groups,
 )
 from pipeline.models import registry as M
+from pipeline.models.contract import has_own_loss, model_loss, model_probabilities
 
 torch.set_num_threads(2)
 
@@ -111,9 +111,9 @@ def test_family_builds_trains_one_step_and_takes_non_square_input(name, num_clas
     size = spec.min_test_size
     x = batch(size)
     target = torch.randint(0, num_classes, (2, size, size), generator=torch.Generator().manual_seed(2))
-    logits = model(x)
-    assert logits.shape == (2, num_classes, size, size)
-    F.cross_entropy(logits, target).backward()
+    outputs = model(x)  # through the family contract: logits, or a family's own outputs and loss
+    assert model_probabilities(model, outputs).shape == (2, num_classes, size, size)
+    model_loss(model, outputs, target, None if has_own_loss(model) else nn.CrossEntropyLoss()).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
@@ -122,7 +122,9 @@ def test_family_builds_trains_one_step_and_takes_non_square_input(name, num_clas
     assert size % model.input_divisor == 0
     model.eval()  # a non-square input (height x 1.5 height) works as well
     with torch.no_grad():
-        assert model(batch((size, size * 3 // 2))).shape == (2, num_classes, size, size * 3 // 2)
+        probs = model_probabilities(model, model(batch((size, size * 3 // 2))))
+    assert probs.shape == (2, num_classes, size, size * 3 // 2)
+    assert torch.allclose(probs.sum(1), torch.ones(()), atol=1e-4)
 
 
 def test_any_size_when_divisor_is_one():

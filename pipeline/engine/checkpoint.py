@@ -82,7 +82,9 @@ class CheckpointSaver:
         kept, dropped = entries[: self.keep_top_k], entries[self.keep_top_k :]
         if any(e["epoch"] == epoch for e in kept):
             meta = {
-                k: state[k] for k in ("config", "class_names", "num_classes", "img_size", "preprocessing") if k in state
+                k: state[k]
+                for k in ("config", "class_names", "num_classes", "img_size", "preprocessing", "architecture")
+                if k in state
             }
             atomic_write_bytes(
                 self.folder.top / f"epoch{epoch:04d}.pt",
@@ -132,6 +134,13 @@ def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu", 
 
     ckpt = read_checkpoint(path)
     cfg = config_from_dict(TrainConfig, ckpt["config"], str(path))
-    model = build_model(cfg.model, num_classes=ckpt["num_classes"], encoder=cfg.encoder, encoder_weights=None)
+    model = build_model(
+        cfg.model,
+        num_classes=ckpt["num_classes"],
+        encoder=cfg.encoder,
+        encoder_weights=None,
+        architecture=ckpt.get("architecture"),
+        **(cfg.model_options or {}),
+    )
     load_model_state(model, model_state(ckpt, use_ema), path)
     return model.to(device).eval(), cfg, ckpt

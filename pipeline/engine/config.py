@@ -26,6 +26,8 @@ class TrainConfig:
     encoder: str | None = None  # None: the family's default encoder
     encoder_weights: str | None = None  # e.g. imagenet (the family configs set it)
     weights: str | None = None  # local encoder or whole-model checkpoint
+    pretrained: str | None = None  # whole segmentation-pretrained model (hub id or local folder); wins over weights
+    model_options: dict | None = None  # extra options of the family's builder (smp / torchvision / transformers config)
     fine_tune_from: str | None = None  # start from another run's best.pt (a run folder or a checkpoint file)
     pseudo_dir: str | None = None  # pseudo-labelled test images (make pseudo) added to the training images
     # run folder
@@ -55,7 +57,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     poly_power: float = 0.9
     grad_clip: float | None = 1.0
-    loss: str = "ce"
+    loss: str = "ce"  # "model": the family's own loss (mask classification families require it)
     class_weights: list[float] | None = None
     label_smoothing: float = 0.0
     amp: str = "auto"  # auto: bf16 where supported, else fp16; always off on CPU

@@ -65,6 +65,7 @@ from pipeline.engine.runtime import (
 )
 from pipeline.engine.sampling import EpochSeededDataset, EpochShuffleSampler
 from pipeline.evaluation.metrics import IGNORE_INDEX, iou_per_class, mean_iou
+from pipeline.models.contract import has_own_loss
 from pipeline.models.losses import build_loss
 from pipeline.models.preprocessing import encoder_preprocessing
 
@@ -139,6 +140,8 @@ class Trainer:
             encoder=cfg.encoder,
             encoder_weights=cfg.encoder_weights,
             weights=cfg.weights,
+            pretrained=cfg.pretrained,
+            **(cfg.model_options or {}),
         ).to(self.device)
         if cfg.fine_tune_from:
             self._load_fine_tune(cfg.fine_tune_from)
@@ -181,13 +184,7 @@ class Trainer:
 
     def _build_loaders(self) -> None:
         cfg = self.cfg
-        self.criterion = build_loss(
-            cfg.loss,
-            self.coco.num_classes,
-            ignore_index=IGNORE_INDEX,
-            class_weights=cfg.class_weights,
-            label_smoothing=cfg.label_smoothing,
-        ).to(self.device)
+        self.criterion = self._criterion()
         self.workers = cfg.num_workers if cfg.num_workers is not None else default_workers(self.device)
         opts = loader_options(self.device, self.workers, cfg.prefetch_factor)
         transform = build_transform(cfg.augment, self.size)
@@ -233,6 +230,28 @@ class Trainer:
             self.val_loader = DataLoader(
                 val_set, batch_size=cfg.batch_size, sampler=val_sampler, collate_fn=collate, **opts
             )
+
+    def _criterion(self) -> torch.nn.Module | None:
+        """The configured loss; None for a family that trains with its own (``loss=model``)."""
+        cfg = self.cfg
+        own = has_own_loss(self.model)
+        if own and cfg.loss != "model":
+            raise ConfigError(
+                f"model {cfg.model!r} trains with its own loss (mask classification: Hungarian matching, class "
+                f"cross-entropy, mask binary cross-entropy and dice); loss={cfg.loss!r} cannot replace it: "
+                "set loss=model"
+            )
+        if cfg.loss == "model":
+            if not own:
+                raise ConfigError(f"loss=model: model {cfg.model!r} has no loss of its own; pick one of the losses")
+            return None
+        return build_loss(
+            cfg.loss,
+            self.coco.num_classes,
+            ignore_index=IGNORE_INDEX,
+            class_weights=cfg.class_weights,
+            label_smoothing=cfg.label_smoothing,
+        ).to(self.device)
 
     def _copy_paste(self) -> CopyPaste | None:
         cfg = self.cfg
@@ -288,6 +307,7 @@ class Trainer:
             "num_classes": self.coco.num_classes,
             "img_size": list(self.size),
             "preprocessing": self.preprocessing.as_dict(),
+            "architecture": getattr(self.model, "architecture", None),
             "ann_digest": self.coco.digest,
             "pseudo": None
             if self.pseudo is None

@@ -2,7 +2,10 @@
 
 The checkpoint's model predicts at the training size through :class:`TTAModel` (the
 softmax probabilities of the views are averaged); probabilities are mapped back bilinearly
-and streamed into a store (:mod:`pipeline.inference.store`):
+and streamed into a store (:mod:`pipeline.inference.store`).  Images much larger than the
+training size (``sliding=auto``: a side at least ``sliding_factor`` times the trained one;
+``sliding=on``: every image) are instead predicted at their own size, window by window
+(:mod:`pipeline.inference.sliding`, TTA applied per window), and then stored the same way:
 
 * ``split=test``: the images of ``test_ann`` (``test.json``), each stored at its own size
   times ``store_scale``; default folder ``<run>/test_<tta>``.
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from pipeline.core.config import to_dict
 from pipeline.core.errors import ConfigError, DataError, PipelineError
@@ -46,12 +49,14 @@ from pipeline.engine.config import TrainConfig
 from pipeline.engine.oof import stored_size
 from pipeline.engine.runtime import AMP_MODES, amp_dtype, default_workers, loader_options, resolve_device
 from pipeline.evaluation.metrics import confusion_matrix_torch, iou_per_class, mean_iou
+from pipeline.inference.sliding import DEFAULT_OVERLAP, SlidingWindow, as_pair, list_blends
 from pipeline.inference.store import DTYPES, ProbWriter, resize_probs
 from pipeline.inference.tta import DEFAULT_SCALES, TTAModel, auto_max_batch, parse_tta
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val")
+SLIDING_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -74,11 +79,23 @@ class PredictConfig:
     store_scale: float = 1.0  # split=test: maps stored at the image size x store_scale
     out_dir: str | None = None  # default <run_dir>/test_<tta> or <run_dir>/oof_<tta>
     progress: bool = True
+    sliding: str = "auto"  # auto | on | off: predict large images at their own size, window by window
+    sliding_factor: float = 1.5  # auto: slide when an image side is at least this x the trained side
+    window: list[int] | None = None  # [side] or [height, width]; None: the trained size
+    overlap: float = DEFAULT_OVERLAP  # fraction of a window that its neighbour shares
+    blend: str = "gaussian"  # gaussian | uniform: how overlapping windows are weighted
 
     def validate(self) -> None:
         if not self.run_dir:
             raise ConfigError("run_dir is required (a training run folder such as runs/<experiment>/fold0)")
-        for key, names in (("split", SPLITS), ("dtype", DTYPES), ("amp", AMP_MODES)):
+        checks = (
+            ("split", SPLITS),
+            ("dtype", DTYPES),
+            ("amp", AMP_MODES),
+            ("sliding", SLIDING_MODES),
+            ("blend", tuple(list_blends())),
+        )
+        for key, names in checks:
             if getattr(self, key) not in names:
                 raise ConfigError(f"{key}: unknown {getattr(self, key)!r}; known: {', '.join(names)}")
         if self.batch_size < 1:
@@ -87,6 +104,17 @@ class PredictConfig:
             raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}")
         if not 0 < self.store_scale <= 1:
             raise ConfigError(f"store_scale must be in (0, 1], got {self.store_scale}")
+        if not self.sliding_factor >= 1:
+            raise ConfigError(
+                f"sliding_factor must be at least 1 (an image side this many times the trained side is "
+                f"predicted with sliding windows), got {self.sliding_factor}"
+            )
+        if not 0 <= self.overlap < 1:
+            raise ConfigError(
+                f"overlap must be in [0, 1) (the fraction of a window its neighbour shares), got {self.overlap}"
+            )
+        if self.window is not None:
+            as_pair(self.window, "window")
         parse_tta(self.tta, self.scales)
 
     def folder(self) -> RunFolder:
@@ -105,7 +133,8 @@ class Job:
 
     coco: CocoData
     ids: list[int]
-    dataset: Dataset
+    dataset: Dataset  # images resized to the training size
+    native: Dataset  # the same items with images at their own size (sliding windows)
     collate_fn: Callable
     stored_fixed: tuple[int, int] | None  # val: every map at this size; test: None (image size x store_scale)
     info: dict[str, Any]
@@ -167,8 +196,8 @@ def val_job(cfg: PredictConfig, tcfg: TrainConfig, ckpt: dict[str, Any], ckpt_pa
     if same_model and "miou_full_resolution" in oof_meta:
         info["oof_miou_without_tta"] = oof_meta["miou_full_resolution"]
     prep = Preprocessing.from_dict(ckpt.get("preprocessing"))
-    dataset = ValDataset(SegmentationDataset(coco, ids, None, MaskCache(coco, tcfg.cache_dir), prep), train_size)
-    return Job(coco, ids, dataset, collate, fixed, info)
+    native = SegmentationDataset(coco, ids, None, MaskCache(coco, tcfg.cache_dir), prep)
+    return Job(coco, ids, ValDataset(native, train_size), native, collate, fixed, info)
 
 
 def test_job(cfg: PredictConfig, ckpt: dict[str, Any], ckpt_path: Path) -> Job:
@@ -180,20 +209,84 @@ def test_job(cfg: PredictConfig, ckpt: dict[str, Any], ckpt_path: Path) -> Job:
     train_size = (int(ckpt["img_size"][0]), int(ckpt["img_size"][1]))
     prep = Preprocessing.from_dict(ckpt.get("preprocessing"))
     dataset = TestDataset(coco, coco.image_ids, build_transform("none", train_size), prep)
-    return Job(coco, coco.image_ids, dataset, collate_test, None, {"store_scale": cfg.store_scale})
+    native = TestDataset(coco, coco.image_ids, None, prep)
+    return Job(coco, coco.image_ids, dataset, native, collate_test, None, {"store_scale": cfg.store_scale})
+
+
+def sliding_indices(cfg: PredictConfig, sizes: Sequence[tuple[int, int]], train_size: tuple[int, int]) -> list[int]:
+    """Positions in ``sizes`` (each image's height, width) of the images to predict with sliding
+    windows: all (``sliding=on``), none (``off``), or those with a side at least ``sliding_factor``
+    times the trained side (``auto``)."""
+    if cfg.sliding == "off":
+        return []
+    return [
+        i
+        for i, size in enumerate(sizes)
+        if cfg.sliding == "on"
+        or any(side >= cfg.sliding_factor * trained for side, trained in zip(size, train_size, strict=True))
+    ]
+
+
+def resolve_window(cfg: PredictConfig, train_size: tuple[int, int]) -> tuple[int, int]:
+    """``cfg.window`` as (h, w), or the trained size."""
+    return as_pair(cfg.window, "window") if cfg.window is not None else train_size
+
+
+def log_sliding_mode(
+    cfg: PredictConfig, slide: SlidingWindow, n_sliding: int, n_images: int, train_size: tuple[int, int]
+) -> None:
+    """One line: which images are predicted with sliding windows, and why."""
+    trained = f"{train_size[0]}x{train_size[1]}"
+    how = (
+        f"predicted at their own size in {slide.window[0]}x{slide.window[1]} windows (stride "
+        f"{slide.stride[0]}x{slide.stride[1]}, overlap {cfg.overlap:g}, {slide.blend} blend)"
+    )
+    if cfg.sliding == "off":
+        log.info("sliding=off: every image is resized to the trained size %s", trained)
+    elif cfg.sliding == "on":
+        log.info("sliding=on: every image (%d) is %s", n_images, how)
+    elif n_sliding:
+        log.info(
+            "sliding=auto: %d of %d images have a side at least %g x the trained size %s: they are %s; "
+            "the other %d are resized to %s",
+            n_sliding,
+            n_images,
+            cfg.sliding_factor,
+            trained,
+            how,
+            n_images - n_sliding,
+            trained,
+        )
+    else:
+        log.info(
+            "sliding=auto: no image has a side at least %g x the trained size %s: every image is resized to it",
+            cfg.sliding_factor,
+            trained,
+        )
+
+
+Part = tuple[DataLoader, Callable[[torch.Tensor], torch.Tensor]]
 
 
 def stream_predictions(
-    cfg: PredictConfig, tta: TTAModel, loader: DataLoader, job: Job, writer: ProbWriter, device: torch.device
+    cfg: PredictConfig, parts: Sequence[Part], job: Job, writer: ProbWriter, device: torch.device
 ) -> None:
-    """Predict every batch, write each image's map, and (val) score the written and unstored maps."""
+    """Predict every batch of each (loader, predictor) part, write each image's map, and (val) score
+    the written and unstored maps."""
     from tqdm import tqdm
+
+    def batches():
+        for loader, predictor in parts:
+            for batch in loader:
+                yield predictor, batch
 
     k, val = job.coco.num_classes, job.stored_fixed is not None
     cm_written = torch.zeros(k, k, dtype=torch.int64, device=device)
     cm_full = torch.zeros_like(cm_written)
-    for images, masks, metas in tqdm(loader, desc=f"predict {cfg.split} ({cfg.tta})", disable=not cfg.progress):
-        probs = tta(images.to(device, non_blocking=True))
+    total = sum(len(loader) for loader, _ in parts)
+    bar = tqdm(batches(), total=total, desc=f"predict {cfg.split} ({cfg.tta})", disable=not cfg.progress)
+    for predictor, (images, masks, metas) in bar:
+        probs = predictor(images.to(device, non_blocking=True))
         for i, (p, meta) in enumerate(zip(probs, metas, strict=False)):
             h, w = meta["height"], meta["width"]
             small = resize_probs(p, job.stored_fixed or stored_size((h, w), cfg.store_scale))
@@ -226,23 +319,19 @@ def log_oof_scores(cfg: PredictConfig, info: dict[str, Any], stored: tuple[int, 
     )
 
 
-def predict(cfg: PredictConfig) -> Path:
-    """Predict ``cfg.split`` with TTA and write the probability store; returns its folder."""
-    cfg.validate()
-    if not Path(cfg.run_dir).is_dir():
-        raise PipelineError(f"{cfg.run_dir}: run folder not found (train it first: make train)")
-    ckpt_path = cfg.checkpoint_path()
-    if not ckpt_path.is_file():
-        raise PipelineError(f"{ckpt_path}: checkpoint not found (checkpoint={cfg.checkpoint})")
-    device = resolve_device(cfg.device)
-    model, tcfg, ckpt = load_checkpoint_model(ckpt_path, device, use_ema=cfg.use_ema)
-    dtype = amp_dtype(cfg.amp, device)
-    max_batch = cfg.max_batch if cfg.max_batch is not None else auto_max_batch(device, cfg.batch_size)
-    tta = TTAModel(model, cfg.tta, scales=cfg.scales, max_batch=max_batch, dtype=dtype).eval()
-    job = val_job(cfg, tcfg, ckpt, ckpt_path) if cfg.split == "val" else test_job(cfg, ckpt, ckpt_path)
-    check_files(job.coco, job.ids)
+def store_info(
+    cfg: PredictConfig,
+    ckpt_path: Path,
+    ckpt: dict[str, Any],
+    tcfg: TrainConfig,
+    job: Job,
+    tta: TTAModel,
+    slide: SlidingWindow,
+    n_sliding: int,
+) -> dict[str, Any]:
+    """What the store's ``meta.json`` records of this prediction."""
     train_size = (int(ckpt["img_size"][0]), int(ckpt["img_size"][1]))
-    info: dict[str, Any] = {
+    return {
         "source": str(ckpt_path),
         "epoch": int(ckpt["epoch"]),
         "use_ema": bool(cfg.use_ema and ckpt.get("ema") is not None),
@@ -256,14 +345,62 @@ def predict(cfg: PredictConfig) -> Path:
         "tta_views": tta.view_names,
         "scales": sorted({float(v.scale) for v in tta.views}),
         "train_size": list(train_size),
+        "sliding": {
+            "mode": cfg.sliding,
+            "images": n_sliding,
+            "window": list(slide.window),
+            "stride": list(slide.stride),
+            "blend": slide.blend,
+        },
         "preprocessing": Preprocessing.from_dict(ckpt.get("preprocessing")).as_dict(),
         "predict_config": to_dict(cfg),
         **job.info,
     }
+
+
+def predict(cfg: PredictConfig) -> Path:
+    """Predict ``cfg.split`` with TTA and write the probability store; returns its folder."""
+    cfg.validate()
+    if not Path(cfg.run_dir).is_dir():
+        raise PipelineError(f"{cfg.run_dir}: run folder not found (train it first: make train)")
+    ckpt_path = cfg.checkpoint_path()
+    if not ckpt_path.is_file():
+        raise PipelineError(f"{ckpt_path}: checkpoint not found (checkpoint={cfg.checkpoint})")
+    device = resolve_device(cfg.device)
+    model, tcfg, ckpt = load_checkpoint_model(ckpt_path, device, use_ema=cfg.use_ema)
+    dtype = amp_dtype(cfg.amp, device)
+    max_batch = cfg.max_batch if cfg.max_batch is not None else auto_max_batch(device, cfg.batch_size)
+    tta = TTAModel(model, cfg.tta, scales=cfg.scales, max_batch=max_batch, dtype=dtype).eval()
+    train_size = (int(ckpt["img_size"][0]), int(ckpt["img_size"][1]))
+    # a window is the size of a training image, so a call sends as many windows as a batch has images
+    slide = SlidingWindow(
+        tta,
+        resolve_window(cfg, train_size),
+        overlap=cfg.overlap,
+        blend=cfg.blend,
+        max_batch=cfg.batch_size,
+        progress=cfg.progress,
+    ).eval()
+    job = val_job(cfg, tcfg, ckpt, ckpt_path) if cfg.split == "val" else test_job(cfg, ckpt, ckpt_path)
+    check_files(job.coco, job.ids)
+    sizes = [(int(job.coco.image(i)["height"]), int(job.coco.image(i)["width"])) for i in job.ids]
+    sliding = sliding_indices(cfg, sizes, train_size)
+    info = store_info(cfg, ckpt_path, ckpt, tcfg, job, tta, slide, len(sliding))
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
     opts = {**loader_options(device, workers), "persistent_workers": False}
-    loader = DataLoader(job.dataset, batch_size=cfg.batch_size, collate_fn=job.collate_fn, **opts)
+    chosen = set(sliding)
+    resized = [i for i in range(len(job.ids)) if i not in chosen]
+    # images at their own size differ in size: one per batch, its windows batched by the wrapper
+    parts: list[Part] = [
+        (DataLoader(Subset(dataset, idx), batch_size=bs, collate_fn=job.collate_fn, **opts), predictor)
+        for dataset, idx, bs, predictor in (
+            (job.dataset, resized, cfg.batch_size, tta),
+            (job.native, sliding, 1, slide),
+        )
+        if idx
+    ]
     out = cfg.output_dir()
+    log_sliding_mode(cfg, slide, len(sliding), len(job.ids), train_size)
     log.info(
         "predicting %d %s images of %s with TTA %s (%d views) at %dx%d -> %s",
         len(job.ids),
@@ -276,7 +413,7 @@ def predict(cfg: PredictConfig) -> Path:
         out,
     )
     with ProbWriter(out, job.coco.class_names, cfg.dtype, info) as writer, torch.inference_mode():
-        stream_predictions(cfg, tta, loader, job, writer, device)
+        stream_predictions(cfg, parts, job, writer, device)
     if job.stored_fixed is not None:
         log_oof_scores(cfg, writer.info, job.stored_fixed)
     log.info("wrote probabilities of %d images to %s", len(job.ids), out)

@@ -43,6 +43,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def has_own_loss(model: nn.Module) -> bool:
+    """Whether the family brings its own loss (``compute_loss``); it then trains with ``loss=model``."""
     return callable(getattr(unwrap(model), "compute_loss", None))
 
 

@@ -8,7 +8,7 @@ fine-tune from pretrained weights sees inputs normalized the same way:
   tag); ViT-style models often use mean = std = 0.5.
 * smp's own encoders: their pretrained settings; the ImageNet statistics except the few
   families whose original weights were trained otherwise (Inception/Xception: 0.5/0.5, DPN).
-* torchvision families: ImageNet.
+* torchvision and transformers families: ImageNet (the statistics of their image processors).
 
 The statistics are stored in each checkpoint; prediction uses what the checkpoint says
 (a checkpoint without them is read as ImageNet's).
@@ -54,7 +54,7 @@ def _timm_preprocessing(timm_name: str) -> Preprocessing:
 def encoder_preprocessing(model: str, encoder: str | None = None) -> Preprocessing:
     """The preprocessing of ``model`` with ``encoder`` (None: the family's default encoder)."""
     spec = get_spec(model)
-    if spec.family == "torchvision":
+    if spec.family in ("torchvision", "hf"):
         return IMAGENET
     enc = _resolve_encoder(spec, encoder)
     if enc.startswith("tu-"):

@@ -21,6 +21,10 @@ pan                              smp          resnet34                          
 upernet                          smp          resnet34                              32       tu-test_convnext    64
 segformer                        smp          mit_b2                                32       mit_b0              64
 dpt                              smp          tu-vit_base_patch16_224.augreg_in21k  16       tu-test_vit         64
+mask2former                      hf           swin-tiny                             32       test-swin           64
+maskformer                       hf           swin-tiny                             32       test-swin           64
+hf_upernet                       hf           convnext-tiny                         32       test-convnext       64
+hf_segformer                     hf           mit-b0                                32       mit-test            64
 tv_fcn_resnet50                  torchvision  resnet50 (fixed)                      1        resnet50            64
 tv_fcn_resnet101                 torchvision  resnet101 (fixed)                     1        resnet101           64
 tv_deeplabv3_resnet50            torchvision  resnet50 (fixed)                      1        resnet50            64
@@ -33,6 +37,11 @@ tv_lraspp_mobilenet_v3_large     torchvision  mobilenet_v3_large (fixed)        
   (``tu-convnext_tiny``, ``tu-swin_...``, ``tu-<name>.<pretrained tag>``); DPT takes only
   ViT-style ``tu-`` encoders and is built with ``dynamic_img_size=True`` so any multiple of
   the patch size works (pass ``dynamic_img_size=False`` to get the fixed timm input size).
+- hf families are transformers' implementations (:mod:`pipeline.models.hf`): ``mask2former``
+  and ``maskformer`` are mask classification (their own outputs, loss and probabilities through
+  the family contract; train with ``loss=model``), ``hf_upernet`` / ``hf_segformer`` return
+  logits.  Their encoders are backbone presets with random weights; a whole
+  segmentation-pretrained model comes with ``pretrained=<hub id or local folder>``.
 - "divisor": height and width must be multiples of it (``input_divisor(name, encoder)``;
   it depends on the encoder and on ``encoder_depth`` / ``encoder_output_stride``).  A 1
   means any size: smp's Unet and the torchvision models resize internally.  Heads whose
@@ -73,7 +82,7 @@ class ModelSpec:
     """What the registry knows about one model family."""
 
     name: str
-    family: str  # "smp" or "torchvision"
+    family: str  # "smp", "torchvision" or "hf" (transformers)
     arch: str  # smp architecture key or torchvision builder name
     default_encoder: str
     divisor: int  # input-size divisor with the default encoder and settings
@@ -174,6 +183,17 @@ def _specs() -> dict[str, ModelSpec]:
             min_test_size=over.get("min_test_size", 64),
             default_kwargs=kwargs,
         )
+    from pipeline.models import hf
+
+    for name, fam in hf.FAMILIES.items():
+        specs[name] = ModelSpec(
+            name=name,
+            family="hf",
+            arch=fam.model_class,
+            default_encoder=fam.default_encoder,
+            divisor=32,
+            test_encoder=fam.test_encoder,
+        )
     for name, (builder, backbone, _) in _TV_FAMILIES.items():
         specs[name] = ModelSpec(
             name=name,
@@ -230,6 +250,10 @@ def _resolve_encoder(spec: ModelSpec, encoder: str | None) -> str:
     if encoder is None or str(encoder).strip() == "":
         return spec.default_encoder
     enc = str(encoder).strip()
+    if spec.family == "hf":
+        from pipeline.models import hf
+
+        return hf.resolve_encoder(spec.name, enc)
     if spec.fixed_encoder:
         if enc.lower() != spec.default_encoder:
             raise UnknownNameError(
@@ -281,6 +305,8 @@ def input_divisor(name: str, encoder: str | None = None, **kwargs: Any) -> int:
     spec = get_spec(name)
     if spec.family == "torchvision":
         return 1
+    if spec.family == "hf":
+        return spec.divisor
     enc = _resolve_encoder(spec, encoder)
     arch_cls = _smp().MODEL_ARCHITECTURES_MAPPING[spec.arch]
     return _smp_divisor(arch_cls, enc, {**spec.default_kwargs, **kwargs})
@@ -312,6 +338,7 @@ class SegmentationNet(nn.Module):
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.input_divisor = input_divisor
+        self.architecture: dict[str, Any] | None = None  # set when built from a whole pretrained model
 
     @property
     def encoder(self) -> nn.Module:
@@ -339,16 +366,37 @@ def build_model(
     encoder_weights: str | None = None,
     weights: str | Path | None = None,
     in_channels: int = 3,
+    pretrained: str | Path | None = None,
+    architecture: Mapping[str, Any] | None = None,
     **kwargs: Any,
-) -> SegmentationNet:
-    """Build a registered model with ``num_classes`` output channels.
+) -> nn.Module:
+    """Build a registered model with ``num_classes`` output classes.
 
-    ``encoder_weights``: pretrained encoder weights to download (``"imagenet"`` or another
-    smp weight name; ``None`` for random).  ``weights``: a local whole-model or
-    encoder-only state dict loaded after building (no download is then attempted).
-    ``kwargs`` go to ``smp.create_model`` or the torchvision builder.
+    Weights, in this order of precedence (the first given wins; the others are ignored
+    with a log line): ``pretrained`` (a whole segmentation-pretrained model, hub id or
+    local folder: backbone and decoder loaded, the classifier rebuilt for ``num_classes``;
+    transformers families and smp-hub checkpoints), ``weights`` (a local whole-model or
+    encoder-only state dict loaded after building, no download), ``encoder_weights``
+    (pretrained encoder weights to download: ``"imagenet"`` or another smp weight name;
+    ``None`` for random).  ``architecture``: a checkpoint's record of a model built from
+    ``pretrained``, to rebuild the same network offline (random weights, then the
+    checkpoint's state).  ``kwargs`` go to ``smp.create_model``, the torchvision builder
+    or the transformers config.
     """
     spec = get_spec(name)
+    if pretrained is not None and str(pretrained).strip().lower() in ("", "none", "null"):
+        pretrained = None
+    if pretrained is not None:
+        for key, value in (("weights", weights), ("encoder_weights", encoder_weights)):
+            if value is not None:
+                log.info("pretrained=%s given: %s=%s is not used", pretrained, key, value)
+        weights = encoder_weights = None
+    if spec.family == "hf":
+        return _build_hf(
+            spec, num_classes, encoder, encoder_weights, weights, in_channels, pretrained, architecture, kwargs
+        )
+    if pretrained is not None or architecture is not None:
+        return _build_smp_pretrained(spec, num_classes, pretrained, architecture, in_channels)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise PipelineError(f"num_classes must be a positive integer (from the annotation file), got {num_classes!r}")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
@@ -388,6 +436,93 @@ def build_model(
         from pipeline.models.weights import load_weights
 
         load_weights(model, weights)
+    return model
+
+
+def _build_hf(
+    spec: ModelSpec,
+    num_classes: int,
+    encoder: str | None,
+    encoder_weights: str | None,
+    weights: str | Path | None,
+    in_channels: int,
+    pretrained: str | Path | None,
+    architecture: Mapping[str, Any] | None,
+    kwargs: Mapping[str, Any],
+) -> nn.Module:
+    from pipeline.models import hf
+
+    if in_channels != 3:
+        raise PipelineError(f"model {spec.name!r} takes 3-channel images, got in_channels={in_channels}")
+    if encoder_weights is not None:
+        log.warning(
+            "%s: encoder_weights=%s does not apply (its backbone presets start from random weights); a whole "
+            "segmentation-pretrained model comes with pretrained=<hub id or folder>, e.g. %s",
+            spec.name,
+            encoder_weights,
+            hf.FAMILIES[spec.name].hub_example,
+        )
+    if pretrained is not None:
+        return hf.from_pretrained(spec.name, pretrained, num_classes)
+    model = hf.build(spec.name, num_classes, encoder, kwargs, architecture)
+    if weights is not None:
+        from pipeline.models.weights import load_weights
+
+        load_weights(model, weights)
+    return model
+
+
+def _build_smp_pretrained(
+    spec: ModelSpec,
+    num_classes: int,
+    pretrained: str | Path | None,
+    architecture: Mapping[str, Any] | None,
+    in_channels: int,
+) -> SegmentationNet:
+    """An smp model from a whole pretrained checkpoint (smp-hub id or a ``save_pretrained`` folder),
+    its segmentation head rebuilt for ``num_classes``; or rebuilt offline from ``architecture``."""
+    smp = _smp()
+    if spec.family != "smp":
+        raise PipelineError(
+            f"pretrained= (a whole segmentation-pretrained model) is not available for {spec.name!r}: use weights= "
+            f"(a local state dict) or encoder_weights="
+        )
+    if architecture is not None:
+        config = {k: v for k, v in dict(architecture["config"]).items() if not k.startswith("_")}
+        config.update(classes=num_classes, encoder_weights=None)
+        net = getattr(smp, architecture["class"])(**config)
+    else:
+        source = Path(str(pretrained)).expanduser()
+        where = str(source) if source.is_dir() else str(pretrained)
+        try:
+            net = smp.from_pretrained(where, classes=num_classes, strict=False)
+        except (OSError, ValueError) as exc:
+            raise PipelineError(
+                f"pretrained={pretrained}: cannot load it ({str(exc).splitlines()[0][:200]}). Without access to the "
+                f"model hub, download it where there is (huggingface-cli download {pretrained} --local-dir DIR, or "
+                f"model.save_pretrained(DIR)) and pass pretrained=DIR; pretrained=null trains from random weights"
+            ) from exc
+        if type(net).__name__.lower() != spec.arch.lower():
+            raise PipelineError(
+                f"pretrained={pretrained} is a {type(net).__name__}, not model {spec.name!r}: set model= to match"
+            )
+        log.info(
+            "%s: whole model loaded from %s (segmentation head rebuilt for %d classes)", spec.name, where, num_classes
+        )
+    config = dict(net.config)
+    enc = str(config.get("encoder_name", spec.default_encoder))
+    model = SegmentationNet(
+        net,
+        arch=spec.name,
+        family=spec.family,
+        encoder_name=enc,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        input_divisor=int(getattr(net.encoder, "output_stride", spec.divisor))
+        if getattr(net, "requires_divisible_input_shape", True)
+        else 1,
+    )
+    model.architecture = {"family": spec.name, "class": type(net).__name__, "config": config}
     return model
 
 
