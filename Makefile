@@ -55,6 +55,7 @@ help: ## list targets and their variables
 	@echo "  ARGS=\"key=value ...\"    overrides passed to the stage's config"
 	@echo "  FOLD=$(FOLD) K=$(K) SEED=$(SEED) FOLDS_FILE=$(FOLDS_FILE)"
 	@echo "  MODEL=$(MODEL) CONFIG=$(CONFIG) RESUME=$(RESUME)  (train: pipeline/configs/<MODEL>.yaml unless CONFIG is set)"
+	@echo "  family configs (MODEL=): $(filter-out base search_space search_space_demo,$(basename $(notdir $(wildcard pipeline/configs/*.yaml))))"
 	@echo "  EXP=$(EXP)  experiment name: train writes runs/EXP/fold<k>/ (default: MODEL, or CONFIG's file name)"
 	@echo "  RUN=$(RUN) TTA=$(TTA) SPLIT=$(SPLIT)  (predict)"
 	@echo "  RUNS=\"runs/a/fold0 runs/a/fold1 ...\"  (ensemble)"

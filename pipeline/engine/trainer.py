@@ -81,10 +81,9 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
-def resolve_size(cfg: TrainConfig, coco: CocoData) -> tuple[int, int]:
+def resolve_size(cfg: TrainConfig, coco: CocoData, divisor: int) -> tuple[int, int]:
     """Training size (H, W): ``img_size`` checked against the model's input divisor, or the
     data's most common size rounded up to it."""
-    divisor = model_registry.input_divisor(cfg.model, cfg.encoder)
     if cfg.img_size is None:
         return image_size_from_data(coco, divisor)
     h, w = (cfg.img_size[0], cfg.img_size[0]) if len(cfg.img_size) == 1 else cfg.img_size
@@ -121,7 +120,6 @@ class Trainer:
     def _build_data(self) -> None:
         cfg = self.cfg
         self.coco = load_coco(cfg.data_dir, cfg.ann_file, mask_rule=cfg.mask_rule)
-        self.size = resolve_size(cfg, self.coco)
         self.preprocessing = encoder_preprocessing(cfg.model, cfg.encoder)
         self.train_ids, self.val_ids = split_ids(self.coco, cfg.folds_file, cfg.fold)
         self.cache = MaskCache(self.coco, cfg.cache_dir)
@@ -143,6 +141,7 @@ class Trainer:
             pretrained=cfg.pretrained,
             **(cfg.model_options or {}),
         ).to(self.device)
+        self.size = resolve_size(cfg, self.coco, int(getattr(self.model, "input_divisor", 1)))
         if cfg.fine_tune_from:
             self._load_fine_tune(cfg.fine_tune_from)
         self.channels_last = cfg.channels_last and self.device.type == "cuda"

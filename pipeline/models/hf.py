@@ -72,6 +72,35 @@ def _convnext(hidden: list[int], depths: list[int]) -> Callable[[], Any]:
     return make
 
 
+def _beit(hidden: int, layers: int, heads: int, out: list[int]) -> Callable[[], Any]:
+    def make():
+        from transformers import BeitConfig
+
+        # add_fpn: four scales (1/4 .. 1/32) from the plain ViT, as BEiT's own UperNet recipe
+        return BeitConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            use_relative_position_bias=True,
+            add_fpn=True,
+            out_indices=out,
+        )
+
+    return make
+
+
+def _dinov2(hidden: int, layers: int, heads: int, out: list[int]) -> Callable[[], Any]:
+    def make():
+        from transformers import Dinov2Config
+
+        return Dinov2Config(
+            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, patch_size=14, out_indices=out
+        )
+
+    return make
+
+
 # backbone preset -> its transformers config (built offline; pretrained= brings trained ones)
 BACKBONES: dict[str, Callable[[], Any]] = {
     "swin-tiny": _swin(96, [2, 2, 6, 2], [3, 6, 12, 24]),
@@ -80,9 +109,17 @@ BACKBONES: dict[str, Callable[[], Any]] = {
     "swin-large": _swin(192, [2, 2, 18, 2], [6, 12, 24, 48], window=12),
     "resnet50": _resnet50,
     "convnext-tiny": _convnext([96, 192, 384, 768], [3, 3, 9, 3]),
+    "beit-base": _beit(768, 12, 12, [4, 6, 8, 12]),
+    "beit-large": _beit(1024, 24, 16, [8, 12, 16, 24]),
+    "dinov2-small": _dinov2(384, 12, 6, [3, 6, 9, 12]),
+    "dinov2-base": _dinov2(768, 12, 12, [3, 6, 9, 12]),
     "test-swin": _swin(16, [1, 1, 1, 1], [1, 1, 1, 1], window=4),
     "test-convnext": _convnext([8, 16, 24, 32], [1, 1, 1, 1]),
+    "test-beit": _beit(32, 4, 2, [1, 2, 3, 4]),
+    "test-dinov2": _dinov2(32, 4, 2, [1, 2, 3, 4]),
 }
+# plain-ViT backbones: only the per-pixel UperNet takes them (mask classification wants a pyramid)
+VIT_BACKBONES = ("beit-base", "beit-large", "dinov2-small", "dinov2-base", "test-beit", "test-dinov2")
 
 # heads of the test backbones: small enough for a CPU test
 _TEST_HEADS: dict[str, dict[str, Any]] = {
@@ -171,7 +208,19 @@ _SEGFORMER_SIZES: dict[str, dict[str, Any]] = {
 def encoders_of(family: str) -> list[str]:
     if family == "hf_segformer":
         return list(_SEGFORMER_SIZES)
-    return list(BACKBONES)
+    if family == "hf_upernet":
+        return list(BACKBONES)
+    return [b for b in BACKBONES if b not in VIT_BACKBONES]
+
+
+def input_divisor(family: str, encoder: str | None = None, config: Any = None) -> int:
+    """Height and width must be multiples of this: the patch size of a DINOv2 backbone, else 32."""
+    backbone = getattr(config, "backbone_config", None) if config is not None else None
+    if backbone is None and encoder is not None and family != "hf_segformer":
+        backbone = BACKBONES[resolve_encoder(family, encoder)]()
+    if getattr(backbone, "model_type", "") == "dinov2":
+        return int(backbone.patch_size)
+    return 32
 
 
 def resolve_encoder(family: str, encoder: str | None) -> str:
@@ -252,7 +301,7 @@ class HFSegmentationNet(nn.Module):
         self.encoder_name = encoder_name
         self.num_classes = num_classes
         self.in_channels = 3
-        self.input_divisor = 32
+        self.input_divisor = input_divisor(arch, config=hf.config)
         self.load_report: dict[str, list[str]] | None = None
 
     @property
@@ -264,7 +313,7 @@ class HFSegmentationNet(nn.Module):
             return hf.model.pixel_level_module.encoder
         if self.arch == "hf_upernet":
             return hf.backbone
-        return hf.segformer.encoder
+        return hf.segformer
 
     @property
     def architecture(self) -> dict[str, Any]:

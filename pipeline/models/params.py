@@ -75,7 +75,7 @@ def _iter_split(params: list[nn.Parameter], no_decay: set[int]) -> Iterator[tupl
     yield False, [p for p in params if id(p) in no_decay]
 
 
-_STAGE = re.compile(r"(?:^|\.)(?:layer|layers|stages|stage|blocks|features)[._]?(\d+)(?=\.|$)")
+_STAGE = re.compile(r"(?:^|\.)(?:layer|layers|stages|stage|blocks|block|features)[._]?(\d+)(?=\.|$)")
 _TOP = re.compile(r"^(?:model\.)?(?:norm|fc_norm|head_norm|final_norm)\b")
 
 

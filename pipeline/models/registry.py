@@ -306,7 +306,9 @@ def input_divisor(name: str, encoder: str | None = None, **kwargs: Any) -> int:
     if spec.family == "torchvision":
         return 1
     if spec.family == "hf":
-        return spec.divisor
+        from pipeline.models import hf
+
+        return hf.input_divisor(spec.name, encoder)
     enc = _resolve_encoder(spec, encoder)
     arch_cls = _smp().MODEL_ARCHITECTURES_MAPPING[spec.arch]
     return _smp_divisor(arch_cls, enc, {**spec.default_kwargs, **kwargs})
@@ -548,6 +550,14 @@ def _build_smp(
                     f"valid: {', '.join(available)} or null (random init)"
                 )
     options = {**spec.default_kwargs, **kwargs}
+    if encoder.startswith("tu-") and "swin" in encoder and "strict_img_size" not in options:
+        options["strict_img_size"] = False  # timm's Swin takes any multiple of 32, not only its pretraining size
+    if spec.arch == "dpt" and _vit_reduction(encoder[3:]) != 16:
+        raise PipelineError(
+            f"model 'dpt' takes ViT encoders with 16-pixel patches (e.g. tu-vit_small_patch16_dinov3); "
+            f"{encoder} has {_vit_reduction(encoder[3:])}-pixel patches, which smp's DPT decoder cannot fuse: "
+            f"use model=hf_upernet encoder=dinov2-small (or dinov2-base) for DINOv2"
+        )
     try:
         return smp.create_model(
             spec.arch,
