@@ -386,6 +386,10 @@ def build_model(
     or the transformers config.
     """
     spec = get_spec(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise PipelineError(f"num_classes must be a positive integer (from the annotation file), got {num_classes!r}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise PipelineError(f"in_channels must be a positive integer, got {in_channels!r}")
     if pretrained is not None and str(pretrained).strip().lower() in ("", "none", "null"):
         pretrained = None
     if pretrained is not None:
@@ -394,15 +398,10 @@ def build_model(
                 log.info("pretrained=%s given: %s=%s is not used", pretrained, key, value)
         weights = encoder_weights = None
     if spec.family == "hf":
-        return _build_hf(
-            spec, num_classes, encoder, encoder_weights, weights, in_channels, pretrained, architecture, kwargs
-        )
+        hf_model = _build_hf(spec, num_classes, encoder, encoder_weights, in_channels, pretrained, architecture, kwargs)
+        return _load_local(hf_model, weights)
     if pretrained is not None or architecture is not None:
         return _build_smp_pretrained(spec, num_classes, pretrained, architecture, in_channels)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise PipelineError(f"num_classes must be a positive integer (from the annotation file), got {num_classes!r}")
-    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-        raise PipelineError(f"in_channels must be a positive integer, got {in_channels!r}")
     for key in ("aux_params", "activation"):
         if kwargs.get(key) is not None:
             raise PipelineError(
@@ -434,6 +433,11 @@ def build_model(
         in_channels=in_channels,
         input_divisor=divisor,
     )
+    return _load_local(model, weights)
+
+
+def _load_local(model: nn.Module, weights: str | Path | None) -> nn.Module:
+    """``model`` with a local whole-model or encoder-only state dict loaded (when given)."""
     if weights is not None:
         from pipeline.models.weights import load_weights
 
@@ -446,7 +450,6 @@ def _build_hf(
     num_classes: int,
     encoder: str | None,
     encoder_weights: str | None,
-    weights: str | Path | None,
     in_channels: int,
     pretrained: str | Path | None,
     architecture: Mapping[str, Any] | None,
@@ -466,12 +469,7 @@ def _build_hf(
         )
     if pretrained is not None:
         return hf.from_pretrained(spec.name, pretrained, num_classes)
-    model = hf.build(spec.name, num_classes, encoder, kwargs, architecture)
-    if weights is not None:
-        from pipeline.models.weights import load_weights
-
-        load_weights(model, weights)
-    return model
+    return hf.build(spec.name, num_classes, encoder, kwargs, architecture)
 
 
 def _build_smp_pretrained(
