@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
@@ -71,7 +72,7 @@ def test_kill_while_writing_last_pt_then_resume(trained):
 
 
 @pytest.mark.slow
-def test_kill_while_writing_a_store_and_a_submission(trained, demo_data_square, tmp_path):
+def test_kill_while_writing_a_store_an_ensemble_and_a_submission(trained, demo_data_square, tmp_path):
     runs, _ = trained
     run_dir = runs / "r" / "fold0"
     pred = [
@@ -88,6 +89,23 @@ def test_kill_while_writing_a_store_and_a_submission(trained, demo_data_square, 
     killed = stage(pred, fault="before-rename:index.csv")
     assert killed.returncode == -9 and leftovers(store) and digest(store / "index.csv") == index
     assert stage(pred).returncode == 0
+    ens = [
+        "pipeline.ensemble",
+        f"runs={runs / 'r'}",
+        "tta=none",
+        f"data_dir={demo_data_square}",
+        f"out_dir={tmp_path / 'ensembles'}",
+        "name=e",
+        "n_trials=3",
+        "progress=false",
+    ]
+    done = stage(ens)
+    assert done.returncode == 0, done.stderr[-2000:]
+    weights = tmp_path / "ensembles" / "e" / "weights.yaml"
+    weights_before = digest(weights)
+    killed = stage(ens, fault="before-rename:weights.yaml")
+    assert killed.returncode == -9 and leftovers(weights.parent) and digest(weights) == weights_before
+    assert stage(ens).returncode == 0 and yaml.safe_load(weights.read_text())["members"]
     sub = [
         "pipeline.submit",
         "name=s",
