@@ -130,19 +130,22 @@ def test_loss_must_be_the_models_own_for_mask_classification(demo_data_square, f
         train(cfg)
 
 
-def test_mask2former_and_a_per_pixel_run_predict_and_ensemble(demo_data_square, folds_file, tmp_path):
+def test_every_new_family_trains_predicts_and_joins_an_ensemble(demo_data_square, folds_file, tmp_path):
     common = dict(epochs=1, max_train_batches=2, max_val_batches=2, img_size=[64], batch_size=4, plot=False)
     source = tiny("mask2former", 3)  # a "segmentation-pretrained" model of another class count
     source.hf.save_pretrained(tmp_path / "m2f")
+    members = {
+        "m2f": dict(model="mask2former", pretrained=str(tmp_path / "m2f"), loss="model"),
+        "maskformer": dict(model="maskformer", encoder="test-swin", loss="model"),
+        "upernet": dict(model="hf_upernet", encoder="test-convnext"),
+        "segformer": dict(model="hf_segformer", encoder="mit-test"),
+        "unet": dict(model="unet", encoder="resnet18"),
+    }
     runs = []
-    for exp, kw in (
-        ("m2f", dict(model="mask2former", pretrained=str(tmp_path / "m2f"), loss="model")),
-        ("unet", dict(model="unet", encoder="resnet18")),
-    ):
-        result = train(
-            small_train_config(demo_data_square, folds_file, tmp_path / "runs", experiment=exp, **common, **kw)
-        )
-        assert result.epochs_done == 1
+    for exp, kw in members.items():
+        cfg = small_train_config(demo_data_square, folds_file, tmp_path / "runs", experiment=exp, **common, **kw)
+        result = train(cfg)
+        assert result.epochs_done == 1 and (result.run_dir / "oof" / "index.csv").is_file()
         runs.append(result.run_dir)
     # the checkpoint rebuilds the pretrained architecture offline
     model, _, ckpt = load_checkpoint_model(runs[0] / "best.pt")
@@ -160,7 +163,7 @@ def test_mask2former_and_a_per_pixel_run_predict_and_ensemble(demo_data_square, 
                 )
             )
             assert len(ProbReader(out).image_ids) > 0
-    result = ensemble_stage.run(
+    ensemble_stage.run(
         ensemble_stage.EnsembleConfig(
             runs=[str(r) for r in runs],
             data_dir=str(demo_data_square),
@@ -172,4 +175,4 @@ def test_mask2former_and_a_per_pixel_run_predict_and_ensemble(demo_data_square, 
         )
     )
     weights = (tmp_path / "ensembles" / "mixed" / "weights.yaml").read_text()
-    assert "m2f" in weights and "unet" in weights, weights
+    assert all(name in weights for name in members), weights
