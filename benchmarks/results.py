@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 from pipeline.core.io import atomic_write_text  # noqa: E402
 
-COMPARISONS = (">=", "<=")
+COMPARISONS = (">=", "<=", "report")  # "report": a figure shown without a bound
 
 
 @dataclass
@@ -45,6 +45,8 @@ class Goal:
             raise ValueError(f"goal {self.measure!r}: comparison {self.op!r} is not one of {COMPARISONS}")
 
     def status(self, device: str) -> str:
+        if self.op == "report":
+            return "report"
         if self.applies_on and not device.startswith(self.applies_on):
             return "report"
         ok = self.value >= self.bound if self.op == ">=" else self.value <= self.bound
@@ -69,7 +71,8 @@ def save(benchmark: str, goals: list[Goal], *, device: str = "cpu", settings: di
     path = results_dir() / f"{benchmark}.json"
     atomic_write_text(path, json.dumps(record, indent=2, default=float) + "\n")
     for g in goals:
-        print(f"goal {g.measure} {g.op} {g.bound:g}{g.unit}: {g.status(device)} ({g.value:.3g}{g.unit})")
+        bound = "" if g.op == "report" else f" {g.op} {g.bound:g}{g.unit}"
+        print(f"goal {g.measure}{bound}: {g.status(device)} ({g.value:.3g}{g.unit})")
     print(f"figures -> {path}")
     return path
 
@@ -95,7 +98,10 @@ def summary_table(records: list[dict]) -> str:
                     rec["benchmark"],
                     g["measure"],
                     f"{g['value']:.3g}{g['unit']}",
-                    f"{g['op']} {g['bound']:g}{g['unit']}" + (f" ({g['applies_on']})" if g.get("applies_on") else ""),
+                    "-"
+                    if g["op"] == "report"
+                    else f"{g['op']} {g['bound']:g}{g['unit']}"
+                    + (f" ({g['applies_on']})" if g.get("applies_on") else ""),
                     g["status"],
                     rec["device"],
                     rec["when"],
