@@ -304,6 +304,11 @@ def test_auto_slides_images_with_a_side_beyond_the_factor():
     on = build_config(PredictConfig, overrides={"run_dir": "r", "sliding": "on"})
     off = build_config(PredictConfig, overrides={"run_dir": "r", "sliding": "off"})
     assert sliding_indices(on, sizes, (64, 64)) == list(range(5)) and sliding_indices(off, sizes, (8, 8)) == []
+    # a run trained on shrunk images (256 -> 128): windows at 256 would show objects twice as large
+    assert sliding_indices(auto, [(256, 256)] * 4, (128, 128)) == []
+    assert sliding_indices(on, [(256, 256)] * 4, (128, 128)) == [0, 1, 2, 3]
+    # trained at the data's own scale: only the image far larger than the typical one slides
+    assert sliding_indices(auto, [(128, 128), (130, 120), (512, 400), (128, 128)], (128, 128)) == [2]
 
 
 def test_predict_val_with_sliding_windows_scores_the_maps(tiny_run, tmp_path):

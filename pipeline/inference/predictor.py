@@ -213,11 +213,22 @@ def test_job(cfg: PredictConfig, ckpt: dict[str, Any], ckpt_path: Path) -> Job:
     return Job(coco, coco.image_ids, dataset, native, collate_test, None, {"store_scale": cfg.store_scale})
 
 
+def trained_downscaled(cfg: PredictConfig, sizes: Sequence[tuple[int, int]], train_size: tuple[int, int]) -> bool:
+    """Whether the run was trained on images shrunk well below these images' typical size (the
+    median side is at least ``sliding_factor`` times the trained side): windows at the images' own
+    size would then show objects larger than the model saw in training."""
+    if not sizes:
+        return False
+    typical = [float(np.median([size[axis] for size in sizes])) for axis in (0, 1)]
+    return any(side >= cfg.sliding_factor * trained for side, trained in zip(typical, train_size, strict=True))
+
+
 def sliding_indices(cfg: PredictConfig, sizes: Sequence[tuple[int, int]], train_size: tuple[int, int]) -> list[int]:
     """Positions in ``sizes`` (each image's height, width) of the images to predict with sliding
-    windows: all (``sliding=on``), none (``off``), or those with a side at least ``sliding_factor``
-    times the trained side (``auto``)."""
-    if cfg.sliding == "off":
+    windows: all (``sliding=on``), none (``off``), or (``auto``) those with a side at least
+    ``sliding_factor`` times the trained side, when the run was trained at about these images'
+    scale (not :func:`trained_downscaled`): the images much larger than the typical one."""
+    if cfg.sliding == "off" or (cfg.sliding == "auto" and trained_downscaled(cfg, sizes, train_size)):
         return []
     return [
         i
@@ -233,7 +244,12 @@ def resolve_window(cfg: PredictConfig, train_size: tuple[int, int]) -> tuple[int
 
 
 def log_sliding_mode(
-    cfg: PredictConfig, slide: SlidingWindow, n_sliding: int, n_images: int, train_size: tuple[int, int]
+    cfg: PredictConfig,
+    slide: SlidingWindow,
+    n_sliding: int,
+    n_images: int,
+    train_size: tuple[int, int],
+    downscaled: bool = False,
 ) -> None:
     """One line: which images are predicted with sliding windows, and why."""
     trained = f"{train_size[0]}x{train_size[1]}"
@@ -255,6 +271,12 @@ def log_sliding_mode(
             trained,
             how,
             n_images - n_sliding,
+            trained,
+        )
+    elif downscaled:
+        log.info(
+            "sliding=auto: the run was trained at %s, well below these images' typical size (the model learned "
+            "objects at that scale): every image is resized to it (sliding=on forces windows at the images' size)",
             trained,
         )
     else:
@@ -400,7 +422,7 @@ def predict(cfg: PredictConfig) -> Path:
         if idx
     ]
     out = cfg.output_dir()
-    log_sliding_mode(cfg, slide, len(sliding), len(job.ids), train_size)
+    log_sliding_mode(cfg, slide, len(sliding), len(job.ids), train_size, trained_downscaled(cfg, sizes, train_size))
     log.info(
         "predicting %d %s images of %s with TTA %s (%d views) at %dx%d -> %s",
         len(job.ids),
