@@ -105,3 +105,24 @@ def test_layer_decay_gives_the_expected_lr_per_stage():
     depths = {g["name"]: g["lr"] for g in param_groups(vit, 1.0, 1.0, 0.0, layer_decay=0.8)}
     assert max(depths.values()) == 1.0 and min(depths.values()) < 1.0
     del torch
+
+
+def test_min_area_tuning_only_tries_classes_that_are_predicted(monkeypatch):
+    import numpy as np
+
+    import pipeline.inference.tuning_postprocess as tp
+
+    rng = np.random.default_rng(0)
+    maps = []
+    for _ in range(6):
+        labels = rng.integers(0, 3, (12, 16))  # classes 0..2 predicted; 3 and 4 only in the ground truth
+        gt = labels.copy()
+        gt[rng.random((12, 16)) < 0.2] = rng.integers(0, 5)
+        maps.append((labels, gt))
+    calls = []
+    real = tp._cms
+    monkeypatch.setattr(tp, "_cms", lambda m, k, f: calls.append(dict(f)) or real(m, k, f))
+    record = tp.tune_min_area(maps, 5, candidates=(0.01, 0.05), seed=0)
+    tried = {c for f in calls for c in f}
+    assert tried <= {1, 2} and set(record["params"]["min_area_fraction"]) <= {1, 2}
+    assert len(calls) == 1 + 2 * 2 + 1  # none, two candidates for classes 1 and 2, the tuned maps

@@ -62,7 +62,8 @@ def tune_min_area(
     fractions: dict[int, float] = {}
     base = _cms(maps, num_classes, {})
     best = mean_iou(base.sum(0))
-    for c in range(1, num_classes):
+    predicted = set(np.unique(np.concatenate([np.unique(labels) for labels, _ in maps])).tolist())
+    for c in sorted(predicted - {0}):  # a class never predicted has no component to remove
         for f in candidates:
             if f <= 0:
                 continue
