@@ -307,9 +307,7 @@ class HFSegmentationNet(nn.Module):
     @property
     def encoder(self) -> nn.Module:
         hf = self.hf
-        if self.arch == "mask2former":
-            return hf.model.pixel_level_module.encoder
-        if self.arch == "maskformer":
+        if self.arch in MASK_CLASSIFICATION:
             return hf.model.pixel_level_module.encoder
         if self.arch == "hf_upernet":
             return hf.backbone

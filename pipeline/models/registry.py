@@ -418,22 +418,30 @@ def build_model(
             encoder_weights = None
     if spec.family == "smp":
         net = _build_smp(spec, enc, num_classes, encoder_weights, in_channels, kwargs)
-        divisor = _smp_divisor(type(net), enc, {**spec.default_kwargs, **kwargs})
-        if getattr(net, "requires_divisible_input_shape", True):
-            divisor = int(getattr(net.encoder, "output_stride", divisor))
+        divisor = _built_smp_divisor(net, _smp_divisor(type(net), enc, {**spec.default_kwargs, **kwargs}))
     else:
         net = _build_torchvision(spec, num_classes, encoder_weights, in_channels, kwargs)
         divisor = 1
-    model = SegmentationNet(
+    return _load_local(_wrap(net, spec, enc, num_classes, in_channels, divisor), weights)
+
+
+def _built_smp_divisor(net: nn.Module, fallback: int) -> int:
+    """Input divisor of a built smp network: its encoder's output stride (1 when any size works)."""
+    if not getattr(net, "requires_divisible_input_shape", True):
+        return fallback
+    return int(getattr(net.encoder, "output_stride", fallback))
+
+
+def _wrap(net: nn.Module, spec: ModelSpec, encoder: str, num_classes: int, in_channels: int, divisor: int):
+    return SegmentationNet(
         net,
         arch=spec.name,
         family=spec.family,
-        encoder_name=enc,
+        encoder_name=encoder,
         num_classes=num_classes,
         in_channels=in_channels,
         input_divisor=divisor,
     )
-    return _load_local(model, weights)
 
 
 def _load_local(model: nn.Module, weights: str | Path | None) -> nn.Module:
@@ -511,17 +519,8 @@ def _build_smp_pretrained(
         )
     config = dict(net.config)
     enc = str(config.get("encoder_name", spec.default_encoder))
-    model = SegmentationNet(
-        net,
-        arch=spec.name,
-        family=spec.family,
-        encoder_name=enc,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        input_divisor=int(getattr(net.encoder, "output_stride", spec.divisor))
-        if getattr(net, "requires_divisible_input_shape", True)
-        else 1,
-    )
+    divisor = _built_smp_divisor(net, spec.divisor if getattr(net, "requires_divisible_input_shape", True) else 1)
+    model = _wrap(net, spec, enc, num_classes, in_channels, divisor)
     model.architecture = {"family": spec.name, "class": type(net).__name__, "config": config}
     return model
 
