@@ -39,7 +39,15 @@ from pipeline.evaluation.selection import format_interval, select
 from pipeline.inference.ensemble import Fusion, OofCache, find_member
 from pipeline.models.weights import pretrained_available
 from pipeline.planning.budget import BudgetClock, format_duration, parse_budget
-from pipeline.planning.plan import TARGET_EPOCHS, Plan, epoch_seconds, make_plan, plan_from_dict, plan_to_dict
+from pipeline.planning.plan import (
+    TARGET_EPOCHS,
+    Plan,
+    epoch_seconds,
+    make_plan,
+    plan_from_dict,
+    plan_to_dict,
+    val_every,
+)
 from pipeline.planning.probe import Recipe, probe
 from pipeline.planning.stamps import Stamps, stamp_key
 
@@ -227,6 +235,7 @@ class Autopilot:
             f"img_size=[{r.size[0]},{r.size[1]}]",
             f"batch_size={r.batch}",
             f"epochs={plan.epochs * EPOCHS_CAP}",  # the time budget sizes the run after its second epoch
+            f"val_every={val_every(plan.epochs)}",
             f"runs_dir={self.runs_dir}",
             f"experiment={plan.recipe.name}",
             f"cache_dir={self.ws / 'cache'}",

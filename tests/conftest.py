@@ -45,7 +45,8 @@ def folds_file(demo_data_square, tmp_path_factory) -> Path:
 
 
 def small_train_config(data: Path, folds: Path, runs: Path, **kw):
-    """A TrainConfig for tests: the demo data, a small encoder without pretrained weights, CPU."""
+    """A TrainConfig for tests: the demo data, a small encoder without pretrained weights, CPU, full
+    precision (bf16 autocast is native on some CPUs and not others: thresholds hold on both)."""
     from pipeline.core.config import build_config
     from pipeline.engine.config import TrainConfig
 
@@ -67,6 +68,7 @@ def small_train_config(data: Path, folds: Path, runs: Path, **kw):
         threads=2,
         progress=False,
         plot=True,
+        amp="off",
     )
     base.update(kw)
     return build_config(TrainConfig, overrides=base)

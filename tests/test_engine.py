@@ -15,10 +15,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.core.config import build_config
 from pipeline.core.layout import RunFolder
+from pipeline.engine import runtime
 from pipeline.engine.checkpoint import CheckpointSaver, read_checkpoint
 from pipeline.engine.hooks import Hook
 from pipeline.engine.loop import evaluate
-from pipeline.engine.runtime import configure_runtime, loader_options
+from pipeline.engine.runtime import amp_dtype, configure_runtime, loader_options
 from pipeline.engine.sampling import EpochSeededDataset, EpochShuffleSampler
 from pipeline.models.contract import model_loss, model_probabilities
 from pipeline.train import TrainConfig, run
@@ -142,6 +143,42 @@ def test_runtime_settings_are_harmless_on_a_cpu():
     }
     with pytest.raises(Exception, match="prefetch_factor"):
         build_config(TrainConfig, overrides={"prefetch_factor": 0})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_mixed_precision_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, native):
+    monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: native)
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if native else None
+    assert amp_dtype("auto", cpu) is expected and amp_dtype("bf16", cpu) is expected
+    assert amp_dtype("fp16", cpu) is None and amp_dtype("off", cpu) is None
+    with pytest.raises(Exception, match="amp: unknown 'half'"):
+        amp_dtype("half", cpu)
+
+
+def test_a_bf16_run_on_a_cpu_validates_in_the_precision_it_trained_in(
+    demo_data_square, folds_file, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: True)  # bf16 autocast also runs (emulated) elsewhere
+    cfg = tiny(demo_data_square, folds_file, tmp_path, epochs=2, amp="auto", augment="none")
+    result = run(cfg)
+    metrics = pd.read_csv(cfg.folder().metrics)
+    assert np.isfinite(metrics["train_loss"]).all() and metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
+    from pipeline.data import MaskCache, SegmentationDataset, ValDataset, collate, load_coco
+    from pipeline.engine.checkpoint import load_checkpoint_model
+
+    model, _, ckpt = load_checkpoint_model(cfg.folder().best)
+    coco = load_coco(demo_data_square)
+    table = pd.read_csv(folds_file)
+    ids = table.loc[table.fold == 0, "image_id"].tolist()
+    ds = ValDataset(SegmentationDataset(coco, ids, None, MaskCache(coco, tmp_path / "cache")), (64, 64))
+    loader = DataLoader(ds, batch_size=4, collate_fn=collate)
+    from pipeline.evaluation.metrics import mean_iou
+
+    bf16 = mean_iou(evaluate(model, loader, coco.num_classes, torch.device("cpu"), torch.bfloat16))
+    assert ckpt["best_metric"] == pytest.approx(bf16, abs=1e-9) == pytest.approx(result.best_miou, abs=1e-9)
+    # the float32 parameters are kept; only the computation is bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 class OwnHead(nn.Module):

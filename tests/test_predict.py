@@ -47,6 +47,7 @@ def trained(demo_data_square, tmp_path_factory):
         threads=2,
         progress=False,
         plot=False,
+        amp="off",  # full precision, as the predictions below
     )
     result = train_stage.run(cfg)
     return demo_data_square, result.run_dir, tmp / "folds.csv"
@@ -54,7 +55,8 @@ def trained(demo_data_square, tmp_path_factory):
 
 def cfg_for(trained, tmp_path: Path, **kw) -> PredictConfig:
     data, run_dir, _ = trained
-    base = dict(run_dir=str(run_dir), data_dir=str(data), num_workers=0, progress=False, batch_size=3)
+    # full precision: the stored maps are compared with the model's own float32 outputs
+    base = dict(run_dir=str(run_dir), data_dir=str(data), num_workers=0, progress=False, batch_size=3, amp="off")
     base.update(kw)
     if "out_dir" not in kw:
         base["out_dir"] = str(tmp_path / f"{base.get('split', 'test')}_{base.get('tta', 'flip')}")

@@ -245,7 +245,9 @@ def tiny_run(demo_data_square, folds_file, tmp_path_factory):
 
 def predict_cfg(tiny_run, out, **kw) -> PredictConfig:
     data, run_dir = tiny_run
-    base = dict(run_dir=str(run_dir), data_dir=str(data), out_dir=str(out), tta="none", num_workers=0, progress=False)
+    base = dict(
+        run_dir=str(run_dir), data_dir=str(data), out_dir=str(out), tta="none", num_workers=0, progress=False, amp="off"
+    )
     return build_config(PredictConfig, overrides={**base, **kw})
 
 

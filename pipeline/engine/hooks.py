@@ -132,8 +132,9 @@ class TimeBudget(Hook):
         self.mark = now
         left = self.seconds - (now - self.started)
         # the first epoch carries start-up costs (loader, caches, first checkpoint): decide on it alone
-        # only when not even two more epochs of its length fit
-        per_epoch = statistics.median(self.durations[1:]) if len(self.durations) > 1 else self.durations[0]
+        # only when not even two more epochs of its length fit; later the mean, which carries the
+        # share of the epochs that validate (val_every > 1) and of the occasional slow one
+        per_epoch = statistics.fmean(self.durations[1:]) if len(self.durations) > 1 else self.durations[0]
         if len(self.durations) == 1 and left >= 2 * per_epoch:
             return
         done = row["epoch"] + 1

@@ -32,11 +32,28 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bfloat16 convolutions and matrix products natively (AVX512-BF16
+    or AMX through oneDNN). Elsewhere bf16 autocast is emulated and slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype of ``mode`` on ``device``; None means full precision (always on a CPU)."""
+    """Autocast dtype of ``mode`` on ``device``; None means full precision.
+
+    CUDA: ``auto`` is bf16 where the GPU supports it, else fp16. CPU: ``auto`` and ``bf16`` are
+    bf16 on a CPU with native bf16 (about 1.8x faster training of a ResNet-18 U-Net on AVX512-BF16,
+    benchmarks/bench_train.py), full precision elsewhere; fp16 is never used on a CPU."""
     if mode not in AMP_MODES:
         raise PipelineError(f"amp: unknown {mode!r}; known: {', '.join(AMP_MODES)}")
-    if device.type != "cuda" or mode == "off":
+    if mode == "off":
+        return None
+    if device.type == "cpu":
+        return torch.bfloat16 if mode in ("auto", "bf16") and cpu_bf16_native() else None
+    if device.type != "cuda":
         return None
     if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16

@@ -17,6 +17,7 @@ TARGET_EPOCHS = 24  # the largest size that still gets this many epochs is prefe
 STAGE_OVERHEAD_S = 6.0  # start-up of one stage process (imports, reading the data)
 EPOCH_OVERHEAD_S = 3.0  # per epoch: checkpoint, metrics, curves
 TTA_VIEWS = {"none": 1, "hflip": 2, "flip": 3, "d4": 8}
+VALIDATIONS = 6  # a budgeted run validates about this many times (and always at its last epoch)
 
 
 @dataclass
@@ -60,6 +61,12 @@ class Plan:
             ["disk", f"about {self.disk_mb:.0f} MB"],
         ]
         return format_table(["plan", ""], rows)
+
+
+def val_every(epochs: int) -> int:
+    """Epochs between validations of a budgeted run: validation is for the curve and the best
+    checkpoint, and on a CPU it costs about a tenth of an epoch, so it runs about VALIDATIONS times."""
+    return max(1, epochs // VALIDATIONS)
 
 
 def epoch_seconds(t: Throughput, n_train: int, n_val: int) -> float:
