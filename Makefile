@@ -36,9 +36,8 @@ PROFILE  ?= full
 SPACE    ?= $(if $(filter demo,$(PROFILE)),pipeline/configs/search_space_demo.yaml,)
 TUNE_TRAIN_ARGS ?= $(if $(filter demo,$(PROFILE)),encoder_weights=null num_workers=0 max_train_batches=8,)
 
-# small CPU budgets for the end-to-end demo job
-DEMO_EXP   ?= unet-demo
-DEMO_ARGS  ?= model=unet encoder=resnet18 encoder_weights=null img_size=[128] epochs=8 batch_size=8 lr=2e-3 warmup_epochs=0.5 augment=light num_workers=1
+# the end-to-end demo job: `make all` on the generated demo data within this budget
+DEMO_BUDGET ?= 5m
 
 train_config = $(if $(CONFIG),--config $(CONFIG),$(if $(wildcard pipeline/configs/$(MODEL).yaml),--config pipeline/configs/$(MODEL).yaml,))
 train_model  = $(if $(CONFIG),,model=$(MODEL)) experiment=$(EXP)
@@ -122,20 +121,10 @@ tune-report: setup ## report of study STUDY -> reports/tune/<study>/ (with best.
 all: setup ## budgeted run DATA_DIR -> validated submission within BUDGET (NAME=, FORMAT=, GT=): work/NAME/, submissions/NAME.csv
 	$(PY) -m pipeline.autopilot data_dir=$(DATA_DIR) budget=$(BUDGET) name=$(NAME) format=$(FORMAT) $(if $(filter-out $(DATA_DIR)/test_gt.json,$(GT)),gt=$(GT)) $(ARGS)
 
-demo: setup ## the main job on the demo data: data -> EDA -> folds -> train 2 folds -> TTA predict -> ensemble -> submit -> validate -> score
+demo: setup ## the main job on generated demo data: data -> EDA -> make all (folds, probe, plan, train, TTA on OOF, ensemble, submit, score) in DEMO_BUDGET
 	$(MAKE) --no-print-directory data
 	$(MAKE) --no-print-directory eda
-	$(MAKE) --no-print-directory folds
-	@for f in 0 1; do \
-	  $(MAKE) --no-print-directory train FOLD=$$f CONFIG= ARGS="experiment=$(DEMO_EXP) $(DEMO_ARGS)" || exit $$?; \
-	  $(MAKE) --no-print-directory predict RUN=runs/$(DEMO_EXP)/fold$$f SPLIT=val TTA=$(TTA) || exit $$?; \
-	  $(MAKE) --no-print-directory predict RUN=runs/$(DEMO_EXP)/fold$$f SPLIT=test TTA=$(TTA) || exit $$?; \
-	done
-	$(MAKE) --no-print-directory ensemble RUNS="runs/$(DEMO_EXP)" NAME=demo ARGS="tta=$(TTA) tune_bias=true n_trials=60"
-	$(MAKE) --no-print-directory submit NAME=demo FORMAT=rle
-	$(MAKE) --no-print-directory submit NAME=demo-dense FORMAT=dense ARGS="ensemble=ensembles/demo/weights.yaml"
-	$(MAKE) --no-print-directory score SUB=submissions/demo.csv
-	$(MAKE) --no-print-directory score SUB=submissions/demo-dense.csv
+	$(MAKE) --no-print-directory all DATA_DIR=data/demo BUDGET=$(DEMO_BUDGET) NAME=demo FORMAT=rle
 
 lint: setup ## ruff: lint rules (E, F, I, B, UP) and formatting
 	$(VENV)/bin/ruff check .

@@ -11,7 +11,15 @@ import pytest
 from pipeline.autopilot import AutopilotConfig, run
 from pipeline.core.errors import ConfigError
 from pipeline.planning.budget import BudgetClock, parse_budget
-from pipeline.planning.plan import MIN_EPOCHS, TARGET_EPOCHS, epoch_seconds, make_plan, plan_from_dict, plan_to_dict
+from pipeline.planning.plan import (
+    MIN_EPOCHS,
+    TARGET_EPOCHS,
+    epoch_seconds,
+    make_plan,
+    plan_from_dict,
+    plan_to_dict,
+    val_every,
+)
 from pipeline.planning.probe import Recipe, Throughput
 from pipeline.planning.stamps import Stamps, stamp_key
 
@@ -74,6 +82,8 @@ def test_the_plan_uses_most_of_the_budget_and_prefers_the_largest_size_that_trai
     assert short.recipe.size == (128, 128) and short.epochs >= MIN_EPOCHS and short.planned_s <= 600
     with pytest.raises(Exception, match="too short"):
         make_plan([large], 60, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
+    # validation about VALIDATIONS times a run, every epoch for short runs
+    assert [val_every(e) for e in (1, 5, 6, 12, 25, 60)] == [1, 1, 1, 2, 4, 10]
 
 
 def test_bad_settings_are_refused():
