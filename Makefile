@@ -37,7 +37,7 @@ SPACE    ?= $(if $(filter demo,$(PROFILE)),pipeline/configs/search_space_demo.ya
 TUNE_TRAIN_ARGS ?= $(if $(filter demo,$(PROFILE)),encoder_weights=null num_workers=0 max_train_batches=8,)
 
 # the end-to-end demo job: `make all` on the generated demo data within this budget
-DEMO_BUDGET ?= 5m
+DEMO_BUDGET ?= 6m
 
 train_config = $(if $(CONFIG),--config $(CONFIG),$(if $(wildcard pipeline/configs/$(MODEL).yaml),--config pipeline/configs/$(MODEL).yaml,))
 train_model  = $(if $(CONFIG),,model=$(MODEL)) experiment=$(EXP)

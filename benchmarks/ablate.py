@@ -5,6 +5,12 @@ then its out-of-fold maps are scored per image; the table gives every variant's 
 90% bootstrap interval and its paired gain over the base (same resampled images).  A technique
 that does not help shows up as such.
 
+Rows that need no training of their own come from the base run: ``--average`` (its 3 best
+epochs averaged, BatchNorm statistics recomputed), ``--postprocess min_area crf`` (tuned on its
+OOF maps by the ensemble stage under the selection rule; the row shows the recorded OOF gain)
+and ``--pseudo`` (its test predictions as pseudo-labels, a second run trained with them; judged
+on the test labels, ``test_gt.json``, since their OOF is inflated).
+
     python benchmarks/ablate.py --data-dir ../shared/datasets/ccp --epochs 20 --out work/ablate
 """
 
@@ -16,6 +22,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from pipeline.core.tables import format_table
 from pipeline.data import load_coco, load_folds
@@ -25,6 +32,9 @@ from pipeline.inference.store import ProbReader
 from pipeline.submission.formats import resize_nearest
 
 RECIPE = Path(__file__).resolve().parents[1] / "pipeline" / "configs" / "recipes" / "budget.yaml"
+# the base: the budget recipe without the repeat-factor sampling it now enables (a row of its own),
+# keeping its 3 best epochs for the averaging row
+BASE_ARGS = ["rfs_threshold=null", "keep_top_k=3"]
 VARIANTS = {
     "base": [],
     "copy-paste (3 rarest, p=0.5)": ["copy_paste=0.5"],
@@ -44,6 +54,50 @@ def per_image(store: Path, coco, ids: list[int]) -> np.ndarray:
     return np.stack(out)
 
 
+def py(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", *args], check=True)
+
+
+def train(a, folds: Path, exp: str, extra: list[str]) -> Path:
+    args = [
+        f"data_dir={a.data_dir}",
+        f"folds_file={folds}",
+        "fold=0",
+        "model=unet",
+        "encoder=resnet18",
+        "encoder_weights=null",
+        f"img_size={a.size}",
+        f"epochs={a.epochs}",
+        f"seed={a.seed}",
+        f"runs_dir={a.out / 'runs'}",
+        f"experiment={exp}",
+        "progress=false",
+        *BASE_ARGS,
+        *extra,
+    ]
+    py("pipeline.train", "--config", str(RECIPE), *args)
+    return a.out / "runs" / exp / "fold0"
+
+
+def predict(a, run_dir: Path, split: str, checkpoint: str, out: Path) -> Path:
+    if not (out / "meta.json").is_file():
+        py(
+            "pipeline.predict",
+            f"run_dir={run_dir}",
+            f"data_dir={a.data_dir}",
+            f"split={split}",
+            "tta=none",
+            f"checkpoint={checkpoint}",
+            f"out_dir={out}",
+            "progress=false",
+        )
+    return out
+
+
+def experiment(name: str) -> str:
+    return "ablate-" + "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, required=True)
@@ -52,73 +106,105 @@ def main() -> int:
     p.add_argument("--size", default="[192,128]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--average", action="store_true", help="a row for the base run's 3 best epochs averaged")
+    p.add_argument("--postprocess", nargs="*", default=[], choices=["min_area", "crf"])
+    p.add_argument("--pseudo", action="store_true", help="pseudo-labels of the base run, judged on test_gt.json")
     p.add_argument("--out", type=Path, default=Path("work/ablate"))
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     folds = a.folds_file or a.out / "folds" / "folds.csv"
     if not folds.is_file():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.folds",
-                f"data_dir={a.data_dir}",
-                f"out_dir={folds.parent}",
-                "group_by=similar",
-                "pixel_stats=false",
-            ],
-            check=True,
+        py(
+            "pipeline.folds",
+            f"data_dir={a.data_dir}",
+            f"out_dir={folds.parent}",
+            "group_by=similar",
+            "pixel_stats=false",
         )
     coco = load_coco(a.data_dir)
     table = load_folds(folds, coco)
     ids = sorted(int(i) for i in table.loc[table["fold"] == 0, "image_id"])
-    results = {}
-    for name in a.variants:
-        exp = "ablate-" + "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
-        args = [
-            f"data_dir={a.data_dir}",
-            f"folds_file={folds}",
-            "fold=0",
-            "model=unet",
-            "encoder=resnet18",
-            "encoder_weights=null",
-            f"img_size={a.size}",
-            f"epochs={a.epochs}",
-            f"seed={a.seed}",
-            f"runs_dir={a.out / 'runs'}",
-            f"experiment={exp}",
-            "progress=false",
-            *VARIANTS[name],
-        ]
-        subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(RECIPE), *args], check=True)
-        run_dir = a.out / "runs" / exp / "fold0"
-        checkpoint = "swa" if any(x.startswith("swa_epochs") for x in VARIANTS[name]) else "best"
-        if checkpoint != "best":
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pipeline.predict",
-                    f"run_dir={run_dir}",
-                    f"data_dir={a.data_dir}",
-                    "split=val",
-                    "tta=none",
-                    f"checkpoint={checkpoint}",
-                    "progress=false",
-                ],
-                check=True,
-            )
-        store = run_dir / ("oof" if checkpoint == "best" else "oof_none")
+    names = list(dict.fromkeys(["base", *a.variants] if (a.average or a.postprocess or a.pseudo) else a.variants))
+    results, runs = {}, {}
+    for name in names:
+        run_dir = train(a, folds, experiment(name), VARIANTS[name])
+        runs[name] = run_dir
+        if any(x.startswith("swa_epochs") for x in VARIANTS[name]):
+            store = predict(a, run_dir, "val", "swa", a.out / "stores" / f"{experiment(name)}-swa")
+        else:
+            store = run_dir / "oof"
         results[name] = per_image(store, coco, ids)
+    if a.average:
+        base = runs["base"]
+        if not (base / "averaged.pt").is_file():
+            py("pipeline.average", f"run_dir={base}", "k=3")
+        store = predict(a, base, "val", "averaged", a.out / "stores" / "base-averaged")
+        results["top-3 checkpoint average (base run)"] = per_image(store, coco, ids)
     base = results.get("base")
     rows = []
     for name, cms in results.items():
         gain = "" if base is None or name == "base" else format_interval(paired_gain(base, cms, seed=a.seed))
         rows.append([name, format_interval(bootstrap_miou(cms, seed=a.seed)), gain])
+    for method in a.postprocess:
+        name = f"pp-{method}"
+        py(
+            "pipeline.ensemble",
+            f"runs={runs['base']}",
+            f"data_dir={a.data_dir}",
+            f"name={name}",
+            f"out_dir={a.out / 'ensembles'}",
+            f"postprocess={method}",
+            "tune=false",
+            f"seed={a.seed}",
+            "progress=false",
+        )
+        record = yaml.safe_load((a.out / "ensembles" / name / "postprocess.yaml").read_text())
+        g = record["oof_gain"]
+        verdict = "kept" if record["accepted"] else "refused"
+        rows.append(
+            [
+                f"{method} post-processing (tuned on base OOF)",
+                f"{record['oof_miou_with']:.4f} (point)",
+                f"{g['gain']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}] {verdict}",
+            ]
+        )
     text = format_table(["variant", "OOF mIoU [90% interval]", "gain over base [90% interval]"], rows)
-    print(f"{a.data_dir}, fold 0 ({len(ids)} images), {a.epochs} epochs, seed {a.seed}\n{text}")
+    text = f"{a.data_dir}, fold 0 ({len(ids)} images), {a.epochs} epochs, seed {a.seed}\n{text}"
+    if a.pseudo:
+        text += "\n\n" + pseudo_rows(a, folds, runs["base"])
+    print(text)
     (a.out / "ablation.txt").write_text(text + "\n")
     return 0
+
+
+def pseudo_rows(a, folds: Path, base: Path) -> str:
+    """Base run and a run trained with the base run's confident test pixels, on the test labels."""
+    gt = load_coco(a.data_dir, "test_gt.json")
+    test_ids = sorted(gt.image_ids)
+    base_test = predict(a, base, "test", "best", base / "test_none")
+    py(
+        "pipeline.pseudo",
+        "name=ablate",
+        f"runs=[{base}]",
+        "tta=none",
+        f"data_dir={a.data_dir}",
+        "threshold=0.9",
+        f"out_dir={a.out / 'pseudo'}",
+        "progress=false",
+    )
+    run_dir = train(a, folds, "ablate-pseudo-labels", [f"pseudo_dir={a.out / 'pseudo' / 'ablate'}"])
+    pseudo_test = predict(a, run_dir, "test", "best", run_dir / "test_none")
+    base_cms, pseudo_cms = per_image(base_test, gt, test_ids), per_image(pseudo_test, gt, test_ids)
+    rows = [
+        ["base", format_interval(bootstrap_miou(base_cms, seed=a.seed)), ""],
+        [
+            "pseudo-labels (base test maps, t=0.9)",
+            format_interval(bootstrap_miou(pseudo_cms, seed=a.seed)),
+            format_interval(paired_gain(base_cms, pseudo_cms, seed=a.seed)),
+        ],
+    ]
+    head = f"pseudo-labels judged on {len(test_ids)} test images (test_gt.json)"
+    return head + "\n" + format_table(["variant", "test mIoU [90% interval]", "gain over base [90% interval]"], rows)
 
 
 if __name__ == "__main__":

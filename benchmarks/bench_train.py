@@ -8,8 +8,9 @@ AdamW step on random tensors of the same batch and size.  Both are timed side by
 in this process; epoch 0 of the pipeline and the first steps of the bare loop are
 warm-up and not counted.  Goal: pipeline / bare >= 0.9.
 
-With ``--device cuda`` it also compares bf16/fp16 autocast + channels_last with fp32 on
-the bare loop (the CUDA paths of the training loop).
+The bare loop computes in the precision the pipeline picks (``amp=auto``: bf16 on CUDA and
+on a CPU with native bf16).  A second table compares autocast modes with fp32 on the bare
+loop: bf16 on such a CPU; bf16/fp16 + channels_last with ``--device cuda``.
 
     python benchmarks/bench_train.py [--size 256] [--batch 8] [--batches 12] [--workers 1]
 """
@@ -31,6 +32,7 @@ from pipeline import folds as folds_stage
 from pipeline.core.config import build_config
 from pipeline.demo import DemoConfig
 from pipeline.demo import run as make_demo
+from pipeline.engine.runtime import amp_dtype, cpu_bf16_native
 from pipeline.models import build_model, param_groups
 from pipeline.models.losses import build_loss
 from pipeline.train import TrainConfig
@@ -124,7 +126,8 @@ def main() -> int:
         result = train(cfg)
         timing = pd.read_csv(result.run_dir / "timing.csv")
         pipe_step = float(timing["train_s"].iloc[1:].median()) / args.batches
-        bare_step = bare_loop(args, 11, device)
+        dtype = amp_dtype(cfg.amp, device)
+        bare_step = bare_loop(args, 11, device, dtype)
 
     rows = [
         ("bare forward+backward (random tensors)", bare_step, 1.0),
@@ -133,25 +136,34 @@ def main() -> int:
     print(
         f"\n{args.model}-{args.encoder}, batch {args.batch}, {args.size}x{args.size}, device {args.device}, "
         f"torch threads {torch.get_num_threads()}, loader workers "
-        f"{args.workers if args.workers is not None else 'auto'}, augment {args.augment}"
+        f"{args.workers if args.workers is not None else 'auto'}, augment {args.augment}, "
+        f"autocast {str(dtype).replace('torch.', '') if dtype else 'off'}"
     )
     print(f"{'method':64s} {'ms/step':>9s} {'img/s':>8s} {'throughput vs bare':>19s}")
     for name, step, ratio in rows:
         print(f"{name:64s} {step * 1000:9.1f} {args.batch / step:8.1f} {ratio:19.3f}")
     amp_rows = {}
 
+    modes = []
     if device.type == "cuda":
-        print(f"\nmixed precision on {torch.cuda.get_device_name(device)} (bare loop, same batch and size)")
-        fp32 = bare_loop(args, 11, device)
-        print(f"{'mode':40s} {'ms/step':>9s} {'speed-up':>9s}")
-        for name, amp, cl in (
+        where = torch.cuda.get_device_name(device)
+        modes = [
             ("fp32", None, False),
             ("fp32 + channels_last", None, True),
             ("bf16", torch.bfloat16, False),
             ("bf16 + channels_last", torch.bfloat16, True),
             ("fp16 + channels_last", torch.float16, True),
-        ):
-            t = fp32 if (amp is None and not cl) else bare_loop(args, 11, device, amp, cl)
+        ]
+    elif cpu_bf16_native():
+        where = f"this CPU ({torch.backends.cpu.get_cpu_capability()}, native bf16)"
+        modes = [("fp32", None, False), ("bf16", torch.bfloat16, False)]
+    if modes:
+        print(f"\nmixed precision on {where} (bare loop, same batch and size)")
+        fp32 = bare_step if dtype is None else bare_loop(args, 11, device)
+        print(f"{'mode':40s} {'ms/step':>9s} {'speed-up':>9s}")
+        for name, amp, cl in modes:
+            t = fp32 if (amp is None and not cl) else (bare_step if (amp == dtype and not cl) else None)
+            t = t if t is not None else bare_loop(args, 11, device, amp, cl)
             print(f"{name:40s} {t * 1000:9.1f} {fp32 / t:9.2f}")
             amp_rows[name] = t
     save(
@@ -165,6 +177,7 @@ def main() -> int:
             workers=args.workers,
             augment=args.augment,
             threads=torch.get_num_threads(),
+            autocast=str(dtype).replace("torch.", "") if dtype else "off",
         ),
         seconds_per_step={name: step for name, step, _ in rows},
         mixed_precision_seconds_per_step=amp_rows,

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.autopilot import AutopilotConfig, run
@@ -111,6 +112,12 @@ def test_a_tiny_budgeted_run_ends_in_a_scored_submission_and_reruns_in_seconds(d
     assert first["tta"] in ("none", "hflip")
     state = json.loads((ws / "state.json").read_text())
     assert {"folds", "probe", "train", "ensemble", "submit", "score"} <= set(state["stages"])
+    # trained at about half size: test maps are stored at about the trained size (no coarser), not at
+    # each image's (64x96)
+    (test_store,) = (ws / "runs").glob(f"*/fold0/test_{first['tta']}/meta.json")
+    train_h, train_w = json.loads(test_store.read_text())["train_size"]
+    _, h, w = np.load(next(test_store.parent.glob("*.npy"))).shape
+    assert h < 64 and w < 96 and h >= train_h - 1 and w >= train_w - 1
     before = Path(first["submission"]).read_bytes()
     started = time.monotonic()
     second = run(cfg)  # every stage's stamp matches

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 EPS = 1e-6
 CLASS_CHUNK = 8
+ACTIVE_MIN = 1e-3  # a class below this probability at every pixel takes no part in message passing
 WORK_SIDE = 256  # the CRF runs at most this many pixels on the long side (memory and time bound)
 
 
@@ -60,12 +61,16 @@ def dense_crf(probs: np.ndarray | torch.Tensor, image: np.ndarray, params: CRFPa
     kernel = _window_kernel(img, params)  # (s^2, H*W)
     unary = torch.log(q.clamp_min(EPS))
     r = params.window // 2
-    message = torch.empty_like(q)
+    # with many classes most are nowhere likely (a street photo shows a few of 58): their messages,
+    # at most ACTIVE_MIN x the window's weight, are left out, which makes the CRF several times faster
+    active = torch.nonzero(q.reshape(k, -1).amax(1) >= ACTIVE_MIN).flatten()
+    message = torch.zeros_like(q)
     for _ in range(params.iterations):
-        for c0 in range(0, k, CLASS_CHUNK):  # bounded memory: a few classes' windows at a time
-            part = q[c0 : c0 + CLASS_CHUNK]
-            neighbours = F.unfold(part[None], params.window, padding=r)[0].reshape(len(part), params.window**2, h * w)
-            message[c0 : c0 + CLASS_CHUNK] = (neighbours * kernel[None]).sum(1).reshape(len(part), h, w)
+        for c0 in range(0, len(active), CLASS_CHUNK):  # bounded memory: a few classes' windows at a time
+            idx = active[c0 : c0 + CLASS_CHUNK]
+            part = q[idx]
+            neighbours = F.unfold(part[None], params.window, padding=r)[0].reshape(len(idx), params.window**2, h * w)
+            message[idx] = (neighbours * kernel[None]).sum(1).reshape(len(idx), h, w)
         q = torch.softmax(unary + message, dim=0)
     return q.numpy()
 
