@@ -181,6 +181,18 @@ def test_a_bf16_run_on_a_cpu_validates_in_the_precision_it_trained_in(
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_loss_options_reach_the_loss_terms_that_take_them(demo_data_square, folds_file, tmp_path):
+    from pipeline.engine.trainer import Trainer
+
+    trainer = Trainer(tiny(demo_data_square, folds_file, tmp_path, loss="ce+dice", loss_options={"classes": "present"}))
+    assert trainer.criterion.parts["dice"].classes == "present"
+    assert (
+        Trainer(tiny(demo_data_square, folds_file, tmp_path, loss="ce+dice")).criterion.parts["dice"].classes == "all"
+    )
+    with pytest.raises(Exception, match="gamma"):
+        Trainer(tiny(demo_data_square, folds_file, tmp_path, loss="ce+dice", loss_options={"gamma": 2}))
+
+
 class OwnHead(nn.Module):
     """A family with its own outputs, loss and probabilities (as mask classification has)."""
 

@@ -60,6 +60,7 @@ class TrainConfig:
     loss: str = "ce"  # "model": the family's own loss (mask classification families require it)
     class_weights: list[float] | None = None
     label_smoothing: float = 0.0
+    loss_options: dict | None = None  # to the loss terms that take them: {classes: present, gamma: 2, ...}
     amp: str = "auto"  # auto: bf16 where supported, else fp16 on CUDA; bf16 on a CPU with native bf16
     channels_last: bool = True  # CUDA only
     ema: bool = False

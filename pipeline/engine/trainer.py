@@ -250,6 +250,7 @@ class Trainer:
             ignore_index=IGNORE_INDEX,
             class_weights=cfg.class_weights,
             label_smoothing=cfg.label_smoothing,
+            **(cfg.loss_options or {}),
         ).to(self.device)
 
     def _copy_paste(self) -> CopyPaste | None:
