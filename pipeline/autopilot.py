@@ -253,7 +253,8 @@ class Autopilot:
             "train",
             args,
             {"budget": self.cfg.budget},
-            [self.folds_file, self.coco.path],
+            # the recipe files' contents too: a changed recipe (an upgrade) retrains
+            [self.folds_file, self.coco.path, BUDGET_RECIPE, BUDGET_RECIPE.parents[1] / "base.yaml"],
             [folder.best, folder.oof / "meta.json"],
             volatile=[f"time_budget={budget:.0f}"],
         )
