@@ -22,7 +22,6 @@ import shlex
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder, submission_paths
 from pipeline.core.tables import format_table
-from pipeline.data import load_coco, load_folds
+from pipeline.data import common_image_size, load_coco, load_folds
 from pipeline.engine.runtime import resolve_device
 from pipeline.evaluation.selection import format_interval, select
 from pipeline.inference.ensemble import Fusion, OofCache, find_member
@@ -156,7 +155,7 @@ class Autopilot:
     def candidates(self) -> list[Recipe]:
         from pipeline.models import input_divisor
 
-        (h, w), _ = Counter((int(im["height"]), int(im["width"])) for im in self.coco.images).most_common(1)[0]
+        h, w = common_image_size(self.coco)
         out = []
         for spec in self.cfg.models:
             model, encoder = spec.split(":")
@@ -281,7 +280,7 @@ class Autopilot:
         image's: 4 to 5 times less to write when training ran at half size, and the submission
         resizes them to the image bilinearly as it would have."""
         train_h, train_w = json.loads((folder.path / "oof" / "meta.json").read_text())["train_size"]
-        (h, w), _ = Counter((int(im["height"]), int(im["width"])) for im in self.test.images).most_common(1)[0]
+        h, w = common_image_size(self.test)
         return min(1.0, max(train_h / h, train_w / w))
 
     def choose_tta(self, run_dir: Path) -> tuple[str, Any]:

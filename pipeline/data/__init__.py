@@ -4,7 +4,7 @@ datasets, fold splits and look-alike image groups.  Every public name is importa
 from pipeline.core.errors import DataError
 from pipeline.data.coco import BACKGROUND, OFF_IMAGE_REPAIR, CocoData, file_digest, load_coco, resolve_annotation
 from pipeline.data.datasets import SegmentationDataset, TestDataset, ValDataset, collate, collate_test, image_meta
-from pipeline.data.images import image_size_from_data, read_image, verify_images
+from pipeline.data.images import common_image_size, image_size_from_data, read_image, verify_images
 from pipeline.data.masks import (
     DEFAULT_MASK_RULE,
     MASK_RULE_VERSION,
@@ -64,6 +64,7 @@ __all__ = [
     "collate_test",
     "file_digest",
     "image_meta",
+    "common_image_size",
     "image_size_from_data",
     "iterative_stratification",
     "load_coco",

@@ -45,8 +45,14 @@ def verify_images(coco: CocoData, progress: bool = True) -> int:
     return len(coco.images)
 
 
+def common_image_size(coco: CocoData) -> tuple[int, int]:
+    """The most common (height, width) of the file's images."""
+    (h, w), _ = Counter((int(im["height"]), int(im["width"])) for im in coco.images).most_common(1)[0]
+    return h, w
+
+
 def image_size_from_data(coco: CocoData, divisor: int = 32) -> tuple[int, int]:
     """The most common (height, width) of the file, rounded up to a multiple of ``divisor``."""
-    (h, w), _ = Counter((int(im["height"]), int(im["width"])) for im in coco.images).most_common(1)[0]
+    h, w = common_image_size(coco)
     up = lambda v: int(-(-v // divisor) * divisor)  # noqa: E731
     return up(h), up(w)
