@@ -12,6 +12,10 @@ and ``--pseudo`` (its test predictions as pseudo-labels, a second run trained wi
 on the test labels, ``test_gt.json``, since their OOF is inflated).
 
     python benchmarks/ablate.py --data-dir ../shared/datasets/ccp --epochs 20 --out work/ablate
+
+Other variants are named on the command line (``--variant "label: key=value key=value"``), and
+``--minutes M`` gives every run the same wall time instead of the same epochs (the schedule is
+sized to it), which is how a faster recipe or a lighter model has to be judged.
 """
 
 from __future__ import annotations
@@ -72,9 +76,11 @@ def train(a, folds: Path, exp: str, extra: list[str]) -> Path:
         f"runs_dir={a.out / 'runs'}",
         f"experiment={exp}",
         "progress=false",
-        *BASE_ARGS,
+        *a.base_args,
         *extra,
     ]
+    if a.minutes:  # equal wall time: the schedule is sized to it after the second epoch
+        args += [f"time_budget={a.minutes * 60:.0f}"]
     py("pipeline.train", "--config", str(RECIPE), *args)
     return a.out / "runs" / exp / "fold0"
 
@@ -94,6 +100,14 @@ def predict(a, run_dir: Path, split: str, checkpoint: str, out: Path) -> Path:
     return out
 
 
+def epochs_of(run_dir: Path | None) -> str:
+    """Epochs the run trained (its metrics file has a row per epoch)."""
+    metrics = run_dir / "metrics.csv" if run_dir else None
+    if metrics is None or not metrics.is_file():
+        return ""
+    return str(max(0, len(metrics.read_text().strip().splitlines()) - 1))
+
+
 def experiment(name: str) -> str:
     return "ablate-" + "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
 
@@ -106,11 +120,29 @@ def main() -> int:
     p.add_argument("--size", default="[192,128]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL: ARGS",
+        help='another variant, e.g. "lighter decoder: model_options={decoder_channels:[128,64,32,16,8]}"',
+    )
+    p.add_argument("--base-args", nargs="*", default=BASE_ARGS, help=f"the base's changes to the recipe ({BASE_ARGS})")
+    p.add_argument("--minutes", type=float, default=None, help="every run gets this wall time (epochs: the cap)")
     p.add_argument("--average", action="store_true", help="a row for the base run's 3 best epochs averaged")
     p.add_argument("--postprocess", nargs="*", default=[], choices=["min_area", "crf"])
     p.add_argument("--pseudo", action="store_true", help="pseudo-labels of the base run, judged on test_gt.json")
     p.add_argument("--out", type=Path, default=Path("work/ablate"))
     a = p.parse_args()
+    for spec in a.variant:
+        label, sep, rest = spec.partition(":")
+        if not sep or not label.strip():
+            p.error(f"--variant {spec!r}: expected 'label: key=value ...'")
+        VARIANTS[label.strip()] = rest.split()
+        a.variants.append(label.strip())
+    unknown = [v for v in a.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     a.out.mkdir(parents=True, exist_ok=True)
     folds = a.folds_file or a.out / "folds" / "folds.csv"
     if not folds.is_file():
@@ -144,7 +176,8 @@ def main() -> int:
     rows = []
     for name, cms in results.items():
         gain = "" if base is None or name == "base" else format_interval(paired_gain(base, cms, seed=a.seed))
-        rows.append([name, format_interval(bootstrap_miou(cms, seed=a.seed)), gain])
+        epochs = epochs_of(runs.get(name, runs.get("base")))
+        rows.append([name, format_interval(bootstrap_miou(cms, seed=a.seed)), gain, epochs])
     for method in a.postprocess:
         name = f"pp-{method}"
         py(
@@ -166,10 +199,12 @@ def main() -> int:
                 f"{method} post-processing (tuned on base OOF)",
                 f"{record['oof_miou_with']:.4f} (point)",
                 f"{g['gain']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}] {verdict}",
+                epochs_of(runs["base"]),
             ]
         )
-    text = format_table(["variant", "OOF mIoU [90% interval]", "gain over base [90% interval]"], rows)
-    text = f"{a.data_dir}, fold 0 ({len(ids)} images), {a.epochs} epochs, seed {a.seed}\n{text}"
+    text = format_table(["variant", "OOF mIoU [90% interval]", "gain over base [90% interval]", "epochs"], rows)
+    length = f"{a.minutes:g} minutes each (at most {a.epochs} epochs)" if a.minutes else f"{a.epochs} epochs"
+    text = f"{a.data_dir}, fold 0 ({len(ids)} images), {length}, seed {a.seed}\n{text}"
     if a.pseudo:
         text += "\n\n" + pseudo_rows(a, folds, runs["base"])
     print(text)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.core.config import build_config
+from pipeline.core.errors import ConfigError
 from pipeline.core.layout import RunFolder
 from pipeline.engine import runtime
 from pipeline.engine.checkpoint import CheckpointSaver, read_checkpoint
@@ -353,3 +354,31 @@ def test_a_run_survives_out_of_memory_with_the_same_number_of_steps(
     assert np.isfinite(metrics["train_loss"]).all()
     # the scheduler stepped once per batch as planned: 3 steps an epoch, 2 epochs
     assert read_checkpoint(cfg.folder().last)["scheduler"]["last_epoch"] == 6
+
+
+def test_inverse_sqrt_class_weights_come_from_the_training_pixels(demo_data_square, folds_file, tmp_path):
+    from pipeline.engine.trainer import Trainer
+    from pipeline.models.losses import frequency_class_weights
+
+    trainer = Trainer(tiny(demo_data_square, folds_file, tmp_path, loss="ce+dice", class_weights="inverse_sqrt"))
+    k = trainer.coco.num_classes
+    counts = np.zeros(k, dtype=np.int64)
+    for image_id in trainer.train_ids:  # this fold's training images only
+        counts += np.bincount(trainer.cache.get(image_id).ravel(), minlength=k)[:k]
+    weights = trainer.criterion.parts["ce"].weight.tolist()
+    assert weights == pytest.approx(frequency_class_weights(counts))
+    assert weights[0] == min(weights)  # Background, the most frequent class, weighs least
+    assert trainer.criterion.parts["dice"].weight.tolist() == pytest.approx(weights)
+    with pytest.raises(ConfigError, match="class_weights: unknown 'inverse'"):
+        tiny(demo_data_square, folds_file, tmp_path, class_weights="inverse").validate()
+
+
+def test_frequency_class_weights():
+    from pipeline.models.losses import frequency_class_weights
+
+    # frequencies 0.9, 0.09, 0.009, 0.001 (median 0.0495); a class without pixels gets 1
+    w = frequency_class_weights([9000, 900, 90, 10, 0])
+    assert w[4] == 1.0
+    assert w[1] == pytest.approx((0.0495 / 0.09) ** 0.5) and w[2] == pytest.approx((0.0495 / 0.009) ** 0.5)
+    assert w[0] == pytest.approx((0.0495 / 0.9) ** 0.5) and w[3] == pytest.approx((0.0495 / 0.001) ** 0.5)
+    assert frequency_class_weights([10**9, 1])[1] == 10.0 and frequency_class_weights([0, 0]) == [1.0, 1.0]

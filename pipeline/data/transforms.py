@@ -27,6 +27,13 @@ def _none(square: bool) -> list:
     return []
 
 
+@AUGMENTATIONS.register("hflip", "horizontal flip only")
+def _hflip(square: bool) -> list:
+    import albumentations as A
+
+    return [A.HorizontalFlip(p=0.5)]
+
+
 @AUGMENTATIONS.register("light", "horizontal flip, small affine, brightness/contrast")
 def _light(square: bool) -> list:
     import albumentations as A

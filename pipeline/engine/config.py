@@ -10,6 +10,7 @@ from pipeline.core.layout import RunFolder
 from pipeline.data import AUGMENTATIONS, MASK_RULES
 from pipeline.engine.optim import OPTIMIZERS, SCHEDULERS
 from pipeline.engine.runtime import AMP_MODES
+from pipeline.models.losses import CLASS_WEIGHT_MODES
 
 
 @dataclass
@@ -58,7 +59,7 @@ class TrainConfig:
     poly_power: float = 0.9
     grad_clip: float | None = 1.0
     loss: str = "ce"  # "model": the family's own loss (mask classification families require it)
-    class_weights: list[float] | None = None
+    class_weights: list[float] | str | None = None  # one per class, or inverse_sqrt: from the training pixels
     label_smoothing: float = 0.0
     loss_options: dict | None = None  # to the loss terms that take them: {classes: present, gamma: 2, ...}
     amp: str = "auto"  # auto: bf16 where supported, else fp16 on CUDA; bf16 on a CPU with native bf16
@@ -101,6 +102,11 @@ class TrainConfig:
                 raise ConfigError(f"{key}: unknown {getattr(self, key)!r}; known: {', '.join(names)}")
         if not 0 <= self.copy_paste <= 1 or self.copy_paste_max < 1 or self.copy_paste_rarest < 1:
             raise ConfigError("copy_paste must be in [0, 1], copy_paste_max and copy_paste_rarest at least 1")
+        if isinstance(self.class_weights, str) and self.class_weights not in CLASS_WEIGHT_MODES:
+            raise ConfigError(
+                f"class_weights: unknown {self.class_weights!r}; give one weight per class or one of "
+                f"{', '.join(CLASS_WEIGHT_MODES)}"
+            )
         if self.rfs_threshold is not None and not self.rfs_threshold > 0:
             raise ConfigError(f"rfs_threshold must be positive or null, got {self.rfs_threshold}")
         if self.keep_top_k < 0 or self.swa_epochs < 0:

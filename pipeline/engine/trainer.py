@@ -66,7 +66,7 @@ from pipeline.engine.runtime import (
 from pipeline.engine.sampling import EpochSeededDataset, EpochShuffleSampler
 from pipeline.evaluation.metrics import IGNORE_INDEX, iou_per_class, mean_iou
 from pipeline.models.contract import has_own_loss
-from pipeline.models.losses import build_loss
+from pipeline.models.losses import build_loss, frequency_class_weights
 from pipeline.models.preprocessing import encoder_preprocessing
 
 log = logging.getLogger(__name__)
@@ -248,10 +248,31 @@ class Trainer:
             cfg.loss,
             self.coco.num_classes,
             ignore_index=IGNORE_INDEX,
-            class_weights=cfg.class_weights,
+            class_weights=self._class_weights(),
             label_smoothing=cfg.label_smoothing,
             **(cfg.loss_options or {}),
         ).to(self.device)
+
+    def _class_weights(self) -> list[float] | None:
+        """The configured weights, or for a mode (``inverse_sqrt``) weights from the pixel counts of
+        the training images (this fold's, from the mask cache)."""
+        mode = self.cfg.class_weights
+        if not isinstance(mode, str):
+            return mode
+        k = self.coco.num_classes
+        counts = np.zeros(k, dtype=np.int64)
+        for image_id in self.train_ids:
+            counts += np.bincount(self.cache.get(image_id).ravel(), minlength=k)[:k]
+        weights = frequency_class_weights(counts, mode)
+        named = sorted(zip(weights, self.coco.class_names, strict=True))
+        log.info(
+            "class weights (%s, from %d training images): %s ... %s",
+            mode,
+            len(self.train_ids),
+            ", ".join(f"{n} {w:.2f}" for w, n in named[:3]),
+            ", ".join(f"{n} {w:.2f}" for w, n in named[-3:]),
+        )
+        return weights
 
     def _copy_paste(self) -> CopyPaste | None:
         cfg = self.cfg

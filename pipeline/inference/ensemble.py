@@ -537,23 +537,6 @@ def tune_weights(cache: OofCache, method: str, n_trials: int, seed: int) -> tupl
     return raw / raw.sum(), float(study.best_value)
 
 
-def tune_bias(
-    cache: OofCache, weights: np.ndarray, method: str, n_trials: int, seed: int, bias_range: float
-) -> tuple[np.ndarray, float]:
-    """Best per-class bias (weights fixed) found by TPE; the zero bias is the first trial."""
-    optuna = _quiet_optuna()
-    k = cache.num_classes
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed + 1))
-    study.enqueue_trial({f"b{c}": 0.0 for c in range(k)})
-
-    def objective(trial) -> float:
-        bias = np.array([trial.suggest_float(f"b{c}", -bias_range, bias_range) for c in range(k)])
-        return mean_iou(cache.confusion(Fusion(weights, bias, method)))
-
-    study.optimize(objective, n_trials=max(n_trials, 1), show_progress_bar=False)
-    return np.array([study.best_params[f"b{c}"] for c in range(k)]), float(study.best_value)
-
-
 def load_ensemble(path: str | Path) -> dict[str, Any]:
     """Read and check a ``weights.yaml`` written by :func:`run`; errors name the file."""
     path = Path(path)

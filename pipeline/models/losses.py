@@ -20,6 +20,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -281,6 +282,28 @@ LOSSES.add("lovasz", LovaszSoftmaxLoss, "Lovasz-softmax (IoU surrogate)")
 
 _NUMBER = r"(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _TERM = re.compile(rf"^\s*(?:(?P<coef>{_NUMBER})\s*\*\s*)?(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*$")
+
+
+CLASS_WEIGHT_MODES = ("inverse_sqrt",)
+WEIGHT_CLIP = (0.1, 10.0)  # the smallest and largest class weight of a frequency mode
+
+
+def frequency_class_weights(pixel_counts: Sequence[float], mode: str = "inverse_sqrt") -> list[float]:
+    """Class weights from the training images' pixel counts per class: ``inverse_sqrt`` gives
+    sqrt(median frequency / frequency), so a class a hundred times rarer than the median class
+    weighs ten times more and Background, the most frequent, less than one; clipped to
+    :data:`WEIGHT_CLIP`.  A class with no training pixel gets 1 (no pixel of it is ever weighted)."""
+    if mode not in CLASS_WEIGHT_MODES:
+        raise PipelineError(f"class_weights: unknown mode {mode!r}; known: {', '.join(CLASS_WEIGHT_MODES)}")
+    counts = np.asarray(pixel_counts, dtype=np.float64)
+    present = counts > 0
+    if not present.any():
+        return [1.0] * len(counts)
+    freq = counts / counts.sum()
+    median = float(np.median(freq[present]))
+    weights = np.ones(len(counts))
+    weights[present] = np.clip(np.sqrt(median / freq[present]), *WEIGHT_CLIP)
+    return [float(w) for w in weights]
 
 
 def list_losses() -> list[str]:
