@@ -3,7 +3,8 @@
 Members are experiment folders ``runs/<exp>`` (or single fold folders ``runs/<exp>/fold<k>``).
 A member's out-of-fold (OOF) prediction is the union of its folds' ``oof_<tta>`` stores
 (``oof`` where a fold has no TTA store); its test prediction, used by the submit stage, is
-the mean of its folds' ``test_<tta>`` stores.  ``tta=None`` picks the only TTA present.
+the mean of its folds' ``test_<tta>`` stores.  ``tta=auto`` picks the only TTA present
+(``tta=none`` is the store of predictions without TTA).
 
 Combination methods (:data:`METHODS`):
 
@@ -93,7 +94,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EnsembleConfig:
     runs: list[str] = field(default_factory=list)  # runs/<exp> or runs/<exp>/fold<k>; spaces or commas
-    tta: str | None = None  # None: the only TTA present in each member
+    tta: str = "auto"  # auto: the only TTA present in each member; none: the stores without TTA
     data_dir: str = "data/demo"
     ann_file: str = "train_all.json"
     method: str = "mean"
@@ -435,7 +436,7 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
     """Tune the ensemble on OOF probabilities; write ``weights.yaml`` and ``report.md``."""
     cfg.validate()
     started = time.perf_counter()
-    members = resolve_members(cfg.runs, cfg.tta)
+    members = resolve_members(cfg.runs, None if cfg.tta == "auto" else cfg.tta)
     mask_rule = stores_mask_rule([f for x in members for f in x.oof_stores])
     coco = load_coco(cfg.data_dir, cfg.ann_file, mask_rule=mask_rule)
     out = Path(cfg.out_dir) / cfg.name

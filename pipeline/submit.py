@@ -56,7 +56,7 @@ class SubmitConfig:
     name: str = "submission"
     ensemble: str | None = None  # a weights.yaml; default <ensembles_dir>/<name>/weights.yaml when it exists
     runs: list[str] | None = None  # or: plain average of these members' test stores
-    tta: str | None = None  # with runs: which test_<tta> stores (None: the only one present)
+    tta: str = "auto"  # with runs: which test_<tta> stores (auto: the only one present; none: without TTA)
     ensembles_dir: str = "ensembles"
     data_dir: str = "data/demo"
     test_ann: str = "test.json"
@@ -111,8 +111,9 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
     coco = load_coco(cfg.data_dir, cfg.test_ann, require_annotations=False)
     if not coco.images:
         raise PipelineError(f"{coco.path}: no test images")
+    tta = None if cfg.tta == "auto" else cfg.tta
     members, fusion, source = resolve_submission_members(
-        coco, name=cfg.name, ensemble=cfg.ensemble, runs=cfg.runs, tta=cfg.tta, ensembles_dir=cfg.ensembles_dir
+        coco, name=cfg.name, ensemble=cfg.ensemble, runs=cfg.runs, tta=tta, ensembles_dir=cfg.ensembles_dir
     )
     post = None
     if cfg.postprocess == "auto" and source.get("ensemble"):

@@ -119,6 +119,24 @@ def test_ambiguous_tta_needs_a_choice(runs, tmp_path):
     assert find_member(str(exp.parent), tta="d4").test_stores == [str(exp / "test_d4")]
 
 
+def test_tta_none_on_the_command_line_names_the_stores_without_tta(runs, tmp_path):
+    """``tta=none`` is the TTA called none (``oof_none``/``test_none``), not "pick the only one":
+    with hflip stores beside them the ensemble and submit stages still find them."""
+    data, good, _ = runs
+    exp = tmp_path / "exp"
+    for f in ("fold0", "fold1"):
+        (exp / f).mkdir(parents=True)
+        for name in ("oof_none", "oof_hflip"):
+            (exp / f / name).symlink_to(good / f / "oof")
+        for name in ("test_none", "test_hflip"):
+            (exp / f / name).symlink_to(good / f / "test_flip")
+    argv = [f"runs={exp}", f"data_dir={data}", f"out_dir={tmp_path / 'ens'}", "name=n", "progress=false"]
+    assert ensemble_main([*argv, "tta=none", "n_trials=2"]) == 0
+    saved = yaml.safe_load((tmp_path / "ens" / "n" / "weights.yaml").read_text())
+    assert saved["members"][0]["test_stores"] == [str(exp / f / "test_none") for f in ("fold0", "fold1")]
+    assert ensemble_main([*argv, "n_trials=2"]) == 2  # tta=auto: two candidates, the error names them
+
+
 def test_tuning_prefers_the_good_member_and_beats_it(runs, tmp_path):
     data, good, bad = runs
     result = run(cfg_for(runs, tmp_path))
