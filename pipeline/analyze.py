@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class AnalyzeConfig:
     runs: list[str] = field(default_factory=list)  # members (their OOF stores), plain mean
     name: str | None = None  # or an ensemble: ensembles/<name>/weights.yaml (its weights, bias, method)
-    tta: str | None = None
+    tta: str = "auto"  # with runs: auto, the only TTA present; none: the stores without TTA
     ensembles_dir: str = "ensembles"
     data_dir: str = "data/demo"
     ann_file: str = "train_all.json"

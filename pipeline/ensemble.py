@@ -436,7 +436,7 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
     """Tune the ensemble on OOF probabilities; write ``weights.yaml`` and ``report.md``."""
     cfg.validate()
     started = time.perf_counter()
-    members = resolve_members(cfg.runs, None if cfg.tta == "auto" else cfg.tta)
+    members = resolve_members(cfg.runs, cfg.tta)
     mask_rule = stores_mask_rule([f for x in members for f in x.oof_stores])
     coco = load_coco(cfg.data_dir, cfg.ann_file, mask_rule=mask_rule)
     out = Path(cfg.out_dir) / cfg.name

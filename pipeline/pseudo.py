@@ -30,7 +30,7 @@ class PseudoConfig:
     name: str = "pseudo"  # an ensemble name (ensembles/<name>/weights.yaml) and the output folder name
     ensemble: str | None = None  # a weights.yaml (default ensembles/<name>/weights.yaml)
     runs: list[str] | None = None  # or: the plain mean of these runs' test stores
-    tta: str | None = None
+    tta: str = "auto"  # with runs: auto, the only TTA present; none: the stores without TTA
     ensembles_dir: str = "ensembles"
     data_dir: str = "data/demo"
     test_ann: str = "test.json"

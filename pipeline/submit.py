@@ -111,9 +111,8 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
     coco = load_coco(cfg.data_dir, cfg.test_ann, require_annotations=False)
     if not coco.images:
         raise PipelineError(f"{coco.path}: no test images")
-    tta = None if cfg.tta == "auto" else cfg.tta
     members, fusion, source = resolve_submission_members(
-        coco, name=cfg.name, ensemble=cfg.ensemble, runs=cfg.runs, tta=tta, ensembles_dir=cfg.ensembles_dir
+        coco, name=cfg.name, ensemble=cfg.ensemble, runs=cfg.runs, tta=cfg.tta, ensembles_dir=cfg.ensembles_dir
     )
     post = None
     if cfg.postprocess == "auto" and source.get("ensemble"):

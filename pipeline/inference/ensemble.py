@@ -31,6 +31,7 @@ from pipeline.submission.formats import resize_nearest
 log = logging.getLogger(__name__)
 
 
+AUTO_TTA = "auto"  # a stage's tta=auto: the only TTA present in each member
 LOG_EPS = 1e-6  # floor of probabilities before the log when a bias is applied
 VOTE_TIE = 1e-4  # weight of the mean probability that breaks ties between vote tallies
 
@@ -138,7 +139,9 @@ def _tta_names(folds: Sequence[Path], split: str) -> set[str]:
 def find_member(path: str, tta: str | None = None, name: str | None = None, need_oof: bool = True) -> Member:
     """Resolve an experiment (or fold) folder into a :class:`Member`; errors name the folder.
 
-    ``need_oof=False`` (submitting a plain average) accepts a member without OOF stores.
+    ``tta``: which ``oof_<tta>``/``test_<tta>`` stores (``none``: those without TTA); None or
+    ``auto``: the only TTA present.  ``need_oof=False`` (submitting a plain average) accepts a
+    member without OOF stores.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -153,7 +156,7 @@ def find_member(path: str, tta: str | None = None, name: str | None = None, need
             raise PipelineError(
                 f"{folder}: no fold*/ folders (expected runs/<experiment>/fold<k>/ with oof/ and test_<tta>/)"
             )
-    if tta is None:
+    if tta in (None, AUTO_TTA):
         names = _tta_names(folds, "test") or _tta_names(folds, "val")
         if len(names) > 1:
             raise PipelineError(
