@@ -144,7 +144,7 @@ def collect_stats(coco: CocoData, cache: MaskCache, progress: bool = True) -> St
             presence[row, c] = 1
             area_bins[c, area_bin(area)] += 1
             area_sum[c] += area
-        counts = np.bincount(cache.get(image_id).ravel(), minlength=k)[:k]
+        counts = cache.class_pixels(image_id)
         pixels += counts
         presence[row, 0] = int(counts[0] > 0)
     return Stats(

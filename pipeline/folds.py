@@ -152,7 +152,7 @@ def pixel_counts(coco: CocoData, cache_dir: str | Path) -> np.ndarray:
     cache = MaskCache(coco, cache_dir)
     out = np.zeros((len(coco.images), coco.num_classes), dtype=np.int64)
     for row, image_id in enumerate(tqdm(coco.image_ids, desc="pixel counts", leave=False)):
-        out[row] = np.bincount(cache.get(image_id).ravel(), minlength=coco.num_classes)[: coco.num_classes]
+        out[row] = cache.class_pixels(image_id)
     return out
 
 

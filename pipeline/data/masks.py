@@ -155,6 +155,11 @@ class MaskCache:
         atomic_write_bytes(p, buf.tobytes())
         return m
 
+    def class_pixels(self, image_id: int) -> np.ndarray:
+        """Pixels of each class (K int64 counts; ignored pixels not counted) in the image's map."""
+        k = self.coco.num_classes
+        return np.bincount(self.get(image_id).ravel(), minlength=k)[:k]
+
     def build(self, image_ids: Sequence[int] | None = None, progress: bool = True) -> Path:
         from tqdm import tqdm
 

@@ -259,10 +259,7 @@ class Trainer:
         mode = self.cfg.class_weights
         if not isinstance(mode, str):
             return mode
-        k = self.coco.num_classes
-        counts = np.zeros(k, dtype=np.int64)
-        for image_id in self.train_ids:
-            counts += np.bincount(self.cache.get(image_id).ravel(), minlength=k)[:k]
+        counts = sum(self.cache.class_pixels(image_id) for image_id in self.train_ids)
         weights = frequency_class_weights(counts, mode)
         named = sorted(zip(weights, self.coco.class_names, strict=True))
         log.info(
