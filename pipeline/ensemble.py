@@ -316,13 +316,11 @@ def _choose(cfg: EnsembleConfig, members: list, cache: OofCache) -> Choice:
     if cfg.tune and cfg.tune_bias and cfg.method != "mean":
         log.warning("tune_bias: the per-class bias is tuned for method=mean only; no bias is used with %s", cfg.method)
     elif cfg.tune and cfg.tune_bias:
-        tuned_bias, bias_pi, step = _tune_bias(cfg, cache, weights, label, chosen)
+        bias, chosen, step = _tune_bias(cfg, cache, weights, label, chosen)
         names.append(f"{label} + bias")
         crossed = "cross-fitted (two halves of the images)"
         comparisons += [{**c.as_dict(), "estimate": crossed} for c in step.comparisons]
-        if step.index == 1:
-            bias, chosen = tuned_bias, bias_pi
-        else:
+        if bias is None:
             log.info("the tuned bias does not raise the cross-fitted OOF mIoU beyond its interval; no bias is used")
     log.info("chosen on OOF: %s%s", label, "" if bias is None else " + bias")
     return Choice(label, weights, bias, chosen, plain_pi, member_pi, names, comparisons, trials)
@@ -331,8 +329,8 @@ def _choose(cfg: EnsembleConfig, members: list, cache: OofCache) -> Choice:
 def _tune_bias(cfg: EnsembleConfig, cache: OofCache, weights: np.ndarray, label: str, chosen: np.ndarray):
     """A per-class bias by coordinate ascent (:mod:`pipeline.inference.bias`) on the chosen
     weights' fused OOF probabilities.  Its gain is judged cross-fitted: the bias tuned on one half
-    of the images scores the other half.  Returns (bias tuned on all images, its per-image
-    matrices, the selection step against no bias)."""
+    of the images scores the other half.  Returns (the bias tuned on all images, or None when
+    refused; the chosen per-image matrices; the selection step against no bias)."""
     started = time.perf_counter()
     index = {image_id: j for j, image_id in enumerate(cache.image_ids)}
     fused = ((index[i], p, gt) for i, p, gt in cache.fused_probabilities(Fusion(weights, None, "mean")))
@@ -346,23 +344,26 @@ def _tune_bias(cfg: EnsembleConfig, cache: OofCache, weights: np.ndarray, label:
     crossed[first] = with_2[first]  # each half scored with the bias tuned on the other
     rule = dict(n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level)
     step = select([(label, chosen), (f"{label} + bias", crossed)], **rule)
-    bias, own, tuned = tune_class_bias(samples, grid, cfg.bias_sweeps)
-    per_image = cache.per_image_confusions([Fusion(weights, bias, "mean")])[0] if step.index == 1 else chosen
     c = step.comparisons[0]
     log.info(
-        "per-class bias: sampled OOF mIoU %.4f -> %.4f tuned on all images (%d of %d classes moved); "
-        "cross-fitted gain %+.4f [%+.4f, %+.4f]: %s (%.1f s)",
-        own,
-        tuned,
-        int(np.count_nonzero(bias)),
-        cache.num_classes,
+        "per-class bias: cross-fitted OOF gain %+.4f [%+.4f, %+.4f]: %s (%.1f s)",
         c.gain,
         c.low,
         c.high,
         "kept" if c.accepted else "refused",
         time.perf_counter() - started,
     )
-    return bias, per_image, step
+    if step.index == 0:  # refused: no need to tune it on all the images
+        return None, chosen, step
+    bias, own, tuned = tune_class_bias(samples, grid, cfg.bias_sweeps)
+    log.info(
+        "per-class bias tuned on all images for the test: sampled OOF mIoU %.4f -> %.4f (%d of %d classes moved)",
+        own,
+        tuned,
+        int(np.count_nonzero(bias)),
+        cache.num_classes,
+    )
+    return bias, cache.per_image_confusions([Fusion(weights, bias, "mean")])[0], step
 
 
 def _test_size(cfg: EnsembleConfig) -> tuple[int | None, str]:

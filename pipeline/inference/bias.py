@@ -78,12 +78,11 @@ def _confusion(pred: np.ndarray, gt: np.ndarray, k: int) -> np.ndarray:
 def _top_two(score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     cols = np.arange(score.shape[1])
     first = score.argmax(0)
-    s1 = score[first, cols]
-    saved = score[first, cols].copy()
+    s1 = score[first, cols]  # a copy (fancy indexing): it also restores the scores below
     score[first, cols] = -np.inf
     second = score.argmax(0)
     s2 = score[second, cols]
-    score[first, cols] = saved
+    score[first, cols] = s1
     return first, s1, second, s2
 
 
