@@ -10,7 +10,7 @@ warm-up and not counted.  Goal: pipeline / bare >= 0.9.
 
 The bare loop computes in the precision the pipeline picks (``amp=auto``: bf16 on CUDA and
 on a CPU with native bf16).  A second table compares autocast modes with fp32 on the bare
-loop: bf16 on such a CPU; bf16/fp16 + channels_last with ``--device cuda``.
+loop, each also in channels_last memory: bf16 on such a CPU; bf16/fp16 with ``--device cuda``.
 
     python benchmarks/bench_train.py [--size 256] [--batch 8] [--batches 12] [--workers 1]
 """
@@ -156,7 +156,12 @@ def main() -> int:
         ]
     elif cpu_bf16_native():
         where = f"this CPU ({torch.backends.cpu.get_cpu_capability()}, native bf16)"
-        modes = [("fp32", None, False), ("bf16", torch.bfloat16, False)]
+        modes = [
+            ("fp32", None, False),
+            ("fp32 + channels_last", None, True),
+            ("bf16", torch.bfloat16, False),
+            ("bf16 + channels_last", torch.bfloat16, True),
+        ]
     if modes:
         print(f"\nmixed precision on {where} (bare loop, same batch and size)")
         measured = {(dtype, False): bare_step}  # the pipeline's own precision is timed above

@@ -258,6 +258,32 @@ def test_time_budget_shortens_the_run_and_ends_the_schedule_on_time(
         tiny(demo_data_square, folds_file, tmp_path, time_budget=0)
 
 
+def test_time_budget_gives_back_the_time_of_a_slow_start(demo_data_square, folds_file, tmp_path, monkeypatch):
+    import pipeline.engine.hooks as hooks_mod
+
+    steps = iter([0.0, 30.0] + [10.0] * 20)  # train start, then epoch 0 takes 30 s and every later one 10 s
+    clock = {"t": 1000.0}
+
+    def monotonic() -> float:
+        clock["t"] += next(steps)
+        return clock["t"]
+
+    monkeypatch.setattr(hooks_mod.time, "monotonic", monotonic)
+    cfg = tiny(
+        demo_data_square, folds_file, tmp_path, epochs=8, time_budget=75, augment="none", lr=1e-3, min_lr_ratio=0.1
+    )
+    result = run(cfg)
+    metrics = pd.read_csv(cfg.folder().metrics)
+    # after epoch 0 (30 s, 45 s left) only 2 epochs fit; after epoch 1 the pace is 10 s and 35 s are
+    # left: 3 more would fit, 2 are taken (one kept in hand), so the run ends after epoch 3, not 1
+    assert list(metrics["epoch"]) == [0, 1, 2, 3] and result.epochs_done == 4
+    # the schedule was re-sized with it: the epochs given back train above min_lr_ratio x lr, and it
+    # ends there on the new last epoch
+    assert metrics["lr"].iloc[-1] == pytest.approx(1e-4)
+    assert metrics["lr"].iloc[2] > metrics["lr"].iloc[1]
+    assert read_checkpoint(cfg.folder().last)["time_budget"] == {"end_epoch": 4}
+
+
 def test_tensorboard_needs_its_package_and_says_so(demo_data_square, folds_file, tmp_path, monkeypatch):
     import sys
 
@@ -280,6 +306,7 @@ class _Step:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
         self.micro_batch = None
+        self.channels_last = False
         self.oom_above = oom_above
         self.calls: list[int] = []
         if oom_above is not None:

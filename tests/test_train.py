@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -74,6 +75,13 @@ def test_training_writes_every_file_and_learns(demo_data_square, folds_file, tmp
     model, ckpt_cfg, ckpt = load_checkpoint_model(d / "best.pt")
     assert ckpt_cfg == cfg and ckpt["epoch"] == result.best_epoch
     assert ckpt["class_names"][0] == "Background" and ckpt["num_classes"] == 11
+    # on a CPU too the model comes back in channels_last memory (faster convolutions), computing the same
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain(x), atol=1e-4)
 
     # out-of-fold probabilities: every validation image, half the training size, rows sum to 1
     table = pd.read_csv(folds_file)

@@ -130,6 +130,7 @@ def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu", 
     """Model (in eval mode), its resolved training config and the checkpoint dict of a ``.pt`` file."""
     from pipeline.core.config import config_from_dict
     from pipeline.engine.config import TrainConfig
+    from pipeline.engine.runtime import channels_last_pays
     from pipeline.models import build_model
 
     ckpt = read_checkpoint(path)
@@ -143,4 +144,7 @@ def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu", 
         **(cfg.model_options or {}),
     )
     load_model_state(model, model_state(ckpt, use_ema), path)
-    return model.to(device).eval(), cfg, ckpt
+    model = model.to(device).eval()
+    if cfg.channels_last and channels_last_pays(torch.device(device)):
+        model = model.to(memory_format=torch.channels_last)  # its convolutions' outputs follow
+    return model, cfg, ckpt

@@ -63,7 +63,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     loss_options: dict | None = None  # to the loss terms that take them: {classes: present, gamma: 2, ...}
     amp: str = "auto"  # auto: bf16 where supported, else fp16 on CUDA; bf16 on a CPU with native bf16
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC memory on CUDA and CPU (faster convolutions); ignored elsewhere
     ema: bool = False
     ema_decay: float = 0.999
     # validation and outputs

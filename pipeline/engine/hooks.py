@@ -111,7 +111,10 @@ class TimeBudget(Hook):
     After every epoch the mean epoch time so far projects the finish; when the planned epochs
     no longer fit, the run is shortened to the epochs that do and the learning-rate schedule is
     re-sized to end with them (cosine/poly decay over the new horizon), so a run that falls
-    behind its plan shortens and never overruns.  The shortened length is saved in checkpoints.
+    behind its plan shortens and never overruns.  A run this hook shortened that later goes
+    faster than projected (the first epochs carry the caches' start-up) gets the time back: it
+    is lengthened again, up to the configured epochs, keeping one epoch's time in hand.  The
+    current length is saved in checkpoints.
     """
 
     state_key = "time_budget"
@@ -124,7 +127,7 @@ class TimeBudget(Hook):
         self.started = self.mark = time.monotonic()
         self.durations: list[float] = []
         if self.end_epoch is not None:
-            trainer.shorten(self.end_epoch)
+            trainer.resize(self.end_epoch)
 
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -140,16 +143,21 @@ class TimeBudget(Hook):
         done = row["epoch"] + 1
         fits = done + int(max(0.0, left) // per_epoch)
         if fits < trainer.end_epoch:
-            log.info(
-                "time budget: %.0f s of %.0f s used, %.1f s per epoch: %d epochs instead of %d",
-                now - self.started,
-                self.seconds,
-                per_epoch,
-                fits,
-                trainer.end_epoch,
-            )
-            self.end_epoch = fits
-            trainer.shorten(fits)
+            end = fits
+        elif self.end_epoch is not None and min(fits - 1, trainer.cfg.epochs) > trainer.end_epoch:
+            end = min(fits - 1, trainer.cfg.epochs)  # ahead of the shortened plan: one epoch kept in hand
+        else:
+            return
+        log.info(
+            "time budget: %.0f s of %.0f s used, %.1f s per epoch: %d epochs instead of %d",
+            now - self.started,
+            self.seconds,
+            per_epoch,
+            end,
+            trainer.end_epoch,
+        )
+        self.end_epoch = end
+        trainer.resize(end)
 
     def state_dict(self) -> Any:
         return {"end_epoch": self.end_epoch}

@@ -47,7 +47,10 @@ def _optimizer_step(t: Trainer) -> None:
 
 def _forward_backward(t: Trainer, images: torch.Tensor, masks: torch.Tensor, weight: float) -> torch.Tensor:
     with torch.autocast(t.device.type, dtype=t.dtype, enabled=t.dtype is not None):
-        loss = model_loss(t.model, t.net(images), masks, t.criterion)
+        out = t.net(images)
+        if t.channels_last and isinstance(out, torch.Tensor):
+            out = out.contiguous()  # the losses' softmax over dim 1 is faster on NCHW logits
+        loss = model_loss(t.model, out, masks, t.criterion)
     t.scaler.scale(loss * (weight / t.cfg.accum_steps)).backward()
     return loss.detach()
 

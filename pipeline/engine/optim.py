@@ -60,7 +60,7 @@ def _lambda_scheduler(shape: Callable[[float, Any], float]):
     def build(optimizer: torch.optim.Optimizer, cfg, total: int, warmup: int):
         horizon = Horizon(total, warmup)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lambda(shape, cfg, horizon))
-        scheduler.horizon = horizon  # shortened by pipeline.engine.hooks.TimeBudget
+        scheduler.horizon = horizon  # re-sized by pipeline.engine.hooks.TimeBudget
         return scheduler
 
     return build
@@ -97,7 +97,7 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int)
     return SCHEDULERS.get(cfg.scheduler)(optimizer, cfg, total, warmup)
 
 
-def shorten_schedule(scheduler, total_steps: int) -> bool:
+def resize_schedule(scheduler, total_steps: int) -> bool:
     """Make a schedule decay over ``total_steps`` steps from now on (the learning rate of the next
     step follows the new horizon); False for schedules without a horizon (onecycle)."""
     horizon = getattr(scheduler, "horizon", None)

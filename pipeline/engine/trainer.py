@@ -52,11 +52,12 @@ from pipeline.engine.config import TrainConfig
 from pipeline.engine.hooks import EarlyStopping, EMAHook, Hook, TensorBoardHook, TimeBudget
 from pipeline.engine.loop import evaluate, train_one_epoch
 from pipeline.engine.oof import write_oof
-from pipeline.engine.optim import build_optimizer, build_scheduler, shorten_schedule
+from pipeline.engine.optim import build_optimizer, build_scheduler, resize_schedule
 from pipeline.engine.records import append_timing, plot_curves, write_metrics
 from pipeline.engine.runtime import (
     Dist,
     amp_dtype,
+    channels_last_pays,
     configure_runtime,
     default_workers,
     loader_options,
@@ -144,7 +145,7 @@ class Trainer:
         self.size = resolve_size(cfg, self.coco, int(getattr(self.model, "input_divisor", 1)))
         if cfg.fine_tune_from:
             self._load_fine_tune(cfg.fine_tune_from)
-        self.channels_last = cfg.channels_last and self.device.type == "cuda"
+        self.channels_last = cfg.channels_last and channels_last_pays(self.device)
         self.micro_batch: int | None = None  # images per forward pass; halved on an out-of-memory error
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -336,11 +337,12 @@ class Trainer:
                 state[hook.state_key] = hook.state_dict()
         return state
 
-    def shorten(self, end_epoch: int) -> None:
-        """End training after epoch ``end_epoch - 1`` and make the schedule decay by then."""
-        self.end_epoch = min(self.end_epoch, max(0, int(end_epoch)))
-        if not shorten_schedule(self.scheduler, self.end_epoch * self.steps_per_epoch):
-            log.info("scheduler %s cannot be shortened: training stops at epoch %d", self.cfg.scheduler, self.end_epoch)
+    def resize(self, end_epoch: int) -> None:
+        """End training after epoch ``end_epoch - 1`` (at most the configured epochs) and make the
+        schedule decay by then."""
+        self.end_epoch = min(self.cfg.epochs, max(0, int(end_epoch)))
+        if not resize_schedule(self.scheduler, self.end_epoch * self.steps_per_epoch):
+            log.info("scheduler %s cannot be resized: training stops at epoch %d", self.cfg.scheduler, self.end_epoch)
 
     # ------------------------------------------------------------------------- epochs
     def evaluation_model(self) -> torch.nn.Module:

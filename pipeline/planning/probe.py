@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.engine.runtime import amp_dtype
+from pipeline.engine.runtime import amp_dtype, channels_last_pays
 from pipeline.models import build_model, param_groups
 
 log = logging.getLogger(__name__)
@@ -53,15 +53,18 @@ def probe(recipe: Recipe, num_classes: int, device: torch.device, amp: str = "au
     """Measure ``recipe`` on ``device``: a forward/backward/AdamW step and a batched forward."""
     torch.manual_seed(0)
     model = build_model(recipe.model, num_classes, encoder=recipe.encoder, encoder_weights=None).to(device)
+    x = torch.randn(recipe.batch, 3, *recipe.size, device=device)
+    if channels_last_pays(device):  # as the trainer and the predict stage run it
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(param_groups(model, 1e-4, 1e-4, 1e-4))
     dtype = amp_dtype(amp, device)
-    x = torch.randn(recipe.batch, 3, *recipe.size, device=device)
     y = torch.randint(0, num_classes, (recipe.batch, *recipe.size), device=device)
 
     def step() -> None:
         model.train()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(model(x).contiguous(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
