@@ -22,6 +22,7 @@ import logging
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -32,11 +33,18 @@ from pipeline import folds as folds_stage
 from pipeline.core.config import build_config
 from pipeline.demo import DemoConfig
 from pipeline.demo import run as make_demo
-from pipeline.engine.runtime import amp_dtype, cpu_bf16_native
+from pipeline.engine.runtime import amp_dtype, channels_last_pays, cpu_bf16_native
 from pipeline.models import build_model, param_groups
 from pipeline.models.losses import build_loss
 from pipeline.train import TrainConfig
 from pipeline.train import run as train
+
+
+def pipeline_step(cfg: TrainConfig, batches: int) -> float:
+    """Seconds per training step of ``pipeline.train`` (epoch 0 is warm-up and not counted)."""
+    result = train(cfg)
+    timing = pd.read_csv(result.run_dir / "timing.csv")
+    return float(timing["train_s"].iloc[1:].median()) / batches
 
 
 def bare_loop(
@@ -61,7 +69,8 @@ def bare_loop(
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = crit(model(x), y)
+            out = model(x)
+            loss = crit(out.contiguous() if channels_last else out, y)  # as pipeline.engine.loop does
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -123,15 +132,18 @@ def main() -> int:
                 img_size=[args.size],
             ),
         )
-        result = train(cfg)
-        timing = pd.read_csv(result.run_dir / "timing.csv")
-        pipe_step = float(timing["train_s"].iloc[1:].median()) / args.batches
+        pipe_step = pipeline_step(cfg, args.batches)
+        # the same run in NCHW memory, side by side: what channels_last is worth in the real loop
+        nchw_step = pipeline_step(replace(cfg, channels_last=False, experiment="bench-nchw"), args.batches)
         dtype = amp_dtype(cfg.amp, device)
-        bare_step = bare_loop(args, 11, device, dtype)
+        cl = channels_last_pays(device)
+        bare_step = bare_loop(args, 11, device, dtype, cl)
 
+    memory = "channels_last" if cl else "NCHW"
     rows = [
-        ("bare forward+backward (random tensors)", bare_step, 1.0),
-        ("pipeline.train (loader, augment, loss, optimizer, bookkeeping)", pipe_step, bare_step / pipe_step),
+        (f"bare forward+backward (random tensors, {memory})", bare_step, 1.0),
+        (f"pipeline.train (loader, augment, loss, optimizer, bookkeeping; {memory})", pipe_step, bare_step / pipe_step),
+        ("pipeline.train, channels_last=false", nchw_step, bare_step / nchw_step),
     ]
     print(
         f"\n{args.model}-{args.encoder}, batch {args.batch}, {args.size}x{args.size}, device {args.device}, "
@@ -139,9 +151,9 @@ def main() -> int:
         f"{args.workers if args.workers is not None else 'auto'}, augment {args.augment}, "
         f"autocast {str(dtype).replace('torch.', '') if dtype else 'off'}"
     )
-    print(f"{'method':64s} {'ms/step':>9s} {'img/s':>8s} {'throughput vs bare':>19s}")
+    print(f"{'method':80s} {'ms/step':>9s} {'img/s':>8s} {'throughput vs bare':>19s}")
     for name, step, ratio in rows:
-        print(f"{name:64s} {step * 1000:9.1f} {args.batch / step:8.1f} {ratio:19.3f}")
+        print(f"{name:80s} {step * 1000:9.1f} {args.batch / step:8.1f} {ratio:19.3f}")
     amp_rows = {}
 
     modes = []
@@ -164,7 +176,7 @@ def main() -> int:
         ]
     if modes:
         print(f"\nmixed precision on {where} (bare loop, same batch and size)")
-        measured = {(dtype, False): bare_step}  # the pipeline's own precision is timed above
+        measured = {(dtype, cl): bare_step}  # the pipeline's own precision and memory are timed above
         print(f"{'mode':40s} {'ms/step':>9s} {'speed-up':>9s}")
         for name, amp, cl in modes:
             if (amp, cl) not in measured:
