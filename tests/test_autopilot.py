@@ -83,6 +83,13 @@ def test_the_plan_uses_most_of_the_budget_and_prefers_the_largest_size_that_trai
     assert short.recipe.size == (128, 128) and short.epochs >= MIN_EPOCHS and short.planned_s <= 600
     with pytest.raises(Exception, match="too short"):
         make_plan([large], 60, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
+    # repeat-factor sampling makes an epoch longer: the plan counts the images an epoch goes through
+    repeated = make_plan(
+        [small], 600, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12, epoch_images=1200
+    )
+    assert repeated.epochs == int(repeated.train_s // epoch_seconds(small, 1200, 200)) < short.epochs
+    assert "1200 per epoch, rare classes repeated" in repeated.table() and "per epoch" not in short.table()
+    assert plan_from_dict(json.loads(json.dumps(plan_to_dict(repeated)))) == repeated
     # validation about VALIDATIONS times a run, every epoch for short runs
     assert [val_every(e) for e in (1, 5, 6, 12, 25, 60)] == [1, 1, 1, 2, 4, 10]
 

@@ -32,10 +32,15 @@ class Plan:
     stages_s: dict[str, float] = field(default_factory=dict)
     budget_s: float = 0.0
     disk_mb: float = 0.0
+    epoch_images: int = 0  # images one epoch goes through (repeat-factor sampling repeats rare ones); 0: n_train
 
     @property
     def recipe(self):
         return self.throughput.recipe
+
+    @property
+    def images_per_epoch(self) -> int:
+        return self.epoch_images or self.n_train
 
     @property
     def planned_s(self) -> float:
@@ -47,8 +52,13 @@ class Plan:
             ["recipe", f"{r.model} / {r.encoder}, {r.size[0]}x{r.size[1]}, batch {r.batch}"],
             [
                 "training",
-                f"about {self.epochs} epochs on {self.n_train} images, validated on {self.n_val} (fold 0); "
-                "sized to its time after 2 epochs",
+                f"about {self.epochs} epochs on {self.n_train} images"
+                + (
+                    f" ({self.images_per_epoch} per epoch, rare classes repeated)"
+                    if self.images_per_epoch != self.n_train
+                    else ""
+                )
+                + f", validated on {self.n_val} (fold 0); sized to its time after 2 epochs",
             ],
             ["measured", f"{self.throughput.step_s:.3f} s per step, {self.throughput.image_s * 1000:.1f} ms per image"],
             ["TTA tried on OOF", ", ".join(self.tta_candidates)],
@@ -69,8 +79,8 @@ def val_every(epochs: int) -> int:
     return max(1, epochs // VALIDATIONS)
 
 
-def epoch_seconds(t: Throughput, n_train: int, n_val: int) -> float:
-    steps = max(1, n_train // t.recipe.batch)
+def epoch_seconds(t: Throughput, epoch_images: int, n_val: int) -> float:
+    steps = max(1, epoch_images // t.recipe.batch)
     return steps * t.step_s + n_val * t.image_s + EPOCH_OVERHEAD_S
 
 
@@ -87,9 +97,12 @@ def make_plan(
     n_test: int,
     tta: list[str],
     num_classes: int,
+    epoch_images: int | None = None,
 ) -> Plan:
     """The largest recipe that trains at least TARGET_EPOCHS epochs (else the one with most epochs),
-    with training sized to use what the other stages leave of ``budget_s``."""
+    with training sized to use what the other stages leave of ``budget_s``.  ``epoch_images``: the
+    images one epoch goes through when repeat-factor sampling repeats some (default ``n_train``)."""
+    per_epoch = epoch_images or n_train
     options = []
     for t in candidates:
         fixed = {
@@ -98,7 +111,7 @@ def make_plan(
             "ensemble, submit, score": STAGE_OVERHEAD_S * 4 + 0.02 * (n_val + n_test),
         }
         train_s = budget_s * 0.97 - sum(fixed.values())
-        epochs = int(train_s // epoch_seconds(t, n_train, n_val))
+        epochs = int(train_s // epoch_seconds(t, per_epoch, n_val))
         options.append((t, epochs, train_s, fixed))
     feasible = [o for o in options if o[1] >= MIN_EPOCHS]
     if not feasible:
@@ -117,7 +130,7 @@ def make_plan(
     stages = {"train (fold 0)": train_s, **fixed}
     h, w = t.recipe.size
     disk = 2 * 60 + (n_val + n_test) * num_classes * h * w * 2 * (1 + len(tta)) / 4 / 1e6  # checkpoints + stores
-    return Plan(t, epochs, train_s, n_train, n_val, n_test, tta, stages, budget_s, math.ceil(disk))
+    return Plan(t, epochs, train_s, n_train, n_val, n_test, tta, stages, budget_s, math.ceil(disk), per_epoch)
 
 
 def plan_to_dict(plan: Plan) -> dict:
@@ -140,6 +153,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "stages_s": plan.stages_s,
         "budget_s": plan.budget_s,
         "disk_mb": plan.disk_mb,
+        "epoch_images": plan.images_per_epoch,
     }
 
 
@@ -157,4 +171,5 @@ def plan_from_dict(d: dict) -> Plan:
         dict(d["stages_s"]),
         float(d["budget_s"]),
         float(d["disk_mb"]),
+        int(d.get("epoch_images", 0)),
     )
