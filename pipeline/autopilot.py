@@ -32,7 +32,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder, submission_paths
 from pipeline.core.tables import format_table
-from pipeline.data import common_image_size, load_coco, load_folds
+from pipeline.data import common_image_size, load_coco, split_ids
 from pipeline.engine.runtime import resolve_device
 from pipeline.evaluation.selection import format_interval, select
 from pipeline.inference.ensemble import Fusion, OofCache, find_member
@@ -199,9 +199,8 @@ class Autopilot:
         return int(round(float(repeat_factors(self.coco, train_ids, threshold).sum())))
 
     def _measure_and_plan(self) -> Plan:
-        folds = load_folds(self.folds_file, self.coco)
-        n_val = int((folds["fold"] == 0).sum())
-        train_ids = [int(i) for i in folds.loc[folds["fold"] != 0, "image_id"]]
+        train_ids, val_ids = split_ids(self.coco, self.folds_file, 0)  # the trainer's own split
+        n_val = len(val_ids)
         per_epoch = self.epoch_images(train_ids)
         device = resolve_device(self.cfg.device)
         if self.cfg.threads:
@@ -222,7 +221,7 @@ class Autopilot:
         plan = make_plan(
             measured,
             self.clock.remaining(),
-            len(self.coco.images) - n_val,
+            len(train_ids),
             n_val,
             len(self.test.images),
             list(self.cfg.tta),

@@ -231,18 +231,24 @@ def test_a_family_with_its_own_loss_and_head_goes_through_the_contract():
     assert cm[:, 1:].sum() == 0 and cm[:, 0].sum() == 32
 
 
-def test_time_budget_shortens_the_run_and_ends_the_schedule_on_time(
-    demo_data_square, folds_file, tmp_path, monkeypatch
-):
+def fake_clock(monkeypatch, steps: list[float]) -> None:
+    """The time budget's clock advances by the next of ``steps`` at each reading: once at the train
+    start, then once at each epoch's end."""
     import pipeline.engine.hooks as hooks_mod
 
-    clock = {"t": 1000.0}
+    ticks, clock = iter(steps), {"t": 1000.0}
 
-    def monotonic() -> float:  # every epoch "takes" 10 s: on_train_start reads once, each epoch end once
-        clock["t"] += 10.0
+    def monotonic() -> float:
+        clock["t"] += next(ticks)
         return clock["t"]
 
     monkeypatch.setattr(hooks_mod.time, "monotonic", monotonic)
+
+
+def test_time_budget_shortens_the_run_and_ends_the_schedule_on_time(
+    demo_data_square, folds_file, tmp_path, monkeypatch
+):
+    fake_clock(monkeypatch, [10.0] * 20)  # every epoch "takes" 10 s
     cfg = tiny(
         demo_data_square, folds_file, tmp_path, epochs=6, time_budget=25, augment="none", lr=1e-3, min_lr_ratio=0.1
     )
@@ -259,16 +265,7 @@ def test_time_budget_shortens_the_run_and_ends_the_schedule_on_time(
 
 
 def test_time_budget_gives_back_the_time_of_a_slow_start(demo_data_square, folds_file, tmp_path, monkeypatch):
-    import pipeline.engine.hooks as hooks_mod
-
-    steps = iter([0.0, 30.0] + [10.0] * 20)  # train start, then epoch 0 takes 30 s and every later one 10 s
-    clock = {"t": 1000.0}
-
-    def monotonic() -> float:
-        clock["t"] += next(steps)
-        return clock["t"]
-
-    monkeypatch.setattr(hooks_mod.time, "monotonic", monotonic)
+    fake_clock(monkeypatch, [0.0, 30.0] + [10.0] * 20)  # epoch 0 takes 30 s, every later one 10 s
     cfg = tiny(
         demo_data_square, folds_file, tmp_path, epochs=8, time_budget=75, augment="none", lr=1e-3, min_lr_ratio=0.1
     )

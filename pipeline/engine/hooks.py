@@ -142,10 +142,11 @@ class TimeBudget(Hook):
             return
         done = row["epoch"] + 1
         fits = done + int(max(0.0, left) // per_epoch)
+        longer = min(fits - 1, trainer.cfg.epochs)  # ahead of a shortened plan: one epoch kept in hand
         if fits < trainer.end_epoch:
             end = fits
-        elif self.end_epoch is not None and min(fits - 1, trainer.cfg.epochs) > trainer.end_epoch:
-            end = min(fits - 1, trainer.cfg.epochs)  # ahead of the shortened plan: one epoch kept in hand
+        elif self.end_epoch is not None and longer > trainer.end_epoch:
+            end = longer
         else:
             return
         log.info(
