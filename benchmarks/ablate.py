@@ -33,7 +33,6 @@ from pipeline.data import load_coco, load_folds
 from pipeline.evaluation.metrics import confusion_matrix
 from pipeline.evaluation.selection import bootstrap_miou, format_interval, paired_gain
 from pipeline.inference.store import ProbReader
-from pipeline.submission.formats import resize_nearest
 
 RECIPE = Path(__file__).resolve().parents[1] / "pipeline" / "configs" / "recipes" / "budget.yaml"
 # the base: the budget recipe without the repeat-factor sampling it now enables (a row of its own),
@@ -52,9 +51,10 @@ VARIANTS = {
 def per_image(store: Path, coco, ids: list[int]) -> np.ndarray:
     reader = ProbReader(store)
     out = []
-    for i in ids:
-        labels = reader.load(i).argmax(0).numpy()
-        out.append(confusion_matrix(labels, resize_nearest(coco.mask(i), labels.shape), coco.num_classes))
+    for i in ids:  # scored at each image's own size, as the submission is
+        truth = coco.mask(i)
+        labels = reader.load(i, truth.shape).argmax(0).numpy()
+        out.append(confusion_matrix(labels, truth, coco.num_classes))
     return np.stack(out)
 
 

@@ -823,3 +823,31 @@ def test_non_numeric_ids_and_sizes_are_data_errors(tmp_path, edit, message):
     with pytest.raises(DataError, match=message) as err:
         load_coco(tmp_path, "train_all.json")
     assert "train_all.json" in str(err.value)
+
+
+def test_crop_cuts_an_aligned_window_of_the_resized_image():
+    """``crop``: resize to the training size, then one random window shared by image and mask;
+    quarter turns follow the window's shape, not the resized image's."""
+    from pipeline.data import build_transform
+
+    h, w = 40, 64
+    mask = np.arange(h * w, dtype=np.int32).reshape(h, w)  # each pixel's own number
+    image = np.stack(
+        [np.arange(h * w).reshape(h, w) // w * 5, np.arange(h * w).reshape(h, w) % w * 3, np.zeros((h, w))], 2
+    )
+    image = image.astype(np.uint8)
+    t = build_transform("none", (h, w), crop=(16, 32))
+    seen = set()
+    for seed in range(20):
+        t.set_random_seed(seed)
+        out = t(image=image, mask=mask)
+        assert out["image"].shape == (16, 32, 3) and out["mask"].shape == (16, 32)
+        row, col = divmod(int(out["mask"][0, 0]), w)  # where the window starts
+        np.testing.assert_array_equal(out["mask"], mask[row : row + 16, col : col + 32])
+        np.testing.assert_array_equal(out["image"], image[row : row + 16, col : col + 32])
+        seen.add((row, col))
+    assert len(seen) > 5
+    assert not any(
+        type(op).__name__ == "RandomRotate90" for op in build_transform("strong", (48, 48), (16, 32)).transforms
+    )
+    assert any(type(op).__name__ == "RandomRotate90" for op in build_transform("strong", (48, 64), (32, 32)).transforms)

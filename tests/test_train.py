@@ -175,6 +175,31 @@ def test_unknown_names_are_listed(demo_data_square, folds_file, tmp_path):
         run(small_cfg(demo_data_square, folds_file, tmp_path, fold=7))
 
 
+def test_crop_trains_on_windows_and_validates_the_whole_image(demo_data_square, folds_file, tmp_path):
+    """``crop_size`` trains on random windows of the ``img_size`` image; validation, the OOF maps
+    and the checkpoint's size are the whole image's.  A window larger than the image is refused."""
+    cfg = small_cfg(
+        demo_data_square,
+        folds_file,
+        tmp_path,
+        img_size=[64, 64],
+        crop_size=[32, 32],
+        epochs=1,
+        plot=False,
+        oof_scale=1.0,
+    )
+    result = run(cfg)
+    assert np.isfinite(result.history[-1]["val_miou"])
+    ckpt = torch.load(cfg.run_dir() / "best.pt", map_location="cpu", weights_only=False)
+    assert ckpt["img_size"] == [64, 64]
+    oof = ProbReader(cfg.run_dir() / "oof")
+    assert {oof.stored_size(i) for i in oof.image_ids} == {(64, 64)}
+    with pytest.raises(PipelineError, match="crop_size 96x32 is larger than the training size 64x64"):
+        run(small_cfg(demo_data_square, folds_file, tmp_path / "bad", img_size=[64, 64], crop_size=[96, 32]))
+    with pytest.raises(PipelineError, match="crop_size must be"):
+        small_cfg(demo_data_square, folds_file, tmp_path / "bad", crop_size=[0, 32])
+
+
 @pytest.mark.slow
 def test_ddp_two_process_gloo_matches_single_process_metric(demo_data_square, folds_file, tmp_path):
     cfg = small_cfg(demo_data_square, folds_file, tmp_path, epochs=1, batch_size=4, save_oof=False, plot=False)

@@ -60,14 +60,21 @@ def _strong(square: bool) -> list:
     ]
 
 
-def build_transform(name: str, size: tuple[int, int] | None) -> Callable[..., dict]:
-    """Albumentations pipeline by name; images are resized to ``size`` (H, W) when given."""
+def build_transform(
+    name: str, size: tuple[int, int] | None, crop: tuple[int, int] | None = None
+) -> Callable[..., dict]:
+    """Albumentations pipeline by name; images are resized to ``size`` (H, W) when given, then
+    cut to a random ``crop`` (H, W) window when given, before the named augmentations."""
     import albumentations as A
 
-    ops = list(AUGMENTATIONS.get(name)(square=size is not None and int(size[0]) == int(size[1])))
+    out = crop if crop is not None else size
+    ops = list(AUGMENTATIONS.get(name)(square=out is not None and int(out[0]) == int(out[1])))
+    head = []
     if size is not None:
-        ops.insert(0, A.Resize(int(size[0]), int(size[1])))
-    return A.Compose(ops)
+        head.append(A.Resize(int(size[0]), int(size[1])))
+    if crop is not None:
+        head.append(A.RandomCrop(int(crop[0]), int(crop[1])))
+    return A.Compose(head + ops)
 
 
 @dataclass(frozen=True)

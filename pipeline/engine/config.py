@@ -37,6 +37,7 @@ class TrainConfig:
     resume: bool = True  # continue from last.pt when it exists
     # input
     img_size: list[int] | None = None  # [h, w] or [side]; None: most common size in the data
+    crop_size: list[int] | None = None  # [h, w] or [side]: train on random windows of the img_size image
     augment: str = "light"
     copy_paste: float = 0.0  # probability of pasting rare-class objects of other training images
     copy_paste_classes: list[str] | None = None  # class names; None: the copy_paste_rarest rarest
@@ -114,8 +115,10 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "accum_steps", "val_every", "prefetch_factor"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.img_size is not None and len(self.img_size) not in (1, 2):
-            raise ConfigError(f"img_size must be [side] or [height, width], got {self.img_size}")
+        for key in ("img_size", "crop_size"):
+            value = getattr(self, key)
+            if value is not None and (len(value) not in (1, 2) or min(value) < 1):
+                raise ConfigError(f"{key} must be [side] or [height, width] of positive pixels, got {value}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ConfigError(f"layer_decay must be in (0, 1] or null, got {self.layer_decay}")
         if self.time_budget is not None and not self.time_budget > 0:

@@ -93,6 +93,18 @@ def resolve_size(cfg: TrainConfig, coco: CocoData, divisor: int) -> tuple[int, i
     return int(h), int(w)
 
 
+def resolve_crop(cfg: TrainConfig, size: tuple[int, int], divisor: int) -> tuple[int, int] | None:
+    """Training window (H, W) cut from the ``size`` image, or None to train on the whole image."""
+    if cfg.crop_size is None:
+        return None
+    h, w = (cfg.crop_size[0], cfg.crop_size[0]) if len(cfg.crop_size) == 1 else cfg.crop_size
+    if h % divisor or w % divisor:
+        raise ConfigError(f"crop_size {h}x{w} must be a multiple of {divisor} for {cfg.model}")
+    if h > size[0] or w > size[1]:
+        raise ConfigError(f"crop_size {h}x{w} is larger than the training size {size[0]}x{size[1]}")
+    return None if (h, w) == tuple(size) else (int(h), int(w))
+
+
 class Trainer:
     """One fold's training run."""
 
@@ -142,7 +154,9 @@ class Trainer:
             pretrained=cfg.pretrained,
             **(cfg.model_options or {}),
         ).to(self.device)
-        self.size = resolve_size(cfg, self.coco, int(getattr(self.model, "input_divisor", 1)))
+        divisor = int(getattr(self.model, "input_divisor", 1))
+        self.size = resolve_size(cfg, self.coco, divisor)
+        self.crop = resolve_crop(cfg, self.size, divisor)
         if cfg.fine_tune_from:
             self._load_fine_tune(cfg.fine_tune_from)
         self.channels_last = cfg.channels_last and channels_last_pays(self.device)
@@ -187,7 +201,7 @@ class Trainer:
         self.criterion = self._criterion()
         self.workers = cfg.num_workers if cfg.num_workers is not None else default_workers(self.device)
         opts = loader_options(self.device, self.workers, cfg.prefetch_factor)
-        transform = build_transform(cfg.augment, self.size)
+        transform = build_transform(cfg.augment, self.size, self.crop)
         base = SegmentationDataset(
             self.coco, self.train_ids, transform, self.cache, self.preprocessing, pairs=self._copy_paste()
         )
