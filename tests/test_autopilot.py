@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from pipeline.autopilot import AutopilotConfig, run
+from pipeline.autopilot import LIGHT_DECODERS, AutopilotConfig, run
 from pipeline.core.errors import ConfigError
 from pipeline.planning.budget import BudgetClock, parse_budget
 from pipeline.planning.plan import (
@@ -99,6 +100,8 @@ def test_bad_settings_are_refused():
         AutopilotConfig(budget="soon").validate()
     with pytest.raises(ConfigError, match="family:encoder"):
         AutopilotConfig(models=["unet"]).validate()
+    with pytest.raises(ConfigError, match="model_options"):
+        AutopilotConfig(model_options={"unet": 3}).validate()
 
 
 @pytest.mark.slow
@@ -108,11 +111,24 @@ def test_a_tiny_budgeted_run_ends_in_a_scored_submission_and_reruns_in_seconds(d
     cfg = AutopilotConfig(
         data_dir=str(demo_data), budget="150s", name="t", sizes=[0.5], tta=["none", "hflip"], progress=False, threads=2
     )
+    import pipeline.planning.probe as probe_mod
+
+    probed = []
+    real_build = probe_mod.build_model
+    monkeypatch.setattr(probe_mod, "build_model", lambda *a, **kw: probed.append(kw) or real_build(*a, **kw))
     started = time.monotonic()
     first = run(cfg)
     spent = time.monotonic() - started
     assert spent <= 1.1 * 150
     ws = Path("work/t")
+    # U-Net's lighter decoder: measured by the probe, trained, and named in the plan
+    light = LIGHT_DECODERS["unet"]["decoder_channels"]
+    assert probed and all(kw["decoder_channels"] == light for kw in probed)
+    (ckpt,) = (ws / "runs").glob("*/fold0/best.pt")
+    assert (
+        torch.load(ckpt, map_location="cpu", weights_only=False)["config"]["model_options"]["decoder_channels"] == light
+    )
+    assert "decoder_channels" in (ws / "plan.txt").read_text()
     for name in ("plan.txt", "summary.txt", "state.json", "ensembles/t/weights.yaml", "score.json"):
         assert (ws / name).is_file(), name
     assert Path(first["submission"]).is_file() and 0 <= first["score"]["miou"] <= 1

@@ -33,6 +33,7 @@ class Plan:
     budget_s: float = 0.0
     disk_mb: float = 0.0
     epoch_images: int = 0  # images one epoch goes through (repeat-factor sampling repeats rare ones); 0: n_train
+    model_options: dict = field(default_factory=dict)  # the family builder's options (probe and training)
 
     @property
     def recipe(self):
@@ -50,6 +51,7 @@ class Plan:
         r = self.recipe
         rows = [
             ["recipe", f"{r.model} / {r.encoder}, {r.size[0]}x{r.size[1]}, batch {r.batch}"],
+            *[[f"  {k}", str(v)] for k, v in sorted(self.model_options.items())],
             [
                 "training",
                 f"about {self.epochs} epochs on {self.n_train} images"
@@ -154,6 +156,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "budget_s": plan.budget_s,
         "disk_mb": plan.disk_mb,
         "epoch_images": plan.images_per_epoch,
+        "model_options": plan.model_options,
     }
 
 
@@ -172,4 +175,5 @@ def plan_from_dict(d: dict) -> Plan:
         float(d["budget_s"]),
         float(d["disk_mb"]),
         int(d.get("epoch_images", 0)),
+        dict(d.get("model_options", {})),
     )

@@ -49,10 +49,19 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def probe(recipe: Recipe, num_classes: int, device: torch.device, amp: str = "auto", repeats: int = 3) -> Throughput:
-    """Measure ``recipe`` on ``device``: a forward/backward/AdamW step and a batched forward."""
+def probe(
+    recipe: Recipe,
+    num_classes: int,
+    device: torch.device,
+    amp: str = "auto",
+    repeats: int = 3,
+    options: dict | None = None,
+) -> Throughput:
+    """Measure ``recipe`` on ``device``: a forward/backward/AdamW step and a batched forward.
+    ``options``: the family builder's options the run will train with (a lighter decoder)."""
     torch.manual_seed(0)
-    model = build_model(recipe.model, num_classes, encoder=recipe.encoder, encoder_weights=None).to(device)
+    model = build_model(recipe.model, num_classes, encoder=recipe.encoder, encoder_weights=None, **(options or {}))
+    model = model.to(device)
     x = torch.randn(recipe.batch, 3, *recipe.size, device=device)
     if channels_last_pays(device):  # as the trainer and the predict stage run it
         model = model.to(memory_format=torch.channels_last)
