@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.autopilot import LIGHT_DECODERS, AutopilotConfig, run
+from pipeline.autopilot import AutopilotConfig, run
 from pipeline.core.errors import ConfigError
 from pipeline.planning.budget import BudgetClock, parse_budget
 from pipeline.planning.plan import (
@@ -104,12 +104,22 @@ def test_bad_settings_are_refused():
         AutopilotConfig(model_options={"unet": 3}).validate()
 
 
+LIGHT = [64, 32, 16, 16, 8]
+
+
 @pytest.mark.slow
 def test_a_tiny_budgeted_run_ends_in_a_scored_submission_and_reruns_in_seconds(demo_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = AutopilotConfig(
-        data_dir=str(demo_data), budget="150s", name="t", sizes=[0.5], tta=["none", "hflip"], progress=False, threads=2
+        data_dir=str(demo_data),
+        budget="150s",
+        name="t",
+        sizes=[0.5],
+        tta=["none", "hflip"],
+        progress=False,
+        threads=2,
+        model_options={"unet": {"decoder_channels": LIGHT}, "fpn": {"decoder_dropout": 0.5}},
     )
     import pipeline.planning.probe as probe_mod
 
@@ -121,9 +131,9 @@ def test_a_tiny_budgeted_run_ends_in_a_scored_submission_and_reruns_in_seconds(d
     spent = time.monotonic() - started
     assert spent <= 1.1 * 150
     ws = Path("work/t")
-    # U-Net's lighter decoder: measured by the probe, trained, and named in the plan
-    light = LIGHT_DECODERS["unet"]["decoder_channels"]
-    assert probed and all(kw["decoder_channels"] == light for kw in probed)
+    # U-Net's options (a lighter decoder): measured by the probe, trained, and named in the plan
+    light = LIGHT
+    assert probed and all(kw["decoder_channels"] == light and "decoder_dropout" not in kw for kw in probed)
     (ckpt,) = (ws / "runs").glob("*/fold0/best.pt")
     assert (
         torch.load(ckpt, map_location="cpu", weights_only=False)["config"]["model_options"]["decoder_channels"] == light
