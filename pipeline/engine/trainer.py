@@ -82,27 +82,31 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
+def _sides(cfg: TrainConfig, key: str, divisor: int) -> tuple[int, int]:
+    """``cfg.<key>`` ([side] or [h, w]) as (H, W), checked against the model's input divisor."""
+    value = getattr(cfg, key)
+    h, w = (value[0], value[0]) if len(value) == 1 else value
+    if h % divisor or w % divisor:
+        raise ConfigError(f"{key} {h}x{w} must be a multiple of {divisor} for {cfg.model}")
+    return int(h), int(w)
+
+
 def resolve_size(cfg: TrainConfig, coco: CocoData, divisor: int) -> tuple[int, int]:
     """Training size (H, W): ``img_size`` checked against the model's input divisor, or the
     data's most common size rounded up to it."""
     if cfg.img_size is None:
         return image_size_from_data(coco, divisor)
-    h, w = (cfg.img_size[0], cfg.img_size[0]) if len(cfg.img_size) == 1 else cfg.img_size
-    if h % divisor or w % divisor:
-        raise ConfigError(f"img_size {h}x{w} must be a multiple of {divisor} for {cfg.model}")
-    return int(h), int(w)
+    return _sides(cfg, "img_size", divisor)
 
 
 def resolve_crop(cfg: TrainConfig, size: tuple[int, int], divisor: int) -> tuple[int, int] | None:
     """Training window (H, W) cut from the ``size`` image, or None to train on the whole image."""
     if cfg.crop_size is None:
         return None
-    h, w = (cfg.crop_size[0], cfg.crop_size[0]) if len(cfg.crop_size) == 1 else cfg.crop_size
-    if h % divisor or w % divisor:
-        raise ConfigError(f"crop_size {h}x{w} must be a multiple of {divisor} for {cfg.model}")
+    h, w = _sides(cfg, "crop_size", divisor)
     if h > size[0] or w > size[1]:
         raise ConfigError(f"crop_size {h}x{w} is larger than the training size {size[0]}x{size[1]}")
-    return None if (h, w) == tuple(size) else (int(h), int(w))
+    return None if (h, w) == tuple(size) else (h, w)
 
 
 class Trainer:
