@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -436,6 +437,20 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
+def check_disk(ws: Path, planned_mb: float) -> None:
+    """Refuse before any long work when the workspace's disk cannot hold what the plan still has to
+    write (its estimate less what the workspace already holds, so a re-run of a finished or
+    half-finished run is not refused): a full disk would stop the run at its first checkpoint."""
+    written_mb = sum(f.stat().st_size for f in ws.rglob("*") if f.is_file()) / 1e6
+    needed_mb = planned_mb - written_mb
+    free_mb = shutil.disk_usage(ws).free / 1e6
+    if needed_mb > free_mb:
+        raise PipelineError(
+            f"{ws}: the plan writes about {needed_mb:.0f} MB more (checkpoints and probability maps), "
+            f"but its disk has {free_mb:.0f} MB free; free some space or pass ARGS='work_dir=<a larger disk>'"
+        )
+
+
 def run(cfg: AutopilotConfig) -> dict[str, Any]:
     """Run (or continue) the budgeted pipeline; returns the summary figures."""
     cfg.validate()
@@ -453,6 +468,7 @@ def run(cfg: AutopilotConfig) -> dict[str, Any]:
         text = plan.table()
         atomic_write_text(pilot.ws / "plan.txt", text + "\n")
         log.info("plan (%s):\n%s", "pretrained encoder" if weights else "from scratch", text)
+        check_disk(pilot.ws, plan.disk_mb)
         run_dir = pilot.train(plan, weights)
         tta, choice = pilot.choose_tta(run_dir)
         result = pilot.finish(run_dir, tta)

@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import pipeline.autopilot as autopilot_mod
 from pipeline.autopilot import AutopilotConfig, run
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.planning.budget import BudgetClock, parse_budget
 from pipeline.planning.plan import (
     MIN_EPOCHS,
     TARGET_EPOCHS,
+    disk_mb,
     epoch_seconds,
     make_plan,
     plan_from_dict,
     plan_to_dict,
     val_every,
 )
-from pipeline.planning.probe import Recipe, Throughput
+from pipeline.planning.probe import Recipe, Throughput, checkpoint_bytes
 from pipeline.planning.stamps import Stamps, stamp_key
 
 
@@ -92,7 +96,29 @@ def test_the_plan_uses_most_of_the_budget_and_prefers_the_largest_size_that_trai
     assert "1200 per epoch, rare classes repeated" in repeated.table() and "per epoch" not in short.table()
     assert plan_from_dict(json.loads(json.dumps(plan_to_dict(repeated)))) == repeated
     # validation about VALIDATIONS times a run, every epoch for short runs
-    assert [val_every(e) for e in (1, 5, 6, 12, 25, 60)] == [1, 1, 1, 2, 4, 10]
+    assert [val_every(e) for e in (1, 5, 6, 8, 11, 12, 25, 60)] == [1, 1, 1, 1, 2, 2, 4, 10]
+
+
+def test_the_disk_estimate_counts_the_measured_checkpoint_and_every_store():
+    from pipeline.engine.checkpoint import serialize
+    from pipeline.models import build_model
+
+    # the probe's checkpoint size is what a checkpoint of the model and its AdamW state takes
+    model = build_model("unet", 5, encoder="tu-mobilenetv3_small_050", encoder_weights=None)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3, 64, 64)).mean().backward()
+    opt.step()
+    written = len(serialize({"model": model.state_dict(), "optimizer": opt.state_dict()}))
+    assert checkpoint_bytes(model) == pytest.approx(written, rel=0.05)
+
+    # best.pt and last.pt, OOF maps for the training and each TTA set at a quarter of the pixels,
+    # test maps at the trained size, float16
+    t = Throughput(Recipe("unet", "resnet18", (64, 32), 8), 0.1, 0.01, checkpoint_mb=100.0)
+    expected = 2 * 100.0 + (3 * 10 * 7 * 64 * 32 * 2 / 4 + 20 * 7 * 64 * 32 * 2) / 1e6
+    assert disk_mb(t, n_val=10, n_test=20, tta=["none", "hflip"], num_classes=7) == pytest.approx(expected)
+    plan = make_plan([t], 600, n_train=80, n_val=10, n_test=20, tta=["none", "hflip"], num_classes=7)
+    assert plan.disk_mb == math.ceil(expected)
+    assert plan_from_dict(json.loads(json.dumps(plan_to_dict(plan)))).throughput.checkpoint_mb == 100.0
 
 
 def test_bad_settings_are_refused():
@@ -151,8 +177,28 @@ def test_a_tiny_budgeted_run_ends_in_a_scored_submission_and_reruns_in_seconds(d
     train_h, train_w = json.loads(test_store.read_text())["train_size"]
     _, h, w = np.load(next(test_store.parent.glob("*.npy"))).shape
     assert h < 64 and w < 96 and h >= train_h - 1 and w >= train_w - 1
+    # the plan's disk estimate (measured checkpoint size, every store) is near what the run wrote
+    written_mb = sum(f.stat().st_size for f in ws.rglob("*") if f.is_file()) / 1e6
+    planned_mb = json.loads((ws / "plan.json").read_text())["plan"]["disk_mb"]
+    assert 0.7 * planned_mb <= written_mb <= 1.3 * planned_mb, (written_mb, planned_mb)
     before = Path(first["submission"]).read_bytes()
+    # a re-run has nothing left to write: a nearly full disk does not refuse it
+    monkeypatch.setattr(autopilot_mod.shutil, "disk_usage", lambda p: DiskUsage(10**12, 10**12, 10**6))
     started = time.monotonic()
     second = run(cfg)  # every stage's stamp matches
     assert time.monotonic() - started < 20
     assert Path(second["submission"]).read_bytes() == before and second["score"]["miou"] == first["score"]["miou"]
+
+
+DiskUsage = namedtuple("DiskUsage", "total used free")  # what shutil.disk_usage returns
+
+
+def test_a_disk_too_small_for_the_plan_is_refused_before_training(demo_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(autopilot_mod.shutil, "disk_usage", lambda p: DiskUsage(10**12, 10**12, 5 * 10**6))
+    cfg = AutopilotConfig(data_dir=str(demo_data), budget="150s", name="t", sizes=[0.5], progress=False, threads=2)
+    with pytest.raises(PipelineError, match=r"work/t: the plan writes about \d+ MB more .* disk has 5 MB free"):
+        run(cfg)
+    ws = Path("work/t")
+    assert (ws / "plan.txt").is_file() and not (ws / "runs").exists()  # planned, nothing trained

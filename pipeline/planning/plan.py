@@ -17,6 +17,7 @@ TARGET_EPOCHS = 24  # the largest size that still gets this many epochs is prefe
 STAGE_OVERHEAD_S = 6.0  # start-up of one stage process (imports, reading the data)
 EPOCH_OVERHEAD_S = 3.0  # per epoch: checkpoint, metrics, curves
 TTA_VIEWS = {"none": 1, "hflip": 2, "flip": 3, "d4": 8}
+DEFAULT_CHECKPOINT_MB = 60.0  # a plan read back from an older plan.json, made before the probe measured it
 VALIDATIONS = 6  # a budgeted run validates about this many times (and always at its last epoch)
 
 
@@ -77,8 +78,9 @@ class Plan:
 
 def val_every(epochs: int) -> int:
     """Epochs between validations of a budgeted run: validation is for the curve and the best
-    checkpoint, and on a CPU it costs about a tenth of an epoch, so it runs about VALIDATIONS times."""
-    return max(1, epochs // VALIDATIONS)
+    checkpoint, and on a CPU it costs about a tenth of an epoch, so it runs about VALIDATIONS times
+    (not every epoch of an 11-epoch run, as flooring the ratio would)."""
+    return max(1, round(epochs / VALIDATIONS))
 
 
 def epoch_seconds(t: Throughput, epoch_images: int, n_val: int) -> float:
@@ -89,6 +91,17 @@ def epoch_seconds(t: Throughput, epoch_images: int, n_val: int) -> float:
 def predict_seconds(t: Throughput, n_val: int, n_test: int, tta: list[str], chosen_views: int = 2) -> float:
     val = sum(TTA_VIEWS.get(name, 2) for name in tta) * n_val * t.image_s
     return val + chosen_views * n_test * t.image_s
+
+
+def disk_mb(t: Throughput, n_val: int, n_test: int, tta: list[str], num_classes: int) -> float:
+    """Megabytes a budgeted run writes: ``best.pt`` and ``last.pt``, float16 probability maps of the
+    validation images for the training's own OOF store and each TTA set tried (at half the trained
+    side, a quarter of its pixels), and of the test images with the chosen set (at the trained size)."""
+    h, w = t.recipe.size
+    checkpoints = 2 * (t.checkpoint_mb or DEFAULT_CHECKPOINT_MB)
+    val = (1 + len(tta)) * n_val * num_classes * h * w * 2 / 4
+    test = n_test * num_classes * h * w * 2
+    return checkpoints + (val + test) / 1e6
 
 
 def make_plan(
@@ -130,8 +143,7 @@ def make_plan(
         else max(pool, key=lambda o: o[1])
     )
     stages = {"train (fold 0)": train_s, **fixed}
-    h, w = t.recipe.size
-    disk = 2 * 60 + (n_val + n_test) * num_classes * h * w * 2 * (1 + len(tta)) / 4 / 1e6  # checkpoints + stores
+    disk = disk_mb(t, n_val, n_test, tta, num_classes)
     return Plan(t, epochs, train_s, n_train, n_val, n_test, tta, stages, budget_s, math.ceil(disk), per_epoch)
 
 
@@ -146,6 +158,7 @@ def plan_to_dict(plan: Plan) -> dict:
         },
         "step_s": t.step_s,
         "image_s": t.image_s,
+        "checkpoint_mb": t.checkpoint_mb,
         "epochs": plan.epochs,
         "train_s": plan.train_s,
         "n_train": plan.n_train,
@@ -162,7 +175,12 @@ def plan_to_dict(plan: Plan) -> dict:
 
 def plan_from_dict(d: dict) -> Plan:
     r = d["recipe"]
-    t = Throughput(Recipe(r["model"], r["encoder"], tuple(r["size"]), int(r["batch"])), d["step_s"], d["image_s"])
+    t = Throughput(
+        Recipe(r["model"], r["encoder"], tuple(r["size"]), int(r["batch"])),
+        d["step_s"],
+        d["image_s"],
+        float(d.get("checkpoint_mb", 0.0)),
+    )
     return Plan(
         t,
         int(d["epochs"]),

@@ -37,6 +37,7 @@ class Throughput:
     recipe: Recipe
     step_s: float  # one optimizer step of ``batch`` images, loop overhead included
     image_s: float  # prediction of one image (one view)
+    checkpoint_mb: float = 0.0  # one checkpoint file (weights and AdamW's two moments); 0: not measured
 
 
 def _time(fn, repeats: int) -> float:
@@ -89,8 +90,18 @@ def probe(
             torch.cuda.synchronize(device)
 
     step_s = _time(step, repeats) * LOOP_OVERHEAD
+    checkpoint_mb = checkpoint_bytes(model) / 1e6
     image_s = _time(infer, repeats) / recipe.batch
     log.info(
         "probe %s, batch %d: %.3f s per step, %.4f s per predicted image", recipe.name, recipe.batch, step_s, image_s
     )
-    return Throughput(recipe, step_s, image_s)
+    return Throughput(recipe, step_s, image_s, checkpoint_mb)
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About the size of one checkpoint of ``model``: its weights and buffers, and AdamW's two
+    moments of every trainable weight (held in float32 whatever the training precision)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = sum(2 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return weights + moments + buffers
