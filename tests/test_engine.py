@@ -272,13 +272,25 @@ def test_time_budget_gives_back_the_time_of_a_slow_start(demo_data_square, folds
     result = run(cfg)
     metrics = pd.read_csv(cfg.folder().metrics)
     # after epoch 0 (30 s, 45 s left) only 2 epochs fit; after epoch 1 the pace is 10 s and 35 s are
-    # left: 3 more would fit, 2 are taken (one kept in hand), so the run ends after epoch 3, not 1
-    assert list(metrics["epoch"]) == [0, 1, 2, 3] and result.epochs_done == 4
+    # left: 3 more fit with 5 s (half an epoch) in hand, so the run ends after epoch 4, not 1
+    assert list(metrics["epoch"]) == [0, 1, 2, 3, 4] and result.epochs_done == 5
     # the schedule was re-sized with it: the epochs given back train above min_lr_ratio x lr, and it
     # ends there on the new last epoch
     assert metrics["lr"].iloc[-1] == pytest.approx(1e-4)
     assert metrics["lr"].iloc[2] > metrics["lr"].iloc[1]
-    assert read_checkpoint(cfg.folder().last)["time_budget"] == {"end_epoch": 4}
+    assert read_checkpoint(cfg.folder().last)["time_budget"] == {"end_epoch": 5}
+
+
+def test_a_lengthened_run_keeps_a_quarter_of_an_epoch_in_hand(demo_data_square, folds_file, tmp_path, monkeypatch):
+    fake_clock(monkeypatch, [0.0, 30.0] + [10.0] * 20)  # as above, with 2 s less: 33 s left after epoch 1
+    cfg = tiny(demo_data_square, folds_file, tmp_path, epochs=8, time_budget=73, augment="none")
+    result = run(cfg)
+    # 3.3 epochs' time left: the third would leave 0.3 of an epoch (>= 0.25) in hand, so it is taken
+    assert result.epochs_done == 5
+    cfg = tiny(demo_data_square, folds_file, tmp_path / "b", epochs=8, time_budget=72, augment="none")
+    fake_clock(monkeypatch, [0.0, 30.0] + [10.0] * 20)
+    # 3.2 epochs' time left: a third would leave 0.2 in hand, too little
+    assert run(cfg).epochs_done == 4
 
 
 def test_tensorboard_needs_its_package_and_says_so(demo_data_square, folds_file, tmp_path, monkeypatch):
