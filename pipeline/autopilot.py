@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import ConfigError, stage_main
+from pipeline.core.config import ConfigError, build_config, stage_main
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder, submission_paths
 from pipeline.core.tables import format_table
 from pipeline.data import common_image_size, load_coco, split_ids
+from pipeline.engine.config import TrainConfig
 from pipeline.engine.runtime import resolve_device
 from pipeline.evaluation.selection import format_interval, select
 from pipeline.inference.ensemble import Fusion, OofCache, find_member
@@ -201,14 +202,11 @@ class Autopilot:
         atomic_write_text(path, json.dumps({"key": key, "plan": plan_to_dict(plan)}, indent=2))
         return plan
 
-    def epoch_images(self, train_ids: list[int]) -> int:
-        """Images one training epoch goes through: the recipe's repeat-factor sampling repeats the
-        images of rare classes (about 1.5 times the 642 training images of ccp at t=0.1)."""
-        from pipeline.core.config import build_config
+    def epoch_images(self, train_ids: list[int], threshold: float | None) -> int:
+        """Images one training epoch goes through: the recipe's repeat-factor sampling (``threshold``)
+        repeats the images of rare classes (about 1.5 times the 642 training images of ccp at t=0.1)."""
         from pipeline.data.copypaste import repeat_factors
-        from pipeline.engine.config import TrainConfig
 
-        threshold = build_config(TrainConfig, BUDGET_RECIPE).rfs_threshold
         if not threshold:
             return len(train_ids)
         return int(round(float(repeat_factors(self.coco, train_ids, threshold).sum())))
@@ -216,7 +214,8 @@ class Autopilot:
     def _measure_and_plan(self) -> Plan:
         train_ids, val_ids = split_ids(self.coco, self.folds_file, 0)  # the trainer's own split
         n_val = len(val_ids)
-        per_epoch = self.epoch_images(train_ids)
+        recipe_cfg = build_config(TrainConfig, BUDGET_RECIPE)  # what the training stage will read
+        per_epoch = self.epoch_images(train_ids, recipe_cfg.rfs_threshold)
         device = resolve_device(self.cfg.device)
         if self.cfg.threads:
             import torch
@@ -242,6 +241,7 @@ class Autopilot:
             list(self.cfg.tta),
             self.coco.num_classes,
             per_epoch,
+            oof_scale=recipe_cfg.oof_scale,
         )
         plan.model_options = self.options(plan.recipe.model)
         return plan

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.tables import format_table
+from pipeline.engine.config import TrainConfig
 from pipeline.planning.budget import format_duration
 from pipeline.planning.probe import Recipe, Throughput
 
@@ -17,6 +18,7 @@ TARGET_EPOCHS = 24  # the largest size that still gets this many epochs is prefe
 STAGE_OVERHEAD_S = 6.0  # start-up of one stage process (imports, reading the data)
 EPOCH_OVERHEAD_S = 3.0  # per epoch: checkpoint, metrics, curves
 TTA_VIEWS = {"none": 1, "hflip": 2, "flip": 3, "d4": 8}
+OOF_SCALE = TrainConfig.oof_scale  # validation maps are stored at this fraction of the trained side
 DEFAULT_CHECKPOINT_MB = 60.0  # a plan read back from an older plan.json, made before the probe measured it
 VALIDATIONS = 6  # a budgeted run validates about this many times (and always at its last epoch)
 
@@ -93,13 +95,15 @@ def predict_seconds(t: Throughput, n_val: int, n_test: int, tta: list[str], chos
     return val + chosen_views * n_test * t.image_s
 
 
-def disk_mb(t: Throughput, n_val: int, n_test: int, tta: list[str], num_classes: int) -> float:
+def disk_mb(
+    t: Throughput, n_val: int, n_test: int, tta: list[str], num_classes: int, oof_scale: float = OOF_SCALE
+) -> float:
     """Megabytes a budgeted run writes: ``best.pt`` and ``last.pt``, float16 probability maps of the
-    validation images for the training's own OOF store and each TTA set tried (at half the trained
-    side, a quarter of its pixels), and of the test images with the chosen set (at the trained size)."""
+    validation images for the training's own OOF store and each TTA set tried (at ``oof_scale`` of
+    the trained side), and of the test images with the chosen set (at the trained size)."""
     h, w = t.recipe.size
     checkpoints = 2 * (t.checkpoint_mb or DEFAULT_CHECKPOINT_MB)
-    val = (1 + len(tta)) * n_val * num_classes * h * w * 2 / 4
+    val = (1 + len(tta)) * n_val * num_classes * h * w * 2 * oof_scale**2
     test = n_test * num_classes * h * w * 2
     return checkpoints + (val + test) / 1e6
 
@@ -113,6 +117,7 @@ def make_plan(
     tta: list[str],
     num_classes: int,
     epoch_images: int | None = None,
+    oof_scale: float = OOF_SCALE,
 ) -> Plan:
     """The largest recipe that trains at least TARGET_EPOCHS epochs (else the one with most epochs),
     with training sized to use what the other stages leave of ``budget_s``.  ``epoch_images``: the
@@ -143,7 +148,7 @@ def make_plan(
         else max(pool, key=lambda o: o[1])
     )
     stages = {"train (fold 0)": train_s, **fixed}
-    disk = disk_mb(t, n_val, n_test, tta, num_classes)
+    disk = disk_mb(t, n_val, n_test, tta, num_classes, oof_scale)
     return Plan(t, epochs, train_s, n_train, n_val, n_test, tta, stages, budget_s, math.ceil(disk), per_epoch)
 
 
