@@ -224,10 +224,11 @@ class Autopilot:
         started = time.monotonic()
         measured = []
         for recipe in sorted(self.candidates(), key=lambda r: r.size[0] * r.size[1]):  # smallest first
-            t = probe(recipe, self.coco.num_classes, device, options=self.options(recipe.model))
+            low = recipe_cfg.progressive_scale if recipe_cfg.progressive else None
+            t = probe(recipe, self.coco.num_classes, device, options=self.options(recipe.model), low_scale=low)
             measured.append(t)
             left = self.budget_s - self.clock.spent()
-            if epoch_seconds(t, per_epoch, n_val) * TARGET_EPOCHS > left:
+            if epoch_seconds(t, per_epoch, n_val, recipe_cfg.progressive) * TARGET_EPOCHS > left:
                 break  # larger recipes would train fewer epochs still
             if time.monotonic() - started > PROBE_SHARE * self.budget_s:
                 break  # the probe may not eat the budget
@@ -242,6 +243,7 @@ class Autopilot:
             self.coco.num_classes,
             per_epoch,
             oof_scale=recipe_cfg.oof_scale,
+            progressive=recipe_cfg.progressive,
         )
         plan.model_options = self.options(plan.recipe.model)
         return plan

@@ -121,6 +121,30 @@ def test_the_disk_estimate_counts_the_measured_checkpoint_and_every_store():
     assert plan_from_dict(json.loads(json.dumps(plan_to_dict(plan)))).throughput.checkpoint_mb == 100.0
 
 
+def test_a_progressive_phase_is_probed_and_planned_at_its_own_step_time():
+    from pipeline.planning.probe import probe
+
+    t = probe(
+        Recipe("unet", "tu-mobilenetv3_small_050", (128, 64), 2), 5, torch.device("cpu"), repeats=1, low_scale=0.5
+    )
+    assert 0 < t.low_step_s < t.step_s  # the step at 64x32 is measured, and cheaper
+    assert (
+        probe(Recipe("unet", "tu-mobilenetv3_small_050", (64, 64), 2), 5, torch.device("cpu"), repeats=1).low_step_s
+        == 0
+    )
+    # a plan with 70% of its epochs at a step of a third of the time trains more epochs, and says so
+    fast = Throughput(Recipe("unet", "resnet18", (128, 128), 8), 0.3, 0.01, low_step_s=0.1)
+    plain = make_plan([fast], 600, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
+    progressive = make_plan(
+        [fast], 600, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12, progressive=0.7
+    )
+    assert progressive.epochs == int(progressive.train_s // epoch_seconds(fast, 800, 200, 0.7)) > plain.epochs
+    first = int(0.7 * progressive.epochs)
+    assert f"the first {first} at a smaller size" in progressive.table() and "at a smaller size" not in plain.table()
+    assert "(0.100 s smaller)" in progressive.table()
+    assert plan_from_dict(json.loads(json.dumps(plan_to_dict(progressive)))) == progressive
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="BUDGET="):
         AutopilotConfig(budget="soon").validate()

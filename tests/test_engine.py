@@ -293,6 +293,62 @@ def test_a_lengthened_run_keeps_a_quarter_of_an_epoch_in_hand(demo_data_square, 
     assert run(cfg).epochs_done == 4
 
 
+def record_input_sizes(monkeypatch) -> list[tuple[int, int]]:
+    """The (H, W) of every training batch that reaches the forward pass."""
+    import pipeline.engine.loop as loop_mod
+
+    sizes: list[tuple[int, int]] = []
+    inner = loop_mod.backward_batch
+
+    def backward_batch(t, images, masks):
+        assert masks.shape[-2:] == images.shape[-2:]
+        sizes.append(tuple(images.shape[-2:]))
+        return inner(t, images, masks)
+
+    monkeypatch.setattr(loop_mod, "backward_batch", backward_batch)
+    return sizes
+
+
+def test_low_size_and_shrunk_batches():
+    from pipeline.engine.loop import shrink_batch
+    from pipeline.engine.trainer import low_size
+
+    assert low_size((192, 128), 0.5, 32) == (96, 64)
+    assert low_size((100, 60), 0.5, 32) == (64, 32)  # rounded to the divisor, never below it
+    assert low_size((64, 64), 1.0, 32) == (64, 64)
+    images = torch.rand(2, 3, 8, 6)
+    masks = torch.zeros(2, 8, 6, dtype=torch.long)
+    masks[:, :4] = 3
+    masks[:, 0, 0] = 255
+    small, labels = shrink_batch(images, masks, (4, 3))
+    assert small.shape == (2, 3, 4, 3) and labels.shape == (2, 4, 3) and labels.dtype == torch.long
+    assert set(labels[:, :2].unique().tolist()) == {3, 255} and (labels[:, 2:] == 0).all()  # labels, never blends
+    assert small.mean().item() == pytest.approx(images.mean().item(), abs=0.05)
+
+
+def test_progressive_resizing_trains_the_first_epochs_small_and_the_budget_costs_them_apart(
+    demo_data_square, folds_file, tmp_path, monkeypatch
+):
+    """Low-size epochs "take" 4 s and full-size ones 10 s, in a 60 s budget with half of the epochs
+    planned small.  After epoch 1 the full size is projected from the low one by pixels (4 x 4 s):
+    the run is sized to 6 epochs, 3 of them small.  Once full-size epochs are measured (10 s) it is
+    lengthened to 7, and the phase boundary stays where it was: epochs 0-2 small, 3-6 full."""
+    sizes = record_input_sizes(monkeypatch)
+    fake_clock(monkeypatch, [0.0, 4.0, 4.0, 4.0] + [10.0] * 20)
+    cfg = tiny(demo_data_square, folds_file, tmp_path, epochs=10, time_budget=60, augment="none", progressive=0.5)
+    result = run(cfg)
+    assert result.epochs_done == 7
+    full = tuple(read_checkpoint(cfg.folder().last)["img_size"])
+    per_epoch = len(sizes) // 7
+    by_epoch = [sizes[e * per_epoch] for e in range(7)]
+    assert by_epoch == [(full[0] // 2, full[1] // 2)] * 3 + [full] * 4
+    assert len(set(sizes[: 3 * per_epoch])) == 1 and len(set(sizes[3 * per_epoch :])) == 1
+    ckpt = read_checkpoint(cfg.folder().last)
+    assert ckpt["low_until"] == 3 and ckpt["time_budget"] == {"end_epoch": 7}
+    with pytest.raises(ConfigError, match="progressive must be in"):
+        tiny(demo_data_square, folds_file, tmp_path, progressive=1.0)
+
+
 def test_tensorboard_needs_its_package_and_says_so(demo_data_square, folds_file, tmp_path, monkeypatch):
     import sys
 

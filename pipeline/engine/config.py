@@ -38,6 +38,8 @@ class TrainConfig:
     # input
     img_size: list[int] | None = None  # [h, w] or [side]; None: most common size in the data
     crop_size: list[int] | None = None  # [h, w] or [side]: train on random windows of the img_size image
+    progressive: float = 0.0  # share of the epochs trained at progressive_scale of the size (progressive resizing)
+    progressive_scale: float = 0.5  # sides of those first epochs' inputs, as a share of the training size
     augment: str = "light"
     copy_paste: float = 0.0  # probability of pasting rare-class objects of other training images
     copy_paste_classes: list[str] | None = None  # class names; None: the copy_paste_rarest rarest
@@ -123,6 +125,11 @@ class TrainConfig:
             raise ConfigError(f"layer_decay must be in (0, 1] or null, got {self.layer_decay}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ConfigError(f"time_budget must be positive seconds or null, got {self.time_budget}")
+        if not 0 <= self.progressive < 1 or not 0 < self.progressive_scale <= 1:
+            raise ConfigError(
+                f"progressive must be in [0, 1) and progressive_scale in (0, 1], got {self.progressive} and "
+                f"{self.progressive_scale}"
+            )
         if not 0 < self.oof_scale <= 1:
             raise ConfigError(f"oof_scale must be in (0, 1], got {self.oof_scale}")
 

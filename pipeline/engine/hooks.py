@@ -117,7 +117,8 @@ class TimeBudget(Hook):
     behind its plan shortens and never overruns.  A run this hook shortened that later goes
     faster than projected (the first epochs carry the caches' start-up) gets the time back: it
     is lengthened again, up to the configured epochs, keeping a quarter of an epoch's time in hand.  The
-    current length is saved in checkpoints.
+    current length is saved in checkpoints.  With progressive resizing the epochs at the small size
+    and at the full size are timed apart, and each remaining epoch is projected at its own size.
     """
 
     state_key = "time_budget"
@@ -128,26 +129,49 @@ class TimeBudget(Hook):
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.started = self.mark = time.monotonic()
-        self.durations: list[float] = []
+        self.durations: list[tuple[bool, float]] = []  # (trained at the progressive low size, seconds)
         if self.end_epoch is not None:
             trainer.resize(self.end_epoch)
 
+    def _epoch_costs(self, trainer: Trainer) -> tuple[float, float]:
+        """Projected seconds of a full-size and of a low-size epoch.  The first epoch carries start-up
+        costs (loader, caches, first checkpoint): it counts only while it is the only one; later the
+        mean, which carries the share of the epochs that validate and of the occasional slow one.  A
+        size not measured yet is projected from the other by the ratio of pixels."""
+        timed = self.durations[1:] if len(self.durations) > 1 else self.durations
+        full = [d for low, d in timed if not low]
+        low = [d for low, d in timed if low]
+        h, w = trainer.crop or trainer.size
+        ratio = trainer.low_size[0] * trainer.low_size[1] / (h * w)
+        full_s = statistics.fmean(full) if full else statistics.fmean(low) / ratio
+        low_s = statistics.fmean(low) if low else full_s * ratio
+        return full_s, low_s
+
+    def _fits(self, trainer: Trainer, done: int, seconds: float) -> int:
+        """The largest end epoch (at most the configured epochs) whose remaining epochs fit ``seconds``."""
+        full_s, low_s = self._epoch_costs(trainer)
+        end = done
+        for candidate in range(done + 1, trainer.cfg.epochs + 1):
+            low = trainer.low_epochs(candidate)
+            cost = sum(low_s if e < low else full_s for e in range(done, candidate))
+            if cost <= seconds:
+                end = candidate
+        return end
+
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
         now = time.monotonic()
-        self.durations.append(now - self.mark)
+        epoch = row["epoch"]
+        self.durations.append((trainer.input_size(epoch) != (trainer.crop or trainer.size), now - self.mark))
         self.mark = now
         left = self.seconds - (now - self.started)
-        # the first epoch carries start-up costs (loader, caches, first checkpoint): decide on it alone
-        # only when not even two more epochs of its length fit; later the mean, which carries the
-        # share of the epochs that validate (val_every > 1) and of the occasional slow one
-        per_epoch = statistics.fmean(self.durations[1:]) if len(self.durations) > 1 else self.durations[0]
-        if len(self.durations) == 1 and left >= 2 * per_epoch:
+        full_s, _ = self._epoch_costs(trainer)
+        if len(self.durations) == 1 and left >= 2 * self.durations[0][1]:
             return
-        done = row["epoch"] + 1
-        fits = done + int(max(0.0, left) // per_epoch)
+        done = epoch + 1
+        fits = self._fits(trainer, done, max(0.0, left))
         # ahead of a shortened plan: a quarter of an epoch kept in hand (a whole one left about 100 s
         # of a 20-minute ccp run unused: 9 epochs of about 100 s where 10 fitted)
-        longer = min(done + int(max(0.0, left / per_epoch - HAND_EPOCHS)), trainer.cfg.epochs)
+        longer = self._fits(trainer, done, max(0.0, left - HAND_EPOCHS * full_s))
         if fits < trainer.end_epoch:
             end = fits
         elif self.end_epoch is not None and longer > trainer.end_epoch:
@@ -158,7 +182,7 @@ class TimeBudget(Hook):
             "time budget: %.0f s of %.0f s used, %.1f s per epoch: %d epochs instead of %d",
             now - self.started,
             self.seconds,
-            per_epoch,
+            full_s,
             end,
             trainer.end_epoch,
         )

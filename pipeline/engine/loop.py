@@ -97,6 +97,13 @@ def backward_batch(t: Trainer, images: torch.Tensor, masks: torch.Tensor) -> tor
             )
 
 
+def shrink_batch(images: torch.Tensor, masks: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch at ``size``: images area-averaged (antialiased bilinear), masks by nearest neighbour."""
+    small = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    labels = torch.nn.functional.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0]
+    return small, labels.to(masks.dtype)
+
+
 def train_one_epoch(t: Trainer, epoch: int) -> tuple[float, float]:
     """``t.batches`` micro-batches with gradient accumulation; returns (mean loss over all
     processes, seconds)."""
@@ -110,11 +117,14 @@ def train_one_epoch(t: Trainer, epoch: int) -> tuple[float, float]:
     t.optimizer.zero_grad(set_to_none=True)
     last = str(t.folder.last) if t.folder.last.exists() else "not written yet"
     bar = tqdm(t.train_loader, total=t.batches, desc=f"epoch {epoch}", leave=False, disable=not t.show_progress)
+    size = t.input_size(epoch)
     for i, (images, masks, _) in enumerate(bar):
         if i >= t.batches:
             break
         images = images.to(t.device, non_blocking=True)
         masks = masks.to(t.device, non_blocking=True)
+        if tuple(images.shape[-2:]) != size:
+            images, masks = shrink_batch(images, masks, size)
         if t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         last_micro = (i + 1) % t.cfg.accum_steps == 0 or i + 1 == t.batches

@@ -109,6 +109,12 @@ def resolve_crop(cfg: TrainConfig, size: tuple[int, int], divisor: int) -> tuple
     return None if (h, w) == tuple(size) else (h, w)
 
 
+def low_size(size: tuple[int, int], scale: float, divisor: int) -> tuple[int, int]:
+    """``size`` scaled by ``scale``, each side rounded to a multiple of ``divisor`` (at least one)."""
+    d = max(1, divisor)
+    return tuple(max(d, int(round(side * scale / d)) * d) for side in size)  # type: ignore[return-value]
+
+
 class Trainer:
     """One fold's training run."""
 
@@ -127,6 +133,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.start_epoch, self.best, self.best_epoch, self.stop = 0, -1.0, -1, False
         self.end_epoch = cfg.epochs  # a time budget may bring it forward
+        self.low_until: int | None = None  # the first epoch trained at full size ends progressive resizing
         self._build_data()
         self._build_model()
         self.hooks: list[Hook] = [*self._default_hooks(), *hooks]
@@ -161,6 +168,7 @@ class Trainer:
         divisor = int(getattr(self.model, "input_divisor", 1))
         self.size = resolve_size(cfg, self.coco, divisor)
         self.crop = resolve_crop(cfg, self.size, divisor)
+        self.low_size = low_size(self.crop or self.size, cfg.progressive_scale, divisor)
         if cfg.fine_tune_from:
             self._load_fine_tune(cfg.fine_tune_from)
         self.channels_last = cfg.channels_last and channels_last_pays(self.device)
@@ -316,6 +324,7 @@ class Trainer:
             if hook.state_key is not None:
                 hook.load_state_dict(ckpt.get(hook.state_key))
         self.start_epoch, self.best, self.best_epoch = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"]
+        self.low_until = ckpt.get("low_until")
         self.history = ckpt["history"]
         set_rng_state(ckpt["rng"])
         log.info(
@@ -337,6 +346,7 @@ class Trainer:
             "epoch": epoch,
             "best_metric": self.best,
             "best_epoch": self.best_epoch,
+            "low_until": self.low_until,
             "history": self.history,
             "rng": rng_state(),
             "config": to_dict(self.cfg),
@@ -361,6 +371,17 @@ class Trainer:
         self.end_epoch = min(self.cfg.epochs, max(0, int(end_epoch)))
         if not resize_schedule(self.scheduler, self.end_epoch * self.steps_per_epoch):
             log.info("scheduler %s cannot be resized: training stops at epoch %d", self.cfg.scheduler, self.end_epoch)
+
+    def low_epochs(self, end_epoch: int) -> int:
+        """How many of the first epochs of a run that ends at ``end_epoch`` train at ``low_size``."""
+        if self.low_size == (self.crop or self.size):
+            return 0
+        planned = int(self.cfg.progressive * end_epoch)
+        return planned if self.low_until is None else min(planned, self.low_until)
+
+    def input_size(self, epoch: int) -> tuple[int, int]:
+        """Size of the training inputs of ``epoch``: ``low_size`` in the progressive phase."""
+        return self.low_size if epoch < self.low_epochs(self.end_epoch) else (self.crop or self.size)
 
     # ------------------------------------------------------------------------- epochs
     def evaluation_model(self) -> torch.nn.Module:
@@ -420,6 +441,8 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         import time
 
+        if self.low_until is None and self.input_size(epoch) != self.low_size:
+            self.low_until = epoch  # once at full size, a lengthened run does not go back to the low size
         train_loss, seconds = train_one_epoch(self, epoch)
         row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": self.optimizer.param_groups[-1]["lr"]}
         started = time.perf_counter()

@@ -37,6 +37,7 @@ class Plan:
     disk_mb: float = 0.0
     epoch_images: int = 0  # images one epoch goes through (repeat-factor sampling repeats rare ones); 0: n_train
     model_options: dict = field(default_factory=dict)  # the family builder's options (probe and training)
+    progressive: float = 0.0  # share of the epochs trained at the progressive-resizing size
 
     @property
     def recipe(self):
@@ -63,9 +64,19 @@ class Plan:
                     if self.images_per_epoch != self.n_train
                     else ""
                 )
+                + (
+                    f", the first {int(self.progressive * self.epochs)} at a smaller size (progressive resizing)"
+                    if int(self.progressive * self.epochs)
+                    else ""
+                )
                 + f", validated on {self.n_val} (fold 0); sized to its time after 2 epochs",
             ],
-            ["measured", f"{self.throughput.step_s:.3f} s per step, {self.throughput.image_s * 1000:.1f} ms per image"],
+            [
+                "measured",
+                f"{self.throughput.step_s:.3f} s per step"
+                + (f" ({self.throughput.low_step_s:.3f} s smaller)" if self.throughput.low_step_s else "")
+                + f", {self.throughput.image_s * 1000:.1f} ms per image",
+            ],
             ["TTA tried on OOF", ", ".join(self.tta_candidates)],
             *[[f"stage: {k}", format_duration(v)] for k, v in self.stages_s.items()],
             [
@@ -85,9 +96,11 @@ def val_every(epochs: int) -> int:
     return max(1, round(epochs / VALIDATIONS))
 
 
-def epoch_seconds(t: Throughput, epoch_images: int, n_val: int) -> float:
+def epoch_seconds(t: Throughput, epoch_images: int, n_val: int, progressive: float = 0.0) -> float:
+    """Mean seconds of an epoch; with ``progressive``, that share of the epochs steps at the smaller size."""
     steps = max(1, epoch_images // t.recipe.batch)
-    return steps * t.step_s + n_val * t.image_s + EPOCH_OVERHEAD_S
+    step_s = (1 - progressive) * t.step_s + progressive * (t.low_step_s or t.step_s)
+    return steps * step_s + n_val * t.image_s + EPOCH_OVERHEAD_S
 
 
 def predict_seconds(t: Throughput, n_val: int, n_test: int, tta: list[str], chosen_views: int = 2) -> float:
@@ -118,6 +131,7 @@ def make_plan(
     num_classes: int,
     epoch_images: int | None = None,
     oof_scale: float = OOF_SCALE,
+    progressive: float = 0.0,
 ) -> Plan:
     """The largest recipe that trains at least TARGET_EPOCHS epochs (else the one with most epochs),
     with training sized to use what the other stages leave of ``budget_s``.  ``epoch_images``: the
@@ -131,7 +145,7 @@ def make_plan(
             "ensemble, submit, score": STAGE_OVERHEAD_S * 4 + 0.02 * (n_val + n_test),
         }
         train_s = budget_s * 0.97 - sum(fixed.values())
-        epochs = int(train_s // epoch_seconds(t, per_epoch, n_val))
+        epochs = int(train_s // epoch_seconds(t, per_epoch, n_val, progressive))
         options.append((t, epochs, train_s, fixed))
     feasible = [o for o in options if o[1] >= MIN_EPOCHS]
     if not feasible:
@@ -149,7 +163,9 @@ def make_plan(
     )
     stages = {"train (fold 0)": train_s, **fixed}
     disk = disk_mb(t, n_val, n_test, tta, num_classes, oof_scale)
-    return Plan(t, epochs, train_s, n_train, n_val, n_test, tta, stages, budget_s, math.ceil(disk), per_epoch)
+    plan = Plan(t, epochs, train_s, n_train, n_val, n_test, tta, stages, budget_s, math.ceil(disk), per_epoch)
+    plan.progressive = progressive
+    return plan
 
 
 def plan_to_dict(plan: Plan) -> dict:
@@ -164,6 +180,8 @@ def plan_to_dict(plan: Plan) -> dict:
         "step_s": t.step_s,
         "image_s": t.image_s,
         "checkpoint_mb": t.checkpoint_mb,
+        "low_step_s": t.low_step_s,
+        "progressive": plan.progressive,
         "epochs": plan.epochs,
         "train_s": plan.train_s,
         "n_train": plan.n_train,
@@ -185,6 +203,7 @@ def plan_from_dict(d: dict) -> Plan:
         d["step_s"],
         d["image_s"],
         float(d.get("checkpoint_mb", 0.0)),
+        float(d.get("low_step_s", 0.0)),
     )
     return Plan(
         t,
@@ -199,4 +218,5 @@ def plan_from_dict(d: dict) -> Plan:
         float(d["disk_mb"]),
         int(d.get("epoch_images", 0)),
         dict(d.get("model_options", {})),
+        float(d.get("progressive", 0.0)),
     )

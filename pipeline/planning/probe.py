@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.engine.runtime import amp_dtype, channels_last_pays
+from pipeline.engine.trainer import low_size
 from pipeline.models import build_model, param_groups
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Throughput:
     step_s: float  # one optimizer step of ``batch`` images, loop overhead included
     image_s: float  # prediction of one image (one view)
     checkpoint_mb: float = 0.0  # one checkpoint file (weights and AdamW's two moments); 0: not measured
+    low_step_s: float = 0.0  # one step at the progressive-resizing size; 0: not measured (no progressive phase)
 
 
 def _time(fn, repeats: int) -> float:
@@ -57,21 +59,22 @@ def probe(
     amp: str = "auto",
     repeats: int = 3,
     options: dict | None = None,
+    low_scale: float | None = None,
 ) -> Throughput:
     """Measure ``recipe`` on ``device``: a forward/backward/AdamW step and a batched forward.
-    ``options``: the family builder's options the run will train with (a lighter decoder)."""
+    ``options``: the family builder's options the run will train with (a lighter decoder);
+    ``low_scale``: also time a step at that share of the size (the progressive-resizing phase)."""
     torch.manual_seed(0)
     model = build_model(recipe.model, num_classes, encoder=recipe.encoder, encoder_weights=None, **(options or {}))
     model = model.to(device)
-    x = torch.randn(recipe.batch, 3, *recipe.size, device=device)
-    if channels_last_pays(device):  # as the trainer and the predict stage run it
+    last = channels_last_pays(device)  # as the trainer and the predict stage run it
+    if last:
         model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(param_groups(model, 1e-4, 1e-4, 1e-4))
     dtype = amp_dtype(amp, device)
-    y = torch.randint(0, num_classes, (recipe.batch, *recipe.size), device=device)
+    x, y = _batch(recipe.batch, recipe.size, num_classes, device, last)
 
-    def step() -> None:
+    def step(x=x, y=y) -> None:
         model.train()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = torch.nn.functional.cross_entropy(model(x).contiguous(), y)
@@ -95,7 +98,20 @@ def probe(
     log.info(
         "probe %s, batch %d: %.3f s per step, %.4f s per predicted image", recipe.name, recipe.batch, step_s, image_s
     )
-    return Throughput(recipe, step_s, image_s, checkpoint_mb)
+    low_step_s = 0.0
+    if low_scale is not None and low_scale < 1:
+        size = low_size(recipe.size, low_scale, int(getattr(model, "input_divisor", 1)))
+        small = _batch(recipe.batch, size, num_classes, device, last)
+        low_step_s = _time(lambda: step(*small), repeats) * LOOP_OVERHEAD
+        log.info("probe %s at %dx%d (progressive resizing): %.3f s per step", recipe.name, *size, low_step_s)
+    return Throughput(recipe, step_s, image_s, checkpoint_mb, low_step_s)
+
+
+def _batch(n: int, size, num_classes: int, device: torch.device, channels_last: bool):
+    x = torch.randn(n, 3, *size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, num_classes, (n, *size), device=device)
 
 
 def checkpoint_bytes(model: torch.nn.Module) -> int:
