@@ -311,7 +311,7 @@ def record_input_sizes(monkeypatch) -> list[tuple[int, int]]:
 
 def test_low_size_and_shrunk_batches():
     from pipeline.engine.loop import shrink_batch
-    from pipeline.engine.trainer import low_size
+    from pipeline.inference.tta import scaled_size as low_size  # the progressive phase's size
 
     assert low_size((192, 128), 0.5, 32) == (96, 64)
     assert low_size((100, 60), 0.5, 32) == (64, 32)  # rounded to the divisor, never below it

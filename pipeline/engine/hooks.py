@@ -141,15 +141,17 @@ class TimeBudget(Hook):
         timed = self.durations[1:] if len(self.durations) > 1 else self.durations
         full = [d for low, d in timed if not low]
         low = [d for low, d in timed if low]
-        h, w = trainer.crop or trainer.size
+        h, w = trainer.train_size
         ratio = trainer.low_size[0] * trainer.low_size[1] / (h * w)
         full_s = statistics.fmean(full) if full else statistics.fmean(low) / ratio
         low_s = statistics.fmean(low) if low else full_s * ratio
         return full_s, low_s
 
-    def _fits(self, trainer: Trainer, done: int, seconds: float) -> int:
-        """The largest end epoch (at most the configured epochs) whose remaining epochs fit ``seconds``."""
-        full_s, low_s = self._epoch_costs(trainer)
+    @staticmethod
+    def _fits(trainer: Trainer, done: int, seconds: float, costs: tuple[float, float]) -> int:
+        """The largest end epoch (at most the configured epochs) whose remaining epochs, at ``costs``
+        (full-size and low-size seconds), fit ``seconds``."""
+        full_s, low_s = costs
         end = done
         for candidate in range(done + 1, trainer.cfg.epochs + 1):
             low = trainer.low_epochs(candidate)
@@ -161,17 +163,18 @@ class TimeBudget(Hook):
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
         now = time.monotonic()
         epoch = row["epoch"]
-        self.durations.append((trainer.input_size(epoch) != (trainer.crop or trainer.size), now - self.mark))
+        self.durations.append((trainer.input_size(epoch) != trainer.train_size, now - self.mark))
         self.mark = now
         left = self.seconds - (now - self.started)
-        full_s, _ = self._epoch_costs(trainer)
         if len(self.durations) == 1 and left >= 2 * self.durations[0][1]:
             return
+        costs = self._epoch_costs(trainer)
+        full_s = costs[0]
         done = epoch + 1
-        fits = self._fits(trainer, done, max(0.0, left))
+        fits = self._fits(trainer, done, max(0.0, left), costs)
         # ahead of a shortened plan: a quarter of an epoch kept in hand (a whole one left about 100 s
         # of a 20-minute ccp run unused: 9 epochs of about 100 s where 10 fitted)
-        longer = self._fits(trainer, done, max(0.0, left - HAND_EPOCHS * full_s))
+        longer = self._fits(trainer, done, max(0.0, left - HAND_EPOCHS * full_s), costs)
         if fits < trainer.end_epoch:
             end = fits
         elif self.end_epoch is not None and longer > trainer.end_epoch:

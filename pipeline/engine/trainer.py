@@ -66,6 +66,7 @@ from pipeline.engine.runtime import (
 )
 from pipeline.engine.sampling import EpochSeededDataset, EpochShuffleSampler
 from pipeline.evaluation.metrics import IGNORE_INDEX, iou_per_class, mean_iou
+from pipeline.inference.tta import scaled_size
 from pipeline.models.contract import has_own_loss
 from pipeline.models.losses import build_loss, frequency_class_weights
 from pipeline.models.preprocessing import encoder_preprocessing
@@ -107,12 +108,6 @@ def resolve_crop(cfg: TrainConfig, size: tuple[int, int], divisor: int) -> tuple
     if h > size[0] or w > size[1]:
         raise ConfigError(f"crop_size {h}x{w} is larger than the training size {size[0]}x{size[1]}")
     return None if (h, w) == tuple(size) else (h, w)
-
-
-def low_size(size: tuple[int, int], scale: float, divisor: int) -> tuple[int, int]:
-    """``size`` scaled by ``scale``, each side rounded to a multiple of ``divisor`` (at least one)."""
-    d = max(1, divisor)
-    return tuple(max(d, int(round(side * scale / d)) * d) for side in size)  # type: ignore[return-value]
 
 
 class Trainer:
@@ -168,7 +163,7 @@ class Trainer:
         divisor = int(getattr(self.model, "input_divisor", 1))
         self.size = resolve_size(cfg, self.coco, divisor)
         self.crop = resolve_crop(cfg, self.size, divisor)
-        self.low_size = low_size(self.crop or self.size, cfg.progressive_scale, divisor)
+        self.low_size = scaled_size(self.train_size, cfg.progressive_scale, divisor)
         if cfg.fine_tune_from:
             self._load_fine_tune(cfg.fine_tune_from)
         self.channels_last = cfg.channels_last and channels_last_pays(self.device)
@@ -372,16 +367,21 @@ class Trainer:
         if not resize_schedule(self.scheduler, self.end_epoch * self.steps_per_epoch):
             log.info("scheduler %s cannot be resized: training stops at epoch %d", self.cfg.scheduler, self.end_epoch)
 
+    @property
+    def train_size(self) -> tuple[int, int]:
+        """Size of the full-size training inputs: the crop when training on windows, else the image size."""
+        return self.crop or self.size
+
     def low_epochs(self, end_epoch: int) -> int:
         """How many of the first epochs of a run that ends at ``end_epoch`` train at ``low_size``."""
-        if self.low_size == (self.crop or self.size):
+        if self.low_size == self.train_size:
             return 0
         planned = int(self.cfg.progressive * end_epoch)
         return planned if self.low_until is None else min(planned, self.low_until)
 
     def input_size(self, epoch: int) -> tuple[int, int]:
         """Size of the training inputs of ``epoch``: ``low_size`` in the progressive phase."""
-        return self.low_size if epoch < self.low_epochs(self.end_epoch) else (self.crop or self.size)
+        return self.low_size if epoch < self.low_epochs(self.end_epoch) else self.train_size
 
     # ------------------------------------------------------------------------- epochs
     def evaluation_model(self) -> torch.nn.Module:
@@ -441,7 +441,7 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         import time
 
-        if self.low_until is None and self.input_size(epoch) != self.low_size:
+        if self.low_until is None and self.input_size(epoch) == self.train_size:
             self.low_until = epoch  # once at full size, a lengthened run does not go back to the low size
         train_loss, seconds = train_one_epoch(self, epoch)
         row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": self.optimizer.param_groups[-1]["lr"]}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.engine.runtime import amp_dtype, channels_last_pays
-from pipeline.engine.trainer import low_size
+from pipeline.inference.tta import scaled_size
 from pipeline.models import build_model, param_groups
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def probe(
     )
     low_step_s = 0.0
     if low_scale is not None and low_scale < 1:
-        size = low_size(recipe.size, low_scale, int(getattr(model, "input_divisor", 1)))
+        size = scaled_size(recipe.size, low_scale, int(getattr(model, "input_divisor", 1)))
         small = _batch(recipe.batch, size, num_classes, device, last)
         low_step_s = _time(lambda: step(*small), repeats) * LOOP_OVERHEAD
         log.info("probe %s at %dx%d (progressive resizing): %.3f s per step", recipe.name, *size, low_step_s)
