@@ -36,6 +36,16 @@ PROFILE  ?= full
 SPACE    ?= $(if $(filter demo,$(PROFILE)),pipeline/configs/search_space_demo.yaml,)
 TUNE_TRAIN_ARGS ?= $(if $(filter demo,$(PROFILE)),encoder_weights=null num_workers=0 max_train_batches=8,)
 
+# pretrained weights: the folder looked at first (make weights fills it), then the HF / torch caches,
+# the installed weight packages, a download; offline with none of them, training starts from scratch
+WEIGHTS_DIR ?= weights
+ENCODERS ?=
+FROM     ?=
+ENCODER  ?=
+comma := ,
+empty :=
+space := $(empty) $(empty)
+
 # the end-to-end demo job: `make all` on the generated demo data within this budget
 DEMO_BUDGET ?= 6m
 
@@ -43,7 +53,7 @@ train_config = $(if $(CONFIG),--config $(CONFIG),$(if $(wildcard pipeline/config
 train_model  = $(if $(CONFIG),,model=$(MODEL)) experiment=$(EXP)
 resume_flag  = resume=$(if $(filter 0 false no,$(RESUME)),false,true)
 
-.PHONY: help setup data eda folds train train-folds predict average pseudo analyze ensemble submit validate score tune tune-report all demo lint test test-fast bench clean
+.PHONY: help setup data weights eda folds train train-folds predict average pseudo analyze ensemble submit validate score tune tune-report all demo lint test test-fast bench clean
 
 help: ## list targets and their variables
 	@echo "Targets:"
@@ -56,6 +66,8 @@ help: ## list targets and their variables
 	@echo "  MODEL=$(MODEL) CONFIG=$(CONFIG) RESUME=$(RESUME)  (train: pipeline/configs/<MODEL>.yaml unless CONFIG is set)"
 	@echo "  family configs (MODEL=): $(filter-out base search_space search_space_demo,$(basename $(notdir $(wildcard pipeline/configs/*.yaml))))"
 	@echo "  EXP=$(EXP)  experiment name: train writes runs/EXP/fold<k>/ (default: MODEL, or CONFIG's file name)"
+	@echo "  WEIGHTS_DIR=$(WEIGHTS_DIR)  pretrained weights folder: <encoder>.safetensors (train, all, weights)"
+	@echo "  ENCODERS=\"tu-convnext_tiny resnet50\"  (weights: download)  FROM=<file>|lite0|lite1|lite2 ENCODER=<name>  (weights: convert)"
 	@echo "  RUN=$(RUN) TTA=$(TTA) SPLIT=$(SPLIT)  (predict)"
 	@echo "  RUNS=\"runs/a/fold0 runs/a/fold1 ...\"  (ensemble)"
 	@echo "  NAME=$(NAME) FORMAT=$(FORMAT) SUB=$(SUB) GT=$(GT)  (submit, validate, score)"
@@ -75,6 +87,9 @@ setup: $(STAMP) ## create .venv and install the package (pyproject.toml) with it
 data: setup ## generate the demo dataset (ARGS: n_train= n_test= height= width= seed=)
 	$(PY) -m pipeline.demo out_dir=$(DATA_DIR) overwrite=true $(ARGS)
 
+weights: setup ## fill WEIGHTS_DIR for offline machines: ENCODERS="a b" downloads; FROM=<file>|lite0 ENCODER=<name> converts
+	$(PY) -m pipeline.prepare_weights weights_dir=$(WEIGHTS_DIR) $(if $(strip $(ENCODERS)),encoders=[$(subst $(space),$(comma),$(strip $(ENCODERS)))]) $(if $(FROM),source=$(FROM)) $(if $(ENCODER),encoder=$(ENCODER)) $(ARGS)
+
 eda: setup ## EDA report and plots -> reports/eda/
 	$(PY) -m pipeline.eda data_dir=$(DATA_DIR) $(ARGS)
 
@@ -82,7 +97,7 @@ folds: setup ## stratified k-fold split -> folds/folds.csv (K=, SEED=)
 	$(PY) -m pipeline.folds data_dir=$(DATA_DIR) k=$(K) seed=$(SEED) out_dir=$(dir $(FOLDS_FILE)) $(ARGS)
 
 train: setup ## train MODEL (or CONFIG) on FOLD -> runs/<experiment>/fold<k>/
-	$(PY) -m pipeline.train $(train_config) data_dir=$(DATA_DIR) folds_file=$(FOLDS_FILE) fold=$(FOLD) $(train_model) $(resume_flag) $(ARGS)
+	$(PY) -m pipeline.train $(train_config) data_dir=$(DATA_DIR) folds_file=$(FOLDS_FILE) fold=$(FOLD) weights_dir=$(WEIGHTS_DIR) $(train_model) $(resume_flag) $(ARGS)
 
 train-folds: setup ## train MODEL (or CONFIG) on every fold of FOLDS_FILE
 	@for f in $$($(PY) -c "import pandas as p; print(*sorted(p.read_csv('$(FOLDS_FILE)').fold.unique()))"); do \
@@ -119,7 +134,7 @@ tune-report: setup ## report of study STUDY -> reports/tune/<study>/ (with best.
 	$(PY) -m pipeline.tune_report study=$(STUDY) $(if $(STORAGE),storage=$(STORAGE)) $(ARGS)
 
 all: setup ## budgeted run DATA_DIR -> validated submission within BUDGET (NAME=, FORMAT=, GT=): work/NAME/, submissions/NAME.csv
-	$(PY) -m pipeline.autopilot data_dir=$(DATA_DIR) budget=$(BUDGET) name=$(NAME) format=$(FORMAT) $(if $(filter-out $(DATA_DIR)/test_gt.json,$(GT)),gt=$(GT)) $(ARGS)
+	$(PY) -m pipeline.autopilot data_dir=$(DATA_DIR) budget=$(BUDGET) name=$(NAME) format=$(FORMAT) weights_dir=$(WEIGHTS_DIR) $(if $(filter-out $(DATA_DIR)/test_gt.json,$(GT)),gt=$(GT)) $(ARGS)
 
 demo: setup ## the main job on generated demo data: data -> EDA -> make all (folds, probe, plan, train, TTA on OOF, ensemble, submit, score) in DEMO_BUDGET
 	$(MAKE) --no-print-directory data

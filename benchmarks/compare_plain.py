@@ -43,6 +43,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("work/compare"))
     p.add_argument("--skip-plain", action="store_true", help="reuse the plain submission of an earlier run")
+    p.add_argument("--plain-args", nargs="*", default=[], help="extra plain_recipe.py options (a row, not the bar)")
+    p.add_argument(
+        "--baseline", type=Path, default=None, help="an earlier --out: also the paired gain over its make all"
+    )
+    p.add_argument("--args", nargs="*", default=[], help="extra key=value for make all (e.g. encoder_weights=null)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     minutes = parse_budget(a.budget) / 60
@@ -57,6 +62,7 @@ def main() -> int:
             f"--budget-min={minutes}",
             f"--seed={a.seed}",
             f"--out={plain_sub}",
+            *a.plain_args,
         ]
         times["plain recipe"] = timed(plain, a.out / "plain.log")
     auto = [
@@ -70,6 +76,7 @@ def main() -> int:
         f"work_dir={a.out / 'work'}",
         f"submissions_dir={a.out}",
         "progress=false",
+        *a.args,
     ]
     times["make all"] = timed(auto, a.out / "autopilot.log")
     plain_cms = score(plain_sub, a.data_dir, gt, a.out / "plain_score.json")
@@ -88,6 +95,13 @@ def main() -> int:
         f"{table}\ngain of make all: {gain.point:+.4f} [{gain.low:+.4f}, {gain.high:+.4f}] (paired bootstrap over "
         f"{len(auto_cms)} test images), budget {a.budget}, seed {a.seed}"
     )
+    if a.baseline is not None:
+        base_cms = np.load(a.baseline / "auto_score.npz")["per_image"]
+        versus = paired_gain(base_cms, auto_cms, seed=a.seed)
+        text += (
+            f"\ngain of make all over {a.baseline}'s make all: {versus.point:+.4f} "
+            f"[{versus.low:+.4f}, {versus.high:+.4f}] (paired bootstrap)"
+        )
     print(text)
     (a.out / "compare.txt").write_text(text + "\n")
     summary = a.out / "work" / "compare" / "summary.txt"

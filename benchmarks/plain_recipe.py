@@ -61,6 +61,9 @@ def main():
     p.add_argument("--budget-min", type=float, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("submissions/plain.csv"))
+    # a row beside the yardstick, not the yardstick: the same recipe on a pretrained encoder
+    p.add_argument("--encoder", default="resnet18", help="smp encoder name (default: the yardstick's resnet18)")
+    p.add_argument("--encoder-file", type=Path, default=None, help="pretrained encoder state dict (default: none)")
     a = p.parse_args()
     start = time.time()
     torch.manual_seed(a.seed)
@@ -69,7 +72,17 @@ def main():
     (h, w), _ = Counter((i["height"], i["width"]) for i in train["images"]).most_common(1)[0]
     size = (max(32, round(h / 2 / 32) * 32), max(32, round(w / 2 / 32) * 32))
     _, x, y, k = load(a.data_dir, "train_all.json", size, True)
-    model = smp.Unet("resnet18", encoder_weights=None, classes=k)
+    model = smp.Unet(a.encoder, encoder_weights=None, classes=k)
+    if a.encoder_file is not None:  # timm key names under the encoder's model (tu- encoders) or its own
+        if a.encoder_file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(a.encoder_file))
+        else:
+            state = torch.load(a.encoder_file, map_location="cpu", weights_only=True)
+        target = model.encoder.model if hasattr(model.encoder, "model") else model.encoder
+        missing, _ = target.load_state_dict(state, strict=False)
+        print(f"plain recipe: {a.encoder} from {a.encoder_file}, {len(missing)} encoder tensors missing")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     budget = a.budget_min * 60 * 0.93 - (time.time() - start)  # the rest: loading the test set, predicting
     t0, steps = time.time(), 0

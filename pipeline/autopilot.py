@@ -38,11 +38,12 @@ from pipeline.engine.config import TrainConfig
 from pipeline.engine.runtime import resolve_device
 from pipeline.evaluation.selection import format_interval, select
 from pipeline.inference.ensemble import Fusion, OofCache, find_member
-from pipeline.models.weights import pretrained_available
+from pipeline.models.pretrained import SCRATCH, WeightSource, resolve_weights
 from pipeline.planning.budget import BudgetClock, format_duration, parse_budget
 from pipeline.planning.plan import (
     TARGET_EPOCHS,
     Plan,
+    describe_weights,
     epoch_seconds,
     make_plan,
     plan_from_dict,
@@ -72,7 +73,12 @@ class AutopilotConfig:
     k: int = 5
     seed: int = 42
     tta: list[str] = field(default_factory=lambda: ["none", "hflip"])  # tried on OOF, simplest first
-    models: list[str] = field(default_factory=lambda: ["unet:resnet18"])  # candidate family:encoder pairs
+    # candidate family:encoder pairs, used when their pretrained weights resolve (encoder_weights)
+    models: list[str] = field(
+        default_factory=lambda: ["unet:tu-tf_efficientnet_lite0", "unet:tu-tf_efficientnet_lite2"]
+    )
+    # the candidates when none of ``models`` has pretrained weights (or encoder_weights=null): from scratch
+    scratch_models: list[str] = field(default_factory=lambda: ["unet:resnet18"])
     sizes: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])  # candidate fractions of the image size
     # each family's builder options in budgeted runs (probe and training alike), e.g.
     # {unet: {decoder_channels: [128, 64, 32, 16, 16]}}; families not named are built as their
@@ -80,7 +86,8 @@ class AutopilotConfig:
     # but lost at 20 minutes on ccp (OOF -0.0103 [-0.0145, -0.0071]), so none is set by default.
     model_options: dict[str, dict] = field(default_factory=dict)
     batch_size: int = 8
-    encoder_weights: str = "auto"  # auto: imagenet when it can be fetched (or is cached), else none
+    encoder_weights: str | None = "auto"  # auto: folder > cache > package > download, else from scratch; null
+    weights_dir: str = "weights"  # the weights folder (make weights) looked at first
     device: str = "auto"
     threads: int | None = None
     postprocess: str = "min_area"  # none | min_area | crf: tuned on OOF, kept only by the selection rule
@@ -96,9 +103,9 @@ class AutopilotConfig:
             raise ConfigError(f"format: unknown {self.format!r}; known: {', '.join(FORMATS)}")
         if self.k < 2:
             raise ConfigError(f"k must be at least 2, got {self.k}")
-        if not self.tta or not self.models or not self.sizes:
-            raise ConfigError("tta, models and sizes need at least one candidate each")
-        for m in self.models:
+        if not self.tta or not self.models or not self.scratch_models or not self.sizes:
+            raise ConfigError("tta, models, scratch_models and sizes need at least one candidate each")
+        for m in [*self.models, *self.scratch_models]:
             if m.count(":") != 1:
                 raise ConfigError(f"models: {m!r} must be family:encoder, e.g. unet:resnet18")
         if any(not 0 < s <= 2 for s in self.sizes):
@@ -123,6 +130,20 @@ class Autopilot:
         self.test = load_coco(cfg.data_dir, "test.json", require_annotations=False)
         self.folds_file = self.ws / "folds" / self.coco.digest[:12] / "folds.csv"
         self.runs_dir = self.ws / "runs"
+        self._weights: dict[str, WeightSource] | None = None
+
+    @property
+    def weights(self) -> dict[str, WeightSource]:
+        """``family:encoder`` -> the weights it starts from: the ``models`` whose pretrained weights
+        resolve (folder, cache, package or download), or, when none does, ``scratch_models`` from scratch."""
+        if self._weights is None:
+            found = {
+                m: resolve_weights(*m.split(":"), self.cfg.encoder_weights, self.cfg.weights_dir)
+                for m in self.cfg.models
+            }
+            pretrained = {m: w for m, w in found.items() if w.pretrained}
+            self._weights = pretrained or {m: SCRATCH for m in self.cfg.scratch_models}
+        return self._weights
 
     # ------------------------------------------------------------------------- stage processes
     def stage(
@@ -168,7 +189,7 @@ class Autopilot:
 
         h, w = common_image_size(self.coco)
         out = []
-        for spec in self.cfg.models:
+        for spec in self.weights:
             model, encoder = spec.split(":")
             d = max(32, input_divisor(model, encoder, **self.options(model)))
             for frac in sorted(set(self.cfg.sizes)):
@@ -184,7 +205,7 @@ class Autopilot:
         """The plan of this budget on this device, measured once and kept in ``plan.json``."""
         settings = {
             "budget": self.cfg.budget,
-            "models": self.cfg.models,
+            "models": {m: w.to_dict() for m, w in self.weights.items()},
             "model_options": self.cfg.model_options,
             "sizes": self.cfg.sizes,
             "tta": self.cfg.tta,
@@ -223,15 +244,19 @@ class Autopilot:
             torch.set_num_threads(self.cfg.threads)
         started = time.monotonic()
         measured = []
-        for recipe in sorted(self.candidates(), key=lambda r: r.size[0] * r.size[1]):  # smallest first
-            low = recipe_cfg.progressive_scale if recipe_cfg.progressive else None
-            t = probe(recipe, self.coco.num_classes, device, options=self.options(recipe.model), low_scale=low)
-            measured.append(t)
-            left = self.budget_s - self.clock.spent()
-            if epoch_seconds(t, per_epoch, n_val, recipe_cfg.progressive) * TARGET_EPOCHS > left:
-                break  # larger recipes would train fewer epochs still
-            if time.monotonic() - started > PROBE_SHARE * self.budget_s:
-                break  # the probe may not eat the budget
+        by_model: dict[tuple[str, str], list[Recipe]] = {}
+        for recipe in self.candidates():
+            by_model.setdefault((recipe.model, recipe.encoder), []).append(recipe)
+        for recipes in by_model.values():  # each family:encoder from its smallest size up
+            for recipe in sorted(recipes, key=lambda r: r.size[0] * r.size[1]):
+                if time.monotonic() - started > PROBE_SHARE * self.budget_s and measured:
+                    break  # the probe may not eat the budget
+                low = recipe_cfg.progressive_scale if recipe_cfg.progressive else None
+                t = probe(recipe, self.coco.num_classes, device, options=self.options(recipe.model), low_scale=low)
+                measured.append(t)
+                left = self.budget_s - self.clock.spent()
+                if epoch_seconds(t, per_epoch, n_val, recipe_cfg.progressive) * TARGET_EPOCHS > left:
+                    break  # its larger sizes would train fewer epochs still
         self.clock.add_stage("probe", time.monotonic() - started)
         plan = make_plan(
             measured,
@@ -246,11 +271,13 @@ class Autopilot:
             progressive=recipe_cfg.progressive,
         )
         plan.model_options = self.options(plan.recipe.model)
+        plan.weights = self.weights[f"{plan.recipe.model}:{plan.recipe.encoder}"].to_dict()
         return plan
 
     # ------------------------------------------------------------------------- steps
-    def train(self, plan: Plan, weights: str | None) -> Path:
+    def train(self, plan: Plan) -> Path:
         r = plan.recipe
+        weights = WeightSource.from_dict(plan.weights) if plan.weights else SCRATCH
         reserve = plan.planned_s - plan.train_s
         budget = max(30.0, min(plan.train_s, self.clock.remaining() - reserve))
         args = [
@@ -262,7 +289,8 @@ class Autopilot:
             "fold=0",
             f"model={r.model}",
             f"encoder={r.encoder}",
-            f"encoder_weights={weights or 'null'}",
+            f"encoder_weights={self.cfg.encoder_weights if weights.pretrained else 'null'}",
+            f"weights_dir={self.cfg.weights_dir}",
             f"img_size=[{r.size[0]},{r.size[1]}]",
             f"batch_size={r.batch}",
             f"epochs={plan.epochs * EPOCHS_CAP}",  # the time budget sizes the run after its second epoch
@@ -276,7 +304,7 @@ class Autopilot:
         ]
         if plan.model_options:
             args.append(f"model_options={json.dumps(plan.model_options, sort_keys=True)}")
-        if weights:
+        if weights.pretrained:
             args.append("encoder_lr=0.0001")
         if self.cfg.threads:
             args.append(f"threads={self.cfg.threads}")
@@ -285,7 +313,7 @@ class Autopilot:
         self.stage(
             "train",
             args,
-            {"budget": self.cfg.budget},
+            {"budget": self.cfg.budget, "weights": weights.to_dict()},
             # the recipe files' contents too: a changed recipe (an upgrade) retrains
             [self.folds_file, self.coco.path, BUDGET_RECIPE, BUDGET_RECIPE.parents[1] / "base.yaml"],
             [folder.best, folder.oof / "meta.json"],
@@ -397,7 +425,8 @@ class Autopilot:
 
 def summary(pilot: Autopilot, plan: Plan, tta: str, choice, result: dict[str, Any]) -> str:
     ens = json.loads(json.dumps(_read_yaml(Path(result["ensemble"]))))
-    rows = [[f"member {m['name']}", format_interval(m["oof_miou_interval"])] for m in ens["members"]]
+    rows = [["weights", describe_weights(plan.weights)]]
+    rows += [[f"member {m['name']}", format_interval(m["oof_miou_interval"])] for m in ens["members"]]
     rows.append(["ensemble (OOF)", format_interval(ens["oof"]["ensemble_interval"])])
     rows += [
         [
@@ -466,12 +495,11 @@ def run(cfg: AutopilotConfig) -> dict[str, Any]:
         )
         pilot.folds()
         plan = pilot.plan()
-        weights = pretrained_available(plan.recipe.model, plan.recipe.encoder, cfg.encoder_weights)
         text = plan.table()
         atomic_write_text(pilot.ws / "plan.txt", text + "\n")
-        log.info("plan (%s):\n%s", "pretrained encoder" if weights else "from scratch", text)
+        log.info("plan:\n%s", text)
         check_disk(pilot.ws, plan.disk_mb)
-        run_dir = pilot.train(plan, weights)
+        run_dir = pilot.train(plan)
         tta, choice = pilot.choose_tta(run_dir)
         result = pilot.finish(run_dir, tta)
         table = summary(pilot, plan, tta, choice, result)

@@ -26,6 +26,7 @@ STAGES = {
     "pseudo",
     "analyze",
     "average",
+    "prepare_weights",
 }
 MAX_FUNCTION_LINES = 80
 

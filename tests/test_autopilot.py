@@ -125,9 +125,9 @@ def test_a_progressive_phase_is_probed_and_planned_at_its_own_step_time():
     from pipeline.planning.probe import probe
 
     t = probe(
-        Recipe("unet", "tu-mobilenetv3_small_050", (128, 64), 2), 5, torch.device("cpu"), repeats=1, low_scale=0.5
+        Recipe("unet", "tu-mobilenetv3_small_050", (256, 128), 2), 5, torch.device("cpu"), repeats=3, low_scale=0.5
     )
-    assert 0 < t.low_step_s < t.step_s  # the step at 64x32 is measured, and cheaper
+    assert 0 < t.low_step_s < t.step_s  # the step at 128x64 is measured, and cheaper (a quarter of the pixels)
     assert (
         probe(Recipe("unet", "tu-mobilenetv3_small_050", (64, 64), 2), 5, torch.device("cpu"), repeats=1).low_step_s
         == 0

@@ -162,12 +162,14 @@ def test_missing_or_bad_parent_is_an_error_naming_both_files(tmp_path):
 
 # ----------------------------------------------------------------------------- family configs
 # The family YAMLs as they were before base.yaml + overlays (git show 01f4ad9:pipeline/configs/<family>.yaml),
-# as plain data: every family must still resolve to exactly these values over the TrainConfig defaults.
+# as plain data: every family must still resolve to exactly these values over the TrainConfig defaults,
+# but for one deliberate change since: encoder_weights imagenet -> auto (base.yaml; a local copy of the
+# ImageNet weights first, a download when online, random weights with a notice offline).
 OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "deeplabv3": {
         "model": "deeplabv3",
         "encoder": "resnet101",
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "strong",
         "epochs": 40,
@@ -185,7 +187,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "deeplabv3plus": {
         "model": "deeplabv3plus",
         "encoder": "resnext50_32x4d",
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "strong",
         "epochs": 40,
@@ -203,7 +205,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "dpt": {
         "model": "dpt",
         "encoder": "tu-vit_base_patch16_224.augreg_in21k",
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "light",
         "epochs": 40,
@@ -222,7 +224,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "fpn": {
         "model": "fpn",
         "encoder": "resnext50_32x4d",
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "strong",
         "epochs": 40,
@@ -240,7 +242,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "linknet": {
         "model": "linknet",
         "encoder": "resnet34",
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "light",
         "epochs": 40,
@@ -258,7 +260,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "manet": {
         "model": "manet",
         "encoder": "resnet50",
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "strong",
         "epochs": 40,
@@ -276,7 +278,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "pan": {
         "model": "pan",
         "encoder": "resnet50",
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "strong",
         "epochs": 40,
@@ -294,7 +296,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "pspnet": {
         "model": "pspnet",
         "encoder": "resnet50",
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "strong",
         "epochs": 40,
@@ -312,7 +314,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "segformer": {
         "model": "segformer",
         "encoder": "mit_b2",
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "strong",
         "epochs": 40,
@@ -331,7 +333,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "tv_deeplabv3_mobilenet_v3_large": {
         "model": "tv_deeplabv3_mobilenet_v3_large",
         "encoder": None,
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "light",
         "epochs": 40,
@@ -348,7 +350,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "tv_deeplabv3_resnet101": {
         "model": "tv_deeplabv3_resnet101",
         "encoder": None,
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "light",
         "epochs": 40,
@@ -365,7 +367,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "tv_deeplabv3_resnet50": {
         "model": "tv_deeplabv3_resnet50",
         "encoder": None,
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "light",
         "epochs": 40,
@@ -382,7 +384,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "tv_fcn_resnet101": {
         "model": "tv_fcn_resnet101",
         "encoder": None,
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "light",
         "epochs": 40,
@@ -399,7 +401,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "tv_fcn_resnet50": {
         "model": "tv_fcn_resnet50",
         "encoder": None,
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "light",
         "epochs": 40,
@@ -416,7 +418,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "tv_lraspp_mobilenet_v3_large": {
         "model": "tv_lraspp_mobilenet_v3_large",
         "encoder": None,
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "light",
         "epochs": 40,
@@ -433,7 +435,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "unet": {
         "model": "unet",
         "encoder": "efficientnet-b4",
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "strong",
         "epochs": 40,
@@ -451,7 +453,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "unetplusplus": {
         "model": "unetplusplus",
         "encoder": "efficientnet-b4",
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "strong",
         "epochs": 40,
@@ -469,7 +471,7 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
     "upernet": {
         "model": "upernet",
         "encoder": "tu-convnext_tiny",
-        "encoder_weights": "imagenet",
+        "encoder_weights": "auto",
         "img_size": None,
         "augment": "strong",
         "epochs": 40,

@@ -25,10 +25,12 @@ class TrainConfig:
     # model
     model: str = "unet"
     encoder: str | None = None  # None: the family's default encoder
-    encoder_weights: str | None = None  # e.g. imagenet (the family configs set it)
+    encoder_weights: str | None = "auto"  # auto: folder > cache > package > download > scratch; imagenet
+    weights_dir: str = "weights"  # <encoder>.safetensors / .pth (make weights), or <org>--<name>/ for pretrained=
     weights: str | None = None  # local encoder or whole-model checkpoint
     pretrained: str | None = None  # whole segmentation-pretrained model (hub id or local folder); wins over weights
     model_options: dict | None = None  # extra options of the family's builder (smp / torchvision / transformers config)
+    weights_source: dict | None = None  # recorded by the trainer, not read: {source, path, sha256} it started from
     fine_tune_from: str | None = None  # start from another run's best.pt (a run folder or a checkpoint file)
     pseudo_dir: str | None = None  # pseudo-labelled test images (make pseudo) added to the training images
     # run folder

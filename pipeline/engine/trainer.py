@@ -70,6 +70,7 @@ from pipeline.inference.tta import scaled_size
 from pipeline.models.contract import has_own_loss
 from pipeline.models.losses import build_loss, frequency_class_weights
 from pipeline.models.preprocessing import encoder_preprocessing
+from pipeline.models.pretrained import apply_weights, resolve_build
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +152,18 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
+        source, weight_args = resolve_build(
+            cfg.model, cfg.encoder, cfg.encoder_weights, cfg.weights, cfg.pretrained, cfg.weights_dir
+        )
         self.model = model_registry.build_model(
             cfg.model,
             num_classes=self.coco.num_classes,
             encoder=cfg.encoder,
-            encoder_weights=cfg.encoder_weights,
-            weights=cfg.weights,
-            pretrained=cfg.pretrained,
+            **weight_args,
             **(cfg.model_options or {}),
-        ).to(self.device)
+        )
+        cfg.weights_source = apply_weights(self.model, source, cfg.model).to_dict()
+        self.model = self.model.to(self.device)
         divisor = int(getattr(self.model, "input_divisor", 1))
         self.size = resolve_size(cfg, self.coco, divisor)
         self.crop = resolve_crop(cfg, self.size, divisor)
@@ -320,6 +324,7 @@ class Trainer:
                 hook.load_state_dict(ckpt.get(hook.state_key))
         self.start_epoch, self.best, self.best_epoch = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"]
         self.low_until = ckpt.get("low_until")
+        self.cfg.weights_source = ckpt.get("config", {}).get("weights_source", self.cfg.weights_source)
         self.history = ckpt["history"]
         set_rng_state(ckpt["rng"])
         log.info(

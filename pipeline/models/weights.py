@@ -151,11 +151,18 @@ def load_state_dict_into(
     log.info("%s: loaded %d of %d tensors (%s)", source, len(matched), len(target), kind)
     if missing:
         log.warning("%s: %d missing key(s) left at their initial values: %s", source, len(missing), _short(missing))
-    if unexpected:
-        log.warning("%s: %d unexpected key(s) ignored: %s", source, len(unexpected), _short(unexpected))
+    if unexpected:  # an encoder-only file often carries its classification head: expected
+        level = logging.INFO if kind == "encoder only" else logging.WARNING
+        log.log(level, "%s: %d unexpected key(s) ignored: %s", source, len(unexpected), _short(unexpected))
     if mismatched:
         log.warning("%s: %d key(s) with another shape skipped: %s", source, len(mismatched), _short(mismatched))
     return LoadReport(str(source), kind, len(matched), missing, unexpected, mismatched)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a local weights file (a bare one, or one under ``model`` / ``state_dict``)."""
+    path = Path(path)
+    return _extract_state_dict(_read_weights_file(path), str(path))
 
 
 def load_weights(model: SegmentationNet, path: str | Path) -> LoadReport:
@@ -164,55 +171,4 @@ def load_weights(model: SegmentationNet, path: str | Path) -> LoadReport:
     Accepts a state dict, a pipeline checkpoint (``{'model': state_dict, ...}``) or
     ``{'state_dict': ...}``, for the whole model or for its encoder only.
     """
-    path = Path(path)
-    obj = _read_weights_file(path)
-    return load_state_dict_into(model, _extract_state_dict(obj, str(path)), str(path))
-
-
-# ----------------------------------------------------------------------------- param groups
-
-
-HUB_HOST = ("huggingface.co", 443)
-
-
-def _reachable(host: tuple[str, int], timeout: float) -> bool:
-    """Whether a TCP connection to ``host`` opens within ``timeout`` seconds (name lookup included)."""
-    import socket
-    import threading
-
-    ok: list[bool] = []
-
-    def attempt() -> None:
-        try:
-            with socket.create_connection(host, timeout=timeout):
-                ok.append(True)
-        except OSError:
-            ok.append(False)
-
-    thread = threading.Thread(target=attempt, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(ok and ok[0])
-
-
-def pretrained_available(model: str, encoder: str | None, setting: str | None, timeout: float = 3.0) -> str | None:
-    """The ``encoder_weights`` to train with: ``setting`` itself unless it is ``auto``; for ``auto``,
-    ``imagenet`` when the model hub answers within ``timeout`` seconds, else None with a notice
-    (training from scratch).  ``HF_HUB_OFFLINE=1`` counts as offline."""
-    import os
-
-    if setting is None or str(setting).lower() in ("none", "null", ""):
-        return None
-    if str(setting).lower() != "auto":
-        return str(setting)
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _reachable(HUB_HOST, timeout):
-        log.warning(
-            "pretrained weights for %s/%s cannot be downloaded (no answer from %s within %.0f s): training "
-            "from scratch; pass encoder_weights=imagenet once they are cached, or weights=/path/file",
-            model,
-            encoder,
-            HUB_HOST[0],
-            timeout,
-        )
-        return None
-    return "imagenet"
+    return load_state_dict_into(model, read_state_dict(path), str(path))

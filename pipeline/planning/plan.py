@@ -38,6 +38,7 @@ class Plan:
     epoch_images: int = 0  # images one epoch goes through (repeat-factor sampling repeats rare ones); 0: n_train
     model_options: dict = field(default_factory=dict)  # the family builder's options (probe and training)
     progressive: float = 0.0  # share of the epochs trained at the progressive-resizing size
+    weights: dict = field(default_factory=dict)  # the recipe's starting weights (pipeline.models.pretrained record)
 
     @property
     def recipe(self):
@@ -56,6 +57,7 @@ class Plan:
         rows = [
             ["recipe", f"{r.model} / {r.encoder}, {r.size[0]}x{r.size[1]}, batch {r.batch}"],
             *[[f"  {k}", str(v)] for k, v in sorted(self.model_options.items())],
+            ["weights", describe_weights(self.weights)],
             [
                 "training",
                 f"about {self.epochs} epochs on {self.n_train} images"
@@ -87,6 +89,13 @@ class Plan:
             ["disk", f"about {self.disk_mb:.0f} MB"],
         ]
         return format_table(["plan", ""], rows)
+
+
+def describe_weights(record: dict) -> str:
+    """One line for a weight record: where the encoder's weights come from, the file and its sha256."""
+    from pipeline.models.pretrained import WeightSource
+
+    return WeightSource.from_dict(record).describe() if record else "none (random init)"
 
 
 def val_every(epochs: int) -> int:
@@ -133,7 +142,8 @@ def make_plan(
     oof_scale: float = OOF_SCALE,
     progressive: float = 0.0,
 ) -> Plan:
-    """The largest recipe that trains at least TARGET_EPOCHS epochs (else the one with most epochs),
+    """The largest recipe that trains at least TARGET_EPOCHS epochs (the largest size, then the larger
+    model: the slower step; else the one with most epochs),
     with training sized to use what the other stages leave of ``budget_s``.  ``epoch_images``: the
     images one epoch goes through when repeat-factor sampling repeats some (default ``n_train``)."""
     per_epoch = epoch_images or n_train
@@ -157,7 +167,7 @@ def make_plan(
     rich = [o for o in feasible if o[1] >= TARGET_EPOCHS]
     pool = rich or feasible
     t, epochs, train_s, fixed = (
-        max(pool, key=lambda o: (o[0].recipe.size[0] * o[0].recipe.size[1], o[1]))
+        max(pool, key=lambda o: (o[0].recipe.size[0] * o[0].recipe.size[1], o[0].step_s))
         if rich
         else max(pool, key=lambda o: o[1])
     )
@@ -193,6 +203,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "disk_mb": plan.disk_mb,
         "epoch_images": plan.images_per_epoch,
         "model_options": plan.model_options,
+        "weights": plan.weights,
     }
 
 
@@ -219,4 +230,5 @@ def plan_from_dict(d: dict) -> Plan:
         int(d.get("epoch_images", 0)),
         dict(d.get("model_options", {})),
         float(d.get("progressive", 0.0)),
+        dict(d.get("weights") or {}),
     )
