@@ -264,3 +264,28 @@ def test_a_whole_model_folder_in_the_weights_folder_stands_in_for_its_hub_id(tmp
     assert source.source == "file" and source.sha256 == pre.sha256_of(file) and kwargs == {"weights": str(file)}
     with pytest.raises(PipelineError, match="weights file not found"):
         pre.resolve_build("unet", None, "auto", weights=str(tmp_path / "missing.pth"))
+
+
+def test_make_all_prefers_candidates_whose_weights_resolve_and_names_them_in_the_plan(demo_data, tmp_path):
+    from pipeline.autopilot import Autopilot, AutopilotConfig
+    from pipeline.planning.plan import make_plan
+    from pipeline.planning.probe import Recipe, Throughput
+
+    def pilot(**kw) -> Autopilot:
+        return Autopilot(AutopilotConfig(data_dir=str(demo_data), work_dir=str(tmp_path), name="w", **kw))
+
+    found = pilot().weights  # the installed lite packages (dev extra)
+    assert list(found) == ["unet:tu-tf_efficientnet_lite0", "unet:tu-tf_efficientnet_lite2"]
+    assert {w.source for w in found.values()} == {"package"}
+    assert {r.encoder for r in pilot().candidates()} == {LITE0, "tu-tf_efficientnet_lite2"}
+    # from scratch when asked, or when no candidate's weights resolve: the scratch candidates
+    assert pilot(encoder_weights=None).weights == {"unet:resnet18": pre.SCRATCH}
+    assert pilot(models=["unet:resnet34"]).weights == {"unet:resnet18": pre.SCRATCH}  # nothing cached, offline
+    # the plan names the weights of its recipe (source, file, sha256) and of every candidate
+    t = Throughput(Recipe("unet", LITE0, (64, 64), 8), 0.1, 0.01)
+    plan = make_plan([t], 600, n_train=100, n_val=20, n_test=20, tta=["none"], num_classes=5)
+    plan.weights = found["unet:tu-tf_efficientnet_lite0"].to_dict()
+    plan.candidates = {m: w.to_dict() for m, w in found.items()}
+    table = plan.table()
+    assert f"package {_lite0_package()} (sha256 {pre.sha256_of(_lite0_package())[:12]})" in table
+    assert "unet:tu-tf_efficientnet_lite2 (package)" in table

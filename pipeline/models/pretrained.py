@@ -249,9 +249,15 @@ def _reachable(host: tuple[str, int], timeout: float) -> bool:
 
 
 def hub_online(timeout: float = HUB_TIMEOUT_S) -> bool:
-    """Whether a download can be tried: ``HF_HUB_OFFLINE`` unset and the hub answering in time."""
+    """Whether a download can be tried: ``HF_HUB_OFFLINE`` unset and the hub answering in time
+    (asked once per process: a run resolves several encoders)."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
+    return _hub_answers(timeout)
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_answers(timeout: float) -> bool:
     return _reachable(HUB_HOST, timeout)
 
 

@@ -39,6 +39,7 @@ class Plan:
     model_options: dict = field(default_factory=dict)  # the family builder's options (probe and training)
     progressive: float = 0.0  # share of the epochs trained at the progressive-resizing size
     weights: dict = field(default_factory=dict)  # the recipe's starting weights (pipeline.models.pretrained record)
+    candidates: dict = field(default_factory=dict)  # family:encoder -> the weights record each candidate starts from
 
     @property
     def recipe(self):
@@ -58,6 +59,11 @@ class Plan:
             ["recipe", f"{r.model} / {r.encoder}, {r.size[0]}x{r.size[1]}, batch {r.batch}"],
             *[[f"  {k}", str(v)] for k, v in sorted(self.model_options.items())],
             ["weights", describe_weights(self.weights)],
+            *(
+                [["candidates", ", ".join(f"{m} ({r.get('source', 'scratch')})" for m, r in self.candidates.items())]]
+                if self.candidates
+                else []
+            ),
             [
                 "training",
                 f"about {self.epochs} epochs on {self.n_train} images"
@@ -204,6 +210,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "epoch_images": plan.images_per_epoch,
         "model_options": plan.model_options,
         "weights": plan.weights,
+        "candidates": plan.candidates,
     }
 
 
@@ -231,4 +238,5 @@ def plan_from_dict(d: dict) -> Plan:
         dict(d.get("model_options", {})),
         float(d.get("progressive", 0.0)),
         dict(d.get("weights") or {}),
+        dict(d.get("candidates") or {}),
     )
