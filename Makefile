@@ -46,6 +46,15 @@ comma := ,
 empty :=
 space := $(empty) $(empty)
 
+# what the lent GPU machine's image lacks (Python 3.12, x86-64), one version each, carried as wheels in .whl/:
+# the pipeline's own needs and theirs (Requires-Dist) that the image does not hold (typing-extensions:
+# pydantic needs >= 4.16, newer than the image may have)
+GPU_WHEELS ?= segmentation-models-pytorch==0.6.0 albumentations==2.0.8 albucore==0.0.24 stringzilla==5.3.2 \
+  simsimd==6.5.16 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+  typing-extensions==4.16.0 pycocotools==2.0.11 optuna==5.0.0 alembic==1.20.1 sqlalchemy==2.1.9 mako==1.4.3 \
+  colorlog==6.12.0
+WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
+
 # the end-to-end demo job: `make all` on the generated demo data within this budget
 DEMO_BUDGET ?= 6m
 
@@ -53,7 +62,7 @@ train_config = $(if $(CONFIG),--config $(CONFIG),$(if $(wildcard pipeline/config
 train_model  = $(if $(CONFIG),,model=$(MODEL)) experiment=$(EXP)
 resume_flag  = resume=$(if $(filter 0 false no,$(RESUME)),false,true)
 
-.PHONY: help setup data weights eda folds train train-folds predict average pseudo analyze ensemble submit validate score tune tune-report all demo lint test test-fast bench clean
+.PHONY: help setup data weights eda folds train train-folds predict average pseudo analyze ensemble submit validate score tune tune-report all demo lint test test-fast bench gpu-check gpu-wheels clean
 
 help: ## list targets and their variables
 	@echo "Targets:"
@@ -154,6 +163,13 @@ test-fast: setup ## run the tests without the slow ones
 bench: setup ## run every benchmark (its table; its figures as JSON in reports/bench/), then one table of all their goals
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit $$?; done
 	@echo "== summary"; $(PY) benchmarks/results.py
+
+gpu-check: setup ## the GPU proof (benchmarks/gpu_check.py -> reports/gpu_check.json); ARGS="--smoke" on a CPU, "--only SECTION"
+	$(PY) benchmarks/gpu_check.py $(ARGS)
+
+gpu-wheels: ## download the wheels the lent GPU machine lacks (Python 3.12, x86-64) into .whl/ (see README: GPU check)
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $(WHEEL_PLATFORMS) -d .whl $(GPU_WHEELS)
+	@ls .whl; du -sh .whl
 
 clean: ## remove generated runs, reports, caches, workspaces, ensembles, pseudo-labels (keeps data/, submissions/ and .venv)
 	rm -rf runs reports .cache studies work ensembles pseudo
