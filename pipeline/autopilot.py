@@ -271,7 +271,6 @@ class Autopilot:
             progressive=recipe_cfg.progressive,
         )
         plan.model_options = self.options(plan.recipe.model)
-        plan.weights = self.weights[f"{plan.recipe.model}:{plan.recipe.encoder}"].to_dict()
         plan.candidates = {m: w.to_dict() for m, w in self.weights.items()}
         return plan
 

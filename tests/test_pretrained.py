@@ -284,8 +284,8 @@ def test_make_all_prefers_candidates_whose_weights_resolve_and_names_them_in_the
     # the plan names the weights of its recipe (source, file, sha256) and of every candidate
     t = Throughput(Recipe("unet", LITE0, (64, 64), 8), 0.1, 0.01)
     plan = make_plan([t], 600, n_train=100, n_val=20, n_test=20, tta=["none"], num_classes=5)
-    plan.weights = found["unet:tu-tf_efficientnet_lite0"].to_dict()
     plan.candidates = {m: w.to_dict() for m, w in found.items()}
+    assert plan.weights == found["unet:tu-tf_efficientnet_lite0"].to_dict()  # the recipe's own candidate
     table = plan.table()
     assert f"package {_lite0_package()} (sha256 {pre.sha256_of(_lite0_package())[:12]})" in table
     assert "unet:tu-tf_efficientnet_lite2 (package)" in table

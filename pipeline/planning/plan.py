@@ -38,12 +38,16 @@ class Plan:
     epoch_images: int = 0  # images one epoch goes through (repeat-factor sampling repeats rare ones); 0: n_train
     model_options: dict = field(default_factory=dict)  # the family builder's options (probe and training)
     progressive: float = 0.0  # share of the epochs trained at the progressive-resizing size
-    weights: dict = field(default_factory=dict)  # the recipe's starting weights (pipeline.models.pretrained record)
     candidates: dict = field(default_factory=dict)  # family:encoder -> the weights record each candidate starts from
 
     @property
     def recipe(self):
         return self.throughput.recipe
+
+    @property
+    def weights(self) -> dict:
+        """The recipe's starting weights (a :mod:`pipeline.models.pretrained` record; empty: from scratch)."""
+        return dict(self.candidates.get(f"{self.recipe.model}:{self.recipe.encoder}") or {})
 
     @property
     def images_per_epoch(self) -> int:
@@ -209,7 +213,6 @@ def plan_to_dict(plan: Plan) -> dict:
         "disk_mb": plan.disk_mb,
         "epoch_images": plan.images_per_epoch,
         "model_options": plan.model_options,
-        "weights": plan.weights,
         "candidates": plan.candidates,
     }
 
@@ -237,6 +240,5 @@ def plan_from_dict(d: dict) -> Plan:
         int(d.get("epoch_images", 0)),
         dict(d.get("model_options", {})),
         float(d.get("progressive", 0.0)),
-        dict(d.get("weights") or {}),
         dict(d.get("candidates") or {}),
     )
