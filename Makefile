@@ -11,24 +11,29 @@ DATA_DIR ?= data/demo
 ARGS     ?=
 FOLD     ?= 0
 K        ?= 5
+TOP_K    ?=
 SEED     ?= 42
 MODEL    ?= unet
 CONFIG   ?=
 RESUME   ?= 1
 FOLDS_FILE ?= folds/folds.csv
-EXP      ?= $(if $(CONFIG),$(basename $(notdir $(CONFIG))),$(MODEL))
+# the experiment: runs/EXP/fold<k>/ (train writes it, predict reads it); with CONFIG, the file's own
+# `experiment:` (a tune-report best.yaml names its study) or else its file name; without, MODEL
+EXP      ?= $(if $(CONFIG),$(or $(shell sed -n 's/^experiment: *\([^ #]*\).*/\1/p' $(CONFIG) 2>/dev/null | grep -v '^null$$' | tail -1),$(basename $(notdir $(CONFIG)))),$(MODEL))
 RUN      ?= runs/$(EXP)/fold$(FOLD)
 RUNS     ?=
 TTA      ?= flip
 SPLIT    ?= test
 NAME     ?= submission
-FORMAT   ?= rle
+FORMAT   ?= auto
 SUB      ?= submissions/$(NAME).csv
 GT       ?= $(DATA_DIR)/test_gt.json
 STUDY    ?= demo
 BUDGET   ?= 20m
 THRESHOLD ?= 0.9
 TRIALS   ?= 4
+PNG      ?= 0
+IMAGES   ?=
 STORAGE  ?=
 # tuning profile: full (pipeline/configs/search_space.yaml, the family configs' budgets) or
 # demo (a small space and short trials for the demo data on a CPU); chosen explicitly
@@ -58,11 +63,16 @@ WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manyl
 # the end-to-end demo job: `make all` on the generated demo data within this budget
 DEMO_BUDGET ?= 6m
 
-train_config = $(if $(CONFIG),--config $(CONFIG),$(if $(wildcard pipeline/configs/$(MODEL).yaml),--config pipeline/configs/$(MODEL).yaml,))
+# train layers defaults < base.yaml < the model's family overlay < CONFIG < ARGS itself (pipeline/engine/config.py)
+train_config = $(if $(CONFIG),--config $(CONFIG))
 train_model  = $(if $(CONFIG),,model=$(MODEL)) experiment=$(EXP)
 resume_flag  = resume=$(if $(filter 0 false no,$(RESUME)),false,true)
+# ARGS reach a stage as one quoted string (--args), split there into key=value items, so values
+# with spaces (ARGS="loss_options={classes: present}") stay whole
+args = $(if $(strip $(ARGS)),--args '$(subst ','\'',$(ARGS))')
+truthy = $(filter 1 true yes on,$(1))
 
-.PHONY: help setup data weights eda folds train train-folds predict average pseudo analyze ensemble submit validate score tune tune-report all demo lint test test-fast bench gpu-check gpu-wheels clean
+.PHONY: help setup data weights eda folds train train-folds predict predict-folds average pseudo analyze ensemble submit validate score tune tune-report all demo lint test test-fast bench gpu-check gpu-wheels clean
 
 help: ## list targets and their variables
 	@echo "Targets:"
@@ -70,20 +80,28 @@ help: ## list targets and their variables
 	@echo
 	@echo "Variables (current value):"
 	@echo "  DATA_DIR=$(DATA_DIR)  contest-layout data folder (default: the generated demo data)"
-	@echo "  ARGS=\"key=value ...\"    overrides passed to the stage's config"
-	@echo "  FOLD=$(FOLD) K=$(K) SEED=$(SEED) FOLDS_FILE=$(FOLDS_FILE)"
-	@echo "  MODEL=$(MODEL) CONFIG=$(CONFIG) RESUME=$(RESUME)  (train: pipeline/configs/<MODEL>.yaml unless CONFIG is set)"
+	@echo "  ARGS=\"key=value ...\"    overrides of the stage's config (values may hold spaces: ARGS=\"loss_options={classes: present}\");"
+	@echo "                        python -m pipeline.<stage> --help lists every key with type, default and meaning, --print-config the result"
+	@echo "  FOLD=$(FOLD) K=$(K) SEED=$(SEED) FOLDS_FILE=$(FOLDS_FILE)  (folds, train: K is the fold count)"
+	@echo "  MODEL=$(MODEL) CONFIG=$(CONFIG) RESUME=$(RESUME)  (train: base.yaml < pipeline/configs/<MODEL>.yaml < CONFIG < ARGS;"
+	@echo "                        a changed config never resumes an old run: EXP=<new name>, or RESUME=0 moves the old run aside)"
 	@echo "  family configs (MODEL=): $(filter-out base search_space search_space_demo,$(basename $(notdir $(wildcard pipeline/configs/*.yaml))))"
-	@echo "  EXP=$(EXP)  experiment name: train writes runs/EXP/fold<k>/ (default: MODEL, or CONFIG's file name)"
+	@echo "  EXP=$(EXP)  experiment name: train writes runs/EXP/fold<k>/ (default: MODEL, or CONFIG's experiment: or file name)"
 	@echo "  WEIGHTS_DIR=$(WEIGHTS_DIR)  pretrained weights folder: <encoder>.safetensors (train, all, weights)"
 	@echo "  ENCODERS=\"tu-convnext_tiny resnet50\"  (weights: download)  FROM=<file>|lite0|lite1|lite2 ENCODER=<name>  (weights: convert)"
-	@echo "  RUN=$(RUN) TTA=$(TTA) SPLIT=$(SPLIT)  (predict)"
-	@echo "  RUNS=\"runs/a/fold0 runs/a/fold1 ...\"  (ensemble)"
-	@echo "  NAME=$(NAME) FORMAT=$(FORMAT) SUB=$(SUB) GT=$(GT)  (submit, validate, score)"
-	@echo "  BUDGET=$(BUDGET)  wall time of make all after set-up (20m, 2h, 1h30m, 90s)"
-	@echo "  STUDY=$(STUDY) TRIALS=$(TRIALS) STORAGE=$(STORAGE) SPACE=$(SPACE)  (tune)"
+	@echo "  RUN=$(RUN) TTA=$(TTA) SPLIT=$(SPLIT)  (predict, average)  PNG=$(PNG)  (predict: 1 writes label-map PNGs and overlays)"
+	@echo "  IMAGES=$(IMAGES)  (predict: a folder of images to predict instead of SPLIT; with PNG=1)"
+	@echo "  TOP_K=$(TOP_K)  (average: how many best epochs; default 3)"
+	@echo "  RUNS=\"runs/a runs/b\"  (ensemble, submit, analyze): experiment folders (all their folds form one member) or run folders"
+	@echo "  NAME=$(NAME) FORMAT=$(FORMAT) SUB=$(SUB) GT=$(GT)  (submit, validate, score, all; FORMAT=auto|rle|dense,"
+	@echo "                        auto: the header of DATA_DIR/sample_submission.csv, else rle)"
+	@echo "  THRESHOLD=$(THRESHOLD)  (pseudo: confidence a pixel needs to be labelled)"
+	@echo "  BUDGET=$(BUDGET)  wall time of make all after set-up (20m, 2h, 1h30m, 90s)  DEMO_BUDGET=$(DEMO_BUDGET)  (demo)"
+	@echo "  STUDY=$(STUDY) TRIALS=$(TRIALS) STORAGE=$(STORAGE) SPACE=$(SPACE)  (tune; CONFIG= too: the trials' base config)"
 	@echo "  PROFILE=$(PROFILE)  tuning profile: full | demo (small space, short CPU trials: SPACE and TUNE_TRAIN_ARGS)"
 	@echo "  TUNE_TRAIN_ARGS=\"$(TUNE_TRAIN_ARGS)\"  extra key=value for every trial's training config"
+	@echo "  PYTHON_BIN=$(PYTHON_BIN) VENV=$(VENV)  (setup: the interpreter that creates the virtual environment, and its folder)"
+	@echo "  GPU_WHEELS=...  (gpu-wheels: the packages carried to a lent GPU machine)"
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -94,56 +112,60 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP) ## create .venv and install the package (pyproject.toml) with its extras
 
 data: setup ## generate the demo dataset (ARGS: n_train= n_test= height= width= seed=)
-	$(PY) -m pipeline.demo out_dir=$(DATA_DIR) overwrite=true $(ARGS)
+	$(PY) -m pipeline.demo out_dir=$(DATA_DIR) overwrite=true $(args)
 
 weights: setup ## fill WEIGHTS_DIR for offline machines: ENCODERS="a b" downloads; FROM=<file>|lite0 ENCODER=<name> converts
-	$(PY) -m pipeline.prepare_weights weights_dir=$(WEIGHTS_DIR) $(if $(strip $(ENCODERS)),encoders=[$(subst $(space),$(comma),$(strip $(ENCODERS)))]) $(if $(FROM),source=$(FROM)) $(if $(ENCODER),encoder=$(ENCODER)) $(ARGS)
+	$(PY) -m pipeline.prepare_weights weights_dir=$(WEIGHTS_DIR) $(if $(strip $(ENCODERS)),encoders=[$(subst $(space),$(comma),$(strip $(ENCODERS)))]) $(if $(FROM),source=$(FROM)) $(if $(ENCODER),encoder=$(ENCODER)) $(args)
 
 eda: setup ## EDA report and plots -> reports/eda/
-	$(PY) -m pipeline.eda data_dir=$(DATA_DIR) $(ARGS)
+	$(PY) -m pipeline.eda data_dir=$(DATA_DIR) $(args)
 
 folds: setup ## stratified k-fold split -> folds/folds.csv (K=, SEED=)
-	$(PY) -m pipeline.folds data_dir=$(DATA_DIR) k=$(K) seed=$(SEED) out_dir=$(dir $(FOLDS_FILE)) $(ARGS)
+	$(PY) -m pipeline.folds data_dir=$(DATA_DIR) k=$(K) seed=$(SEED) out_dir=$(dir $(FOLDS_FILE)) $(args)
 
 train: setup ## train MODEL (or CONFIG) on FOLD -> runs/<experiment>/fold<k>/
-	$(PY) -m pipeline.train $(train_config) data_dir=$(DATA_DIR) folds_file=$(FOLDS_FILE) fold=$(FOLD) weights_dir=$(WEIGHTS_DIR) $(train_model) $(resume_flag) $(ARGS)
+	$(PY) -m pipeline.train $(train_config) data_dir=$(DATA_DIR) folds_file=$(FOLDS_FILE) fold=$(FOLD) weights_dir=$(WEIGHTS_DIR) $(train_model) $(resume_flag) $(args)
 
 train-folds: setup ## train MODEL (or CONFIG) on every fold of FOLDS_FILE
 	@for f in $$($(PY) -c "import pandas as p; print(*sorted(p.read_csv('$(FOLDS_FILE)').fold.unique()))"); do \
 	  $(MAKE) --no-print-directory train FOLD=$$f || exit $$?; done
 
-predict: setup ## predict RUN's best checkpoint with TTA on SPLIT (test|val) -> RUN/test_<tta>/ or RUN/oof_<tta>/
-	$(PY) -m pipeline.predict run_dir=$(RUN) data_dir=$(DATA_DIR) tta=$(TTA) split=$(SPLIT) $(ARGS)
+predict: setup ## predict RUN's best checkpoint with TTA on SPLIT (test|val) -> RUN/test_<tta>/ or RUN/oof_<tta>/; PNG=1: label maps + overlays (IMAGES=<folder>: of those images)
+	$(PY) -m pipeline.predict run_dir=$(RUN) data_dir=$(DATA_DIR) tta=$(TTA) split=$(SPLIT) $(if $(call truthy,$(PNG)),png=true) $(if $(IMAGES),images=$(IMAGES)) $(args)
 
-average: setup ## average RUN's K best epochs (trained with keep_top_k>=K; default K 3) -> RUN/averaged.pt
-	$(PY) -m pipeline.average run_dir=$(RUN) $(if $(filter command line,$(origin K)),k=$(K)) $(ARGS)
+predict-folds: setup ## predict every fold folder of EXP (runs/EXP/fold*/) with TTA on SPLIT, as predict does one
+	@set -e; runs=$$(ls -d runs/$(EXP)/fold*/ 2>/dev/null); [ -n "$$runs" ] || { echo "runs/$(EXP)/: no fold*/ folders (make train-folds EXP=$(EXP) first)" >&2; exit 2; }; \
+	for d in $$runs; do $(MAKE) --no-print-directory predict RUN=$${d%/}; done
+
+average: setup ## average RUN's TOP_K best epochs (trained with keep_top_k>=TOP_K; default 3) -> RUN/averaged.pt
+	$(PY) -m pipeline.average run_dir=$(RUN) $(if $(TOP_K),k=$(TOP_K)) $(args)
 
 ensemble: setup ## tune weights of RUNS on out-of-fold predictions and average their test probabilities
-	$(PY) -m pipeline.ensemble runs="$(RUNS)" data_dir=$(DATA_DIR) name=$(NAME) $(ARGS)
+	$(PY) -m pipeline.ensemble runs="$(RUNS)" data_dir=$(DATA_DIR) name=$(NAME) $(args)
 
 pseudo: setup ## pseudo-labels of the test images from ensemble NAME (THRESHOLD=0.9) -> pseudo/NAME/ (train with ARGS="pseudo_dir=pseudo/NAME")
-	$(PY) -m pipeline.pseudo name=$(NAME) data_dir=$(DATA_DIR) threshold=$(THRESHOLD) $(ARGS)
+	$(PY) -m pipeline.pseudo name=$(NAME) data_dir=$(DATA_DIR) threshold=$(THRESHOLD) $(args)
 
 analyze: setup ## error analysis of RUNS (or ensemble NAME) on OOF -> reports/analyze/<name>/ (PNG panels, label-error ranking)
-	$(PY) -m pipeline.analyze $(if $(RUNS),runs="$(RUNS)",name=$(NAME)) data_dir=$(DATA_DIR) $(ARGS)
+	$(PY) -m pipeline.analyze $(if $(RUNS),runs="$(RUNS)",name=$(NAME)) data_dir=$(DATA_DIR) $(args)
 
-submit: setup ## write submissions/NAME.csv (FORMAT=rle|dense) and validate it
-	$(PY) -m pipeline.submit name=$(NAME) format=$(FORMAT) data_dir=$(DATA_DIR) $(ARGS)
+submit: setup ## write submissions/NAME.csv from ensemble NAME or RUNS="runs/<exp> ..." (FORMAT=auto|rle|dense) and validate it
+	$(PY) -m pipeline.submit name=$(NAME) format=$(FORMAT) data_dir=$(DATA_DIR) $(if $(strip $(RUNS)),runs="$(strip $(RUNS))") $(args)
 
 validate: setup ## check a submission file SUB against DATA_DIR/test.json
-	$(PY) -m pipeline.validate sub=$(SUB) data_dir=$(DATA_DIR) $(ARGS)
+	$(PY) -m pipeline.validate sub=$(SUB) data_dir=$(DATA_DIR) $(args)
 
 score: setup ## mIoU of SUB against ground truth GT (COCO json or folder of label maps)
-	$(PY) -m pipeline.score sub=$(SUB) gt=$(GT) data_dir=$(DATA_DIR) $(ARGS)
+	$(PY) -m pipeline.score sub=$(SUB) gt=$(GT) data_dir=$(DATA_DIR) $(args)
 
 tune: setup ## Optuna study STUDY with TRIALS trials (FOLD=, SPACE=, STORAGE=)
-	$(PY) -m pipeline.tune study=$(STUDY) trials=$(TRIALS) fold=$(FOLD) data_dir=$(DATA_DIR) folds_file=$(FOLDS_FILE) $(if $(SPACE),space=$(SPACE)) $(if $(STORAGE),storage=$(STORAGE)) $(if $(TUNE_TRAIN_ARGS),train_args="$(TUNE_TRAIN_ARGS)") $(ARGS)
+	$(PY) -m pipeline.tune study=$(STUDY) trials=$(TRIALS) fold=$(FOLD) data_dir=$(DATA_DIR) folds_file=$(FOLDS_FILE) $(if $(SPACE),space=$(SPACE)) $(if $(STORAGE),storage=$(STORAGE)) $(if $(CONFIG),base_config=$(CONFIG)) $(if $(TUNE_TRAIN_ARGS),train_args="$(TUNE_TRAIN_ARGS)") $(args)
 
 tune-report: setup ## report of study STUDY -> reports/tune/<study>/ (with best.yaml)
-	$(PY) -m pipeline.tune_report study=$(STUDY) $(if $(STORAGE),storage=$(STORAGE)) $(ARGS)
+	$(PY) -m pipeline.tune_report study=$(STUDY) $(if $(STORAGE),storage=$(STORAGE)) $(args)
 
 all: setup ## budgeted run DATA_DIR -> validated submission within BUDGET (NAME=, FORMAT=, GT=): work/NAME/, submissions/NAME.csv
-	$(PY) -m pipeline.autopilot data_dir=$(DATA_DIR) budget=$(BUDGET) name=$(NAME) format=$(FORMAT) weights_dir=$(WEIGHTS_DIR) $(if $(filter-out $(DATA_DIR)/test_gt.json,$(GT)),gt=$(GT)) $(ARGS)
+	$(PY) -m pipeline.autopilot data_dir=$(DATA_DIR) budget=$(BUDGET) name=$(NAME) format=$(FORMAT) weights_dir=$(WEIGHTS_DIR) $(if $(filter-out $(DATA_DIR)/test_gt.json,$(GT)),gt=$(GT)) $(args)
 
 demo: setup ## the main job on generated demo data: data -> EDA -> make all (folds, probe, plan, train, TTA on OOF, ensemble, submit, score) in DEMO_BUDGET
 	$(MAKE) --no-print-directory data

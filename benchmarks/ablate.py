@@ -81,7 +81,7 @@ def train(a, folds: Path, exp: str, extra: list[str]) -> Path:
     ]
     if a.minutes:  # equal wall time: the schedule is sized to it after the second epoch
         args += [f"time_budget={a.minutes * 60:.0f}"]
-    py("pipeline.train", "--config", str(RECIPE), *args)
+    py("pipeline.train", "--only-config", "--config", str(RECIPE), *args)
     return a.out / "runs" / exp / "fold0"
 
 

@@ -10,7 +10,8 @@ folds (keyed by the annotation file's digest; near-duplicate groups kept in one 
 -> training of fold 0 with its schedule sized to the time it has (a run that falls behind
    shortens, never overruns) -> out-of-fold prediction with each candidate TTA set -> the TTA
 set chosen on OOF by the selection rule -> test prediction -> ensemble (OOF-tuned, with
-intervals and the shake-up estimate) -> submission (validated) -> score when labels exist ->
+intervals and the shake-up estimate) -> submission (validated; format=auto: the header of the data
+folder's sample_submission.csv, else rle) -> score when labels exist ->
 a summary table.  Killed and re-run, it continues with the budget that was left.
 """
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import ConfigError, build_config, stage_main
+from pipeline.core.config import ConfigError, build_config, stage_main, yaml_layers
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder, submission_paths
@@ -52,10 +53,10 @@ from pipeline.planning.plan import (
 )
 from pipeline.planning.probe import Recipe, probe
 from pipeline.planning.stamps import Stamps, stamp_key
+from pipeline.submission.formats import FORMATS, resolve_format
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("rle", "dense")
 BUDGET_RECIPE = Path(__file__).resolve().parent / "configs" / "recipes" / "budget.yaml"
 PROBE_SHARE = 0.08  # the probe stops measuring larger recipes after this share of the budget
 EPOCHS_CAP = 3  # training may run up to this many times the planned epochs when it is faster than measured
@@ -66,7 +67,7 @@ class AutopilotConfig:
     data_dir: str = "data/demo"
     budget: str = "20m"  # wall time for everything after set-up: 20m, 2h, 1h30m, 90s
     name: str = "auto"  # workspace work/<name>/ and submissions/<name>.csv
-    format: str = "rle"
+    format: str = "auto"  # auto: the header of <data_dir>/sample_submission.csv, else rle; rle; dense
     gt: str | None = None  # test labels for the final score only; default <data_dir>/test_gt.json when present
     work_dir: str = "work"
     submissions_dir: str = "submissions"
@@ -86,6 +87,9 @@ class AutopilotConfig:
     # but lost at 20 minutes on ccp (OOF -0.0103 [-0.0145, -0.0071]), so none is set by default.
     model_options: dict[str, dict] = field(default_factory=dict)
     batch_size: int = 8
+    # the training recipe (its base: chain first); default pipeline/configs/recipes/budget.yaml
+    recipe: str | None = None
+    pretrained_encoder_lr: float = 1e-4  # the encoder's lr when it starts from pretrained weights (decoder: lr)
     encoder_weights: str | None = "auto"  # auto: folder > cache > package > download, else from scratch; null
     weights_dir: str = "weights"  # the weights folder (make weights) looked at first
     device: str = "auto"
@@ -99,8 +103,10 @@ class AutopilotConfig:
             raise ConfigError(f"name must be a plain folder name, got {self.name!r}")
         if self.postprocess not in ("none", "min_area", "crf"):
             raise ConfigError(f"postprocess: unknown {self.postprocess!r}; known: none, min_area, crf")
-        if self.format not in FORMATS:
-            raise ConfigError(f"format: unknown {self.format!r}; known: {', '.join(FORMATS)}")
+        if self.format not in ("auto", *FORMATS):
+            raise ConfigError(f"format: unknown {self.format!r}; known: auto, {', '.join(FORMATS)}")
+        if not self.pretrained_encoder_lr > 0:
+            raise ConfigError(f"pretrained_encoder_lr must be a positive rate, got {self.pretrained_encoder_lr}")
         if self.k < 2:
             raise ConfigError(f"k must be at least 2, got {self.k}")
         if not self.tta or not self.models or not self.scratch_models or not self.sizes:
@@ -121,6 +127,11 @@ class Autopilot:
 
     def __init__(self, cfg: AutopilotConfig):
         self.cfg = cfg
+        # before any work: a sample submission with an unknown header fails now, not after training
+        self.format, self.format_reason = resolve_format(cfg.format, cfg.data_dir)
+        self.recipe = Path(cfg.recipe) if cfg.recipe else BUDGET_RECIPE
+        # every file of the recipe's base: chain: a changed one re-plans and retrains
+        self.recipe_files = [Path(source) for source, _ in yaml_layers(self.recipe)]
         self.budget_s = parse_budget(cfg.budget)
         self.ws = Path(cfg.work_dir) / cfg.name
         self.ws.mkdir(parents=True, exist_ok=True)
@@ -213,7 +224,7 @@ class Autopilot:
             "device": self.cfg.device,
             "threads": self.cfg.threads,
         }
-        key = stamp_key(settings, [self.coco.path, self.test.path, self.folds_file, BUDGET_RECIPE])
+        key = stamp_key(settings, [self.coco.path, self.test.path, self.folds_file, *self.recipe_files])
         path = self.ws / "plan.json"
         if path.is_file():
             saved = json.loads(path.read_text())
@@ -235,7 +246,7 @@ class Autopilot:
     def _measure_and_plan(self) -> Plan:
         train_ids, val_ids = split_ids(self.coco, self.folds_file, 0)  # the trainer's own split
         n_val = len(val_ids)
-        recipe_cfg = build_config(TrainConfig, BUDGET_RECIPE)  # what the training stage will read
+        recipe_cfg = build_config(TrainConfig, self.recipe)  # what the training stage will read
         per_epoch = self.epoch_images(train_ids, recipe_cfg.rfs_threshold)
         device = resolve_device(self.cfg.device)
         if self.cfg.threads:
@@ -282,8 +293,9 @@ class Autopilot:
         budget = max(30.0, min(plan.train_s, self.clock.remaining() - reserve))
         args = [
             "pipeline.train",
+            "--only-config",
             "--config",
-            str(BUDGET_RECIPE),
+            str(self.recipe),
             f"data_dir={self.cfg.data_dir}",
             f"folds_file={self.folds_file}",
             "fold=0",
@@ -305,7 +317,7 @@ class Autopilot:
         if plan.model_options:
             args.append(f"model_options={json.dumps(plan.model_options, sort_keys=True)}")
         if weights.pretrained:
-            args.append("encoder_lr=0.0001")
+            args.append(f"encoder_lr={self.cfg.pretrained_encoder_lr:g}")
         if self.cfg.threads:
             args.append(f"threads={self.cfg.threads}")
         folder = RunFolder.of(self.runs_dir, plan.recipe.name, 0)
@@ -315,7 +327,7 @@ class Autopilot:
             args,
             {"budget": self.cfg.budget, "weights": weights.to_dict()},
             # the recipe files' contents too: a changed recipe (an upgrade) retrains
-            [self.folds_file, self.coco.path, BUDGET_RECIPE, BUDGET_RECIPE.parents[1] / "base.yaml"],
+            [self.folds_file, self.coco.path, *self.recipe_files],
             [folder.best, folder.oof / "meta.json"],
             volatile=[f"time_budget={budget:.0f}"],
         )
@@ -392,22 +404,7 @@ class Autopilot:
             [weights],
             [self.ws / "analysis" / self.cfg.name / "report.md"],
         )
-        csv_path, manifest = submission_paths(self.cfg.submissions_dir, self.cfg.name)
-        self.stage(
-            "submit",
-            [
-                "pipeline.submit",
-                f"name={self.cfg.name}",
-                f"format={self.cfg.format}",
-                f"ensemble={weights}",
-                f"data_dir={self.cfg.data_dir}",
-                f"out_dir={self.cfg.submissions_dir}",
-                f"progress={str(self.cfg.progress).lower()}",
-            ],
-            {},
-            [weights],
-            [csv_path, manifest],
-        )
+        csv_path = self.submit(weights)
         result: dict[str, Any] = {"submission": str(csv_path), "ensemble": str(weights)}
         gt = Path(self.cfg.gt) if self.cfg.gt else Path(self.cfg.data_dir) / "test_gt.json"
         if gt.exists():
@@ -421,6 +418,28 @@ class Autopilot:
             )
             result["score"] = json.loads(score.read_text())
         return result
+
+    def submit(self, weights: Path) -> Path:
+        """The submission step; ``format`` is passed on as given (the stage resolves ``auto`` the same
+        way and records why in its manifest), and the stamp holds the resolved format: a sample
+        submission whose header now says another format writes the file again, an unchanged one not."""
+        csv_path, manifest = submission_paths(self.cfg.submissions_dir, self.cfg.name)
+        self.stage(
+            "submit",
+            [
+                "pipeline.submit",
+                f"name={self.cfg.name}",
+                f"format={self.cfg.format}",
+                f"ensemble={weights}",
+                f"data_dir={self.cfg.data_dir}",
+                f"out_dir={self.cfg.submissions_dir}",
+                f"progress={str(self.cfg.progress).lower()}",
+            ],
+            {"format": self.format} if self.cfg.format == "auto" else {},  # explicit formats: stamps as before
+            [weights],
+            [csv_path, manifest],
+        )
+        return csv_path
 
 
 def summary(pilot: Autopilot, plan: Plan, tta: str, choice, result: dict[str, Any]) -> str:
@@ -457,7 +476,7 @@ def summary(pilot: Autopilot, plan: Plan, tta: str, choice, result: dict[str, An
         rows.append(["test mIoU (labels)", f"{result['score']['miou']:.4f}"])
     rows += [[f"minutes: {k}", f"{v / 60:.1f}"] for k, v in pilot.clock.stages.items()]
     rows.append(["minutes: total", f"{pilot.clock.spent() / 60:.1f} of {pilot.budget_s / 60:.1f}"])
-    rows.append(["submission", result["submission"]])
+    rows.append(["submission", f"{result['submission']} ({pilot.format}: {pilot.format_reason})"])
     rows.append(["workspace", str(pilot.ws)])
     return format_table(["summary", ""], rows)
 
@@ -493,6 +512,8 @@ def run(cfg: AutopilotConfig) -> dict[str, Any]:
             format_duration(pilot.clock.spent_before),
             pilot.ws,
         )
+        if cfg.format == "auto":
+            log.info("format auto -> %s (%s)", pilot.format, pilot.format_reason)
         pilot.folds()
         plan = pilot.plan()
         text = plan.table()

@@ -2,7 +2,10 @@
 
 ``run(cfg)`` predicts a run's checkpoint with test-time augmentation into a probability
 store (:mod:`pipeline.inference.predictor`): ``SPLIT=test`` writes ``<run>/test_<tta>/``,
-``SPLIT=val`` the out-of-fold store ``<run>/oof_<tta>/`` and logs its mIoU.
+``SPLIT=val`` the out-of-fold store ``<run>/oof_<tta>/`` and logs its mIoU.  ``png=true`` also
+writes viewable masks beside the store (``<run>/test_<tta>_png/``: palette label PNGs, colour
+overlays, a legend); ``images=<folder>`` predicts a folder's image files instead of a split and
+writes only those PNGs (``<run>/png_<folder>_<tta>/``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ __all__ = ["PredictConfig", "run", "main"]
 
 
 def run(cfg: PredictConfig) -> Path:
-    """Predict ``cfg.split`` with TTA and write the probability store; returns its folder."""
+    """Predict ``cfg.split`` with TTA and write the probability store (with ``png``, PNGs beside it);
+    returns the store's folder, or with ``images`` the folder of PNGs."""
     return predict(cfg)
 
 

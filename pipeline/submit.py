@@ -1,15 +1,19 @@
-"""Submission stage: ``make submit NAME=x FORMAT=rle|dense``.
+"""Submission stage: ``make submit NAME=x FORMAT=auto|rle|dense``.
 
 Streams over the images of ``test.json``: every member's test probabilities (the mean of
 its folds' ``test_<tta>`` stores, resized bilinearly to the image's own height x width)
 are combined with the ensemble's weights, bias and method (:class:`pipeline.ensemble.Fusion`),
 then one argmax gives the class-index map, written as
 
-* ``rle`` (default): ``image_id,class_id,EncodedPixels``, one row per image and category
+* ``rle``: ``image_id,class_id,EncodedPixels``, one row per image and category
   (Background excluded) in category file order; ``class_id`` is the COCO category id,
   ``EncodedPixels`` the runs at the image's own size (column-major by default);
 * ``dense``: ``image_id,PredictionString``, the map resized to ``dense_size`` with nearest
   neighbour, flattened row-major.
+
+``auto`` (the default) is the format of ``<data_dir>/sample_submission.csv``'s header, else
+``rle`` (:func:`pipeline.submission.formats.resolve_format`); the manifest records the format
+written and why.
 
 ``image_id`` is the image's ``file_name``.  The members come from ``ensemble`` (a
 ``weights.yaml``; default ``ensembles/<name>/weights.yaml``) or ``runs`` (plain average).
@@ -37,7 +41,7 @@ from pipeline.data import load_coco, read_image
 from pipeline.inference.ensemble import split_paths
 from pipeline.inference.store import stores_mask_rule
 from pipeline.inference.tuning_postprocess import apply_postprocess, needs_probabilities, read_postprocess
-from pipeline.submission.formats import check_format_options, format_problems, validate_submission
+from pipeline.submission.formats import check_format_options, format_problems, resolve_format, validate_submission
 from pipeline.submission.writer import (
     MemberProbs,
     dense_row,
@@ -60,7 +64,7 @@ class SubmitConfig:
     ensembles_dir: str = "ensembles"
     data_dir: str = "data/demo"
     test_ann: str = "test.json"
-    format: str = "rle"
+    format: str = "auto"  # auto: the header of <data_dir>/sample_submission.csv, else rle; rle; dense
     order: str = "F"  # F: column-major (the contest's), C: row-major
     dense_size: list[int] = field(default_factory=lambda: [256, 256])
     out_dir: str = "submissions"
@@ -78,20 +82,20 @@ class SubmitConfig:
         """Raise ConfigError on bad settings."""
         if not self.name.strip() or "/" in self.name:
             raise ConfigError(f"name must be a plain file name, got {self.name!r}")
-        check_format_options(self.format, self.order, self.dense_size)
+        check_format_options(self.format, self.order, self.dense_size, allow_auto=True)
         if self.ensemble and self.runs:
             raise ConfigError("give either ensemble=<weights.yaml> or runs=..., not both")
         if self.runs is not None and not self.runs:
             raise ConfigError("runs is empty")
 
 
-def _write_validated(cfg: SubmitConfig, coco, rows, csv_path: Path) -> int:
-    """Write the rows beside ``csv_path``, validate them, then replace ``csv_path`` in one rename."""
+def _write_validated(cfg: SubmitConfig, fmt: str, coco, rows, csv_path: Path) -> int:
+    """Write the rows (format ``fmt``) beside ``csv_path``, validate them, then replace ``csv_path`` in one rename."""
     staging = csv_path.parent / f".{cfg.name}.csv.staging" if cfg.check else csv_path
     try:
-        n_rows = write_csv(staging, rows, cfg.format)
+        n_rows = write_csv(staging, rows, fmt)
         if cfg.check:
-            problems = validate_submission(staging, coco, cfg.format, cfg.order, cfg.dense_size)
+            problems = validate_submission(staging, coco, fmt, cfg.order, cfg.dense_size)
             if problems:
                 raise PipelineError(format_problems(csv_path, problems))
             fault_point(f"before-rename:{csv_path.name}")
@@ -108,6 +112,9 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
 
     cfg.validate()
     started = time.perf_counter()
+    fmt, fmt_reason = resolve_format(cfg.format, cfg.data_dir)
+    if cfg.format == "auto":
+        log.info("format auto -> %s (%s)", fmt, fmt_reason)
     coco = load_coco(cfg.data_dir, cfg.test_ann, require_annotations=False)
     if not coco.images:
         raise PipelineError(f"{coco.path}: no test images")
@@ -125,30 +132,31 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
         len(coco.images),
         len(members),
         ", ".join(f"{m.name} {m.weight:.3f}" for m in members),
-        cfg.format,
+        fmt,
     )
 
     def batches():
         probs = MemberProbs()
-        for im in tqdm(coco.images, desc=f"submission ({cfg.format})", disable=not cfg.progress):
+        for im in tqdm(coco.images, desc=f"submission ({fmt})", disable=not cfg.progress):
             h, w, image_id = int(im["height"]), int(im["width"]), int(im["id"])
             if needs_probabilities(post):  # the CRF decides from the fused probabilities and the image
                 fused = fused_probabilities(members, list(fusion.weights), image_id, (h, w), probs, fusion.bias)
                 labels = apply_postprocess(post, fused.argmax(0), fused, read_image(coco.image_path(image_id), (h, w)))
             else:
                 labels = apply_postprocess(post, predict_label_map(members, fusion, image_id, (h, w), probs))
-            if cfg.format == "rle":
+            if fmt == "rle":
                 yield rle_rows(str(im["file_name"]), labels, coco, cfg.order)
             else:
                 yield [dense_row(str(im["file_name"]), labels, cfg.dense_size)]
 
-    n_rows = _write_validated(cfg, coco, batches(), csv_path)
+    n_rows = _write_validated(cfg, fmt, coco, batches(), csv_path)
     manifest = {
         "name": cfg.name,
         "csv": str(csv_path),
-        "format": cfg.format,
-        "order": cfg.order if cfg.format == "rle" else None,
-        "dense_size": list(cfg.dense_size) if cfg.format == "dense" else None,
+        "format": fmt,
+        "format_reason": fmt_reason,  # given, or what format=auto read (config.format stays as given)
+        "order": cfg.order if fmt == "rle" else None,
+        "dense_size": list(cfg.dense_size) if fmt == "dense" else None,
         "rows": n_rows,
         "images": len(coco.images),
         "test_ann": str(coco.path),

@@ -6,9 +6,10 @@ Writes ``reports/tune/<study>/``:
 - ``optimization_history.png``, ``intermediate_values.png``, ``param_importances.png``
   (two or more completed trials whose parameters vary), ``parallel_coordinate.png`` (two
   or more completed trials); a plot that cannot be drawn is skipped with a log line;
-- ``best.yaml``: the complete training config of the best trial, with ``experiment``,
-  ``runs_dir``, ``resume``, ``save_oof`` and ``plot`` back at their training defaults, so
-  ``make train CONFIG=reports/tune/<study>/best.yaml FOLD=k`` trains it.  Its ``epochs`` and
+- ``best.yaml``: the complete training config of the best trial, with ``runs_dir``,
+  ``resume``, ``save_oof`` and ``plot`` back at their training defaults and ``experiment``
+  named after the study (``<study>-best``), so ``make train CONFIG=reports/tune/<study>/best.yaml
+  FOLD=k`` trains it into ``runs/<study>-best/`` (two studies never share a run folder).  Its ``epochs`` and
   other budgets are the trial's: raise them there (or with ``ARGS``) for a full run.
 """
 
@@ -153,6 +154,8 @@ def best_config_text(study: optuna.Study) -> str | None:
         raise PipelineError(f"best trial {best.number}: its stored config no longer fits TrainConfig ({exc})") from exc
     defaults = to_dict(TrainConfig())
     cfg = apply_mapping(cfg, {k: defaults[k] for k in BEST_RESET_KEYS}, "training defaults")
+    # its own experiment, named after the study: two studies' best configs never share a run folder
+    cfg = apply_mapping(cfg, {"experiment": f"{study.study_name}-best"}, "tune report")
     cfg.validate()
     header = (
         f"# best trial {best.number} of study {study.study_name}: value {best.value:.6f}\n"

@@ -226,3 +226,42 @@ def test_a_disk_too_small_for_the_plan_is_refused_before_training(demo_data, tmp
         run(cfg)
     ws = Path("work/t")
     assert (ws / "plan.txt").is_file() and not (ws / "runs").exists()  # planned, nothing trained
+
+
+@pytest.mark.slow
+def test_a_make_all_killed_mid_training_resumes_its_run(demo_data, tmp_path):
+    """make all is killed once fold 0 has its first last.pt; the re-run (same arguments, less budget
+    left, so another time_budget) resumes that run rather than refusing it or starting afresh."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    args = [
+        f"data_dir={demo_data}",
+        "budget=120s",
+        "name=k",
+        "sizes=[0.5]",
+        "tta=[none]",
+        "progress=false",
+        "threads=2",
+        "encoder_weights=null",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "pipeline.autopilot", *args]
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+    runs = tmp_path / "work" / "k" / "runs"
+    deadline = time.monotonic() + 150
+    while not list(runs.glob("*/fold0/last.pt")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert first.poll() is None, "make all ended before its first epoch was written"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    (last,) = runs.glob("*/fold0/last.pt")
+    epochs_before = len(torch.load(last, map_location="cpu", weights_only=False)["history"])
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed" in again.stderr and "another config" not in again.stderr
+    history = torch.load(last.parent / "last.pt", map_location="cpu", weights_only=False)["history"]
+    assert len(history) >= epochs_before and not list(last.parent.parent.glob("old-fold0-*"))
+    assert (tmp_path / "submissions" / "k.csv").is_file()

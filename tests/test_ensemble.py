@@ -108,6 +108,19 @@ def test_members_resolve_folds_tta_and_fold_folders(runs, tmp_path):
         find_member(str(tmp_path))
 
 
+def test_fold_folders_of_one_experiment_form_one_member(runs, tmp_path):
+    """RUNS="runs/a/fold0 runs/a/fold1" (the make help example): one member whose OOF covers both
+    folds, as RUNS=runs/a gives; an ensemble of the two folds as two members would share no image."""
+    data, good, bad = runs
+    grouped = resolve_members([f"{good / 'fold0'} {good / 'fold1'} {bad}"])
+    assert [m.name for m in grouped] == ["good", "bad"]
+    whole = find_member(str(good))
+    assert grouped[0].oof_stores == whole.oof_stores and grouped[0].test_stores == whole.test_stores
+    assert [m.name for m in resolve_members([str(good / "fold1")])] == ["good/fold1"]
+    result = run(cfg_for(runs, tmp_path, runs=f"{good / 'fold0'} {good / 'fold1'} {bad / 'fold0'} {bad / 'fold1'}"))
+    assert {m["name"] for m in result["members"]} == {"good", "bad"}
+
+
 def test_ambiguous_tta_needs_a_choice(runs, tmp_path):
     data, good, _ = runs
     exp = tmp_path / "exp" / "fold0"

@@ -97,13 +97,32 @@ def test_training_writes_every_file_and_learns(demo_data_square, folds_file, tmp
     assert abs(mean_iou(cm) - result.best_miou) < 0.03
 
 
-def test_existing_run_without_resume_is_refused(demo_data_square, folds_file, tmp_path):
-    cfg = small_cfg(demo_data_square, folds_file, tmp_path, epochs=1, save_oof=False, plot=False)
+def test_resume_never_mixes_configs(demo_data_square, folds_file, tmp_path):
+    """A run folder with last.pt resumes only with the same config (but for the resumable keys); a
+    changed encoder or lr is refused naming the keys and leaves last.pt and config.yaml untouched;
+    resume=false moves the old folder aside (never deleting it) and trains afresh."""
+    cfg = small_cfg(demo_data_square, folds_file, tmp_path, epochs=1, save_oof=False, plot=False, img_size=[32])
     run(cfg)
-    before = (cfg.run_dir() / "last.pt").read_bytes()
-    with pytest.raises(PipelineError, match="last.pt exists"):
-        run(small_cfg(demo_data_square, folds_file, tmp_path, epochs=2, resume=False))
-    assert (cfg.run_dir() / "last.pt").read_bytes() == before
+    folder = cfg.run_dir()
+    last, config = (folder / "last.pt").read_bytes(), (folder / "config.yaml").read_bytes()
+    changed = dict(epochs=1, save_oof=False, plot=False, img_size=[32], encoder="mobilenet_v2", lr=1e-4)
+    with pytest.raises(PipelineError, match="another config") as err:
+        run(small_cfg(demo_data_square, folds_file, tmp_path, **changed))
+    message = str(err.value)
+    assert "encoder: 'resnet18' -> 'mobilenet_v2'" in message and "lr: 0.003 -> 0.0001" in message
+    assert "EXP=" in message and "RESUME=0" in message
+    assert (folder / "last.pt").read_bytes() == last and (folder / "config.yaml").read_bytes() == config
+
+    # a longer schedule (epochs is resumable) continues the same run
+    more = run(small_cfg(demo_data_square, folds_file, tmp_path, epochs=2, save_oof=False, plot=False, img_size=[32]))
+    assert [row["epoch"] for row in more.history] == [0, 1]
+
+    fresh = run(small_cfg(demo_data_square, folds_file, tmp_path, **changed, resume=False))
+    assert [row["epoch"] for row in fresh.history] == [0]
+    aside = [d for d in folder.parent.iterdir() if d.name.startswith("old-fold0-")]
+    assert len(aside) == 1 and (aside[0] / "last.pt").is_file()
+    assert build_config(TrainConfig, aside[0] / "config.yaml").encoder == "resnet18"
+    assert build_config(TrainConfig, folder / "config.yaml").encoder == "mobilenet_v2"
 
 
 @pytest.mark.slow

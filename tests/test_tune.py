@@ -163,7 +163,8 @@ def test_real_study_report_and_best_yaml_reproduce_the_best_trial(demo_data_squa
     best = study.best_trial
     assert set(yaml.safe_load((out / "best.yaml").read_text())) == {f.name for f in dataclasses.fields(TrainConfig)}
     best_cfg = build_config(TrainConfig, out / "best.yaml")
-    assert best_cfg.experiment is None and best_cfg.runs_dir == "runs" and best_cfg.save_oof and best_cfg.plot
+    assert best_cfg.runs_dir == "runs" and best_cfg.save_oof and best_cfg.plot
+    assert best_cfg.experiment == f"{study.study_name}-best"  # named after its study, not runs/best/
     assert best_cfg.lr == pytest.approx(best.params["lr"]) and best_cfg.fold == 1
     again = train_run(
         build_config(TrainConfig, out / "best.yaml", {"runs_dir": str(tmp_path / "again"), "save_oof": False})

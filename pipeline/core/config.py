@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import inspect
+import io
 import logging
+import re
+import shlex
 import sys
+import tokenize
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +31,7 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
+from pipeline import __version__
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.io import atomic_write_text, setup_logging
 
@@ -149,15 +156,26 @@ def known_keys(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+def suggestions(key: str, known: Sequence[str]) -> list[str]:
+    """The known names closest to a mistyped ``key`` (best first; none when nothing is close)."""
+    return difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+
+
+def unknown_keys_message(unknown: Sequence[str], known: Sequence[str], owner: str) -> str:
+    """``epoch (did you mean epochs?)`` for each unknown key, then the known keys."""
+    parts = []
+    for key in unknown:
+        close = suggestions(key, known)
+        parts.append(f"{key} (did you mean {' or '.join(close)}?)" if close else key)
+    return f"unknown key(s) {', '.join(parts)} for {owner}; known keys: {', '.join(sorted(known))}"
+
+
 def apply_mapping(cfg: T, mapping: dict[str, Any], source: str) -> T:
     """Return a copy of ``cfg`` with the keys of ``mapping`` set (type-checked)."""
     types_ = _field_types(type(cfg))
     unknown = sorted(set(mapping) - set(types_))
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown key(s) {', '.join(unknown)} for {type(cfg).__name__}; "
-            f"known keys: {', '.join(sorted(types_))}"
-        )
+        raise ConfigError(f"{source}: {unknown_keys_message(unknown, list(types_), type(cfg).__name__)}")
     values = {k: _coerce(v, types_[k], f"{source}: {k}") for k, v in mapping.items()}
     return dataclasses.replace(cfg, **values)
 
@@ -194,6 +212,29 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
             raise ConfigError(f"override {item!r} has an empty key")
         out[key] = raw
     return out
+
+
+_KEY_START = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def split_args(text: str) -> list[str]:
+    """One ``ARGS`` string -> ``key=value`` items.
+
+    Split shell-style (quotes keep spaces), then every word that does not start a new ``key=``
+    is joined back onto the item before it with a space, so YAML values with spaces survive:
+    ``loss_options={classes: present} lr=1e-4`` gives two items.
+    """
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"ARGS {text!r}: {exc}") from exc
+    items: list[str] = []
+    for word in words:
+        if items and not _KEY_START.match(word):
+            items[-1] = f"{items[-1]} {word}"
+        else:
+            items.append(word)
+    return items
 
 
 def yaml_layers(config_file: str | Path | None) -> list[Layer]:
@@ -245,6 +286,16 @@ def override_layer(overrides: Sequence[str] | Mapping[str, Any], source: str = "
     return [(source, mapping)]
 
 
+def layer_origins(cls: type, layers: Sequence[Layer]) -> dict[str, str]:
+    """For each key, the source of the last layer that sets it (``defaults`` when none does)."""
+    origins = dict.fromkeys(known_keys(cls), "defaults")
+    for source, mapping in layers:
+        for key in mapping or {}:
+            if key in origins:
+                origins[key] = source
+    return origins
+
+
 def layer(cfg: T, *layers: Layer) -> T:
     """Apply ``(source, mapping)`` layers in order (a later layer wins); errors name the layer's source.
 
@@ -294,29 +345,115 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "mapping"
     return apply_mapping(cls(), data, source)
 
 
+# ----------------------------------------------------------------------------- the command line
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's trailing comment in the dataclass source (``name: type = default  # comment``),
+    read with :mod:`tokenize`; fields without one are left out (comment-only lines head sections)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+            tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+        except (OSError, TypeError, tokenize.TokenError, IndentationError, SyntaxError):
+            continue
+        names = {f.name for f in dataclasses.fields(klass)}
+        lines = source.splitlines()
+        for tok in tokens:
+            if tok.type != tokenize.COMMENT:
+                continue
+            m = re.match(r"\s+([A-Za-z_]\w*)\s*:", lines[tok.start[0] - 1])
+            if m and m.group(1) in names:
+                out[m.group(1)] = tok.string.lstrip("#").strip()
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def describe_keys(cls: type) -> str:
+    """Every key of ``cls`` with its type, default and the comment from code (``--help``)."""
+    types_ = _field_types(cls)
+    comments = field_comments(cls)
+    defaults = to_dict(cls())
+    lines = []
+    for name, tp in types_.items():
+        default = yaml.safe_dump(defaults[name], default_flow_style=True, width=10_000).strip()
+        default = default.removesuffix("\n...").removesuffix("...").strip()
+        lines.append(f"  {name} ({_type_name(tp)}, default {default})")
+        if name in comments:
+            lines.append(f"      {comments[name]}")
+    return "\n".join(lines)
+
+
+def format_resolved(cfg: Any, origins: Mapping[str, str]) -> str:
+    """The resolved config as YAML, each key followed by the layer its value came from."""
+    lines = []
+    for key, value in to_dict(cfg).items():
+        text = yaml.safe_dump({key: value}, default_flow_style=True, width=10_000, sort_keys=False).strip()
+        text = text.removeprefix("{").removesuffix("}")
+        lines.append(f"{text}  # {origins.get(key, 'defaults')}")
+    return "\n".join(lines)
+
+
+# compose(config_file, overrides) -> the layers of a stage's config, defaults excluded
+Compose = Callable[[str | None, dict[str, str]], list[Layer]]
+
+
+def default_compose(config_file: str | None, overrides: dict[str, str]) -> list[Layer]:
+    """Defaults < the YAML file (its ``base:`` chain first) < ``key=value``."""
+    return [*yaml_layers(config_file), *override_layer(overrides)]
+
+
 def stage_main(
     cls: type[T],
     run: Callable[[T], Any],
     argv: Sequence[str] | None,
     description: str,
     default_config: str | Path | None = None,
+    compose: Compose | None = None,
 ) -> int:
     """The thin ``main()`` shared by all stages: parse, build config, call ``run``.
 
-    ``argv`` holds ``key=value`` overrides and optionally ``--config FILE``.  User-facing
-    errors (bad input, bad config) are printed as one line and give exit code 2.
+    ``argv`` holds ``key=value`` overrides, ``--args "k=v k2=v2"`` (one string, split by
+    :func:`split_args`; what ``make ... ARGS=`` passes), optionally ``--config FILE``, and
+    ``--print-config`` (print the resolved config with the layer of each value, then exit).
+    ``compose`` gives the layers (default :func:`default_compose`; ``--only-config`` falls back to
+    it).  ``--help`` lists every key with its type, default and comment.  User-facing errors (bad
+    input, bad config) are printed as one line and give exit code 2.
     """
     parser = argparse.ArgumentParser(
         description=description,
-        epilog="keys: " + ", ".join(known_keys(cls)),
+        epilog="keys (key=value):\n" + describe_keys(cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML file layered over the defaults")
+    parser.add_argument("--args", action="append", default=[], help="one string of key=value items (make's ARGS)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and its layers, exit")
+    if compose is not None:
+        parser.add_argument(
+            "--only-config",
+            action="store_true",
+            help="layer only the defaults, --config and key=value (not the stage's own layers)",
+        )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--version", action="version", version=f"%(prog)s (pipeline {__version__})")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     setup_logging(args.log_level)
     try:
-        cfg = build_config(cls, args.config or default_config, args.overrides)
+        items = [*args.overrides, *(item for text in args.args for item in split_args(text))]
+        chosen = default_compose if compose is None or args.only_config else compose
+        layers = chosen(args.config or default_config, parse_overrides(items))
+        cfg = layer(cls(), *layers)
+        if args.print_config:
+            print(format_resolved(cfg, layer_origins(cls, layers)))
+            return 0
+        validate = getattr(cfg, "validate", None)
+        if callable(validate):
+            validate()
         run(cfg)
     except PipelineError as exc:
         log.error("%s", exc)

@@ -11,6 +11,11 @@
     oof/          probability store of the best checkpoint on the fold's images
     oof_<tta>/    the same predicted with a TTA set (``make predict SPLIT=val``)
     test_<tta>/   probability store of the test images (``make predict``)
+    <store>_png/  with ``png=true``: viewable masks of a store's images, beside it (``test_<tta>_png/``)
+    png_<folder>_<tta>/  ``make predict IMAGES=<folder>``: viewable masks of a folder's images
+
+A folder of viewable masks holds ``labels/<name>.png`` (palette PNGs, pixel = class index),
+``overlays/<name>.jpg``, ``legend.png``, ``classes.csv`` and ``index.csv`` (``file_name`` -> files).
 
 ``ensembles/<name>/{weights.yaml, report.md}``; ``submissions/<name>.{csv,json}``.
 """
@@ -36,6 +41,13 @@ SPLIT_PREFIX = {"val": "oof", "test": "test"}
 STORE_META = "meta.json"
 STORE_INDEX = "index.csv"
 
+PNG_SUFFIX = "_png"
+PNG_LABELS = "labels"
+PNG_OVERLAYS = "overlays"
+PNG_LEGEND = "legend.png"
+PNG_CLASSES = "classes.csv"
+PNG_INDEX = "index.csv"
+
 ENSEMBLE_WEIGHTS = "weights.yaml"
 ENSEMBLE_REPORT = "report.md"
 
@@ -44,6 +56,12 @@ def is_store(folder: str | Path) -> bool:
     """A probability store (written completely: its index and meta exist)."""
     folder = Path(folder)
     return (folder / STORE_INDEX).is_file() and (folder / STORE_META).is_file()
+
+
+def png_beside(store: str | Path) -> Path:
+    """The folder of viewable masks written beside a probability store: ``<store>_png``."""
+    store = Path(store)
+    return store.parent / f"{store.name}{PNG_SUFFIX}"
 
 
 def fold_name(fold: int) -> str:
@@ -100,6 +118,10 @@ class RunFolder:
     def store(self, split: str, tta: str) -> Path:
         """Probability store of ``split`` (``val``: out-of-fold, ``test``) predicted with ``tta``."""
         return self.path / f"{SPLIT_PREFIX[split]}_{tta}"
+
+    def image_pngs(self, folder: str | Path, tta: str) -> Path:
+        """Viewable masks of the images of ``folder`` (not a split) predicted with ``tta``."""
+        return self.path / f"png_{Path(folder).resolve().name}_{tta}"
 
     def stores(self, split: str) -> dict[str, Path]:
         """TTA name -> complete store of every ``<prefix>_<tta>/`` of ``split`` in this run."""

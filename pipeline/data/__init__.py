@@ -3,8 +3,23 @@ datasets, fold splits and look-alike image groups.  Every public name is importa
 
 from pipeline.core.errors import DataError
 from pipeline.data.coco import BACKGROUND, OFF_IMAGE_REPAIR, CocoData, file_digest, load_coco, resolve_annotation
-from pipeline.data.datasets import SegmentationDataset, TestDataset, ValDataset, collate, collate_test, image_meta
-from pipeline.data.images import common_image_size, image_size_from_data, read_image, verify_images
+from pipeline.data.datasets import (
+    FolderDataset,
+    SegmentationDataset,
+    TestDataset,
+    ValDataset,
+    collate,
+    collate_test,
+    image_meta,
+)
+from pipeline.data.images import (
+    IMAGE_SUFFIXES,
+    common_image_size,
+    image_size_from_data,
+    list_images,
+    read_image,
+    verify_images,
+)
 from pipeline.data.masks import (
     DEFAULT_MASK_RULE,
     MASK_RULE_VERSION,
@@ -52,6 +67,8 @@ __all__ = [
     "PNG_PARAMS",
     "CocoData",
     "DataError",
+    "FolderDataset",
+    "IMAGE_SUFFIXES",
     "MaskCache",
     "SegmentationDataset",
     "TestDataset",
@@ -67,6 +84,7 @@ __all__ = [
     "common_image_size",
     "image_size_from_data",
     "iterative_stratification",
+    "list_images",
     "load_coco",
     "load_folds",
     "mask_dtype",

@@ -2,12 +2,14 @@
 
 ``SegmentationDataset`` returns ``(image float CxHxW, mask long HxW, meta)``; ``ValDataset``
 the same with the image resized to the training size and the mask at the image's own
-size; ``TestDataset`` returns ``(image, meta)``.
+size; ``TestDataset`` returns ``(image, meta)``, as does ``FolderDataset`` for image files
+without an annotation file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,6 +92,38 @@ class TestDataset(Dataset):
     def __getitem__(self, idx: int):
         meta = image_meta(self.coco, self.image_ids[idx])
         image = read_image(self.coco.data_dir / meta["file_name"], (meta["height"], meta["width"]))
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        return normalize(image, self.preprocessing), meta
+
+
+class FolderDataset(Dataset):
+    """Image files without an annotation file: ``(image float CxHxW, meta)``, ``meta`` as the other
+    datasets' with ``image_id`` the position in ``file_names`` (paths relative to ``root``)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        file_names: Sequence[str],
+        sizes: Sequence[tuple[int, int]],
+        transform: Callable[..., dict] | None = None,
+        preprocessing: Preprocessing = IMAGENET,
+    ):
+        if len(file_names) != len(sizes):
+            raise ValueError(f"{len(file_names)} files but {len(sizes)} sizes")
+        self.root = Path(root)
+        self.file_names = list(file_names)
+        self.sizes = [(int(h), int(w)) for h, w in sizes]
+        self.transform = transform
+        self.preprocessing = preprocessing
+
+    def __len__(self) -> int:
+        return len(self.file_names)
+
+    def __getitem__(self, idx: int):
+        (h, w), name = self.sizes[idx], self.file_names[idx]
+        meta = {"image_id": idx, "file_name": name, "height": h, "width": w}
+        image = read_image(self.root / name, (h, w))
         if self.transform is not None:
             image = self.transform(image=image)["image"]
         return normalize(image, self.preprocessing), meta

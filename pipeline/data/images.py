@@ -1,4 +1,4 @@
-"""Reading images: RGB uint8 (greyscale replicated to three channels), size checks."""
+"""Reading images: RGB uint8 (greyscale replicated to three channels), size checks, folders of images."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ cv2.setNumThreads(0)
 
 
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.11 decodes straight to RGB
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 def read_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -56,3 +58,23 @@ def image_size_from_data(coco: CocoData, divisor: int = 32) -> tuple[int, int]:
     h, w = common_image_size(coco)
     up = lambda v: int(-(-v // divisor) * divisor)  # noqa: E731
     return up(h), up(w)
+
+
+def list_images(folder: str | Path, exclude: str | Path | None = None) -> list[Path]:
+    """Image files (``IMAGE_SUFFIXES``, any case) in ``folder`` and its subfolders, sorted by their
+    path relative to it; hidden files and folders (a leading dot) and anything under ``exclude``
+    (for example the folder the predictions of these images go to) are left out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder not found")
+    skip = Path(exclude).resolve() if exclude is not None else None
+    found = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if skip is not None and path.resolve().is_relative_to(skip):
+            continue
+        if path.is_file():
+            found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())

@@ -3,14 +3,37 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from pipeline.core.config import Layer, override_layer, yaml_layers
 from pipeline.core.errors import ConfigError
 from pipeline.core.layout import RunFolder
 from pipeline.data import AUGMENTATIONS, MASK_RULES
 from pipeline.engine.optim import OPTIMIZERS, SCHEDULERS
 from pipeline.engine.runtime import AMP_MODES
 from pipeline.models.losses import CLASS_WEIGHT_MODES
+
+# the package's config files: base.yaml and one overlay per model family
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+BASE_YAML = CONFIGS_DIR / "base.yaml"
+# keys a run may change and still resume its last.pt: they steer how long and where it runs, not what
+# it learns (weights_source is recorded by the trainer, resume is the question itself)
+RESUMABLE_KEYS = (
+    "epochs",
+    "time_budget",
+    "val_every",
+    "patience",
+    "progress",
+    "num_workers",
+    "device",
+    "threads",
+    "weights_source",
+    "resume",
+)
 
 
 @dataclass
@@ -146,3 +169,62 @@ class TrainConfig:
 
     def run_dir(self):
         return self.folder().path
+
+
+def family_layers(model: str) -> list[Layer]:
+    """``base.yaml`` and the overlay ``configs/<model>.yaml`` of ``model`` (only ``base.yaml`` when the
+    family has none)."""
+    overlay = CONFIGS_DIR / f"{model}.yaml"
+    path = overlay if overlay.is_file() else BASE_YAML
+    with contextlib.suppress(ValueError):  # named relative to the working folder when inside it
+        path = path.relative_to(Path.cwd())
+    return yaml_layers(path)
+
+
+def train_layers(config_file: str | Path | None, overrides: Mapping[str, Any], model: str | None = None) -> list[Layer]:
+    """The one composition of a training config (``python -m pipeline.train``, ``make train``,
+    ``torchrun``, every tuning trial): defaults < ``base.yaml`` < the family overlay of the model
+    trained < ``config_file`` (its ``base:`` chain) < ``overrides``; see :func:`train_layer_parts`."""
+    family, user = train_layer_parts(config_file, overrides, model)
+    return [*family, *user, *override_layer(dict(overrides))]
+
+
+def train_layer_parts(
+    config_file: str | Path | None, overrides: Mapping[str, Any], model: str | None = None
+) -> tuple[list[Layer], list[Layer]]:
+    """The family layers (``base.yaml`` and the model's overlay) and the layers of ``config_file``.
+
+    The model is ``model`` when given (a trial's sampled one), else the last one the overrides or
+    ``config_file`` name, else the default.  Files of ``config_file``'s chain that the family layers
+    already hold are not layered twice.
+    """
+    user = yaml_layers(config_file)
+    if model is None:
+        named = [m["model"] for _, m in user if "model" in m]
+        model = str(overrides.get("model") or (named[-1] if named else TrainConfig.model))
+    family = family_layers(model)
+    held = {Path(source).resolve() for source, _ in family}
+    return family, [(source, mapping) for source, mapping in user if Path(source).resolve() not in held]
+
+
+def changed_keys(stored: Mapping[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Keys (outside :data:`RESUMABLE_KEYS`) whose value in a run's stored config differs from ``cfg``:
+    ``{key: (stored, new)}``.  Keys an older config did not have are not compared."""
+    from pipeline.core.config import to_dict
+
+    new = to_dict(cfg)
+    return {
+        k: (stored[k], v)
+        for k, v in new.items()
+        if k not in RESUMABLE_KEYS and k in stored and _plain(stored[k]) != _plain(v)
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline import models as model_registry
-from pipeline.core.config import save_config, to_dict
+from pipeline.core.config import read_yaml_mapping, save_config, to_dict
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.layout import RunFolder
 from pipeline.data import (
@@ -48,7 +49,7 @@ from pipeline.engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from pipeline.engine.config import TrainConfig
+from pipeline.engine.config import TrainConfig, changed_keys
 from pipeline.engine.hooks import EarlyStopping, EMAHook, Hook, TensorBoardHook, TimeBudget
 from pipeline.engine.loop import evaluate, train_one_epoch
 from pipeline.engine.oof import write_oof
@@ -120,10 +121,8 @@ class Trainer:
         configure_runtime(self.device, cudnn_benchmark=cfg.cudnn_benchmark, tf32=cfg.tf32, threads=cfg.threads)
         self.dist = Dist(self.device)
         self.folder = cfg.folder()
-        if self.folder.last.exists() and not cfg.resume:
-            raise PipelineError(
-                f"{self.folder.last} exists; pass resume=true to continue it or choose another experiment="
-            )
+        if self.folder.last.exists():
+            self._check_resumable()
         self.saver = CheckpointSaver(self.folder, cfg.keep_top_k)
         self.show_progress = cfg.progress and self.dist.main
         self.history: list[dict[str, Any]] = []
@@ -135,6 +134,30 @@ class Trainer:
         self.hooks: list[Hook] = [*self._default_hooks(), *hooks]
         self._build_loaders()
         self._build_optimization()
+
+    def _check_resumable(self) -> None:
+        """A run folder with ``last.pt``: resume it only with the same config (but for
+        :data:`RESUMABLE_KEYS`); ``resume=false`` moves it aside (never deletes it) to start afresh."""
+        folder = self.folder
+        if not self.cfg.resume:
+            aside = folder.path.with_name(f"old-{folder.path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if self.dist.main:
+                folder.path.rename(aside)
+                log.warning("resume=false: moved the earlier run %s aside to %s; starting afresh", folder.path, aside)
+            self.dist.barrier()
+            return
+        if folder.config.is_file():
+            stored, source = read_yaml_mapping(folder.config), folder.config
+        else:
+            stored, source = read_checkpoint(folder.last).get("config", {}), folder.last
+        changed = changed_keys(stored, self.cfg)
+        if changed:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+            raise PipelineError(
+                f"{folder.last} was trained with another config ({source}): {listed}. Its checkpoint would not "
+                f"match, so it is not resumed. Either name a new experiment (make EXP=<new name>, experiment=), "
+                f"or start over with RESUME=0 (resume=false), which moves {folder.path} aside, never deleting it"
+            )
 
     # ------------------------------------------------------------------------- building
     def _build_data(self) -> None:
@@ -444,8 +467,6 @@ class Trainer:
         )
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
-        import time
-
         if self.low_until is None and self.input_size(epoch) == self.train_size:
             self.low_until = epoch  # once at full size, a lengthened run does not go back to the low size
         train_loss, seconds = train_one_epoch(self, epoch)

@@ -1,5 +1,5 @@
-"""What the reports draw with: figures saved as PNG, the class palette, mask overlays and COCO
-object-size bins."""
+"""What the reports draw with: figures saved as PNG, the class palette, mask overlays, palette
+PNGs of label maps, a class legend and COCO object-size bins."""
 
 from __future__ import annotations
 
@@ -53,6 +53,42 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: flo
     border &= cv2.dilate(fg.astype(np.uint8), np.ones((2, 2), np.uint8)).astype(bool)
     out[border & fg] = palette[mask[border & fg]]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def palette_png(labels: np.ndarray, palette: np.ndarray) -> bytes:
+    """A label map (H x W class indices) as a palette ("P" mode) PNG: pixel value = class index, shown
+    in ``palette`` colours (K x 3 uint8, K <= 256)."""
+    from PIL import Image
+
+    if len(palette) > 256:
+        raise ValueError(f"a palette PNG holds at most 256 colours, got {len(palette)}")
+    if labels.size and int(labels.max()) >= len(palette):
+        raise ValueError(f"label {int(labels.max())} has no colour in a palette of {len(palette)}")
+    img = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
+    img.putpalette(np.asarray(palette, np.uint8).tobytes(), rawmode="RGB")  # an "L" image becomes "P"
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def legend_figure(class_names: list[str], palette: np.ndarray, rows_per_column: int = 25):
+    """A small figure: one swatch per class with its index and name, in columns of ``rows_per_column``."""
+    from matplotlib.patches import Rectangle
+
+    k = len(class_names)
+    cols = max(1, -(-k // rows_per_column))
+    rows = min(k, rows_per_column)
+    fig = figure(2.6 * cols, 0.26 * rows + 0.1)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, cols)
+    ax.set_ylim(rows, 0)
+    ax.axis("off")
+    for i, name in enumerate(class_names):
+        x, y = i // rows_per_column, i % rows_per_column
+        colour = np.asarray(palette[i], np.float64) / 255.0
+        ax.add_patch(Rectangle((x + 0.03, y + 0.15), 0.14, 0.7, facecolor=colour, edgecolor="0.4", linewidth=0.6))
+        ax.text(x + 0.22, y + 0.5, f"{i}  {name}", va="center", ha="left", fontsize=9)
+    return fig
 
 
 def figure(width: float, height: float, layout: str | None = None):

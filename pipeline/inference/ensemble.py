@@ -136,19 +136,28 @@ def _tta_names(folds: Sequence[Path], split: str) -> set[str]:
     return {tta for f in folds for tta in RunFolder(f).stores(split)}
 
 
-def find_member(path: str, tta: str | None = None, name: str | None = None, need_oof: bool = True) -> Member:
+def find_member(
+    path: str,
+    tta: str | None = None,
+    name: str | None = None,
+    need_oof: bool = True,
+    folds: Sequence[Path] | None = None,
+) -> Member:
     """Resolve an experiment (or fold) folder into a :class:`Member`; errors name the folder.
 
     ``tta``: which ``oof_<tta>``/``test_<tta>`` stores (``none``: those without TTA); None or
     ``auto``: the only TTA present.  ``need_oof=False`` (submitting a plain average) accepts a
-    member without OOF stores.
+    member without OOF stores.  ``folds``: the fold folders of the experiment ``path`` to use
+    (default: one fold folder itself, or every ``fold*/`` of an experiment folder).
     """
     folder = Path(path)
     if not folder.is_dir():
         raise PipelineError(
             f"{folder}: ensemble member folder not found (expected runs/<experiment> or runs/<experiment>/fold<k>)"
         )
-    if RunFolder(folder).is_run():
+    if folds:
+        folds = sorted(Path(f) for f in folds)
+    elif RunFolder(folder).is_run():
         folds = [folder]
     else:
         folds = sorted(d for d in folder.glob("fold*") if d.is_dir())
@@ -189,9 +198,31 @@ def find_member(path: str, tta: str | None = None, name: str | None = None, need
     return Member(label, str(path), tta, oof, test)
 
 
+def group_member_paths(paths: Sequence[str]) -> list[tuple[str, list[Path] | None]]:
+    """``paths`` as members, in order: fold folders of one experiment (``runs/a/fold0 runs/a/fold1``)
+    become one member ``(runs/a, [its folds])`` whose OOF covers every fold given; an experiment
+    folder or any other path stays a member of its own ``(path, None)``."""
+    groups: dict[str, tuple[str, list[Path] | None]] = {}
+    for p in split_paths(paths):
+        folder = Path(p)
+        if folder.is_dir() and folder.name.startswith("fold") and RunFolder(folder).is_run():
+            key = f"folds of {folder.parent}"
+            member = groups.setdefault(key, (str(folder.parent), []))
+            if folder not in member[1]:
+                member[1].append(folder)
+        else:  # every occurrence is a member (the same experiment twice is two members, renamed)
+            groups[f"{len(groups)}: {p}"] = (p, None)
+    return list(groups.values())
+
+
 def resolve_members(paths: Sequence[str], tta: str | None = None, need_oof: bool = True) -> list[Member]:
-    """Members of ``paths`` with unique names."""
-    members = [find_member(p, tta, need_oof=need_oof) for p in split_paths(paths)]
+    """Members of ``paths`` (fold folders of one experiment grouped, :func:`group_member_paths`) with
+    unique names."""
+    members = []
+    for path, folds in group_member_paths(paths):
+        if folds is not None and len(folds) == 1:  # one fold given: the fold folder is the member
+            path, folds = str(folds[0]), None
+        members.append(find_member(path, tta, need_oof=need_oof, folds=folds))
     seen: dict[str, int] = {}
     for m in members:
         if m.name in seen:

@@ -13,6 +13,13 @@ training size (``sliding=auto``: a side at least ``sliding_factor`` times the tr
   with TTA), stored at the size of the run's ``oof/`` maps so ensembling can use either;
   default folder ``<run>/oof_<tta>``.  The mIoU of the written maps against the ground
   truth (at each image's own size) is recorded in the store's ``meta.json``.
+
+``png=true`` also writes viewable masks beside the store, ``<store>_png/``
+(:mod:`pipeline.inference.mask_png`): per image a palette PNG whose pixels are the argmax of the
+stored probabilities at the image's own size (what a reader of the store gets), a colour overlay,
+and a legend.  ``images=<folder>`` predicts the image files of a folder instead of a split (no
+annotation file, no store) and writes only those PNGs, from the unstored probabilities, into
+``out_dir`` or ``<run>/png_<folder name>_<tta>/``.
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from pipeline.core.config import to_dict
 from pipeline.core.errors import ConfigError, DataError, PipelineError
-from pipeline.core.layout import STORE_META, RunFolder
+from pipeline.core.layout import PNG_LABELS, PNG_LEGEND, PNG_OVERLAYS, STORE_META, RunFolder, png_beside
 from pipeline.data import (
+    IMAGE_SUFFIXES,
     CocoData,
+    FolderDataset,
     MaskCache,
     Preprocessing,
     SegmentationDataset,
@@ -41,7 +50,9 @@ from pipeline.data import (
     build_transform,
     collate,
     collate_test,
+    list_images,
     load_coco,
+    read_image,
     split_ids,
 )
 from pipeline.engine.checkpoint import load_checkpoint_model
@@ -49,6 +60,7 @@ from pipeline.engine.config import TrainConfig
 from pipeline.engine.oof import stored_size
 from pipeline.engine.runtime import AMP_MODES, amp_dtype, default_workers, loader_options, resolve_device
 from pipeline.evaluation.metrics import confusion_matrix_torch, iou_per_class, mean_iou
+from pipeline.inference.mask_png import PngWriter
 from pipeline.inference.sliding import DEFAULT_OVERLAP, SlidingWindow, as_pair, list_blends
 from pipeline.inference.store import DTYPES, ProbWriter, resize_probs
 from pipeline.inference.tta import DEFAULT_SCALES, TTAModel, auto_max_batch, parse_tta
@@ -84,6 +96,9 @@ class PredictConfig:
     window: list[int] | None = None  # [side] or [height, width]; None: the trained size
     overlap: float = DEFAULT_OVERLAP  # fraction of a window that its neighbour shares
     blend: str = "gaussian"  # gaussian | uniform: how overlapping windows are weighted
+    png: bool = False  # also write viewable masks (label PNGs, overlays, legend) beside the store: <store>_png/
+    images: str | None = None  # a folder of image files to predict instead of split: writes only the PNGs, into
+    # out_dir or <run_dir>/png_<folder name>_<tta>/ (no annotation file, no store)
 
     def validate(self) -> None:
         if not self.run_dir:
@@ -124,20 +139,59 @@ class PredictConfig:
         return self.folder().checkpoint(self.checkpoint)
 
     def output_dir(self) -> Path:
+        """The probability store; with ``images``, the folder of PNGs."""
+        if self.images:
+            return Path(self.out_dir) if self.out_dir else self.folder().image_pngs(self.images, self.tta)
         return Path(self.out_dir) if self.out_dir else self.folder().store(self.split, self.tta)
+
+    def png_dir(self) -> Path | None:
+        """Where the viewable masks go: beside the store (``png``), the output folder (``images``), or nowhere."""
+        if self.images:
+            return self.output_dir()
+        return png_beside(self.output_dir()) if self.png else None
 
 
 @dataclass
 class Job:
     """What one prediction reads and where each map goes."""
 
-    coco: CocoData
+    name: str  # what is predicted: test, val or the image folder's name
+    class_names: list[str]
+    root: Path  # the items' file names are relative to it
     ids: list[int]
+    file_names: list[str]
+    sizes: list[tuple[int, int]]  # each image's own (height, width)
     dataset: Dataset  # images resized to the training size
     native: Dataset  # the same items with images at their own size (sliding windows)
     collate_fn: Callable
     stored_fixed: tuple[int, int] | None  # val: every map at this size; test: None (image size x store_scale)
     info: dict[str, Any]
+    coco: CocoData | None = None  # None: a folder of images without an annotation file
+
+
+def coco_job(
+    name: str,
+    coco: CocoData,
+    ids: list[int],
+    datasets: tuple[Dataset, Dataset],
+    collate_fn: Callable,
+    stored_fixed: tuple[int, int] | None,
+    info: dict[str, Any],
+) -> Job:
+    images = [coco.image(i) for i in ids]
+    return Job(
+        name,
+        list(coco.class_names),
+        coco.data_dir,
+        list(ids),
+        [im["file_name"] for im in images],
+        [(int(im["height"]), int(im["width"])) for im in images],
+        *datasets,
+        collate_fn,
+        stored_fixed,
+        info,
+        coco,
+    )
 
 
 def check_files(coco: CocoData, ids: Sequence[int]) -> None:
@@ -197,7 +251,7 @@ def val_job(cfg: PredictConfig, tcfg: TrainConfig, ckpt: dict[str, Any], ckpt_pa
         info["oof_miou_without_tta"] = oof_meta["miou_full_resolution"]
     prep = Preprocessing.from_dict(ckpt.get("preprocessing"))
     native = SegmentationDataset(coco, ids, None, MaskCache(coco, tcfg.cache_dir), prep)
-    return Job(coco, ids, ValDataset(native, train_size), native, collate, fixed, info)
+    return coco_job("val", coco, ids, (ValDataset(native, train_size), native), collate, fixed, info)
 
 
 def test_job(cfg: PredictConfig, ckpt: dict[str, Any], ckpt_path: Path) -> Job:
@@ -210,7 +264,32 @@ def test_job(cfg: PredictConfig, ckpt: dict[str, Any], ckpt_path: Path) -> Job:
     prep = Preprocessing.from_dict(ckpt.get("preprocessing"))
     dataset = TestDataset(coco, coco.image_ids, build_transform("none", train_size), prep)
     native = TestDataset(coco, coco.image_ids, None, prep)
-    return Job(coco, coco.image_ids, dataset, native, collate_test, None, {"store_scale": cfg.store_scale})
+    return coco_job(
+        "test", coco, coco.image_ids, (dataset, native), collate_test, None, {"store_scale": cfg.store_scale}
+    )
+
+
+def folder_job(cfg: PredictConfig, ckpt: dict[str, Any]) -> Job:
+    """Every image file of the folder ``cfg.images``, each decoded once here (its size, and a clear
+    error naming a corrupt file before anything is written)."""
+    from tqdm import tqdm
+
+    root = Path(str(cfg.images))
+    files = list_images(root, exclude=cfg.png_dir())
+    if not files:
+        raise DataError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) to predict")
+    names = [f.relative_to(root).as_posix() for f in files]
+    sizes = [
+        read_image(f).shape[:2] for f in tqdm(files, desc="checking images", disable=not cfg.progress, leave=False)
+    ]
+    train_size = (int(ckpt["img_size"][0]), int(ckpt["img_size"][1]))
+    prep = Preprocessing.from_dict(ckpt.get("preprocessing"))
+    resized = FolderDataset(root, names, sizes, build_transform("none", train_size), prep)
+    native = FolderDataset(root, names, sizes, None, prep)
+    ids = list(range(len(names)))
+    return Job(
+        root.resolve().name, list(ckpt["class_names"]), root, ids, names, sizes, resized, native, collate_test, None, {}
+    )
 
 
 def trained_downscaled(cfg: PredictConfig, sizes: Sequence[tuple[int, int]], train_size: tuple[int, int]) -> bool:
@@ -291,38 +370,48 @@ Part = tuple[DataLoader, Callable[[torch.Tensor], torch.Tensor]]
 
 
 def stream_predictions(
-    cfg: PredictConfig, parts: Sequence[Part], job: Job, writer: ProbWriter, device: torch.device
+    cfg: PredictConfig,
+    parts: Sequence[Part],
+    job: Job,
+    writer: ProbWriter | None,
+    device: torch.device,
+    pngs: PngWriter | None = None,
 ) -> None:
-    """Predict every batch of each (loader, predictor) part, write each image's map, and (val) score
-    the written and unstored maps."""
+    """Predict every batch of each (loader, predictor) part, write each image's map (to the store
+    ``writer`` and/or as PNGs), and (val) score the written and unstored maps.  The PNGs show the
+    argmax of the stored maps at the image's size, or (no store) of the unstored ones."""
     from tqdm import tqdm
 
-    def batches():
-        for loader, predictor in parts:
-            for batch in loader:
-                yield predictor, batch
-
-    k, val = job.coco.num_classes, job.stored_fixed is not None
+    k, val = len(job.class_names), job.stored_fixed is not None
     cm_written = torch.zeros(k, k, dtype=torch.int64, device=device)
     cm_full = torch.zeros_like(cm_written)
-    total = sum(len(loader) for loader, _ in parts)
-    bar = tqdm(batches(), total=total, desc=f"predict {cfg.split} ({cfg.tta})", disable=not cfg.progress)
-    for predictor, (images, masks, metas) in bar:
-        probs = predictor(images.to(device, non_blocking=True))
-        for i, (p, meta) in enumerate(zip(probs, metas, strict=False)):
-            h, w = meta["height"], meta["width"]
-            small = resize_probs(p, job.stored_fixed or stored_size((h, w), cfg.store_scale))
-            writer.write(meta["image_id"], meta["file_name"], h, w, small)
-            if val:
-                gt = masks[i].to(device)
-                cm_written += confusion_matrix_torch(resize_probs(as_stored(small, cfg.dtype), (h, w)).argmax(0), gt, k)
-                cm_full += confusion_matrix_torch(resize_probs(p, (h, w)).argmax(0), gt, k)
+    bar = tqdm(total=len(job.ids), unit="img", desc=f"predict {job.name} ({cfg.tta})", disable=not cfg.progress)
+    for loader, predictor in parts:
+        for images, masks, metas in loader:
+            probs = predictor(images.to(device, non_blocking=True))
+            for i, (p, meta) in enumerate(zip(probs, metas, strict=False)):
+                h, w = meta["height"], meta["width"]
+                labels = None
+                if writer is not None:
+                    small = resize_probs(p, job.stored_fixed or stored_size((h, w), cfg.store_scale))
+                    writer.write(meta["image_id"], meta["file_name"], h, w, small)
+                    if val or pngs is not None:
+                        labels = resize_probs(as_stored(small, cfg.dtype), (h, w)).argmax(0)
+                else:
+                    labels = resize_probs(p, (h, w)).argmax(0)
+                if val:
+                    gt = masks[i].to(device)
+                    cm_written += confusion_matrix_torch(labels, gt, k)
+                    cm_full += confusion_matrix_torch(resize_probs(p, (h, w)).argmax(0), gt, k)
+                if pngs is not None:
+                    pngs.write(meta["image_id"], labels.cpu().numpy())
+            bar.update(len(metas))
+    bar.close()
     if val:
         cm = cm_written.cpu().numpy()
         writer.info["miou"] = mean_iou(cm)
         writer.info["iou_per_class"] = {
-            n: (None if np.isnan(v) else float(v))
-            for n, v in zip(job.coco.class_names, iou_per_class(cm), strict=False)
+            n: (None if np.isnan(v) else float(v)) for n, v in zip(job.class_names, iou_per_class(cm), strict=False)
         }
         writer.info["miou_full_resolution"] = mean_iou(cm_full.cpu().numpy())
 
@@ -361,7 +450,7 @@ def store_info(
         "encoder": tcfg.encoder,
         "fold": tcfg.fold,
         "split": cfg.split,
-        "ann_file": str(job.coco.path),
+        "ann_file": str(job.coco.path) if job.coco is not None else None,
         "mask_rule": tcfg.mask_rule,
         "tta": cfg.tta,
         "tta_views": tta.view_names,
@@ -381,7 +470,9 @@ def store_info(
 
 
 def predict(cfg: PredictConfig) -> Path:
-    """Predict ``cfg.split`` with TTA and write the probability store; returns its folder."""
+    """Predict ``cfg.split`` with TTA and write the probability store (and with ``png``, the PNGs
+    beside it); returns the store's folder.  With ``images``: predict that folder's image files, write
+    only the PNGs and return their folder."""
     cfg.validate()
     if not Path(cfg.run_dir).is_dir():
         raise PipelineError(f"{cfg.run_dir}: run folder not found (train it first: make train)")
@@ -403,11 +494,13 @@ def predict(cfg: PredictConfig) -> Path:
         max_batch=cfg.batch_size,
         progress=cfg.progress,
     ).eval()
-    job = val_job(cfg, tcfg, ckpt, ckpt_path) if cfg.split == "val" else test_job(cfg, ckpt, ckpt_path)
-    check_files(job.coco, job.ids)
-    sizes = [(int(job.coco.image(i)["height"]), int(job.coco.image(i)["width"])) for i in job.ids]
+    if cfg.images:
+        job = folder_job(cfg, ckpt)
+    else:
+        job = val_job(cfg, tcfg, ckpt, ckpt_path) if cfg.split == "val" else test_job(cfg, ckpt, ckpt_path)
+        check_files(job.coco, job.ids)
+    sizes = job.sizes
     sliding = sliding_indices(cfg, sizes, train_size)
-    info = store_info(cfg, ckpt_path, ckpt, tcfg, job, tta, slide, len(sliding))
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
     opts = {**loader_options(device, workers), "persistent_workers": False}
     chosen = set(sliding)
@@ -424,9 +517,9 @@ def predict(cfg: PredictConfig) -> Path:
     out = cfg.output_dir()
     log_sliding_mode(cfg, slide, len(sliding), len(job.ids), train_size, trained_downscaled(cfg, sizes, train_size))
     log.info(
-        "predicting %d %s images of %s with TTA %s (%d views) at %dx%d -> %s",
+        "predicting %d %s images with %s, TTA %s (%d views) at %dx%d -> %s",
         len(job.ids),
-        cfg.split,
+        job.name,
         ckpt_path,
         cfg.tta,
         len(tta.views),
@@ -434,9 +527,28 @@ def predict(cfg: PredictConfig) -> Path:
         train_size[1],
         out,
     )
-    with ProbWriter(out, job.coco.class_names, cfg.dtype, info) as writer, torch.inference_mode():
-        stream_predictions(cfg, parts, job, writer, device)
-    if job.stored_fixed is not None:
-        log_oof_scores(cfg, writer.info, job.stored_fixed)
-    log.info("wrote probabilities of %d images to %s", len(job.ids), out)
+    png_dir = cfg.png_dir()
+    pngs = None
+    if png_dir is not None:
+        pngs = PngWriter(png_dir, job.root, job.class_names, list(zip(job.ids, job.file_names, strict=True)))
+    if cfg.images:
+        with torch.inference_mode():
+            stream_predictions(cfg, parts, job, None, device, pngs)
+    else:
+        info = store_info(cfg, ckpt_path, ckpt, tcfg, job, tta, slide, len(sliding))
+        with ProbWriter(out, job.class_names, cfg.dtype, info) as writer, torch.inference_mode():
+            stream_predictions(cfg, parts, job, writer, device, pngs)
+        if job.stored_fixed is not None:
+            log_oof_scores(cfg, writer.info, job.stored_fixed)
+        log.info("wrote probabilities of %d images to %s", len(job.ids), out)
+    if pngs is not None:
+        pngs.close()
+        log.info(
+            "wrote label PNGs (pixel = class index) and overlays of %d images to %s (%s/, %s/; colours in %s)",
+            len(job.ids),
+            png_dir,
+            PNG_LABELS,
+            PNG_OVERLAYS,
+            png_dir / PNG_LEGEND,
+        )
     return out

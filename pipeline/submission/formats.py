@@ -3,6 +3,8 @@
 ``validate_submission`` checks a file against ``test.json``: header, every test image once,
 well-formed rows (``rle``: runs by :func:`pipeline.submission.rle.rle_problem`, no pixel claimed
 by two classes; ``dense``: 256x256 class indices), and lists every problem with its line.
+``resolve_format`` turns the writers' ``format=auto`` into one of the formats from the data
+folder's ``sample_submission.csv``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ HEADERS: dict[str, list[str]] = {
 
 
 CSV_FIELD_LIMIT = 2**31 - 1  # dense rows and large RLE strings exceed the csv module's default
+
+SAMPLE_SUBMISSION = "sample_submission.csv"  # in the data folder: its header decides format=auto
+DEFAULT_FORMAT = "rle"  # format=auto without a sample submission: the Kaggle convention
 
 
 def check_format_options(fmt: str, order: str, dense_size: Sequence[int], allow_auto: bool = False) -> None:
@@ -74,6 +79,41 @@ def detect_format(header: Sequence[str]) -> str | None:
         if list(header) == expected:
             return name
     return None
+
+
+def known_headers() -> str:
+    """``image_id,class_id,EncodedPixels (rle) or image_id,PredictionString (dense)``."""
+    return " or ".join(f"{','.join(h)} ({name})" for name, h in HEADERS.items())
+
+
+def resolve_format(fmt: str, data_dir: str | Path) -> tuple[str, str]:
+    """The format a writer's ``fmt`` stands for in ``data_dir``, and why (for the log and the manifest).
+
+    ``rle`` and ``dense`` stand for themselves.  ``auto`` is the format whose header is the one of
+    ``<data_dir>/sample_submission.csv`` (``image_id,PredictionString``: dense, the contest's
+    leaderboard; ``image_id,class_id,EncodedPixels``: rle), or ``rle`` when there is no such file.
+    A sample file with another header is a PipelineError naming the file, its header and the known
+    ones.  Only the header is read (a BOM and spaces around the names are tolerated).
+    """
+    if fmt in FORMATS:
+        return fmt, "given"
+    if fmt != "auto":
+        raise ConfigError(f"format: unknown {fmt!r}; known: auto, {', '.join(FORMATS)}")
+    path = Path(data_dir) / SAMPLE_SUBMISSION
+    if not path.is_file():
+        return DEFAULT_FORMAT, f"no {path}, so the Kaggle convention"
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = [name.strip() for name in next(csv.reader(fh), [])]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise PipelineError(f"{path}: unreadable header ({exc}); known headers: {known_headers()}") from exc
+    found = detect_format(header)
+    if found is None:
+        raise PipelineError(
+            f"{path}: header {','.join(header)!r} is not a submission header; known headers: {known_headers()} "
+            "(or pass format=rle or format=dense)"
+        )
+    return found, f"header of {path}"
 
 
 def open_csv(path: str | Path):

@@ -1,5 +1,6 @@
-"""A trial: its training config layered like every stage's (defaults, tuner defaults, base
-file, data paths, fixed overrides, sampled values), its pruning report and its objective.
+"""A trial: its training config layered like the training stage's (defaults, base.yaml, the
+family overlay of the trial's model, tuner defaults, base file, data paths, fixed overrides,
+sampled values), its pruning report and its objective.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Any
 
 import optuna
 
-from pipeline.core.config import ConfigError, layer, parse_overrides, to_dict, yaml_layers
+from pipeline.core.config import ConfigError, layer, parse_overrides, to_dict
 from pipeline.core.errors import PipelineError
 from pipeline.core.layout import RunFolder
-from pipeline.engine.config import TrainConfig
+from pipeline.engine.config import TrainConfig, train_layer_parts
 from pipeline.engine.trainer import TrainResult
 from pipeline.tuning.config import TuneConfig
 from pipeline.tuning.space import (
@@ -49,19 +50,23 @@ def split_train_args(items: Iterable[str]) -> list[str]:
     return out
 
 
-def base_train_config(cfg: TuneConfig) -> TrainConfig:
-    """Defaults -> tuner defaults -> base_config (its ``base:`` chain first) -> data_dir/folds_file ->
-    train_args (no sampled values yet), layered by :func:`pipeline.core.config.layer` like every stage."""
+def base_train_config(cfg: TuneConfig, model: str | None = None) -> TrainConfig:
+    """A trial's training config before its sampled values: the training stage's composition
+    (:func:`pipeline.engine.config.train_layers`: defaults < ``base.yaml`` < the family overlay of
+    ``model`` (a sampled one; default: the model the files and arguments name) < ``base_config`` <
+    data_dir/folds_file and ``train_args``), with the tuner's defaults (no OOF maps, no plots)
+    right above the family layers so that files and ``train_args`` can still set them."""
     cls = _train_config_cls()
     paths = {k: v for k, v in (("data_dir", cfg.data_dir), ("folds_file", cfg.folds_file)) if v is not None}
-    train = layer(cls(), ("tune defaults", TRIAL_DEFAULTS), *yaml_layers(cfg.base_config), ("tune config", paths))
     args = parse_overrides(split_train_args(cfg.train_args))
     tuner_set = sorted(set(args) & set(TUNER_KEYS))
     if tuner_set:
         raise ConfigError(
             f"train_args: {', '.join(tuner_set)} are set by the tuner (use runs_dir=/folds= of the tune config)"
         )
-    train = layer(train, ("train_args", args))
+    family, files = train_layer_parts(cfg.base_config, {**paths, **args}, model=model)
+    layers = [*family, ("tune defaults", TRIAL_DEFAULTS), *files, ("tune config", paths), ("train_args", args)]
+    train = layer(cls(), *layers)
     train.validate()
     return train
 
@@ -139,9 +144,11 @@ class TrialObjective:
         number = origin if origin is not None else trial.number
         values = self.space.sample(trial)
         source = f"{self.space.path} (trial {trial.number})"
-        train = trial_train_config(
-            self.base, values, f"{self.cfg.study}-t{number}", self.cfg.runs_dir, self.folds[0], source
-        )
+        model = values.get("model")
+        # a sampled model brings its own family overlay, layered where the training stage layers it
+        base = self.base if model in (None, self.base.model) else base_train_config(self.cfg, str(model))
+        experiment = f"{self.cfg.study}-t{number}"
+        train = trial_train_config(base, values, experiment, self.cfg.runs_dir, self.folds[0], source)
         run_dirs = [dataclasses.replace(train, fold=f).run_dir() for f in self.folds]
         if origin is None:
             for d in run_dirs:
