@@ -239,22 +239,23 @@ def test_a_make_all_killed_mid_training_resumes_its_run(demo_data, tmp_path):
 
     args = [
         f"data_dir={demo_data}",
-        "budget=120s",
+        "budget=150s",
         "name=k",
         "sizes=[0.5]",
         "tta=[none]",
         "progress=false",
         "threads=2",
-        "encoder_weights=null",
+        f"model_options={json.dumps({'unet': {'decoder_channels': LIGHT}})}",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "pipeline.autopilot", *args]
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True, stdout=log, stderr=log)
     runs = tmp_path / "work" / "k" / "runs"
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + 180
     while not list(runs.glob("*/fold0/last.pt")) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert first.poll() is None, "make all ended before its first epoch was written"
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     (last,) = runs.glob("*/fold0/last.pt")

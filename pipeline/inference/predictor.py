@@ -469,6 +469,55 @@ def store_info(
     }
 
 
+def prediction_parts(
+    cfg: PredictConfig, job: Job, sliding: Sequence[int], tta: TTAModel, slide: SlidingWindow, device: torch.device
+) -> list[Part]:
+    """(loader, predictor) of the images resized to the training size (batched) and of those
+    predicted window by window at their own size (one image per batch, its windows batched)."""
+    workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
+    opts = {**loader_options(device, workers), "persistent_workers": False}
+    chosen = set(sliding)
+    resized = [i for i in range(len(job.ids)) if i not in chosen]
+    return [
+        (DataLoader(Subset(dataset, idx), batch_size=bs, collate_fn=job.collate_fn, **opts), predictor)
+        for dataset, idx, bs, predictor in (
+            (job.dataset, resized, cfg.batch_size, tta),
+            (job.native, list(sliding), 1, slide),
+        )
+        if idx
+    ]
+
+
+def write_outputs(
+    cfg: PredictConfig, parts: Sequence[Part], job: Job, device: torch.device, info: dict[str, Any] | None
+) -> None:
+    """Stream the predictions into the store (with its ``info``; none with ``images``) and/or the PNGs,
+    then log where they went."""
+    out, png_dir = cfg.output_dir(), cfg.png_dir()
+    pngs = None
+    if png_dir is not None:
+        pngs = PngWriter(png_dir, job.root, job.class_names, list(zip(job.ids, job.file_names, strict=True)))
+    if cfg.images:
+        with torch.inference_mode():
+            stream_predictions(cfg, parts, job, None, device, pngs)
+    else:
+        with ProbWriter(out, job.class_names, cfg.dtype, info) as writer, torch.inference_mode():
+            stream_predictions(cfg, parts, job, writer, device, pngs)
+        if job.stored_fixed is not None:
+            log_oof_scores(cfg, writer.info, job.stored_fixed)
+        log.info("wrote probabilities of %d images to %s", len(job.ids), out)
+    if pngs is not None:
+        pngs.close()
+        log.info(
+            "wrote label PNGs (pixel = class index) and overlays of %d images to %s (%s/, %s/; colours in %s)",
+            len(job.ids),
+            png_dir,
+            PNG_LABELS,
+            PNG_OVERLAYS,
+            png_dir / PNG_LEGEND,
+        )
+
+
 def predict(cfg: PredictConfig) -> Path:
     """Predict ``cfg.split`` with TTA and write the probability store (and with ``png``, the PNGs
     beside it); returns the store's folder.  With ``images``: predict that folder's image files, write
@@ -501,19 +550,7 @@ def predict(cfg: PredictConfig) -> Path:
         check_files(job.coco, job.ids)
     sizes = job.sizes
     sliding = sliding_indices(cfg, sizes, train_size)
-    workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
-    opts = {**loader_options(device, workers), "persistent_workers": False}
-    chosen = set(sliding)
-    resized = [i for i in range(len(job.ids)) if i not in chosen]
-    # images at their own size differ in size: one per batch, its windows batched by the wrapper
-    parts: list[Part] = [
-        (DataLoader(Subset(dataset, idx), batch_size=bs, collate_fn=job.collate_fn, **opts), predictor)
-        for dataset, idx, bs, predictor in (
-            (job.dataset, resized, cfg.batch_size, tta),
-            (job.native, sliding, 1, slide),
-        )
-        if idx
-    ]
+    parts = prediction_parts(cfg, job, sliding, tta, slide, device)
     out = cfg.output_dir()
     log_sliding_mode(cfg, slide, len(sliding), len(job.ids), train_size, trained_downscaled(cfg, sizes, train_size))
     log.info(
@@ -527,28 +564,6 @@ def predict(cfg: PredictConfig) -> Path:
         train_size[1],
         out,
     )
-    png_dir = cfg.png_dir()
-    pngs = None
-    if png_dir is not None:
-        pngs = PngWriter(png_dir, job.root, job.class_names, list(zip(job.ids, job.file_names, strict=True)))
-    if cfg.images:
-        with torch.inference_mode():
-            stream_predictions(cfg, parts, job, None, device, pngs)
-    else:
-        info = store_info(cfg, ckpt_path, ckpt, tcfg, job, tta, slide, len(sliding))
-        with ProbWriter(out, job.class_names, cfg.dtype, info) as writer, torch.inference_mode():
-            stream_predictions(cfg, parts, job, writer, device, pngs)
-        if job.stored_fixed is not None:
-            log_oof_scores(cfg, writer.info, job.stored_fixed)
-        log.info("wrote probabilities of %d images to %s", len(job.ids), out)
-    if pngs is not None:
-        pngs.close()
-        log.info(
-            "wrote label PNGs (pixel = class index) and overlays of %d images to %s (%s/, %s/; colours in %s)",
-            len(job.ids),
-            png_dir,
-            PNG_LABELS,
-            PNG_OVERLAYS,
-            png_dir / PNG_LEGEND,
-        )
+    info = None if cfg.images else store_info(cfg, ckpt_path, ckpt, tcfg, job, tta, slide, len(sliding))
+    write_outputs(cfg, parts, job, device, info)
     return out
