@@ -45,6 +45,13 @@ def test_print_config_shows_the_value_and_its_layer(capsys):
     assert lines["encoder"].startswith("resnext50_32x4d  # ") and lines["encoder"].endswith("configs/fpn.yaml")
     assert lines["augment"].startswith("strong  # ") and lines["augment"].endswith("configs/base.yaml")
     assert lines["data_dir"] == "data/demo  # defaults"
+    # key=value items before and after the options alike
+    assert train_main(["--args", "lr=1e-4", "data_dir=elsewhere", "--print-config", "epochs=2"]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert (lines["data_dir"], lines["epochs"], lines["lr"]) == ("elsewhere  # command line",) * 1 + (
+        "2  # command line",
+        "0.0001  # command line",
+    )
 
 
 def test_help_lists_type_default_and_comment(capsys):

@@ -441,7 +441,7 @@ def stage_main(
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--version", action="version", version=f"%(prog)s (pipeline {__version__})")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     setup_logging(args.log_level)
     try:
         items = [*args.overrides, *(item for text in args.args for item in split_args(text))]
