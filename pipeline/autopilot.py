@@ -89,7 +89,9 @@ class AutopilotConfig:
     batch_size: int = 8
     # the training recipe (its base: chain first); default pipeline/configs/recipes/budget.yaml
     recipe: str | None = None
-    pretrained_encoder_lr: float = 1e-4  # the encoder's lr when it starts from pretrained weights (decoder: lr)
+    # the encoder's lr when it starts from pretrained weights (the decoder keeps the recipe's lr): on ccp
+    # (Lite0, 10 equal epochs) 3e-4 gained +0.0068 [+0.0037, +0.0101] OOF mIoU over 1e-4
+    pretrained_encoder_lr: float = 3e-4
     encoder_weights: str | None = "auto"  # auto: folder > cache > package > download, else from scratch; null
     weights_dir: str = "weights"  # the weights folder (make weights) looked at first
     device: str = "auto"
