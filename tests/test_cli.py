@@ -32,6 +32,14 @@ def test_args_with_spaces_stay_whole(caplog):
     with caplog.at_level(logging.ERROR):
         assert train_main(["--print-config", "--args", "{classes: present}"]) == 2
     assert "'{classes: present}' is not of the form key=value" in caplog.text
+    # the tuner's train_args (make tune TUNE_TRAIN_ARGS=...) are split the same way
+    from pipeline.tuning.trials import split_train_args
+
+    assert split_train_args(["epochs=3 loss_options={classes: present}", "augment=none"]) == [
+        "epochs=3",
+        "loss_options={classes: present}",
+        "augment=none",
+    ]
     with pytest.raises(ConfigError, match="No closing quotation"):
         split_args("name='open")
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import Layer, override_layer, yaml_layers
+from pipeline.core.config import Layer, override_layer, to_dict, yaml_layers
 from pipeline.core.errors import ConfigError
 from pipeline.core.layout import RunFolder
 from pipeline.data import AUGMENTATIONS, MASK_RULES
@@ -210,21 +210,5 @@ def train_layer_parts(
 def changed_keys(stored: Mapping[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """Keys (outside :data:`RESUMABLE_KEYS`) whose value in a run's stored config differs from ``cfg``:
     ``{key: (stored, new)}``.  Keys an older config did not have are not compared."""
-    from pipeline.core.config import to_dict
-
     new = to_dict(cfg)
-    return {
-        k: (stored[k], v)
-        for k, v in new.items()
-        if k not in RESUMABLE_KEYS and k in stored and _plain(stored[k]) != _plain(v)
-    }
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+    return {k: (stored[k], v) for k, v in new.items() if k not in RESUMABLE_KEYS and k in stored and stored[k] != v}

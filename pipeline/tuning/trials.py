@@ -8,14 +8,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shlex
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from pipeline.core.config import ConfigError, layer, parse_overrides, to_dict
+from pipeline.core.config import ConfigError, layer, parse_overrides, split_args, to_dict
 from pipeline.core.errors import PipelineError
 from pipeline.core.layout import RunFolder
 from pipeline.engine.config import TrainConfig, train_layer_parts
@@ -43,11 +42,10 @@ TrainFn = Callable[["TrainConfig", EpochCallback], "TrainResult"]
 
 
 def split_train_args(items: Iterable[str]) -> list[str]:
-    """``["epochs=3 lr=1e-3", "augment=none"]`` -> one ``key=value`` per item (shell-style quoting)."""
-    out: list[str] = []
-    for item in items:
-        out.extend(shlex.split(item))
-    return out
+    """``["epochs=3 lr=1e-3", "augment=none"]`` -> one ``key=value`` per item, each item split as the
+    stages split ``ARGS`` (:func:`pipeline.core.config.split_args`: shell-style quoting, and values
+    with spaces such as ``loss_options={classes: present}`` kept whole)."""
+    return [arg for item in items for arg in split_args(item)]
 
 
 def base_train_config(cfg: TuneConfig, model: str | None = None) -> TrainConfig:
