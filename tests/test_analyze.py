@@ -12,8 +12,8 @@ import pytest
 from pipeline.analyze import AnalyzeConfig
 from pipeline.analyze import run as analyze
 from pipeline.data import load_coco
-from pipeline.inference.store import ProbWriter
-from pipeline.submission.formats import resize_nearest
+from pipeline.data.resize import resize_nearest
+from pipeline.data.store import ProbWriter
 
 
 @pytest.fixture(scope="module")

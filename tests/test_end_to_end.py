@@ -28,8 +28,8 @@ from pipeline import submit as submit_stage
 from pipeline import train as train_stage
 from pipeline.core.config import build_config
 from pipeline.data import load_coco
+from pipeline.data.store import ProbReader
 from pipeline.evaluation.metrics import confusion_matrix, mean_iou
-from pipeline.inference.store import ProbReader
 from pipeline.submission.rle import decode_label_map
 
 ROOT = Path(__file__).resolve().parents[1]

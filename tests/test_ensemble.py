@@ -12,13 +12,13 @@ import yaml
 from pipeline.core.config import build_config
 from pipeline.core.errors import PipelineError
 from pipeline.data import load_coco
+from pipeline.data.resize import resize_nearest
+from pipeline.data.store import ProbReader, ProbWriter
 from pipeline.ensemble import EnsembleConfig, run
 from pipeline.ensemble import main as ensemble_main
 from pipeline.evaluation.metrics import confusion_matrix, mean_iou
 from pipeline.inference import ensemble as ens
 from pipeline.inference.ensemble import Fusion, OofCache, find_member, resolve_members
-from pipeline.inference.store import ProbReader, ProbWriter
-from pipeline.submission.formats import resize_nearest
 from pipeline.submission.rle import decode_label_map
 from pipeline.submit import SubmitConfig
 from pipeline.submit import run as submit

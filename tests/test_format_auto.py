@@ -16,7 +16,7 @@ from pipeline.autopilot import Autopilot, AutopilotConfig
 from pipeline.core.config import ConfigError
 from pipeline.core.errors import PipelineError
 from pipeline.data import load_coco
-from pipeline.inference.store import ProbWriter
+from pipeline.data.store import ProbWriter
 from pipeline.submission.formats import SAMPLE_SUBMISSION, resolve_format
 from pipeline.submit import SubmitConfig
 from pipeline.submit import run as submit

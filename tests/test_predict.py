@@ -16,10 +16,10 @@ from pipeline import train as train_stage
 from pipeline.core.config import build_config
 from pipeline.core.errors import PipelineError
 from pipeline.data import MaskCache, SegmentationDataset, ValDataset, collate, load_coco
+from pipeline.data.store import ProbReader
 from pipeline.engine.checkpoint import load_checkpoint_model
 from pipeline.engine.loop import evaluate
 from pipeline.evaluation.metrics import confusion_matrix, mean_iou
-from pipeline.inference.store import ProbReader
 from pipeline.predict import PredictConfig, main, run
 
 

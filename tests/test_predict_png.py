@@ -20,10 +20,11 @@ from pipeline.core.config import build_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.layout import is_store
 from pipeline.data import Preprocessing, build_transform, normalize
+from pipeline.data.resize import resize_probs
+from pipeline.data.store import ProbReader
 from pipeline.engine.checkpoint import load_checkpoint_model
 from pipeline.evaluation.visual import class_palette, palette_png
 from pipeline.inference.mask_png import png_names
-from pipeline.inference.store import ProbReader, resize_probs
 from pipeline.predict import PredictConfig, main, run
 
 

@@ -13,8 +13,8 @@ import torch
 from pipeline import folds as folds_stage
 from pipeline.core.config import build_config
 from pipeline.data import IMAGENET, Preprocessing, normalize
+from pipeline.data.store import ProbReader
 from pipeline.inference.predictor import PredictConfig, predict
-from pipeline.inference.store import ProbReader
 from pipeline.models.preprocessing import encoder_preprocessing
 from pipeline.train import TrainConfig, run
 

@@ -212,7 +212,7 @@ def test_a_run_records_its_folder_weights_and_predicts_after_the_folder_is_gone(
             num_workers=0,
         ),
     )
-    from pipeline.inference.store import ProbReader
+    from pipeline.data.store import ProbReader
 
     store = ProbReader(predict_stage.run(pcfg))
     assert len(store.image_ids) == 8  # every test image of the demo data

@@ -16,6 +16,7 @@ from pipeline import data as data_layer
 from pipeline.core.config import build_config
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.data import load_coco
+from pipeline.data.store import ProbReader
 from pipeline.engine.checkpoint import load_checkpoint_model
 from pipeline.inference.predictor import sliding_indices
 from pipeline.inference.sliding import (
@@ -25,7 +26,6 @@ from pipeline.inference.sliding import (
     sliding_window,
     window_starts,
 )
-from pipeline.inference.store import ProbReader
 from pipeline.inference.tta import TTAModel
 from pipeline.predict import PredictConfig, run
 

@@ -13,11 +13,12 @@ import pytest
 from pipeline import submit as submit_module
 from pipeline.core.errors import PipelineError
 from pipeline.data import load_coco
-from pipeline.inference.store import ProbReader, ProbWriter
+from pipeline.data.resize import resize_nearest
+from pipeline.data.store import ProbReader, ProbWriter
 from pipeline.score import ScoreConfig
 from pipeline.score import run as score
 from pipeline.submission import writer as submit_stage
-from pipeline.submission.formats import resize_nearest, validate_submission
+from pipeline.submission.formats import validate_submission
 from pipeline.submission.rle import decode_label_map, encode_mask
 from pipeline.submission.writer import dense_row, rle_rows
 from pipeline.submit import SubmitConfig
@@ -506,7 +507,7 @@ def test_submit_config_is_checked_by_the_generic_hook():
 
 
 def test_stores_mask_rule_reads_the_runs_rule_and_refuses_a_mix(tmp_path):
-    from pipeline.inference.store import stores_mask_rule
+    from pipeline.data.store import stores_mask_rule
 
     names = ["Background", "a"]
     for folder, rule in (("old", None), ("p1", "polygon_length"), ("p2", "polygon_length"), ("a", "area")):

@@ -19,10 +19,10 @@ from conftest import small_train_config
 from pipeline.core.config import build_config
 from pipeline.core.errors import PipelineError
 from pipeline.data import MaskCache, SegmentationDataset, ValDataset, collate, load_coco
+from pipeline.data.store import ProbReader
 from pipeline.engine.checkpoint import load_checkpoint_model
 from pipeline.engine.loop import evaluate
 from pipeline.evaluation.metrics import confusion_matrix, mean_iou
-from pipeline.inference.store import ProbReader
 from pipeline.train import TrainConfig, run
 
 ROOT = Path(__file__).resolve().parents[1]

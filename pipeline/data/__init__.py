@@ -1,5 +1,6 @@
 """The data layer: COCO files of the contest layout, ground-truth maps, images, augmentations,
-datasets, fold splits and look-alike image groups.  Every public name is importable from ``pipeline.data``."""
+datasets, fold splits, look-alike image groups, the probability store and array resizing.
+Every public name is importable from ``pipeline.data``."""
 
 from pipeline.core.errors import DataError
 from pipeline.data.coco import BACKGROUND, OFF_IMAGE_REPAIR, CocoData, file_digest, load_coco, resolve_annotation
@@ -20,18 +21,19 @@ from pipeline.data.images import (
     read_image,
     verify_images,
 )
+from pipeline.data.mask_cache import MaskCache
 from pipeline.data.masks import (
     DEFAULT_MASK_RULE,
     MASK_RULE_VERSION,
     MASK_RULES,
     PNG_PARAMS,
-    MaskCache,
     annotation_area,
     annotation_mask,
     check_mask_rule,
     mask_dtype,
     rasterize,
 )
+from pipeline.data.resize import resize_nearest, resize_probs, scaled_size
 from pipeline.data.similarity import (
     ImageHashes,
     SimilarityGroups,
@@ -41,6 +43,7 @@ from pipeline.data.similarity import (
     similarity_groups,
 )
 from pipeline.data.splits import iterative_stratification, load_folds, presence_matrix, split_ids
+from pipeline.data.store import ProbReader, ProbWriter, stores_mask_rule
 from pipeline.data.transforms import (
     AUGMENTATIONS,
     IMAGENET,
@@ -101,4 +104,10 @@ __all__ = [
     "group_hashes",
     "image_hashes",
     "similarity_groups",
+    "ProbReader",
+    "ProbWriter",
+    "stores_mask_rule",
+    "resize_nearest",
+    "resize_probs",
+    "scaled_size",
 ]

@@ -24,7 +24,8 @@ import numpy as np
 from pipeline.core.errors import ConfigError
 from pipeline.data.coco import CocoData
 from pipeline.data.images import read_image
-from pipeline.data.masks import MaskCache, annotation_mask
+from pipeline.data.mask_cache import MaskCache
+from pipeline.data.masks import annotation_mask
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from pipeline.data.coco import CocoData
 from pipeline.data.images import read_image
-from pipeline.data.masks import MaskCache
+from pipeline.data.mask_cache import MaskCache
 from pipeline.data.transforms import IMAGENET, Preprocessing, build_transform, normalize
 
 

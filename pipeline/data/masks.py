@@ -1,30 +1,21 @@
-"""Ground-truth class maps: the mask rules, rasterization and the PNG mask cache.
+"""Ground-truth class maps: the mask rules and rasterization (the PNG cache: :mod:`pipeline.data.mask_cache`).
 
 ``rasterize`` paints an image's annotations in the order of a mask rule (README,
-Contracts); ``MaskCache`` stores the maps as PNG files in a folder keyed by the annotation
-file's content, the rule and the rule version, so an epoch never rasterizes twice and an
-edited file or another rule never reuses stale masks.
+Contracts).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from pipeline.core.errors import DataError
-from pipeline.core.io import atomic_write_bytes
+from pipeline.core.labels import IGNORE_INDEX
 from pipeline.core.registry import Registry
-from pipeline.evaluation.metrics import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    from pipeline.data.coco import CocoData
 
 log = logging.getLogger(__name__)
 
@@ -122,49 +113,3 @@ def rasterize(
     for i in sorted(range(len(anns)), key=lambda i: keys[i]):  # sorted() is stable
         out[annotation_mask(anns[i], h, w)] = cat_to_index[int(anns[i]["category_id"])]
     return out
-
-
-class MaskCache:
-    """PNG cache of ground-truth maps of ``coco`` by ``coco.mask_rule``.
-
-    The folder ``<root>/<file stem>-<rule>-<hash>`` is keyed by the annotation file's
-    content hash, the rule's name and ``MASK_RULE_VERSION``: two rules, two file versions
-    or two rasterizer versions never share a folder.
-    """
-
-    def __init__(self, coco: CocoData, root: str | Path = ".cache/masks"):
-        self.coco = coco
-        self.rule = check_mask_rule(coco.mask_rule)
-        key = hashlib.sha1(f"{coco.digest}:{self.rule}:{MASK_RULE_VERSION}".encode()).hexdigest()[:16]
-        self.dir = Path(root) / f"{coco.path.stem}-{self.rule}-{key}"
-
-    def path(self, image_id: int) -> Path:
-        return self.dir / f"{image_id}.png"
-
-    def get(self, image_id: int) -> np.ndarray:
-        p = self.path(image_id)
-        if p.is_file():
-            m = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
-            if m is not None:
-                return m
-            log.warning("%s: unreadable cached mask, rebuilding", p)
-        m = self.coco.mask(image_id)
-        ok, buf = cv2.imencode(".png", m, PNG_PARAMS)
-        if not ok:  # pragma: no cover - cv2 always encodes uint8/uint16 PNG
-            raise DataError(f"{p}: could not encode mask")
-        atomic_write_bytes(p, buf.tobytes())
-        return m
-
-    def class_pixels(self, image_id: int) -> np.ndarray:
-        """Pixels of each class (K int64 counts; ignored pixels not counted) in the image's map."""
-        k = self.coco.num_classes
-        return np.bincount(self.get(image_id).ravel(), minlength=k)[:k]
-
-    def build(self, image_ids: Sequence[int] | None = None, progress: bool = True) -> Path:
-        from tqdm import tqdm
-
-        ids = list(image_ids) if image_ids is not None else self.coco.image_ids
-        todo = [i for i in ids if not self.path(i).is_file()]
-        for image_id in tqdm(todo, desc="mask cache", disable=not progress or not todo, leave=False):
-            self.get(image_id)
-        return self.dir

@@ -10,10 +10,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data import CocoData, MaskCache, Preprocessing, SegmentationDataset, ValDataset, collate
+from pipeline.data.resize import resize_probs
+from pipeline.data.store import ProbWriter
 from pipeline.engine.checkpoint import load_checkpoint_model
 from pipeline.engine.loop import evaluate
 from pipeline.evaluation.metrics import mean_iou
-from pipeline.inference.store import ProbWriter, resize_probs
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from pipeline import models as model_registry
 from pipeline.core.config import read_yaml_mapping, save_config, to_dict
 from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.labels import IGNORE_INDEX
 from pipeline.core.layout import RunFolder
 from pipeline.data import (
     CocoData,
@@ -41,6 +42,7 @@ from pipeline.data import (
 )
 from pipeline.data.copypaste import CopyPaste, ObjectBank, repeat_factors, resolve_classes
 from pipeline.data.pseudo import JoinedDataset, PseudoDataset
+from pipeline.data.resize import scaled_size
 from pipeline.engine.checkpoint import (
     CheckpointSaver,
     load_model_state,
@@ -66,8 +68,7 @@ from pipeline.engine.runtime import (
     resolve_device,
 )
 from pipeline.engine.sampling import EpochSeededDataset, EpochShuffleSampler
-from pipeline.evaluation.metrics import IGNORE_INDEX, iou_per_class, mean_iou
-from pipeline.inference.tta import scaled_size
+from pipeline.evaluation.metrics import iou_per_class, mean_iou
 from pipeline.models.contract import has_own_loss
 from pipeline.models.losses import build_loss, frequency_class_weights
 from pipeline.models.preprocessing import encoder_preprocessing

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.data import CocoData, annotation_mask
+from pipeline.core.labels import IGNORE_INDEX
+from pipeline.data import CocoData, annotation_mask, resize_nearest
 from pipeline.evaluation.metrics import confusion_matrix, iou_per_class
 from pipeline.evaluation.visual import AREA_BINS, area_bin
-from pipeline.submission.formats import resize_nearest
 
 
 @dataclass
@@ -94,7 +94,7 @@ def analyse(coco: CocoData, samples: Iterable[tuple[int, np.ndarray, np.ndarray]
         labels = probs.argmax(0)
         cm = confusion_matrix(labels, gt, k)
         per_image.append(cm)
-        valid = gt != 255
+        valid = gt != IGNORE_INDEX
         wrong = (labels != gt) & (probs.max(0) >= threshold) & valid
         with np.errstate(all="ignore"):
             miou = float(np.nanmean(iou_per_class(cm)))

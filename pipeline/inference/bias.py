@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.evaluation.metrics import IGNORE_INDEX, mean_iou
+from pipeline.core.labels import IGNORE_INDEX
+from pipeline.evaluation.metrics import mean_iou
 
 log = logging.getLogger(__name__)
 

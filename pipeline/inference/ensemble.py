@@ -23,10 +23,8 @@ import yaml
 from pipeline.core.errors import PipelineError
 from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder, is_store
 from pipeline.core.registry import Registry
-from pipeline.data import CocoData
+from pipeline.data import CocoData, ProbReader, resize_nearest
 from pipeline.evaluation.metrics import confusion_matrix, mean_iou
-from pipeline.inference.store import ProbReader
-from pipeline.submission.formats import resize_nearest
 
 log = logging.getLogger(__name__)
 

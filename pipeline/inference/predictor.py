@@ -55,6 +55,8 @@ from pipeline.data import (
     read_image,
     split_ids,
 )
+from pipeline.data.resize import resize_probs
+from pipeline.data.store import DTYPES, ProbWriter
 from pipeline.engine.checkpoint import load_checkpoint_model
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.oof import stored_size
@@ -62,7 +64,6 @@ from pipeline.engine.runtime import AMP_MODES, amp_dtype, default_workers, loade
 from pipeline.evaluation.metrics import confusion_matrix_torch, iou_per_class, mean_iou
 from pipeline.inference.mask_png import PngWriter
 from pipeline.inference.sliding import DEFAULT_OVERLAP, SlidingWindow, as_pair, list_blends
-from pipeline.inference.store import DTYPES, ProbWriter, resize_probs
 from pipeline.inference.tta import DEFAULT_SCALES, TTAModel, auto_max_batch, parse_tta
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ import numpy as np
 import yaml
 
 from pipeline.core.io import atomic_write_bytes, atomic_write_text
+from pipeline.core.labels import IGNORE_INDEX
 from pipeline.data import CocoData, mask_dtype
 from pipeline.data.pseudo import MANIFEST
-from pipeline.evaluation.metrics import IGNORE_INDEX
-from pipeline.submission.writer import MemberProbs, SubmitMember, fused_probabilities
+from pipeline.inference.fusion import MemberProbs, SubmitMember, fused_probabilities
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.labels import IGNORE_INDEX
 from pipeline.core.registry import Registry, UnknownNameError
-from pipeline.evaluation.metrics import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from pipeline.core.config import ConfigError
 from pipeline.core.errors import PipelineError
 from pipeline.data import CocoData
+from pipeline.data.resize import resize_nearest  # noqa: F401 - the stage score.py still imports it from here
 from pipeline.submission.rle import ORDERS, rle_problem
 
 log = logging.getLogger(__name__)
@@ -50,19 +50,6 @@ def check_format_options(fmt: str, order: str, dense_size: Sequence[int], allow_
         raise ConfigError(f"order: unknown {order!r}; known: {', '.join(ORDERS)} (F = column-major, the default)")
     if len(dense_size) != 2 or min(int(s) for s in dense_size) < 1:
         raise ConfigError(f"dense_size must be [height, width] with positive values, got {list(dense_size)}")
-
-
-def resize_nearest(label_map: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resize of a class-index map to ``size`` (H, W), as OpenCV's INTER_NEAREST."""
-    h, w = int(size[0]), int(size[1])
-    if label_map.shape[:2] == (h, w):
-        return label_map
-    if label_map.dtype in (np.uint8, np.uint16):
-        return cv2.resize(label_map, (w, h), interpolation=cv2.INTER_NEAREST)
-    if label_map.min() >= 0 and label_map.max() < 2**16:
-        small = cv2.resize(label_map.astype(np.uint16), (w, h), interpolation=cv2.INTER_NEAREST)
-        return small.astype(label_map.dtype)
-    raise ValueError(f"cannot resize a label map of dtype {label_map.dtype} with values outside 0..65535")
 
 
 def format_problems(path: str | Path, problems: Sequence[str], max_report: int = 20) -> str:

@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.labels import IGNORE_INDEX
 from pipeline.data import DEFAULT_MASK_RULE, MASK_RULES, CocoData, load_coco
-from pipeline.evaluation.metrics import IGNORE_INDEX
 from pipeline.submission.formats import (
     iter_rows,
 )
