@@ -13,7 +13,7 @@ from pipeline.models import build_model, get_spec, input_divisor
 from pipeline.models.combinations import COMBINATIONS, render_table
 from pipeline.models.contract import has_own_loss, model_loss, model_probabilities
 from pipeline.models.params import param_groups
-from pipeline.models.registry import _resolve_encoder
+from pipeline.models.registry import resolve_encoder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -21,7 +21,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 @pytest.mark.parametrize("combo", COMBINATIONS, ids=lambda c: f"{c.model}-{c.encoder}")
 def test_combination_builds_trains_and_decays_by_layer(combo):
-    assert _resolve_encoder(get_spec(combo.model), combo.encoder)  # the user's name exists in the installed library
+    assert resolve_encoder(get_spec(combo.model), combo.encoder)  # the user's name exists in the installed library
     torch.manual_seed(0)
     model = build_model(combo.model, 5, encoder=combo.test_encoder, **combo.test_options).train()
     d = input_divisor(combo.model, combo.test_encoder)

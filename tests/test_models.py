@@ -25,6 +25,7 @@ from pipeline.models import (
     param_groups,
 )
 from pipeline.models import registry as M
+from pipeline.models.backends.torchvision import set_in_channels
 from pipeline.models.contract import has_own_loss, model_loss, model_probabilities
 
 torch.set_num_threads(2)
@@ -151,7 +152,7 @@ def test_tu_encoder_and_in_channels():
 def test_first_conv_adaptation_keeps_pretrained_response():
     stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
     old = stem[0]
-    M._set_in_channels(stem, 6, pretrained=True)
+    set_in_channels(stem, 6, pretrained=True)
     x = batch(8)
     with torch.no_grad():
         assert torch.allclose(stem(torch.cat([x, x], 1)), old(x), atol=1e-5)

@@ -14,7 +14,8 @@ from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.data.store import ProbReader
 from pipeline.engine.checkpoint import load_checkpoint_model
 from pipeline.inference.predictor import PredictConfig, predict
-from pipeline.models import build_model, get_spec, hf, list_models
+from pipeline.models import build_model, get_spec, list_models
+from pipeline.models.backends import hf
 from pipeline.models.contract import has_own_loss, model_loss, model_probabilities
 from pipeline.train import run as train
 

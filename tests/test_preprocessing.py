@@ -36,6 +36,23 @@ def test_statistics_come_from_the_encoders_pretrained_config(model, encoder, mea
     assert prep.mean == pytest.approx(mean) and len(prep.std) == 3
 
 
+def test_smp_encoders_read_the_cached_smp_hub_config_before_the_offline_statistics(tmp_path, monkeypatch):
+    import segmentation_models_pytorch as smp
+
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    offline = encoder_preprocessing("unet", "dpn68")
+    assert offline.mean == pytest.approx((124 / 255, 117 / 255, 104 / 255)) and offline.input_range == (0.0, 1.0)
+    setting = smp.encoders.encoders["dpn68"]["pretrained_settings"]["imagenet"]
+    repo = tmp_path / "hf" / "hub" / ("models--" + setting["repo_id"].replace("/", "--"))
+    config = repo / "snapshots" / setting["revision"] / "config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "input_range": [0, 1]}))
+    cached = encoder_preprocessing("unet", "dpn68")
+    assert (cached.mean, cached.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert setting["repo_id"] in cached.source
+
+
 def test_normalize_applies_mean_std_and_input_range():
     img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
     prep = Preprocessing((0.1, 0.2, 0.3), (0.5, 0.25, 2.0), (0.0, 255.0), "test")

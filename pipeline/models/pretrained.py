@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import PipelineError
+from pipeline.models.backends.base import hf_cache_dir, hf_cached
 
 log = logging.getLogger(__name__)
 
@@ -135,71 +136,25 @@ def pretrained_folder(weights_dir: str | Path | None, hub_id: str) -> Path | Non
     return path if path.is_dir() else None
 
 
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache, read from the environment now (as huggingface_hub reads it)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "huggingface" / "hub"
-
-
 def torch_hub_dir() -> Path:
     """The torch hub folder (``TORCH_HOME``), where torchvision and url-based timm weights are cached."""
     return Path(torch.hub.get_dir())
 
 
-def _hf_cached(repo_id: str, filenames: tuple[str, ...], revision: str | None = None) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    for name in filenames:
-        found = try_to_load_from_cache(repo_id, name, cache_dir=str(hf_cache_dir()), revision=revision)
-        if isinstance(found, str) and os.path.isfile(found):
-            return Path(found)
-    return None
-
-
 def _hub_files(model: str, encoder: str) -> tuple[list[tuple[str, tuple[str, ...], str | None]], list[str]]:
     """Where the model library would download ``encoder``'s ImageNet weights from: Hugging Face
-    repos (id, file names, revision) and torch hub urls."""
-    from pipeline.models.registry import _TV_FAMILIES, get_spec
+    repos (id, file names, revision) and torch hub urls (the family's backend knows)."""
+    from pipeline.models.registry import get_spec
 
     spec = get_spec(model)
-    repos: list[tuple[str, tuple[str, ...], str | None]] = []
-    urls: list[str] = []
-    timm_name = _timm_name(encoder)
-    if spec.family == "torchvision":
-        import torchvision.models as tvm
-
-        urls.append(getattr(tvm, _TV_FAMILIES[spec.name][2]).IMAGENET1K_V1.url)
-    elif timm_name is not None:
-        from timm.models import get_pretrained_cfg
-
-        try:
-            cfg = get_pretrained_cfg(timm_name)
-        except (RuntimeError, ValueError, KeyError):
-            cfg = None
-        if cfg is not None:
-            if cfg.hf_hub_id:
-                files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
-                repos.append((cfg.hf_hub_id, files, None))
-            if cfg.url:
-                urls.append(cfg.url)
-    elif spec.family == "smp":
-        import segmentation_models_pytorch as smp
-
-        settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get("imagenet")
-        if settings:
-            repos.append((settings["repo_id"], ("model.safetensors",), settings.get("revision")))
-    return repos, urls
+    return spec.backend.hub_files(spec, encoder)
 
 
 def cached_file(model: str, encoder: str) -> tuple[str, Path] | None:
     """(``hf-cache`` or ``torch-cache``, file) of ``encoder``'s ImageNet weights in a local cache."""
     repos, urls = _hub_files(model, encoder)
     for repo_id, files, revision in repos:
-        found = _hf_cached(repo_id, files, revision)
+        found = hf_cached(repo_id, files, revision)
         if found is not None:
             return "hf-cache", found
     for url in urls:
@@ -277,17 +232,17 @@ def resolve_weights(
 ) -> WeightSource:
     """Which weights ``model`` / ``encoder`` starts from under ``encoder_weights=setting`` (see the
     module docstring for the order).  Nothing is downloaded or loaded here."""
-    from pipeline.models.registry import _resolve_encoder, get_spec
+    from pipeline.models.registry import get_spec, resolve_encoder
 
     if _is_null(setting):
         return SCRATCH
     setting = str(setting).strip()
     spec = get_spec(model)
-    enc = _resolve_encoder(spec, encoder)
+    enc = resolve_encoder(spec, encoder)
     lowered = setting.lower()
     if lowered not in ("auto", "imagenet"):
         return WeightSource("download", setting=setting)  # another smp weight name: the library fetches it
-    if spec.family == "hf":
+    if not spec.backend.has_encoder_weights:
         if lowered == "auto":
             return SCRATCH  # its backbone presets start from random weights; pretrained= loads whole models
         return WeightSource("download", setting=setting)  # build_model says why it does not apply

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import PipelineError
-from pipeline.models.registry import SegmentationNet
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ def _short(keys: list[str], n: int = 8) -> str:
 
 
 def load_state_dict_into(
-    model: SegmentationNet, state_dict: Mapping[str, torch.Tensor], source: str = "state dict"
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict"
 ) -> LoadReport:
     """Load a whole-model or encoder-only state dict into a registry model.
 
@@ -112,7 +111,7 @@ def load_state_dict_into(
     Raises ``PipelineError`` naming ``source`` when the file matches neither layout.
     """
     target = model.state_dict()
-    enc_prefix = "net.backbone." if model.family == "torchvision" else "net.encoder."
+    enc_prefix = f"{model.encoder_path}."  # where its backend put the encoder
     target_prefixes = ("", "net.", enc_prefix, enc_prefix + "model.")
     cleaned = {_strip(k): v for k, v in state_dict.items()}
     best: tuple[int, dict[str, torch.Tensor], list[str]] | None = None
@@ -165,7 +164,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _extract_state_dict(_read_weights_file(path), str(path))
 
 
-def load_weights(model: SegmentationNet, path: str | Path) -> LoadReport:
+def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
     """Load a local weights file (``.pt``/``.pth``/``.ckpt`` or ``.safetensors``) into ``model``.
 
     Accepts a state dict, a pipeline checkpoint (``{'model': state_dict, ...}``) or

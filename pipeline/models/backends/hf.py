@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers`` families: mask classification and whole segmentation models.
+"""The transformers backend: mask classification and whole segmentation models (Hugging Face).
 
 ``mask2former`` and ``maskformer`` (mask classification: N queries, each a class and a
 mask) and ``hf_upernet`` / ``hf_segformer`` (per-pixel logits) are the library's own
@@ -38,12 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.errors import ConfigError, PipelineError, UnknownNameError
+from pipeline.core.labels import IGNORE_INDEX
+from pipeline.models.backends.base import Backend, ModelSpec
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
-MASK_CLASSIFICATION = ("mask2former", "maskformer")
 
 
 def _swin(embed_dim: int, depths: list[int], heads: list[int], window: int = 7) -> Callable[[], Any]:
@@ -150,6 +150,7 @@ class HFFamily:
     default_encoder: str
     test_encoder: str
     hub_example: str  # a segmentation-pretrained checkpoint of the family on the hub
+    encoder_path: str  # the encoder's submodule in the built model (HFSegmentationNet)
 
 
 FAMILIES: dict[str, HFFamily] = {
@@ -163,6 +164,7 @@ FAMILIES: dict[str, HFFamily] = {
             "swin-tiny",
             "test-swin",
             "facebook/mask2former-swin-large-ade-semantic",
+            "hf.model.pixel_level_module.encoder",
         ),
         HFFamily(
             "maskformer",
@@ -172,6 +174,7 @@ FAMILIES: dict[str, HFFamily] = {
             "swin-tiny",
             "test-swin",
             "facebook/maskformer-swin-base-ade",
+            "hf.model.pixel_level_module.encoder",
         ),
         HFFamily(
             "hf_upernet",
@@ -181,6 +184,7 @@ FAMILIES: dict[str, HFFamily] = {
             "convnext-tiny",
             "test-convnext",
             "openmmlab/upernet-convnext-small",
+            "hf.backbone",
         ),
         HFFamily(
             "hf_segformer",
@@ -190,9 +194,12 @@ FAMILIES: dict[str, HFFamily] = {
             "mit-b0",
             "mit-test",
             "nvidia/segformer-b0-finetuned-ade-512-512",
+            "hf.segformer",
         ),
     )
 }
+
+MASK_CLASSIFICATION = tuple(name for name, f in FAMILIES.items() if f.kind == "mask")
 
 # SegFormer has its own encoder (Mix Transformer) sizes instead of a backbone config
 _SEGFORMER_SIZES: dict[str, dict[str, Any]] = {
@@ -302,16 +309,12 @@ class HFSegmentationNet(nn.Module):
         self.num_classes = num_classes
         self.in_channels = 3
         self.input_divisor = input_divisor(arch, config=hf.config)
+        self.encoder_path = FAMILIES[arch].encoder_path
         self.load_report: dict[str, list[str]] | None = None
 
     @property
     def encoder(self) -> nn.Module:
-        hf = self.hf
-        if self.arch in MASK_CLASSIFICATION:
-            return hf.model.pixel_level_module.encoder
-        if self.arch == "hf_upernet":
-            return hf.backbone
-        return hf.segformer
+        return self.get_submodule(self.encoder_path)
 
     @property
     def architecture(self) -> dict[str, Any]:
@@ -435,3 +438,60 @@ def from_pretrained(family: str, source: str | Path, num_classes: int) -> HFSegm
     model = _net_class(family)(hf, arch=family, encoder_name=f"pretrained:{source}", num_classes=num_classes)
     model.load_report = {"new": new, "unexpected": sorted(info.get("unexpected_keys", []))}
     return model
+
+
+class HFBackend(Backend):
+    """transformers' implementations; their backbone presets start from random weights (no ImageNet
+    encoder weights to resolve), a whole segmentation-pretrained model comes with ``pretrained=``."""
+
+    name = "hf"
+    has_encoder_weights = False
+
+    def specs(self) -> list[ModelSpec]:
+        return [
+            ModelSpec(
+                name=name,
+                backend=self,
+                arch=fam.model_class,
+                default_encoder=fam.default_encoder,
+                divisor=32,
+                test_encoder=fam.test_encoder,
+            )
+            for name, fam in FAMILIES.items()
+        ]
+
+    def resolve_encoder(self, spec: ModelSpec, encoder: str) -> str:
+        return resolve_encoder(spec.name, encoder)
+
+    def input_divisor(self, spec: ModelSpec, encoder: str | None, options: Mapping[str, Any]) -> int:
+        return input_divisor(spec.name, encoder)
+
+    def build(
+        self,
+        spec: ModelSpec,
+        num_classes: int,
+        *,
+        encoder: str | None,
+        encoder_weights: str | None,
+        weights: str | Path | None,
+        in_channels: int,
+        pretrained: str | Path | None,
+        architecture: Mapping[str, Any] | None,
+        options: Mapping[str, Any],
+    ) -> nn.Module:
+        if in_channels != 3:
+            raise PipelineError(f"model {spec.name!r} takes 3-channel images, got in_channels={in_channels}")
+        if encoder_weights is not None:
+            log.warning(
+                "%s: encoder_weights=%s does not apply (its backbone presets start from random weights); a whole "
+                "segmentation-pretrained model comes with pretrained=<hub id or folder>, e.g. %s",
+                spec.name,
+                encoder_weights,
+                FAMILIES[spec.name].hub_example,
+            )
+        if pretrained is not None:
+            return from_pretrained(spec.name, pretrained, num_classes)
+        return build(spec.name, num_classes, encoder, options, architecture)
+
+
+BACKEND = HFBackend()

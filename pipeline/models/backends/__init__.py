@@ -1,0 +1,16 @@
+"""Model backends: one module per model library, each a :class:`~pipeline.models.backends.base.Backend`.
+
+The registry (:mod:`pipeline.models.registry`) lists the families of every backend in ``BACKENDS``;
+each family's :class:`~pipeline.models.backends.base.ModelSpec` names its backend, which resolves
+encoders, gives the input divisor, builds the network, names its encoder, gives the preprocessing
+from the encoder's pretrained config and where its ImageNet weights download from.  Adding an
+architecture of one of these libraries is a family overlay (``pipeline/configs/<name>.yaml``, and
+for smp nothing else); adding a library is one module here and its line in ``BACKENDS``.
+"""
+
+from pipeline.models.backends import hf, smp, torchvision
+from pipeline.models.backends.base import Backend, ModelSpec, SegmentationNet
+
+BACKENDS: tuple[Backend, ...] = (smp.BACKEND, hf.BACKEND, torchvision.BACKEND)  # the order of list_models()
+
+__all__ = ["BACKENDS", "Backend", "ModelSpec", "SegmentationNet"]
