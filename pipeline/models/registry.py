@@ -71,7 +71,7 @@ from torch import nn
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.registry import Registry
-from pipeline.models.backends import BACKENDS, ModelSpec, SegmentationNet, smp
+from pipeline.models.backends import BACKENDS, BuildRequest, ModelSpec, SegmentationNet, smp
 from pipeline.models.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -187,17 +187,10 @@ def build_model(
             if value is not None:
                 log.info("pretrained=%s given: %s=%s is not used", pretrained, key, value)
         weights = encoder_weights = None
-    model = spec.backend.build(
-        spec,
-        num_classes,
-        encoder=encoder,
-        encoder_weights=encoder_weights,
-        weights=weights,
-        in_channels=in_channels,
-        pretrained=pretrained,
-        architecture=architecture,
-        options=kwargs,
+    request = BuildRequest(
+        num_classes, encoder, encoder_weights, weights, in_channels, pretrained, architecture, kwargs
     )
+    model = spec.backend.build(spec, request)
     if weights is not None:
         load_weights(model, weights)
     return model

@@ -9,8 +9,8 @@ for smp nothing else); adding a library is one module here and its line in ``BAC
 """
 
 from pipeline.models.backends import hf, smp, torchvision
-from pipeline.models.backends.base import Backend, ModelSpec, SegmentationNet
+from pipeline.models.backends.base import Backend, BuildRequest, ModelSpec, SegmentationNet
 
 BACKENDS: tuple[Backend, ...] = (smp.BACKEND, hf.BACKEND, torchvision.BACKEND)  # the order of list_models()
 
-__all__ = ["BACKENDS", "Backend", "ModelSpec", "SegmentationNet"]
+__all__ = ["BACKENDS", "Backend", "BuildRequest", "ModelSpec", "SegmentationNet"]

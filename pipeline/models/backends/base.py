@@ -6,7 +6,7 @@ outside this folder asks which library a family comes from:
 
 * ``resolve_encoder(spec, encoder)``: the library's name of a user's encoder (unknown: the valid ones);
 * ``input_divisor(spec, encoder, options)``: what height and width must be multiples of;
-* ``build(spec, num_classes, ...)``: the network under the family contract (:mod:`pipeline.models.contract`),
+* ``build(spec, request)``: the network under the family contract (:mod:`pipeline.models.contract`),
   its encoder at the dotted path ``encoder_path`` (also the prefix of the encoder's state-dict keys);
 * ``preprocessing(spec, encoder)``: mean, std and input range from the encoder's pretrained config;
 * ``hub_files(spec, encoder)``: where the library downloads the encoder's ImageNet weights from
@@ -61,6 +61,20 @@ class ModelSpec:
         return self.backend.name
 
 
+@dataclasses.dataclass(frozen=True)
+class BuildRequest:
+    """What ``build_model`` asks a backend to build (see its docstring for the weights' precedence)."""
+
+    num_classes: int
+    encoder: str | None = None
+    encoder_weights: str | None = None
+    weights: str | Path | None = None  # a local file, loaded by the registry after building
+    in_channels: int = 3
+    pretrained: str | Path | None = None
+    architecture: Mapping[str, Any] | None = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
 class Backend:
     """One model library; see the module docstring for what each method answers."""
 
@@ -87,19 +101,7 @@ class Backend:
     def input_divisor(self, spec: ModelSpec, encoder: str | None, options: Mapping[str, Any]) -> int:
         raise NotImplementedError
 
-    def build(
-        self,
-        spec: ModelSpec,
-        num_classes: int,
-        *,
-        encoder: str | None,
-        encoder_weights: str | None,
-        weights: str | Path | None,
-        in_channels: int,
-        pretrained: str | Path | None,
-        architecture: Mapping[str, Any] | None,
-        options: Mapping[str, Any],
-    ) -> nn.Module:
+    def build(self, spec: ModelSpec, request: BuildRequest) -> nn.Module:
         raise NotImplementedError
 
     def preprocessing(self, spec: ModelSpec, encoder: str | None) -> Preprocessing:

@@ -39,7 +39,7 @@ from torch import nn
 
 from pipeline.core.errors import ConfigError, PipelineError, UnknownNameError
 from pipeline.core.labels import IGNORE_INDEX
-from pipeline.models.backends.base import Backend, ModelSpec
+from pipeline.models.backends.base import Backend, BuildRequest, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -466,32 +466,21 @@ class HFBackend(Backend):
     def input_divisor(self, spec: ModelSpec, encoder: str | None, options: Mapping[str, Any]) -> int:
         return input_divisor(spec.name, encoder)
 
-    def build(
-        self,
-        spec: ModelSpec,
-        num_classes: int,
-        *,
-        encoder: str | None,
-        encoder_weights: str | None,
-        weights: str | Path | None,
-        in_channels: int,
-        pretrained: str | Path | None,
-        architecture: Mapping[str, Any] | None,
-        options: Mapping[str, Any],
-    ) -> nn.Module:
-        if in_channels != 3:
-            raise PipelineError(f"model {spec.name!r} takes 3-channel images, got in_channels={in_channels}")
-        if encoder_weights is not None:
+    def build(self, spec: ModelSpec, request: BuildRequest) -> nn.Module:
+        r = request
+        if r.in_channels != 3:
+            raise PipelineError(f"model {spec.name!r} takes 3-channel images, got in_channels={r.in_channels}")
+        if r.encoder_weights is not None:
             log.warning(
                 "%s: encoder_weights=%s does not apply (its backbone presets start from random weights); a whole "
                 "segmentation-pretrained model comes with pretrained=<hub id or folder>, e.g. %s",
                 spec.name,
-                encoder_weights,
+                r.encoder_weights,
                 FAMILIES[spec.name].hub_example,
             )
-        if pretrained is not None:
-            return from_pretrained(spec.name, pretrained, num_classes)
-        return build(spec.name, num_classes, encoder, options, architecture)
+        if r.pretrained is not None:
+            return from_pretrained(spec.name, r.pretrained, r.num_classes)
+        return build(spec.name, r.num_classes, r.encoder, r.options, r.architecture)
 
 
 BACKEND = HFBackend()

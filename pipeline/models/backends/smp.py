@@ -26,6 +26,7 @@ from pipeline.data.transforms import IMAGENET, Preprocessing
 from pipeline.models.backends.base import (
     OFFLINE_HINT,
     Backend,
+    BuildRequest,
     HubFiles,
     ModelSpec,
     SegmentationNet,
@@ -216,27 +217,16 @@ class SmpBackend(Backend):
         arch_cls = _smp().MODEL_ARCHITECTURES_MAPPING[spec.arch]
         return _divisor(arch_cls, enc, {**spec.default_kwargs, **options})
 
-    def build(
-        self,
-        spec: ModelSpec,
-        num_classes: int,
-        *,
-        encoder: str | None,
-        encoder_weights: str | None,
-        weights: str | Path | None,
-        in_channels: int,
-        pretrained: str | Path | None,
-        architecture: Mapping[str, Any] | None,
-        options: Mapping[str, Any],
-    ) -> nn.Module:
-        if pretrained is not None or architecture is not None:
-            return _build_pretrained(spec, num_classes, pretrained, architecture, in_channels)
-        reject_extra_outputs(options)
-        enc = self.encoder_of(spec, encoder)
-        encoder_weights = local_weights_first(weights, encoder_weights)
-        net = _create(spec, enc, num_classes, encoder_weights, in_channels, options)
-        divisor = _built_divisor(net, _divisor(type(net), enc, {**spec.default_kwargs, **options}))
-        return _wrap(net, spec, enc, num_classes, in_channels, divisor)
+    def build(self, spec: ModelSpec, request: BuildRequest) -> nn.Module:
+        r = request
+        if r.pretrained is not None or r.architecture is not None:
+            return _build_pretrained(spec, r.num_classes, r.pretrained, r.architecture, r.in_channels)
+        reject_extra_outputs(r.options)
+        enc = self.encoder_of(spec, r.encoder)
+        encoder_weights = local_weights_first(r.weights, r.encoder_weights)
+        net = _create(spec, enc, r.num_classes, encoder_weights, r.in_channels, r.options)
+        divisor = _built_divisor(net, _divisor(type(net), enc, {**spec.default_kwargs, **r.options}))
+        return _wrap(net, spec, enc, r.num_classes, r.in_channels, divisor)
 
     def preprocessing(self, spec: ModelSpec, encoder: str | None) -> Preprocessing:
         enc = self.encoder_of(spec, encoder)

@@ -7,7 +7,6 @@ random); any input size works (the models resize internally).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from pipeline.core.errors import PipelineError, UnknownNameError
 from pipeline.models.backends.base import (
     OFFLINE_HINT,
     Backend,
+    BuildRequest,
     HubFiles,
     ModelSpec,
     SegmentationNet,
@@ -72,35 +72,24 @@ class TorchvisionBackend(Backend):
     def input_divisor(self, spec: ModelSpec, encoder: str | None, options: Mapping[str, Any]) -> int:
         return 1
 
-    def build(
-        self,
-        spec: ModelSpec,
-        num_classes: int,
-        *,
-        encoder: str | None,
-        encoder_weights: str | None,
-        weights: str | Path | None,
-        in_channels: int,
-        pretrained: str | Path | None,
-        architecture: Mapping[str, Any] | None,
-        options: Mapping[str, Any],
-    ) -> nn.Module:
-        if pretrained is not None or architecture is not None:
+    def build(self, spec: ModelSpec, request: BuildRequest) -> nn.Module:
+        r = request
+        if r.pretrained is not None or r.architecture is not None:
             raise PipelineError(
                 f"pretrained= (a whole segmentation-pretrained model) is not available for {spec.name!r}: use "
                 f"weights= (a local state dict) or encoder_weights="
             )
-        reject_extra_outputs(options)
-        enc = self.encoder_of(spec, encoder)
-        encoder_weights = local_weights_first(weights, encoder_weights)
-        net = _create(spec, num_classes, encoder_weights, in_channels, options)
+        reject_extra_outputs(r.options)
+        enc = self.encoder_of(spec, r.encoder)
+        encoder_weights = local_weights_first(r.weights, r.encoder_weights)
+        net = _create(spec, r.num_classes, encoder_weights, r.in_channels, r.options)
         return SegmentationNet(
             net,
             arch=spec.name,
             family=spec.family,
             encoder_name=enc,
-            num_classes=num_classes,
-            in_channels=in_channels,
+            num_classes=r.num_classes,
+            in_channels=r.in_channels,
             input_divisor=1,
             encoder_path=ENCODER_PATH,
         )
