@@ -7,6 +7,7 @@ Every import counts: at the top of a module, inside functions and under ``TYPE_C
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,37 +72,38 @@ def modules() -> dict[str, ast.Module]:
     return {module_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(PKG.rglob("*.py"))}
 
 
-def imported(name: str, tree: ast.Module) -> set[str]:
-    """Every module ``name`` imports, at the top or inside functions (relative imports resolved)."""
-    out: set[str] = set()
+def import_statements(name: str, tree: ast.Module) -> Iterator[tuple[str, str | None]]:
+    """(module, imported name or None) of every import in ``name``, at the top, inside functions or
+    under ``TYPE_CHECKING`` (relative imports resolved)."""
     package = name if (PKG / Path(*name.split(".")[1:]) / "__init__.py").exists() else name.rpartition(".")[0]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
+            yield from ((a.name, None) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parent + ([base] if base else []))
-            out.add(base)
-            out.update(f"{base}.{a.name}" for a in node.names)  # "from pipeline import train"
+            yield from ((base, a.name) for a in node.names)
+
+
+def imported(name: str, tree: ast.Module) -> set[str]:
+    """Every module ``name`` imports, and every ``module.name`` it imports from one."""
+    out: set[str] = set()
+    for base, alias in import_statements(name, tree):
+        out.add(base)
+        if alias is not None:
+            out.add(f"{base}.{alias}")  # "from pipeline import train"
     return {m for m in out if m == "pipeline" or m.startswith("pipeline.")}
 
 
 def edges(name: str, tree: ast.Module, known: set[str]) -> set[str]:
     """The package's modules ``name`` imports: ``from a.b import c`` is module ``a.b.c`` when that is a
     module, else ``a.b`` (its ``__init__``)."""
-    out: set[str] = set()
-    package = name if (PKG / Path(*name.split(".")[1:]) / "__init__.py").exists() else name.rpartition(".")[0]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parent + ([base] if base else []))
-            out.update(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names)
+    out = {
+        f"{base}.{alias}" if alias is not None and f"{base}.{alias}" in known else base
+        for base, alias in import_statements(name, tree)
+    }
     return {m for m in out if m in known and m != name}
 
 
