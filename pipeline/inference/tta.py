@@ -25,7 +25,6 @@ unless ``max_batch`` caps the images per call (``auto_max_batch`` picks a cap pe
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,10 +35,10 @@ from torch import nn
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.registry import Registry
+from pipeline.data.resize import DEFAULT_DIVISOR, scaled_size
 from pipeline.models.contract import predict_probabilities
 
 DEFAULT_SCALES: tuple[float, ...] = (0.75, 1.0, 1.25)
-DEFAULT_DIVISOR = 32
 
 # D4 elements as (k, flip): x -> rot90(hflip^flip(x), k); rot90 is torch.rot90 over (H, W).
 _D4_NAMES: dict[tuple[int, bool], str] = {
@@ -83,18 +82,6 @@ def compose_d4(first: tuple[int, bool], then: tuple[int, bool]) -> tuple[int, bo
     k1, f1 = first
     k2, f2 = then
     return ((k2 + (-k1 if f2 else k1)) % 4, f1 != f2)
-
-
-def scaled_size(size: Sequence[int], scale: float, divisor: int = DEFAULT_DIVISOR) -> tuple[int, int]:
-    """``size * scale`` rounded to the nearest multiple of ``divisor`` (at least one divisor).
-
-    A scale of 1 keeps the size as it is.
-    """
-    h, w = int(size[0]), int(size[1])
-    if scale == 1.0:
-        return h, w
-    d = max(1, int(divisor))
-    return tuple(max(d, int(math.floor(v * scale / d + 0.5)) * d) for v in (h, w))  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
