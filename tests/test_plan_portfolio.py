@@ -24,6 +24,15 @@ def test_a_recipe_is_used_only_when_its_weights_resolve(tmp_path, monkeypatch):
     p = read_portfolio()
     whole = next(r for r in p.recipes if r.pretrained)
     assert recipe_weights(whole, tmp_path, online=False) is None
+    repo = tmp_path / "hf" / "hub" / f"models--{whole.pretrained.replace('/', '--')}"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    cached = recipe_weights(whole, None, online=False)  # a cache as huggingface_hub lays it out
+    assert cached is not None and cached.source == "pretrained" and cached.setting == whole.pretrained
+    (repo / "snapshots" / "abc123" / "config.json").unlink()
+    assert recipe_weights(whole, None, online=False) is None  # an empty snapshot holds no model
     (tmp_path / whole.pretrained.replace("/", "--")).mkdir()
     found = recipe_weights(whole, tmp_path, online=False)
     assert found is not None and found.path == str(tmp_path / whole.pretrained.replace("/", "--"))

@@ -10,10 +10,10 @@ from typing import Any
 
 from pipeline.core.config import read_yaml_mapping
 from pipeline.core.errors import ConfigError
+from pipeline.models.backends.base import hf_cached
 from pipeline.models.pretrained import (
     SCRATCH,
     WeightSource,
-    hf_cache_dir,
     hub_online,
     pretrained_folder,
     resolve_weights,
@@ -123,8 +123,7 @@ def recipe_weights(
         local = pretrained_folder(weights_dir, recipe.pretrained)
         if local is not None:
             return WeightSource("pretrained", str(local), None, recipe.pretrained)
-        cached = hf_cache_dir() / f"models--{recipe.pretrained.replace('/', '--')}" / "snapshots"
-        if cached.is_dir() and any(cached.iterdir()):
+        if hf_cached(recipe.pretrained, ("config.json",)) is not None:  # looked up as huggingface_hub does
             return WeightSource("pretrained", recipe.pretrained, None, recipe.pretrained)
         if hub_online() if online is None else online:
             return WeightSource("pretrained", recipe.pretrained, None, recipe.pretrained)
