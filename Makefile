@@ -30,6 +30,10 @@ SUB      ?= submissions/$(NAME).csv
 GT       ?= $(DATA_DIR)/test_gt.json
 STUDY    ?= demo
 BUDGET   ?= 20m
+# make plan: a device profile (pipeline/configs/devices/NAME.yaml or a file; empty: probe this machine)
+# and a dataset fingerprint (pipeline/configs/fingerprints/NAME.yaml or a file; empty: read DATA_DIR)
+DEVICE_PROFILE ?=
+FINGERPRINT ?=
 THRESHOLD ?= 0.9
 TRIALS   ?= 4
 PNG      ?= 0
@@ -72,7 +76,7 @@ resume_flag  = resume=$(if $(filter 0 false no,$(RESUME)),false,true)
 args = $(if $(strip $(ARGS)),--args '$(subst ','\'',$(ARGS))')
 truthy = $(filter 1 true yes on,$(1))
 
-.PHONY: help setup data weights eda folds train train-folds predict predict-folds average pseudo analyze ensemble submit validate score tune tune-report all demo lint test test-fast bench gpu-check gpu-wheels clean
+.PHONY: help setup data weights eda folds train train-folds predict predict-folds average pseudo analyze ensemble submit validate score tune tune-report plan all demo lint test test-fast bench gpu-check gpu-wheels clean
 
 help: ## list targets and their variables
 	@echo "Targets:"
@@ -163,6 +167,9 @@ tune: setup ## Optuna study STUDY with TRIALS trials (FOLD=, SPACE=, STORAGE=)
 
 tune-report: setup ## report of study STUDY -> reports/tune/<study>/ (with best.yaml)
 	$(PY) -m pipeline.tune_report study=$(STUDY) $(if $(STORAGE),storage=$(STORAGE)) $(args)
+
+plan: setup ## print the plan of a budgeted run without training (BUDGET=, DEVICE_PROFILE=, FINGERPRINT=, NAME=): work/NAME/plan.json
+	$(PY) -m pipeline.plan data_dir=$(DATA_DIR) budget=$(BUDGET) name=$(NAME) weights_dir=$(WEIGHTS_DIR) $(if $(DEVICE_PROFILE),device_profile=$(DEVICE_PROFILE)) $(if $(FINGERPRINT),fingerprint=$(FINGERPRINT)) $(args)
 
 all: setup ## budgeted run DATA_DIR -> validated submission within BUDGET (NAME=, FORMAT=, GT=): work/NAME/, submissions/NAME.csv
 	$(PY) -m pipeline.autopilot data_dir=$(DATA_DIR) budget=$(BUDGET) name=$(NAME) format=$(FORMAT) weights_dir=$(WEIGHTS_DIR) $(if $(filter-out $(DATA_DIR)/test_gt.json,$(GT)),gt=$(GT)) $(args)

@@ -41,24 +41,22 @@ from pipeline.evaluation.selection import format_interval, select
 from pipeline.inference.ensemble import Fusion, OofCache, find_member
 from pipeline.models.pretrained import SCRATCH, WeightSource, resolve_weights
 from pipeline.planning.budget import BudgetClock, format_duration, parse_budget
+from pipeline.planning.measure import measure_candidates
 from pipeline.planning.plan import (
-    TARGET_EPOCHS,
     Plan,
     describe_weights,
-    epoch_seconds,
     make_plan,
     plan_from_dict,
     plan_to_dict,
     val_every,
 )
-from pipeline.planning.probe import Recipe, probe
+from pipeline.planning.probe import Recipe
 from pipeline.planning.stamps import Stamps, stamp_key
 from pipeline.submission.formats import FORMATS, resolve_format
 
 log = logging.getLogger(__name__)
 
 BUDGET_RECIPE = Path(__file__).resolve().parent / "configs" / "recipes" / "budget.yaml"
-PROBE_SHARE = 0.08  # the probe stops measuring larger recipes after this share of the budget
 EPOCHS_CAP = 3  # training may run up to this many times the planned epochs when it is faster than measured
 
 
@@ -255,22 +253,20 @@ class Autopilot:
             import torch
 
             torch.set_num_threads(self.cfg.threads)
-        started = time.monotonic()
-        measured = []
-        by_model: dict[tuple[str, str], list[Recipe]] = {}
-        for recipe in self.candidates():
-            by_model.setdefault((recipe.model, recipe.encoder), []).append(recipe)
-        for recipes in by_model.values():  # each family:encoder from its smallest size up
-            for recipe in sorted(recipes, key=lambda r: r.size[0] * r.size[1]):
-                if time.monotonic() - started > PROBE_SHARE * self.budget_s and measured:
-                    break  # the probe may not eat the budget
-                low = recipe_cfg.progressive_scale if recipe_cfg.progressive else None
-                t = probe(recipe, self.coco.num_classes, device, options=self.options(recipe.model), low_scale=low)
-                measured.append(t)
-                left = self.budget_s - self.clock.spent()
-                if epoch_seconds(t, per_epoch, n_val, recipe_cfg.progressive) * TARGET_EPOCHS > left:
-                    break  # its larger sizes would train fewer epochs still
-        self.clock.add_stage("probe", time.monotonic() - started)
+        low = recipe_cfg.progressive_scale if recipe_cfg.progressive else None
+        measured, seconds = measure_candidates(
+            self.candidates(),
+            self.coco.num_classes,
+            device,
+            self.budget_s,
+            lambda: self.budget_s - self.clock.spent(),
+            per_epoch,
+            n_val,
+            self.options,
+            low,
+            recipe_cfg.progressive,
+        )
+        self.clock.add_stage("probe", seconds)
         plan = make_plan(
             measured,
             self.clock.remaining(),

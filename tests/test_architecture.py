@@ -27,6 +27,7 @@ STAGES = {
     "tune",
     "tune_report",
     "autopilot",
+    "plan",
     "pseudo",
     "analyze",
     "average",

@@ -206,6 +206,12 @@ def parse_tta(name: str, scales: Sequence[float] | None = None) -> list[View]:
     return views
 
 
+def view_cost(name: str, scales: Sequence[float] | None = None) -> float:
+    """What predicting with TTA set ``name`` costs in forward passes of the unscaled image: each view
+    counted by its pixels (a view at scale s costs s^2), e.g. 1 for none, 8 for d4, 6.25 for ms."""
+    return float(sum(v.scale**2 for v in parse_tta(name, scales)))
+
+
 class TTAModel(nn.Module):
     """Wraps a model; ``forward(x)`` returns the mean class probabilities over the views (each
     view's probabilities by the model-family contract: softmax of logits, or the family's own).

@@ -13,6 +13,7 @@ from pipeline.core.config import read_yaml_mapping
 from pipeline.core.errors import ConfigError
 
 RARE_SHARE = 0.05  # a class present in fewer than this share of the labelled images is rare
+FINGERPRINTS = Path(__file__).resolve().parents[1] / "configs" / "fingerprints"
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,15 @@ class Fingerprint:
         return fp
 
 
-def read_fingerprint(path: str | Path) -> Fingerprint:
+def read_fingerprint(name_or_path: str | Path) -> Fingerprint:
     """A fingerprint YAML file (n_labelled, n_test, size, num_classes, optional rare_classes,
-    absent_classes, epoch_factor)."""
+    absent_classes, epoch_factor): a path, or the name of one in ``configs/fingerprints/``."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") or path.is_file()):
+        path = FINGERPRINTS / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in FINGERPRINTS.glob("*.yaml")))
+        raise ConfigError(f"fingerprint {name_or_path!r}: no file {path}; known: {known}")
     return Fingerprint.from_dict(read_yaml_mapping(path), str(path))
 
 

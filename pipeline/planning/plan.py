@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pipeline.core.errors import PipelineError
 from pipeline.core.tables import format_table
 from pipeline.engine.config import TrainConfig
+from pipeline.inference.tta import view_cost
 from pipeline.planning.budget import format_duration
 from pipeline.planning.probe import Recipe, Throughput
 
@@ -17,7 +18,6 @@ MIN_EPOCHS = 4  # a recipe that cannot train this many epochs is not planned
 TARGET_EPOCHS = 24  # the largest size that still gets this many epochs is preferred
 STAGE_OVERHEAD_S = 6.0  # start-up of one stage process (imports, reading the data)
 EPOCH_OVERHEAD_S = 3.0  # per epoch: checkpoint, metrics, curves
-TTA_VIEWS = {"none": 1, "hflip": 2, "flip": 3, "d4": 8}
 OOF_SCALE = TrainConfig.oof_scale  # validation maps are stored at this fraction of the trained side
 DEFAULT_CHECKPOINT_MB = 60.0  # a plan read back from an older plan.json, made before the probe measured it
 VALIDATIONS = 6  # a budgeted run validates about this many times (and always at its last epoch)
@@ -123,7 +123,7 @@ def epoch_seconds(t: Throughput, epoch_images: int, n_val: int, progressive: flo
 
 
 def predict_seconds(t: Throughput, n_val: int, n_test: int, tta: list[str], chosen_views: int = 2) -> float:
-    val = sum(TTA_VIEWS.get(name, 2) for name in tta) * n_val * t.image_s
+    val = sum(view_cost(name) for name in tta) * n_val * t.image_s
     return val + chosen_views * n_test * t.image_s
 
 

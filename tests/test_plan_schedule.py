@@ -1,0 +1,209 @@
+"""The budget planner (planning/schedule.py), the device profiles and `make plan`, on fake throughputs."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.planning.budget import parse_budget
+from pipeline.planning.devices import DeviceProfile, Estimate, Measured, read_device_profile
+from pipeline.planning.fingerprint import Fingerprint, read_fingerprint
+from pipeline.planning.plan import make_plan, plan_to_dict
+from pipeline.planning.portfolio import read_portfolio
+from pipeline.planning.schedule import Candidate, plan_schedule, round_robin, rungs_of
+
+CONTEST = read_fingerprint("recycle-trash")
+CCP = Fingerprint(804, 200, (412, 275), 59, 24, 4, 1.52)
+
+
+def fraction_size(fp: Fingerprint, fraction: float) -> tuple[int, int]:
+    return tuple(max(32, round(s * fraction / 32) * 32) for s in fp.size)
+
+
+# fake CPU figures of the kind the probe measures on a 2-core machine (seconds per step of 8 images at
+# 320x224; per predicted image)
+CPU = DeviceProfile(
+    "fake-cpu",
+    "cpu",
+    measured={
+        "unet-lite0": [Measured((320, 224), 8, 2.2, 0.045, 75.0)],
+        "unet-lite2": [Measured((320, 224), 8, 3.4, 0.07, 120.0)],
+        "unet-resnet18-scratch": [Measured((320, 224), 8, 2.6, 0.05, 172.0)],
+    },
+)
+
+
+def inputs(fp: Fingerprint, profile: DeviceProfile):
+    """The screening candidates and the single-recipe plan's throughputs, as make plan builds them."""
+    recipes = read_portfolio().tier(profile.kind)
+    screened = [Candidate(r.name, r.family, profile.throughput(r, fraction_size(fp, r.size), r.batch)) for r in recipes]
+    pretrained = [r for r in recipes if not r.scratch]
+    single = [profile.throughput(r, fraction_size(fp, s), r.batch) for r in pretrained for s in r.sizes]
+    return screened, single
+
+
+def test_20_cpu_minutes_give_the_single_recipe_plan_of_make_all():
+    fp = CCP
+    screened, single = inputs(fp, CPU)
+    s = plan_schedule(fp, screened, single, parse_budget("20m"))
+    before = make_plan(
+        single, parse_budget("20m"), fp.n_train(5), fp.n_val(5), fp.n_test, ["none", "hflip"], fp.num_classes,
+        int(round(fp.n_train(5) * fp.epoch_factor)),
+    )  # fmt: skip
+    assert s.level == 1 and not s.stages
+    assert plan_to_dict(s.single) == plan_to_dict(before)
+    assert s.planned_s <= parse_budget("20m") and "single-recipe" in s.table()
+    # the contest's 3,272 images of 512x512 do not fit 20 CPU-minutes: the same refusal as make_plan's
+    screened, single = inputs(CONTEST, CPU)
+    with pytest.raises(PipelineError) as refused:
+        make_plan(single, 1200.0, 2618, 654, 819, ["none", "hflip"], 11, 2880)
+    with pytest.raises(PipelineError, match=re.escape(str(refused.value))):
+        plan_schedule(CONTEST, screened, single, 1200.0)
+
+
+def test_2h_on_an_h100_screens_two_or_more_and_gives_the_winner_folds_or_a_refit():
+    screened, single = inputs(CONTEST, read_device_profile("h100"))
+    s = plan_schedule(CONTEST, screened, single, parse_budget("2h"))
+    assert s.level == 2 and len(s.screened) >= 2 and (s.folds >= 3 or s.refit)
+    assert s.epochs >= 24 and s.planned_s <= parse_budget("2h")
+    assert len({c.family for c in s.screened}) >= 2  # a screen compares families first
+    names = [st.name for st in s.stages]
+    assert names[0].startswith("screen") and names[-1] == "submit, validate, score"
+    assert s.rungs[-1]["runs"] == 1 and s.rungs[0]["runs"] == len(s.screened)
+    # the partial-folds rule instead: as many folds as fit, at least 3
+    folds = plan_schedule(CONTEST, screened, single, parse_budget("2h"), partial="folds")
+    assert folds.planned_s <= parse_budget("2h") and (folds.level == 1 or folds.folds >= 3)
+
+
+def test_24h_on_an_h100_screens_four_or_more_and_ensembles_families_on_every_fold_with_pseudo_labels():
+    screened, single = inputs(CONTEST, read_device_profile("h100"))
+    s = plan_schedule(CONTEST, screened, single, parse_budget("24h"))
+    assert s.level == 4 and len(s.screened) >= 4 and s.families >= 2 and s.folds == 5 and s.pseudo
+    assert s.planned_s <= parse_budget("24h") and s.planned_s >= 0.8 * parse_budget("24h")
+    assert any(st.name == "pseudo-label round" for st in s.stages) and s.disk_mb > 0
+    d = s.to_dict()
+    assert json.loads(json.dumps(d))["level"] == 4 and len(d["screened"]) == len(s.screened)
+
+
+@pytest.mark.parametrize("device", ["cpu", "h100"])
+def test_no_plan_exceeds_its_budget_and_richer_plans_need_more_budget(device):
+    profile = CPU if device == "cpu" else read_device_profile("h100")
+    for fp in (CONTEST, CCP):
+        screened, single = inputs(fp, profile)
+        levels = []
+        for budget in ("5m", "20m", "45m", "1h30m", "2h", "4h", "8h", "12h", "24h", "48h", "96h"):
+            try:
+                s = plan_schedule(fp, screened, single, parse_budget(budget))
+            except PipelineError:  # too short for even the single-recipe plan
+                levels.append(0)
+                continue
+            assert s.planned_s <= parse_budget(budget), (fp.source, budget, s.to_dict())
+            levels.append(s.level)
+        assert levels == sorted(levels), (device, fp.source, levels)
+    assert levels[-1] >= 2
+
+
+def test_screening_is_priced_at_its_worst_case():
+    fp = Fingerprint(100, 10, (64, 64), 3)
+    cheap = Candidate("cheap", "a", CPU.throughput(read_portfolio().tier("cpu")[0], (64, 64), 8))
+    pricey = Candidate("pricey", "a", CPU.throughput(read_portfolio().tier("cpu")[1], (64, 64), 8))
+    rungs = rungs_of(2, 1, 24)
+    assert rungs == [
+        {"epoch": 6, "runs": 2, "promoted": 1},
+        {"epoch": 12, "runs": 1, "promoted": 1},
+        {"epoch": 24, "runs": 1, "promoted": 1},
+    ]
+    s = plan_schedule(fp, [cheap, pricey], [cheap.throughput], 10 * 3600)
+    assert s.level == 2 and s.families == 1 and s.folds == 5  # one family: no ensemble of families
+    screen = s.stages[0]
+    train = fp.n_train(5) * fp.epoch_factor
+    e_cheap, e_pricey = cheap.epoch_s(train, fp.n_val(5)), pricey.epoch_s(train, fp.n_val(5))
+    epochs = s.epochs
+    quarter, half = epochs // 4, epochs // 2
+    # both to a quarter, then the costlier alone to the end (12 s of start-ups per run and rung)
+    expected = quarter * (e_cheap + e_pricey) + (epochs - quarter) * e_pricey + 12 * 4
+    assert half > quarter and screen.seconds == pytest.approx(expected)
+    other = Candidate("other", "b", cheap.throughput)
+    assert [c.name for c in round_robin([cheap, pricey, other])] == ["cheap", "other", "pricey"]
+
+
+def test_device_profiles_scale_measurements_by_pixels_and_estimate_from_flops(tmp_path):
+    lite0 = next(r for r in read_portfolio().recipes if r.name == "unet-lite0")
+    t = CPU.throughput(lite0, (640, 224), 16)
+    assert t.step_s == pytest.approx(2.2 * 2 * 2) and t.image_s == pytest.approx(0.045 * 2)
+    two = DeviceProfile(
+        "two", "cpu", measured={"unet-lite0": [Measured((64, 64), 8, 0.1, 0.01), Measured((512, 512), 8, 9.0, 0.5)]}
+    )
+    assert two.throughput(lite0, (96, 96), 8).step_s == pytest.approx(0.1 * 9 / 4)  # the nearer measurement
+    h100 = read_device_profile("h100")
+    assert h100.kind == "gpu" and h100.estimated and "989" in h100.estimate.derivation
+    upernet = next(r for r in read_portfolio().recipes if r.name == "upernet-convnext-small")
+    t = h100.throughput(upernet, (512, 512), 8)
+    flops = 8 * 0.262144 * upernet.gmacs_per_mpx * 1e9 * 6
+    assert t.step_s == pytest.approx(flops / (989e12 * 0.06) + 0.02)
+    assert t.checkpoint_mb == pytest.approx(upernet.params_m * 12)
+    # the loader caps a light recipe
+    capped = Estimate(989, 0.06, 0.1, loader_images_per_s=100).step_s(lite0, (512, 512), 8)
+    assert capped == pytest.approx(0.08)
+    with pytest.raises(ConfigError, match="no measurement of recipe 'upernet-convnext-small'"):
+        CPU.throughput(upernet, (512, 512), 8)
+    bad = tmp_path / "d.yaml"
+    bad.write_text("name: d\nkind: tpu\nestimate: {peak_tflops: 1, train_utilisation: 0.1, predict_utilisation: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"d\.yaml: kind"):
+        read_device_profile(bad)
+    bad.write_text("name: d\nkind: cpu\nmeasured: {x: {size: [32], batch: 1, step_s: 1, image_s: 1}}\n")
+    with pytest.raises(ConfigError, match=r"d\.yaml: measured\.x"):
+        read_device_profile(bad)
+    with pytest.raises(ConfigError, match="no file .*nope.yaml; known: .*h100"):
+        read_device_profile("nope")
+
+
+def test_the_shipped_cpu_profile_measures_every_cpu_recipe():
+    cpu = read_device_profile("cpu-2core")
+    assert cpu.kind == "cpu" and not cpu.estimated
+    assert {r.name for r in read_portfolio().tier("cpu")} <= set(cpu.measured)
+
+
+def test_make_plan_prints_and_writes_the_plan_beside_make_alls(tmp_path):
+    from pipeline.plan import PlanConfig, run
+
+    ws = tmp_path / "work" / "x"
+    ws.mkdir(parents=True)
+    (ws / "plan.json").write_text(json.dumps({"key": "abc", "plan": {"epochs": 3}}))
+    cfg = PlanConfig(
+        budget="24h", name="x", work_dir=str(tmp_path / "work"), device_profile="h100", fingerprint="recycle-trash"
+    )
+    out = run(cfg)
+    saved = json.loads((ws / "plan.json").read_text())
+    assert saved["key"] == "abc" and saved["plan"] == {"epochs": 3}  # make all's own entries are kept
+    assert saved["schedule"]["level"] == 4 and saved["schedule"]["stages"]
+    assert "assume_weights=true" in out["text"] and "pseudo-label round" in out["text"]
+    assert (ws / "plan_schedule.txt").read_text().strip() == out["text"].strip()
+    with pytest.raises(ConfigError, match="save_profile"):
+        run(PlanConfig(device_profile="h100", save_profile=str(tmp_path / "p.yaml")))
+
+
+def test_make_plan_probes_this_device_and_saves_a_profile_it_can_plan_from(demo_data, tmp_path):
+    from pipeline.plan import PlanConfig, run
+
+    portfolio = tmp_path / "portfolio.yaml"
+    portfolio.write_text(
+        "recipes:\n"
+        "  - {name: a, tier: cpu, family: unet, model: unet, encoder: tu-mobilenetv3_small_050, weights: none,"
+        " size: 0.25, batch: 2, gmacs_per_mpx: 1, params_m: 1}\n"
+        "  - {name: b, tier: cpu, family: fpn, model: fpn, encoder: tu-mobilenetv3_small_050, weights: none,"
+        " size: 0.25, batch: 2}\n"
+    )
+    profile = tmp_path / "mine.yaml"
+    common = dict(data_dir=str(demo_data), name="p", work_dir=str(tmp_path / "w"), portfolio=str(portfolio))
+    measured = run(PlanConfig(budget="3h", save_profile=str(profile), threads=1, **common))
+    s = measured["schedule"]
+    assert s["level"] >= 2 and {c["name"] for c in s["screened"]} == {"a", "b"}
+    assert s["fingerprint"]["n_labelled"] > 0 and s["planned_s"] <= parse_budget("3h")
+    saved = read_device_profile(profile)
+    assert saved.kind == "cpu" and set(saved.measured) == {"a", "b"}
+    again = run(PlanConfig(budget="3h", device_profile=str(profile), **common))["schedule"]
+    assert again["level"] == s["level"] and again["epochs"] == pytest.approx(s["epochs"], abs=1)
