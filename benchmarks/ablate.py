@@ -32,6 +32,7 @@ from pipeline.core.tables import format_table
 from pipeline.data import load_coco, load_folds
 from pipeline.evaluation.metrics import confusion_matrix
 from pipeline.evaluation.selection import bootstrap_miou, format_interval, paired_gain
+from pipeline.inference.postprocessing import POSTPROCESSORS
 from pipeline.inference.store import ProbReader
 
 RECIPE = Path(__file__).resolve().parents[1] / "pipeline" / "configs" / "recipes" / "budget.yaml"
@@ -130,7 +131,7 @@ def main() -> int:
     p.add_argument("--base-args", nargs="*", default=BASE_ARGS, help=f"the base's changes to the recipe ({BASE_ARGS})")
     p.add_argument("--minutes", type=float, default=None, help="every run gets this wall time (epochs: the cap)")
     p.add_argument("--average", action="store_true", help="a row for the base run's 3 best epochs averaged")
-    p.add_argument("--postprocess", nargs="*", default=[], choices=["min_area", "crf"])
+    p.add_argument("--postprocess", nargs="*", default=[], choices=[n for n in POSTPROCESSORS.names() if n != "none"])
     p.add_argument("--pseudo", action="store_true", help="pseudo-labels of the base run, judged on test_gt.json")
     p.add_argument("--out", type=Path, default=Path("work/ablate"))
     a = p.parse_args()

@@ -39,6 +39,7 @@ from pipeline.engine.config import TrainConfig
 from pipeline.engine.runtime import resolve_device
 from pipeline.evaluation.selection import format_interval, select
 from pipeline.inference.ensemble import Fusion, OofCache, find_member
+from pipeline.inference.postprocessing import POSTPROCESSORS
 from pipeline.models.pretrained import SCRATCH, WeightSource, resolve_weights
 from pipeline.planning.budget import BudgetClock, format_duration, parse_budget
 from pipeline.planning.measure import measure_candidates
@@ -94,15 +95,17 @@ class AutopilotConfig:
     weights_dir: str = "weights"  # the weights folder (make weights) looked at first
     device: str = "auto"
     threads: int | None = None
-    postprocess: str = "min_area"  # none | min_area | crf: tuned on OOF, kept only by the selection rule
+    postprocess: str = (
+        "min_area"  # a post-processor (none, min_area, crf, ...): tuned on OOF, kept by the selection rule
+    )
     progress: bool = True
 
     def validate(self) -> None:
         parse_budget(self.budget)
         if not self.name.strip() or "/" in self.name:
             raise ConfigError(f"name must be a plain folder name, got {self.name!r}")
-        if self.postprocess not in ("none", "min_area", "crf"):
-            raise ConfigError(f"postprocess: unknown {self.postprocess!r}; known: none, min_area, crf")
+        if self.postprocess not in POSTPROCESSORS:
+            raise ConfigError(f"postprocess: unknown {self.postprocess!r}; known: {', '.join(POSTPROCESSORS.names())}")
         if self.format not in ("auto", *FORMATS):
             raise ConfigError(f"format: unknown {self.format!r}; known: auto, {', '.join(FORMATS)}")
         if not self.pretrained_encoder_lr > 0:
@@ -226,12 +229,16 @@ class Autopilot:
         }
         key = stamp_key(settings, [self.coco.path, self.test.path, self.folds_file, *self.recipe_files])
         path = self.ws / "plan.json"
+        saved: dict[str, Any] = {}
         if path.is_file():
             saved = json.loads(path.read_text())
-            if saved.get("key") == key:
+            if not isinstance(saved, dict):
+                raise PipelineError(f"{path}: expected a JSON object; move it away to plan again")
+            if saved.get("key") == key and "plan" in saved:
                 return plan_from_dict(saved["plan"])
         plan = self._measure_and_plan()
-        atomic_write_text(path, json.dumps({"key": key, "plan": plan_to_dict(plan)}, indent=2))
+        # what make plan keeps there (its schedule) stays
+        atomic_write_text(path, json.dumps({**saved, "key": key, "plan": plan_to_dict(plan)}, indent=2))
         return plan
 
     def epoch_images(self, train_ids: list[int], threshold: float | None) -> int:

@@ -56,7 +56,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import yaml
 
@@ -65,7 +64,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.core.layout import ENSEMBLE_REPORT
 from pipeline.core.tables import format_table, markdown_table
-from pipeline.data import load_coco, read_image
+from pipeline.data import load_coco
 from pipeline.evaluation.metrics import iou_per_class, mean_iou
 from pipeline.evaluation.selection import (
     RULE,
@@ -79,14 +78,15 @@ from pipeline.inference.bias import bias_grid, collect_samples, halves, tune_cla
 from pipeline.inference.ensemble import (
     METHODS,
     WEIGHTS_FILE,
+    FusedOof,
     Fusion,
     OofCache,
     resolve_members,
     split_paths,
     tune_weights,
 )
+from pipeline.inference.postprocessing import POSTPROCESSORS, choose, write_postprocess
 from pipeline.inference.store import stores_mask_rule
-from pipeline.inference.tuning_postprocess import tune_crf, tune_min_area, write_postprocess
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ class EnsembleConfig:
         self.runs = split_paths(self.runs)
         if not self.runs:
             raise ConfigError('runs is required: experiment folders such as runs="runs/unet-demo runs/fpn-demo"')
-        if self.postprocess not in ("none", "min_area", "crf"):
-            raise ConfigError(f"postprocess: unknown {self.postprocess!r}; known: none, min_area, crf")
+        if self.postprocess not in POSTPROCESSORS:
+            raise ConfigError(f"postprocess: unknown {self.postprocess!r}; known: {', '.join(POSTPROCESSORS.names())}")
         if self.method not in METHODS:
             raise ConfigError(f"method: unknown {self.method!r}; known: {', '.join(METHODS)}")
         if self.n_trials < 0:
@@ -407,18 +407,10 @@ def _honesty(cfg: EnsembleConfig, choice: Choice) -> dict[str, Any]:
 
 def _tune_postprocess(cfg: EnsembleConfig, choice: Choice, cache: OofCache, coco) -> dict[str, Any]:
     """The post-processing of ``cfg.postprocess`` tuned on the chosen fusion's OOF maps."""
-    if cfg.postprocess == "none":
+    if POSTPROCESSORS.key(cfg.postprocess) == "none":
         return {"name": "none", "params": {}}
     fusion = Fusion(choice.weights, choice.bias, cfg.method)
-    if cfg.postprocess == "min_area":
-        maps = [(labels, gt) for _, labels, gt in cache.label_maps(fusion)]
-        post = tune_min_area(maps, coco.num_classes, seed=cfg.seed)
-    else:
-        samples = []
-        for image_id, probs, gt in cache.fused_probabilities(fusion):
-            image = read_image(coco.image_path(image_id))
-            samples.append((probs, cv2.resize(image, gt.shape[::-1], interpolation=cv2.INTER_AREA), gt))
-        post = tune_crf(samples, coco.num_classes, seed=cfg.seed)
+    post = choose(cfg.postprocess, FusedOof(cache, fusion, coco), coco.num_classes, seed=cfg.seed)
     gain = post["oof_gain"]
     log.info(
         "post-processing %s on OOF: %.4f -> %.4f, gain %+.4f [%+.4f, %+.4f]: %s",

@@ -46,7 +46,7 @@ class PlanConfig:
     # take the recipes' weights as available (a plan for another machine); null: true with a device
     # profile, false with the probe (a recipe is then used only when its weights resolve here)
     assume_weights: bool | None = None
-    scratch: bool = True  # the portfolio's from-scratch recipes may be screened
+    scratch: bool = True  # the from-scratch recipes may be screened (on a GPU only without 2 pretrained ones)
     k: int = 5
     tta: list[str] = field(default_factory=lambda: ["none", "hflip"])  # tried on OOF, simplest first
     partial: str = "refit"  # when the winner cannot train every fold: refit on all labelled images, or folds
@@ -178,7 +178,8 @@ def build_schedule(cfg: PlanConfig) -> tuple[Schedule, Costs, list[str]]:
     costs = Costs(cfg, fp, profile, recipe_cfg)
     portfolio = read_portfolio(cfg.portfolio or PORTFOLIO)
     found = usable(portfolio.tier(costs.kind), cfg.weights_dir, assume)
-    if not cfg.scratch:
+    if not cfg.scratch or (costs.kind == "gpu" and sum(w.pretrained for _, w in found) >= 2):
+        # on a GPU with pretrained candidates, from-scratch runs are not worth a screening slot
         found = [(r, w) for r, w in found if not r.scratch]
     if not found:
         raise ConfigError(

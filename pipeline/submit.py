@@ -39,8 +39,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text, fault_point
 from pipeline.data import load_coco, read_image
 from pipeline.inference.ensemble import split_paths
+from pipeline.inference.postprocessing import apply_postprocess, needs_image, read_postprocess
 from pipeline.inference.store import stores_mask_rule
-from pipeline.inference.tuning_postprocess import apply_postprocess, needs_probabilities, read_postprocess
 from pipeline.submission.formats import check_format_options, format_problems, resolve_format, validate_submission
 from pipeline.submission.writer import (
     MemberProbs,
@@ -139,7 +139,7 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
         probs = MemberProbs()
         for im in tqdm(coco.images, desc=f"submission ({fmt})", disable=not cfg.progress):
             h, w, image_id = int(im["height"]), int(im["width"]), int(im["id"])
-            if needs_probabilities(post):  # the CRF decides from the fused probabilities and the image
+            if needs_image(post):  # e.g. the CRF decides from the fused probabilities and the image
                 fused = fused_probabilities(members, list(fusion.weights), image_id, (h, w), probs, fusion.bias)
                 labels = apply_postprocess(post, fused.argmax(0), fused, read_image(coco.image_path(image_id), (h, w)))
             else:

@@ -430,3 +430,48 @@ def test_post_processing_is_tuned_on_oof_recorded_and_applied_by_submit(runs, tm
     assert plain["postprocess"] == {"name": "none"}
     same = (tmp_path / "subs" / "t.csv").read_bytes() == (tmp_path / "subs" / "p.csv").read_bytes()
     assert same == (post["name"] == "none")  # applied exactly when chosen (and it changes some pixel)
+
+
+def test_a_new_post_processor_is_one_registry_entry(runs, tmp_path, monkeypatch):
+    """What a new post-processor module holds (here a fill-holes step) is all it takes: the ensemble
+    stage tunes it by name, the selection rule decides, submit applies it; nothing else is edited."""
+    from scipy.ndimage import binary_fill_holes
+
+    from pipeline.inference.postprocessing import POSTPROCESSORS, PostProcessor, Tuned
+
+    def fill_holes(params, labels, probs=None, image=None):
+        out = labels.copy()
+        for c in np.unique(labels):
+            if c:
+                inside = binary_fill_holes(labels == c) & (labels != c)
+                out[inside] = c
+        return out
+
+    def tune(oof, k, seed):
+        maps = oof.label_maps()
+        cms = [
+            np.stack([confusion_matrix(f(lab), gt, k) for lab, gt in maps])
+            for f in (lambda x: x, lambda x: fill_holes({}, x))
+        ]
+        return Tuned({}, *cms)
+
+    monkeypatch.setattr(POSTPROCESSORS, "_entries", dict(POSTPROCESSORS._entries))  # registered for this test only
+    POSTPROCESSORS.add("fill_holes", PostProcessor("fill_holes", "holes take their class", tune, fill_holes), "holes")
+    data = runs[0]
+    post = run(cfg_for(runs, tmp_path, n_trials=4, postprocess="fill_holes", n_boot=200))["postprocess"]
+    assert post["name"] in ("none", "fill_holes") and post["accepted"] == (post["name"] == "fill_holes")
+    assert post["oof_miou_with"] - post["oof_miou_without"] == pytest.approx(post["oof_gain"]["gain"], abs=1e-9)
+    forced = dict(post, name="fill_holes")  # applied by submit whatever the rule chose, to see it reach submit
+    (tmp_path / "ensembles" / "t" / "postprocess.yaml").write_text(yaml.safe_dump(forced))
+    out = submit(
+        SubmitConfig(
+            name="t",
+            ensembles_dir=str(tmp_path / "ensembles"),
+            data_dir=str(data),
+            out_dir=str(tmp_path / "s"),
+            progress=False,
+        )
+    )
+    assert out["postprocess"]["name"] == "fill_holes"
+    with pytest.raises(PipelineError, match="unknown 'nope'"):
+        build_config(EnsembleConfig, overrides=["runs=runs/x", "postprocess=nope"])

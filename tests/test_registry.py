@@ -9,7 +9,8 @@ from pipeline.core.registry import Registry
 from pipeline.data import AUGMENTATIONS, MASK_RULES
 from pipeline.engine.optim import OPTIMIZERS, SCHEDULERS
 from pipeline.inference.ensemble import METHODS
-from pipeline.inference.postprocess import POSTPROCESSORS, postprocess
+from pipeline.inference.postprocessing import POSTPROCESSORS, apply_postprocess
+from pipeline.inference.postprocessing.min_area import remove_small_regions
 from pipeline.inference.tta import TTA_SETS
 from pipeline.models.losses import LOSSES
 from pipeline.models.registry import model_registry
@@ -57,9 +58,10 @@ def test_identity_post_processor_and_unknown_name():
     import numpy as np
 
     labels = np.array([[0, 1], [2, 1]])
-    assert postprocess("none", labels) is labels
+    assert apply_postprocess({"name": "none"}, labels) is labels and apply_postprocess(None, labels) is labels
+    assert POSTPROCESSORS.get("none")({}, labels) is labels
     with pytest.raises(UnknownNameError, match="post-processor"):
-        postprocess("crf9", labels)
+        apply_postprocess({"name": "crf9", "params": {}}, labels)
 
 
 def test_min_area_gives_small_regions_to_the_surrounding_majority():
@@ -70,18 +72,18 @@ def test_min_area_gives_small_regions_to_the_surrounding_majority():
     labels[2:4, 2:4] = 2  # a 4-pixel island of class 2 inside class 1
     labels[6:9, 2:5] = 2  # a 9-pixel region of class 2, kept
     labels[10, 6] = 0  # a lone background pixel (background has no threshold)
-    out = postprocess("min_area", labels, min_area={2: 5, 3: 5})
+    out = remove_small_regions(labels, {2: 5, 3: 5})
     expected = labels.copy()
     expected[2:4, 2:4] = 1
     np.testing.assert_array_equal(out, expected)
     # a threshold above every region of class 2 removes both; the neighbours decide each one
-    out = postprocess("min_area", labels, min_area=[0, 0, 100, 0])
+    out = remove_small_regions(labels, [0, 0, 100, 0])
     assert not (out == 2).any() and (out[6:9, 2:5] == 1).all()
     # an island on the border between two classes takes the majority of its border
     mixed = np.zeros((6, 6), dtype=np.uint8)
     mixed[:, 3:] = 4
     mixed[1:3, 2:4] = 5
-    assert (postprocess("min_area", mixed, min_area={5: 10})[1:3, 2:4] != 5).all()
+    assert (remove_small_regions(mixed, {5: 10})[1:3, 2:4] != 5).all()
 
 
 def test_layer_decay_gives_the_expected_lr_per_stage():
@@ -110,7 +112,7 @@ def test_layer_decay_gives_the_expected_lr_per_stage():
 def test_min_area_tuning_only_tries_classes_that_are_predicted(monkeypatch):
     import numpy as np
 
-    import pipeline.inference.tuning_postprocess as tp
+    import pipeline.inference.postprocessing.min_area as tp
 
     rng = np.random.default_rng(0)
     maps = []
@@ -122,7 +124,7 @@ def test_min_area_tuning_only_tries_classes_that_are_predicted(monkeypatch):
     calls = []
     real = tp._cms
     monkeypatch.setattr(tp, "_cms", lambda m, k, f: calls.append(dict(f)) or real(m, k, f))
-    record = tp.tune_min_area(maps, 5, candidates=(0.01, 0.05), seed=0)
+    tuned = tp.tune_min_area(maps, 5, candidates=(0.01, 0.05))
     tried = {c for f in calls for c in f}
-    assert tried <= {1, 2} and set(record["params"]["min_area_fraction"]) <= {1, 2}
+    assert tried <= {1, 2} and set(tuned.params["min_area_fraction"]) <= {1, 2}
     assert len(calls) == 1 + 2 * 2 + 1  # none, two candidates for classes 1 and 2, the tuned maps

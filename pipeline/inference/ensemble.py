@@ -23,7 +23,7 @@ import yaml
 from pipeline.core.errors import PipelineError
 from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder, is_store
 from pipeline.core.registry import Registry
-from pipeline.data import CocoData, ProbReader, resize_nearest
+from pipeline.data import CocoData, ProbReader, read_image, resize_nearest
 from pipeline.evaluation.metrics import confusion_matrix, mean_iou
 
 log = logging.getLogger(__name__)
@@ -316,6 +316,26 @@ class Fusion:
         score = self._method.score(self, work)
         labels = np.argmax(score, axis=0)
         return labels.astype(np.uint8 if score.shape[0] <= 256 else np.int64)
+
+
+class FusedOof:
+    """One fusion's out-of-fold predictions as a post-processor is tuned on them
+    (:class:`pipeline.inference.postprocessing.OofMaps`): class maps, or probabilities with the images."""
+
+    def __init__(self, cache: OofCache, fusion: Fusion, coco: CocoData):
+        self.cache, self.fusion, self.coco = cache, fusion, coco
+
+    def label_maps(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(labels, gt) for _, labels, gt in self.cache.label_maps(self.fusion)]
+
+    def samples(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        import cv2
+
+        out = []
+        for image_id, probs, gt in self.cache.fused_probabilities(self.fusion):
+            image = read_image(self.coco.image_path(image_id))
+            out.append((probs, cv2.resize(image, gt.shape[::-1], interpolation=cv2.INTER_AREA), gt))
+        return out
 
 
 class OofCache:

@@ -1,0 +1,132 @@
+"""The post-processor contract, its registry, the choice on OOF under the selection rule, and the
+record a choice leaves beside the ensemble (``postprocess.yaml``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import yaml
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write_text
+from pipeline.core.registry import Registry
+from pipeline.evaluation.metrics import mean_iou
+from pipeline.evaluation.selection import select
+
+POSTPROCESS_FILE = "postprocess.yaml"
+
+
+class OofMaps(Protocol):
+    """What a post-processor is tuned on: the chosen fusion's out-of-fold predictions at the OOF
+    stores' resolution."""
+
+    def label_maps(self) -> Sequence[tuple[np.ndarray, np.ndarray]]:
+        """(fused class map, ground truth) per image."""
+
+    def samples(self) -> Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(fused probabilities K x h x w, the image resized to h x w, ground truth) per image."""
+
+
+@dataclass
+class Tuned:
+    """A tuning's outcome: the parameters, and per-image confusion matrices (N x K x K) without the
+    post-processor and with it at those parameters, which the selection rule compares."""
+
+    params: dict[str, Any]
+    without: np.ndarray
+    with_: np.ndarray
+
+
+@dataclass(frozen=True)
+class PostProcessor:
+    name: str
+    description: str
+    # (OOF maps, number of classes, seed) -> the parameters and the confusion matrices with and without
+    tune: Callable[[OofMaps, int, int], Tuned]
+    # (params, one image's fused class map, its fused probabilities, the image) -> the final class map
+    apply: Callable[[dict[str, Any], np.ndarray, np.ndarray | None, np.ndarray | None], np.ndarray]
+    needs_image: bool = False  # apply needs the fused probabilities and the image, not only the class map
+
+    def __call__(
+        self,
+        params: dict[str, Any],
+        labels: np.ndarray,
+        probs: np.ndarray | None = None,
+        image: np.ndarray | None = None,
+    ) -> np.ndarray:
+        return self.apply(params, labels, probs, image)
+
+
+POSTPROCESSORS: Registry = Registry("post-processor")
+
+
+def _no_tuning(oof: OofMaps, num_classes: int, seed: int) -> Tuned:  # pragma: no cover - never tuned
+    raise PipelineError("the 'none' post-processor has nothing to tune")
+
+
+POSTPROCESSORS.add(
+    "none",
+    PostProcessor("none", "the fused argmax as it is", _no_tuning, lambda params, labels, probs, image: labels),
+    "the fused argmax as it is",
+)
+
+
+def choose(name: str, oof: OofMaps, num_classes: int, seed: int = 0) -> dict[str, Any]:
+    """Tune post-processor ``name`` on ``oof`` and keep it only when the paired bootstrap interval of
+    its OOF mIoU gain over images lies above zero; the record for ``postprocess.yaml``."""
+    if POSTPROCESSORS.key(name) == "none":
+        return {"name": "none", "params": {}}
+    pp: PostProcessor = POSTPROCESSORS.get(name)
+    tuned = pp.tune(oof, num_classes, seed)
+    choice = select([("none", tuned.without), (pp.name, tuned.with_)], seed=seed)
+    c = choice.comparisons[0]
+    return {
+        "name": choice.chosen,
+        "params": tuned.params,
+        "oof_miou_without": float(mean_iou(tuned.without.sum(0))),
+        "oof_miou_with": float(mean_iou(tuned.with_.sum(0))),
+        "oof_gain": {"gain": c.gain, "low": c.low, "high": c.high},
+        "accepted": c.accepted,
+    }
+
+
+def needs_image(record: dict[str, Any] | None) -> bool:
+    """Whether applying ``record`` needs each image's fused probabilities and the image itself."""
+    return bool(record) and POSTPROCESSORS.get(record.get("name", "none")).needs_image
+
+
+def apply_postprocess(
+    record: dict[str, Any] | None, labels: np.ndarray, probs: np.ndarray | None = None, image: np.ndarray | None = None
+) -> np.ndarray:
+    """The chosen post-processing of ``record`` (none when absent or refused) on one image's map."""
+    if not record or record.get("name", "none") == "none":
+        return labels
+    pp: PostProcessor = POSTPROCESSORS.get(record["name"])
+    if pp.needs_image and (probs is None or image is None):
+        raise PipelineError(f"the {pp.name} post-processing needs the fused probabilities and the image")
+    return pp.apply(record.get("params") or {}, labels, probs, image)
+
+
+def write_postprocess(folder: Path, record: dict[str, Any]) -> Path:
+    return atomic_write_text(folder / POSTPROCESS_FILE, yaml.safe_dump(record, sort_keys=False))
+
+
+def read_postprocess(folder: Path) -> dict[str, Any] | None:
+    path = folder / POSTPROCESS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: invalid YAML ({exc})") from exc
+    if not isinstance(data, dict) or "name" not in data:
+        raise PipelineError(f"{path}: not a post-processing file (no name)")
+    if data["name"] not in POSTPROCESSORS:
+        raise PipelineError(
+            f"{path}: unknown post-processor {data['name']!r}; known: {', '.join(POSTPROCESSORS.names())}"
+        )
+    return data
