@@ -47,20 +47,6 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("planning", "tuning"),
 )
 STAGE_FLOOR = len(FLOORS)
-# import circles still to be taken apart, listed so that none grows and no other appears: the trainer
-# and its internals (hooks, loop, averaging and out-of-fold prediction read the Trainer, which imports
-# them); it goes when they see the trainer through a small view of it instead
-KNOWN_CIRCLES = {
-    frozenset(
-        {
-            "pipeline.engine.averaging",
-            "pipeline.engine.hooks",
-            "pipeline.engine.loop",
-            "pipeline.engine.oof",
-            "pipeline.engine.trainer",
-        }
-    ),
-}
 
 
 def module_name(path: Path) -> str:
@@ -199,9 +185,9 @@ def test_no_import_runs_up_the_floors():
     assert offences == []
 
 
-def test_no_import_circle_but_the_known_ones():
-    found = {frozenset(c) for c in circles(import_graph())}
-    assert found == KNOWN_CIRCLES, "new circles: " + "; ".join(" <-> ".join(sorted(c)) for c in found - KNOWN_CIRCLES)
+def test_no_import_circle():
+    found = circles(import_graph())
+    assert found == [], "circles: " + "; ".join(" <-> ".join(sorted(c)) for c in found)
 
 
 def test_the_graph_counts_type_checking_and_function_imports_and_finds_circles():

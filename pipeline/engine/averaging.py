@@ -17,7 +17,7 @@ from pipeline.engine.checkpoint import serialize
 from pipeline.engine.hooks import Hook
 
 if TYPE_CHECKING:
-    from pipeline.engine.trainer import Trainer
+    from pipeline.engine.view import HookView
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,11 @@ class SWAHook(Hook):
         self.epochs = epochs
         self.swa = AveragedModel(model, use_buffers=False)
 
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: HookView, row: dict[str, Any]) -> None:
         if row["epoch"] >= trainer.end_epoch - self.epochs:
             self.swa.update_parameters(trainer.model)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: HookView) -> None:
         if int(self.swa.n_averaged) == 0 or not trainer.dist.main:
             return
         model = self.swa.module

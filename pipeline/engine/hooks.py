@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 if TYPE_CHECKING:
-    from pipeline.engine.trainer import Trainer
+    from pipeline.engine.view import HookView
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +34,16 @@ log = logging.getLogger(__name__)
 class Hook:
     state_key: str | None = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: HookView) -> None:
         pass
 
-    def on_step_end(self, trainer: Trainer) -> None:
+    def on_step_end(self, trainer: HookView) -> None:
         pass
 
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: HookView, row: dict[str, Any]) -> None:
         pass
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: HookView) -> None:
         pass
 
     def evaluation_model(self) -> nn.Module | None:
@@ -67,7 +67,7 @@ class EMAHook(Hook):
 
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
-    def on_step_end(self, trainer: Trainer) -> None:
+    def on_step_end(self, trainer: HookView) -> None:
         self.ema.update_parameters(trainer.model)
 
     def evaluation_model(self) -> nn.Module:
@@ -88,18 +88,18 @@ class EarlyStopping(Hook):
         self.patience, self.val_every = patience, val_every
         self.stale = 0
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: HookView) -> None:
         h = trainer.history
         self.stale = h[-1]["epoch"] - trainer.best_epoch if h and trainer.best_epoch >= 0 else 0
         self._check(trainer)
 
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: HookView, row: dict[str, Any]) -> None:
         if math.isnan(row["val_miou"]):
             return
         self.stale = 0 if trainer.best_epoch == row["epoch"] else self.stale + self.val_every
         self._check(trainer)
 
-    def _check(self, trainer: Trainer) -> None:
+    def _check(self, trainer: HookView) -> None:
         if self.patience and self.stale >= self.patience and not trainer.stop:
             trainer.stop = True
             log.info("early stop: no improvement for %d epochs", self.patience)
@@ -127,13 +127,13 @@ class TimeBudget(Hook):
         self.seconds = float(seconds)
         self.end_epoch: int | None = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: HookView) -> None:
         self.started = self.mark = time.monotonic()
         self.durations: list[tuple[bool, float]] = []  # (trained at the progressive low size, seconds)
         if self.end_epoch is not None:
             trainer.resize(self.end_epoch)
 
-    def _epoch_costs(self, trainer: Trainer) -> tuple[float, float]:
+    def _epoch_costs(self, trainer: HookView) -> tuple[float, float]:
         """Projected seconds of a full-size and of a low-size epoch.  The first epoch carries start-up
         costs (loader, caches, first checkpoint): it counts only while it is the only one; later the
         mean, which carries the share of the epochs that validate and of the occasional slow one.  A
@@ -141,29 +141,29 @@ class TimeBudget(Hook):
         timed = self.durations[1:] if len(self.durations) > 1 else self.durations
         full = [d for low, d in timed if not low]
         low = [d for low, d in timed if low]
-        h, w = trainer.train_size
-        ratio = trainer.low_size[0] * trainer.low_size[1] / (h * w)
+        ratio = trainer.sizes.low_area_ratio
         full_s = statistics.fmean(full) if full else statistics.fmean(low) / ratio
         low_s = statistics.fmean(low) if low else full_s * ratio
         return full_s, low_s
 
     @staticmethod
-    def _fits(trainer: Trainer, done: int, seconds: float, costs: tuple[float, float]) -> int:
+    def _fits(trainer: HookView, done: int, seconds: float, costs: tuple[float, float]) -> int:
         """The largest end epoch (at most the configured epochs) whose remaining epochs, at ``costs``
         (full-size and low-size seconds), fit ``seconds``."""
         full_s, low_s = costs
         end = done
         for candidate in range(done + 1, trainer.cfg.epochs + 1):
-            low = trainer.low_epochs(candidate)
+            low = trainer.sizes.low_epochs(candidate)
             cost = sum(low_s if e < low else full_s for e in range(done, candidate))
             if cost <= seconds:
                 end = candidate
         return end
 
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: HookView, row: dict[str, Any]) -> None:
         now = time.monotonic()
         epoch = row["epoch"]
-        self.durations.append((trainer.input_size(epoch) != trainer.train_size, now - self.mark))
+        low = trainer.sizes.size(epoch, trainer.end_epoch) != trainer.sizes.full
+        self.durations.append((low, now - self.mark))
         self.mark = now
         left = self.seconds - (now - self.started)
         if len(self.durations) == 1 and left >= 2 * self.durations[0][1]:
@@ -207,7 +207,7 @@ class EpochCallback(Hook):
     def __init__(self, fn: Callable[[int, dict[str, Any]], None]):
         self.fn = fn
 
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: HookView, row: dict[str, Any]) -> None:
         if not math.isnan(row["val_miou"]):
             self.fn(row["epoch"], row)
 
@@ -224,11 +224,11 @@ class TensorBoardHook(Hook):
             raise ConfigError("tensorboard=true needs the tensorboard package (pip install tensorboard)") from exc
         self.writer = SummaryWriter(str(folder))
 
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: HookView, row: dict[str, Any]) -> None:
         for key, value in row.items():
             if key != "epoch" and isinstance(value, float) and math.isfinite(value):
                 self.writer.add_scalar(key.replace("iou_", "iou/"), value, row["epoch"])
         self.writer.flush()
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: HookView) -> None:
         self.writer.close()

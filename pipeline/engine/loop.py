@@ -19,7 +19,7 @@ from pipeline.evaluation.metrics import confusion_matrix_torch
 from pipeline.models.contract import model_loss, predict_probabilities
 
 if TYPE_CHECKING:
-    from pipeline.engine.trainer import Trainer
+    from pipeline.engine.view import LoopView
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def _non_finite(value: float, epoch: int, batch: int, last: str) -> PipelineErro
     )
 
 
-def _optimizer_step(t: Trainer) -> None:
+def _optimizer_step(t: LoopView) -> None:
     if t.cfg.grad_clip:
         t.scaler.unscale_(t.optimizer)
         torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
@@ -45,7 +45,7 @@ def _optimizer_step(t: Trainer) -> None:
         hook.on_step_end(t)
 
 
-def _forward_backward(t: Trainer, images: torch.Tensor, masks: torch.Tensor, weight: float) -> torch.Tensor:
+def _forward_backward(t: LoopView, images: torch.Tensor, masks: torch.Tensor, weight: float) -> torch.Tensor:
     with torch.autocast(t.device.type, dtype=t.dtype, enabled=t.dtype is not None):
         out = t.net(images)
         if t.channels_last and isinstance(out, torch.Tensor):
@@ -55,7 +55,7 @@ def _forward_backward(t: Trainer, images: torch.Tensor, masks: torch.Tensor, wei
     return loss.detach()
 
 
-def backward_batch(t: Trainer, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def backward_batch(t: LoopView, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Forward and backward of one loader batch; returns its loss (detached).
 
     The batch goes through in micro-batches of ``t.micro_batch`` images (all at once while
@@ -104,7 +104,7 @@ def shrink_batch(images: torch.Tensor, masks: torch.Tensor, size: tuple[int, int
     return small, labels.to(masks.dtype)
 
 
-def train_one_epoch(t: Trainer, epoch: int) -> tuple[float, float]:
+def train_one_epoch(t: LoopView, epoch: int) -> tuple[float, float]:
     """``t.batches`` micro-batches with gradient accumulation; returns (mean loss over all
     processes, seconds)."""
     from tqdm import tqdm

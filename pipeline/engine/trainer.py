@@ -68,6 +68,7 @@ from pipeline.engine.runtime import (
     resolve_device,
 )
 from pipeline.engine.sampling import EpochSeededDataset, EpochShuffleSampler
+from pipeline.engine.sizes import SizeSchedule
 from pipeline.evaluation.metrics import iou_per_class, mean_iou
 from pipeline.models.contract import has_own_loss
 from pipeline.models.losses import build_loss, frequency_class_weights
@@ -129,7 +130,6 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.start_epoch, self.best, self.best_epoch, self.stop = 0, -1.0, -1, False
         self.end_epoch = cfg.epochs  # a time budget may bring it forward
-        self.low_until: int | None = None  # the first epoch trained at full size ends progressive resizing
         self._build_data()
         self._build_model()
         self.hooks: list[Hook] = [*self._default_hooks(), *hooks]
@@ -191,7 +191,8 @@ class Trainer:
         divisor = int(getattr(self.model, "input_divisor", 1))
         self.size = resolve_size(cfg, self.coco, divisor)
         self.crop = resolve_crop(cfg, self.size, divisor)
-        self.low_size = scaled_size(self.train_size, cfg.progressive_scale, divisor)
+        low = scaled_size(self.train_size, cfg.progressive_scale, divisor)
+        self.sizes = SizeSchedule(self.train_size, low, cfg.progressive)
         if cfg.fine_tune_from:
             self._load_fine_tune(cfg.fine_tune_from)
         self.channels_last = cfg.channels_last and channels_last_pays(self.device)
@@ -347,7 +348,7 @@ class Trainer:
             if hook.state_key is not None:
                 hook.load_state_dict(ckpt.get(hook.state_key))
         self.start_epoch, self.best, self.best_epoch = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"]
-        self.low_until = ckpt.get("low_until")
+        self.sizes.low_until = ckpt.get("low_until")
         self.cfg.weights_source = ckpt.get("config", {}).get("weights_source", self.cfg.weights_source)
         self.history = ckpt["history"]
         set_rng_state(ckpt["rng"])
@@ -370,7 +371,7 @@ class Trainer:
             "epoch": epoch,
             "best_metric": self.best,
             "best_epoch": self.best_epoch,
-            "low_until": self.low_until,
+            "low_until": self.sizes.low_until,
             "history": self.history,
             "rng": rng_state(),
             "config": to_dict(self.cfg),
@@ -401,16 +402,9 @@ class Trainer:
         """Size of the full-size training inputs: the crop when training on windows, else the image size."""
         return self.crop or self.size
 
-    def low_epochs(self, end_epoch: int) -> int:
-        """How many of the first epochs of a run that ends at ``end_epoch`` train at ``low_size``."""
-        if self.low_size == self.train_size:
-            return 0
-        planned = int(self.cfg.progressive * end_epoch)
-        return planned if self.low_until is None else min(planned, self.low_until)
-
     def input_size(self, epoch: int) -> tuple[int, int]:
-        """Size of the training inputs of ``epoch``: ``low_size`` in the progressive phase."""
-        return self.low_size if epoch < self.low_epochs(self.end_epoch) else self.train_size
+        """Size of the training inputs of ``epoch``: the low size in the progressive phase."""
+        return self.sizes.size(epoch, self.end_epoch)
 
     # ------------------------------------------------------------------------- epochs
     def evaluation_model(self) -> torch.nn.Module:
@@ -468,8 +462,7 @@ class Trainer:
         )
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
-        if self.low_until is None and self.input_size(epoch) == self.train_size:
-            self.low_until = epoch  # once at full size, a lengthened run does not go back to the low size
+        self.sizes.start_epoch(epoch, self.end_epoch)  # once at full size, a lengthened run stays there
         train_loss, seconds = train_one_epoch(self, epoch)
         row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": self.optimizer.param_groups[-1]["lr"]}
         started = time.perf_counter()
