@@ -13,46 +13,24 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from pipeline.core.config import ConfigError, stage_main
+from pipeline.core.config import stage_main
 from pipeline.core.io import atomic_open, atomic_write_text
 from pipeline.core.layout import ENSEMBLE_WEIGHTS
 from pipeline.data import load_coco, read_image
 from pipeline.evaluation.analysis import Analysis, analyse
+from pipeline.evaluation.analysis_config import AnalyzeConfig
 from pipeline.evaluation.metrics import mean_iou
 from pipeline.evaluation.visual import AREA_BINS, class_palette, figure, overlay, save_png
 from pipeline.inference.ensemble import Fusion, OofCache, find_member, load_ensemble, resolve_members
 from pipeline.inference.store import stores_mask_rule
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AnalyzeConfig:
-    runs: list[str] = field(default_factory=list)  # members (their OOF stores), plain mean
-    name: str | None = None  # or an ensemble: ensembles/<name>/weights.yaml (its weights, bias, method)
-    tta: str = "auto"  # with runs: auto, the only TTA present; none: the stores without TTA
-    ensembles_dir: str = "ensembles"
-    data_dir: str = "data/demo"
-    ann_file: str = "train_all.json"
-    out_dir: str = "reports/analyze"
-    threshold: float = 0.9  # "confident" for the label-error ranking
-    worst: int = 8
-    n_boot: int = 1000
-    seed: int = 0
-    progress: bool = True
-
-    def validate(self) -> None:
-        if not self.runs and not self.name:
-            raise ConfigError('give runs="runs/a runs/b" or name=<ensemble>')
-        if not 0.5 <= self.threshold < 1:
-            raise ConfigError(f"threshold must be in [0.5, 1), got {self.threshold}")
 
 
 def _members(cfg: AnalyzeConfig) -> tuple[list, Fusion, str]:

@@ -29,17 +29,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import ConfigError, build_config, stage_main, yaml_layers
+from pipeline.core.config import ConfigError, build_config, stage_args, stage_main, yaml_layers
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder, submission_paths
 from pipeline.core.tables import format_table
 from pipeline.data import common_image_size, load_coco, split_ids
+from pipeline.data.folds_config import FoldsConfig
 from pipeline.engine.config import TrainConfig
 from pipeline.engine.runtime import resolve_device
+from pipeline.evaluation.analysis_config import AnalyzeConfig
 from pipeline.evaluation.selection import format_interval, select
 from pipeline.inference.ensemble import Fusion, OofCache, find_member
+from pipeline.inference.ensemble_config import EnsembleConfig
 from pipeline.inference.postprocessing import POSTPROCESSORS
+from pipeline.inference.predictor import PredictConfig
 from pipeline.models.pretrained import SCRATCH, WeightSource, resolve_weights
 from pipeline.planning.budget import BudgetClock, format_duration, parse_budget
 from pipeline.planning.measure import measure_candidates
@@ -54,6 +58,8 @@ from pipeline.planning.plan import (
 from pipeline.planning.probe import Recipe
 from pipeline.planning.stamps import Stamps, stamp_key
 from pipeline.submission.formats import FORMATS, resolve_format
+from pipeline.submission.score_config import ScoreConfig
+from pipeline.submission.submit_config import SubmitConfig
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +131,14 @@ class AutopilotConfig:
             raise ConfigError(f"model_options must map a family to its options, got {self.model_options!r}")
 
 
+def command(module: str, cls: type, settings: dict[str, Any], flags: Sequence[str] = ()) -> list[str]:
+    """A stage's command (module, flags, ``key=value`` items), its keys and values checked against the
+    stage's config class before any process starts (``--config FILE`` among ``flags`` is layered under
+    them, as the stage layers it)."""
+    config_file = flags[list(flags).index("--config") + 1] if "--config" in flags else None
+    return [module, *flags, *stage_args(cls, settings, config_file, where=module)]
+
+
 class Autopilot:
     """One budgeted run: the workspace, the clock, the stamps, and the steps in order."""
 
@@ -186,15 +200,9 @@ class Autopilot:
         return True
 
     def folds(self) -> None:
-        args = [
-            "pipeline.folds",
-            f"data_dir={self.cfg.data_dir}",
-            f"out_dir={self.folds_file.parent}",
-            f"k={self.cfg.k}",
-            f"seed={self.cfg.seed}",
-            f"cache_dir={self.ws / 'cache'}",
-            "group_by=similar",  # near-duplicates and sequences stay in one fold
-        ]
+        settings = dict(data_dir=self.cfg.data_dir, out_dir=self.folds_file.parent, k=self.cfg.k, seed=self.cfg.seed)
+        settings.update(cache_dir=self.ws / "cache", group_by="similar")  # near-duplicates stay in one fold
+        args = command("pipeline.folds", FoldsConfig, settings)
         self.stage("folds", args, {}, [self.coco.path], [self.folds_file])
 
     # ------------------------------------------------------------------------- plan
@@ -296,35 +304,33 @@ class Autopilot:
         weights = WeightSource.from_dict(plan.weights) if plan.weights else SCRATCH
         reserve = plan.planned_s - plan.train_s
         budget = max(30.0, min(plan.train_s, self.clock.remaining() - reserve))
-        args = [
-            "pipeline.train",
-            "--only-config",
-            "--config",
-            str(self.recipe),
-            f"data_dir={self.cfg.data_dir}",
-            f"folds_file={self.folds_file}",
-            "fold=0",
-            f"model={r.model}",
-            f"encoder={r.encoder}",
-            f"encoder_weights={self.cfg.encoder_weights if weights.pretrained else 'null'}",
-            f"weights_dir={self.cfg.weights_dir}",
-            f"img_size=[{r.size[0]},{r.size[1]}]",
-            f"batch_size={r.batch}",
-            f"epochs={plan.epochs * EPOCHS_CAP}",  # the time budget sizes the run after its second epoch
-            f"val_every={val_every(plan.epochs)}",
-            f"runs_dir={self.runs_dir}",
-            f"experiment={plan.recipe.name}",
-            f"cache_dir={self.ws / 'cache'}",
-            f"seed={self.cfg.seed}",
-            f"device={self.cfg.device}",
-            f"progress={str(self.cfg.progress).lower()}",
-        ]
+        settings: dict[str, Any] = dict(
+            data_dir=self.cfg.data_dir,
+            folds_file=self.folds_file,
+            fold=0,
+            model=r.model,
+            encoder=r.encoder,
+            encoder_weights=self.cfg.encoder_weights if weights.pretrained else None,
+            weights_dir=self.cfg.weights_dir,
+            img_size=list(r.size),
+            batch_size=r.batch,
+            epochs=plan.epochs * EPOCHS_CAP,  # the time budget sizes the run after its second epoch
+            val_every=val_every(plan.epochs),
+            runs_dir=self.runs_dir,
+            experiment=plan.recipe.name,
+            cache_dir=self.ws / "cache",
+            seed=self.cfg.seed,
+            device=self.cfg.device,
+            progress=self.cfg.progress,
+        )
         if plan.model_options:
-            args.append(f"model_options={json.dumps(plan.model_options, sort_keys=True)}")
+            settings["model_options"] = plan.model_options
         if weights.pretrained:
-            args.append(f"encoder_lr={self.cfg.pretrained_encoder_lr:g}")
+            settings["encoder_lr"] = float(self.cfg.pretrained_encoder_lr)
         if self.cfg.threads:
-            args.append(f"threads={self.cfg.threads}")
+            settings["threads"] = self.cfg.threads
+        # the recipe file alone under the command line (--only-config), checked as the stage will read it
+        args = command("pipeline.train", TrainConfig, settings, ["--only-config", "--config", str(self.recipe)])
         folder = RunFolder.of(self.runs_dir, plan.recipe.name, 0)
         # the budget itself is not part of the stamp: a re-run after a kill continues the same run
         self.stage(
@@ -340,17 +346,11 @@ class Autopilot:
 
     def predict(self, run_dir: Path, split: str, tta: str) -> Path:
         folder = RunFolder(run_dir)
-        args = [
-            "pipeline.predict",
-            f"run_dir={run_dir}",
-            f"data_dir={self.cfg.data_dir}",
-            f"split={split}",
-            f"tta={tta}",
-            f"device={self.cfg.device}",
-            f"progress={str(self.cfg.progress).lower()}",
-        ]
+        settings: dict[str, Any] = dict(run_dir=run_dir, data_dir=self.cfg.data_dir, split=split, tta=tta)
+        settings.update(device=self.cfg.device, progress=self.cfg.progress)
         if split == "test":
-            args.append(f"store_scale={self.test_store_scale(folder):.4g}")
+            settings["store_scale"] = f"{self.test_store_scale(folder):.4g}"
+        args = command("pipeline.predict", PredictConfig, settings)
         self.stage(f"predict-{split}-{tta}", args, {}, [folder.best], [folder.store(split, tta) / "meta.json"])
         return folder.store(split, tta)
 
@@ -381,30 +381,24 @@ class Autopilot:
         weights = ens_dir / self.cfg.name / ENSEMBLE_WEIGHTS
         self.stage(
             "ensemble",
-            [
+            command(
                 "pipeline.ensemble",
-                f"runs={run_dir.parent}",
-                f"tta={tta}",
-                f"data_dir={self.cfg.data_dir}",
-                f"name={self.cfg.name}",
-                f"out_dir={ens_dir}",
-                f"postprocess={self.cfg.postprocess}",
-                f"progress={str(self.cfg.progress).lower()}",
-            ],
+                EnsembleConfig,
+                dict(runs=run_dir.parent, tta=tta, data_dir=self.cfg.data_dir, name=self.cfg.name, out_dir=ens_dir)
+                | dict(postprocess=self.cfg.postprocess, progress=self.cfg.progress),
+            ),
             {},
             [RunFolder(run_dir).store("val", tta) / "index.csv"],
             [weights],
         )
         self.stage(
             "analyze",
-            [
+            command(
                 "pipeline.analyze",
-                f"name={self.cfg.name}",
-                f"ensembles_dir={ens_dir}",
-                f"data_dir={self.cfg.data_dir}",
-                f"out_dir={self.ws / 'analysis'}",
-                f"progress={str(self.cfg.progress).lower()}",
-            ],
+                AnalyzeConfig,
+                dict(name=self.cfg.name, ensembles_dir=ens_dir, data_dir=self.cfg.data_dir)
+                | dict(out_dir=self.ws / "analysis", progress=self.cfg.progress),
+            ),
             {},
             [weights],
             [self.ws / "analysis" / self.cfg.name / "report.md"],
@@ -416,7 +410,11 @@ class Autopilot:
             score = self.ws / "score.json"
             self.stage(
                 "score",
-                ["pipeline.score", f"sub={csv_path}", f"gt={gt}", f"data_dir={self.cfg.data_dir}", f"out_json={score}"],
+                command(
+                    "pipeline.score",
+                    ScoreConfig,
+                    dict(sub=csv_path, gt=gt, data_dir=self.cfg.data_dir, out_json=score),
+                ),
                 {},
                 [csv_path, gt],
                 [score],
@@ -431,15 +429,12 @@ class Autopilot:
         csv_path, manifest = submission_paths(self.cfg.submissions_dir, self.cfg.name)
         self.stage(
             "submit",
-            [
+            command(
                 "pipeline.submit",
-                f"name={self.cfg.name}",
-                f"format={self.cfg.format}",
-                f"ensemble={weights}",
-                f"data_dir={self.cfg.data_dir}",
-                f"out_dir={self.cfg.submissions_dir}",
-                f"progress={str(self.cfg.progress).lower()}",
-            ],
+                SubmitConfig,
+                dict(name=self.cfg.name, format=self.cfg.format, ensemble=weights, data_dir=self.cfg.data_dir)
+                | dict(out_dir=self.cfg.submissions_dir, progress=self.cfg.progress),
+            ),
             {"format": self.format} if self.cfg.format == "auto" else {},  # explicit formats: stamps as before
             [weights],
             [csv_path, manifest],

@@ -22,51 +22,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.core.config import ConfigError, stage_main
+from pipeline.core.config import stage_main
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_bytes, atomic_write_text
 from pipeline.core.tables import format_table
-from pipeline.data import DEFAULT_MASK_RULE, MASK_RULES, load_coco
+from pipeline.data import DEFAULT_MASK_RULE, load_coco
 from pipeline.evaluation.metrics import MeanIoU, confusion_matrix, iou_per_class, mean_iou
 from pipeline.submission.formats import (
-    check_format_options,
     format_problems,
     read_format,
     resize_nearest,
     validate_submission,
 )
+from pipeline.submission.score_config import ScoreConfig
 from pipeline.submission.scoring import GroundTruth, iter_predictions, resolve_mask_rule
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScoreConfig:
-    sub: str = ""
-    gt: str = ""  # COCO file with annotations, or a folder of label-map PNGs
-    data_dir: str = "data/demo"
-    test_ann: str = "test.json"
-    format: str = "auto"
-    order: str = "F"
-    dense_size: list[int] = field(default_factory=lambda: [256, 256])
-    image_level: bool = False
-    mask_rule: str | None = None  # rule of a COCO ground truth; None: the manifest's, else area
-    out_json: str | None = None  # also write the result (and per-image confusion matrices, .npz beside it)
-
-    def validate(self) -> None:
-        if not self.sub:
-            raise ConfigError("sub is required (a submission CSV such as submissions/<name>.csv)")
-        if not self.gt:
-            raise ConfigError("gt is required (a COCO file with annotations or a folder of label-map PNGs)")
-        check_format_options(self.format, self.order, self.dense_size, allow_auto=True)
-        if self.mask_rule is not None and self.mask_rule not in MASK_RULES:
-            raise ConfigError(f"mask_rule: unknown {self.mask_rule!r}; known: {', '.join(MASK_RULES)}")
 
 
 def run(cfg: ScoreConfig) -> dict[str, Any]:

@@ -30,18 +30,17 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import ConfigError, stage_main, to_dict
+from pipeline.core.config import stage_main, to_dict
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text, fault_point
 from pipeline.data import load_coco, read_image
-from pipeline.inference.ensemble import split_paths
 from pipeline.inference.postprocessing import apply_postprocess, needs_image, read_postprocess
 from pipeline.inference.store import stores_mask_rule
-from pipeline.submission.formats import check_format_options, format_problems, resolve_format, validate_submission
+from pipeline.submission.formats import format_problems, resolve_format, validate_submission
+from pipeline.submission.submit_config import SubmitConfig
 from pipeline.submission.writer import (
     MemberProbs,
     dense_row,
@@ -53,40 +52,6 @@ from pipeline.submission.writer import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SubmitConfig:
-    name: str = "submission"
-    ensemble: str | None = None  # a weights.yaml; default <ensembles_dir>/<name>/weights.yaml when it exists
-    runs: list[str] | None = None  # or: plain average of these members' test stores
-    tta: str = "auto"  # with runs: which test_<tta> stores (auto: the only one present; none: without TTA)
-    ensembles_dir: str = "ensembles"
-    data_dir: str = "data/demo"
-    test_ann: str = "test.json"
-    format: str = "auto"  # auto: the header of <data_dir>/sample_submission.csv, else rle; rle; dense
-    order: str = "F"  # F: column-major (the contest's), C: row-major
-    dense_size: list[int] = field(default_factory=lambda: [256, 256])
-    out_dir: str = "submissions"
-    check: bool = True  # run the validator on the written file before it replaces the old one
-    postprocess: str = "auto"  # auto: the ensemble's postprocess.yaml (chosen on OOF) when it has one; none
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.runs is not None:
-            self.runs = split_paths(self.runs)
-
-    def validate(self) -> None:
-        if self.postprocess not in ("auto", "none"):
-            raise ConfigError(f"postprocess: unknown {self.postprocess!r}; known: auto, none")
-        """Raise ConfigError on bad settings."""
-        if not self.name.strip() or "/" in self.name:
-            raise ConfigError(f"name must be a plain file name, got {self.name!r}")
-        check_format_options(self.format, self.order, self.dense_size, allow_auto=True)
-        if self.ensemble and self.runs:
-            raise ConfigError("give either ensemble=<weights.yaml> or runs=..., not both")
-        if self.runs is not None and not self.runs:
-            raise ConfigError("runs is empty")
 
 
 def _write_validated(cfg: SubmitConfig, fmt: str, coco, rows, csv_path: Path) -> int:

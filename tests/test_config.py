@@ -530,3 +530,24 @@ def test_family_overlay_holds_only_what_differs_from_base(family):
         if k in shared and getattr(build_config(TrainConfig, overrides={k: v}), k) == getattr(resolved, k)
     ]
     assert not redundant, f"{family}.yaml repeats base.yaml: {redundant}"
+
+
+def test_stage_args_are_checked_against_the_stage_config_before_a_process_starts():
+    from pipeline.autopilot import command
+    from pipeline.core.config import format_value, stage_args
+    from pipeline.engine.config import TrainConfig
+    from pipeline.inference.ensemble_config import EnsembleConfig
+
+    args = stage_args(
+        TrainConfig,
+        {"img_size": [192, 128], "encoder_weights": None, "progress": False, "encoder_lr": 3e-4, "fold": 0},
+    )
+    assert args == ["img_size=[192,128]", "encoder_weights=null", "progress=false", "encoder_lr=0.0003", "fold=0"]
+    assert format_value({"b": [1, 2], "a": 1}) == '{"a": 1, "b": [1, 2]}' and format_value(Path("x/y")) == "x/y"
+    with pytest.raises(ConfigError, match=r"pipeline\.train: unknown key\(s\) epoch for TrainConfig"):
+        command("pipeline.train", TrainConfig, {"epoch": 3})
+    with pytest.raises(ConfigError, match=r"pipeline\.ensemble: postprocess: unknown 'nope'"):
+        command("pipeline.ensemble", EnsembleConfig, {"runs": "runs/a", "postprocess": "nope"})
+    recipe = Path(__file__).resolve().parents[1] / "pipeline" / "configs" / "recipes" / "budget.yaml"
+    line = command("pipeline.train", TrainConfig, {"epochs": 4}, ["--only-config", "--config", str(recipe)])
+    assert line == ["pipeline.train", "--only-config", "--config", str(recipe), "epochs=4"]

@@ -459,3 +459,42 @@ def stage_main(
         log.error("%s", exc)
         return 2
     return 0
+
+
+def format_value(value: Any) -> str:
+    """One value as a ``key=value`` item writes it (what :func:`override_layer` reads back):
+    booleans and null in YAML's words, lists as ``[a,b]``, mappings as JSON, numbers as ``:g``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        import json
+
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def stage_args(
+    cls: type, settings: Mapping[str, Any], config_file: str | Path | None = None, where: str = ""
+) -> list[str]:
+    """``key=value`` items of ``settings`` for a stage whose config is ``cls``, checked before any
+    process starts: an unknown key, or a value the stage would refuse (its ``validate()``, over
+    ``config_file`` when the stage layers one), raises ConfigError naming the stage and the key."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - known)
+    stage = where or cls.__name__
+    if unknown:
+        raise ConfigError(
+            f"{stage}: unknown key(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(sorted(known))}"
+        )
+    args = [f"{k}={format_value(v)}" for k, v in settings.items()]
+    try:
+        build_config(cls, config_file, overrides=args)
+    except ConfigError as exc:
+        raise ConfigError(f"{stage}: {exc}") from exc
+    return args
