@@ -216,3 +216,44 @@ def test_no_function_is_longer_than_80_lines(path):
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert long == []
+
+
+def family_branches(tree: ast.AST, families: set[str]) -> list[str]:
+    """Comparisons with a model family's name (``==``, ``!=``, ``in``, ``not in``), ``match`` cases on
+    one, and dicts keyed by them: the places that branch on the family."""
+
+    def names(node: ast.AST) -> set[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return {node.value} & families
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return set().union(*(names(e) for e in node.elts)) if node.elts else set()
+        return set()
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            hit = names(node.left).union(*(names(c) for c in node.comparators))
+            if hit:
+                found.append(f"line {node.lineno}: compares with {sorted(hit)}")
+        elif isinstance(node, ast.MatchValue) and names(node.value):
+            found.append(f"line {node.lineno}: match case {sorted(names(node.value))}")
+        elif isinstance(node, ast.Dict):
+            keys = set().union(*(names(k) for k in node.keys if k is not None)) if node.keys else set()
+            if keys:
+                found.append(f"line {node.lineno}: dict keyed by {sorted(keys)}")
+    return found
+
+
+def test_no_branch_on_the_model_family_outside_the_backends():
+    from pipeline.models.registry import model_registry
+
+    families = {n.lower() for n in model_registry().names()}
+    offences = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        if rel.startswith("models/backends/"):
+            continue
+        offences += [f"{rel} {hit}" for hit in family_branches(ast.parse(path.read_text()), families)]
+    assert offences == []
+    sample = ast.parse("if spec.name == 'unet': pass\nx = {'fpn': 1}\nok = name in ('tta', 'none')")
+    assert len(family_branches(sample, {"unet", "fpn"})) == 2
