@@ -36,10 +36,10 @@ log = logging.getLogger(__name__)
 def _members(cfg: AnalyzeConfig) -> tuple[list, Fusion, str]:
     if cfg.name and not cfg.runs:
         data = load_ensemble(Path(cfg.ensembles_dir) / cfg.name / ENSEMBLE_WEIGHTS)
-        members = [find_member(m["path"], m.get("tta"), name=m["name"]) for m in data["members"]]
+        members = [find_member(m.path, m.tta, name=m.name) for m in data.members]
         return (
             members,
-            Fusion([m["weight"] for m in data["members"]], data.get("bias"), data.get("method", "mean")),
+            Fusion.of(data),
             cfg.name,
         )
     members = resolve_members(cfg.runs, cfg.tta)

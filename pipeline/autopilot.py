@@ -33,6 +33,7 @@ from pipeline.core.config import ConfigError, build_config, stage_args, stage_ma
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder, submission_paths
+from pipeline.core.records import EnsembleRecord
 from pipeline.core.tables import format_table
 from pipeline.data import common_image_size, load_coco, split_ids
 from pipeline.data.folds_config import FoldsConfig
@@ -443,10 +444,10 @@ class Autopilot:
 
 
 def summary(pilot: Autopilot, plan: Plan, tta: str, choice, result: dict[str, Any]) -> str:
-    ens = json.loads(json.dumps(_read_yaml(Path(result["ensemble"]))))
+    ens = EnsembleRecord.read(result["ensemble"])
     rows = [["weights", describe_weights(plan.weights)]]
-    rows += [[f"member {m['name']}", format_interval(m["oof_miou_interval"])] for m in ens["members"]]
-    rows.append(["ensemble (OOF)", format_interval(ens["oof"]["ensemble_interval"])])
+    rows += [[f"member {m.name}", format_interval(m.scores["oof_miou_interval"])] for m in ens.members]
+    rows.append(["ensemble (OOF)", format_interval(ens.oof["ensemble_interval"])])
     rows += [
         [
             f"TTA {c.candidate} vs {c.current} (OOF gain)",
@@ -454,7 +455,7 @@ def summary(pilot: Autopilot, plan: Plan, tta: str, choice, result: dict[str, An
         ]
         for c in choice.comparisons
     ]
-    post = ens.get("postprocess") or {}
+    post = ens.report.get("postprocess") or {}
     if post.get("oof_gain"):
         g = post["oof_gain"]
         rows.append(
@@ -464,11 +465,12 @@ def summary(pilot: Autopilot, plan: Plan, tta: str, choice, result: dict[str, An
             ]
         )
     rows.append(["TTA chosen", tta])
-    if "shakeup" in ens:
-        gap = ens["shakeup"]["abs_gap"]
+    if "shakeup" in ens.report:
+        shake = ens.report["shakeup"]
+        gap = shake["abs_gap"]
         rows.append(
             [
-                f"public/private gap ({ens['shakeup']['test_images']} test images)",
+                f"public/private gap ({shake['test_images']} test images)",
                 f"median {gap['point']:.4f}, 90% range [{gap['low']:.4f}, {gap['high']:.4f}]",
             ]
         )
@@ -479,12 +481,6 @@ def summary(pilot: Autopilot, plan: Plan, tta: str, choice, result: dict[str, An
     rows.append(["submission", f"{result['submission']} ({pilot.format}: {pilot.format_reason})"])
     rows.append(["workspace", str(pilot.ws)])
     return format_table(["summary", ""], rows)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
 
 
 def check_disk(ws: Path, planned_mb: float) -> None:

@@ -57,12 +57,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from pipeline.core.config import stage_main, to_dict
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.core.layout import ENSEMBLE_REPORT
+from pipeline.core.records import EnsembleRecord
 from pipeline.core.tables import format_table, markdown_table
 from pipeline.data import load_coco
 from pipeline.evaluation.metrics import iou_per_class, mean_iou
@@ -436,7 +436,7 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
         "config": to_dict(cfg),
     }
     text, md = render_report(cfg, result, coco.class_names)
-    weights_path = atomic_write_text(out / WEIGHTS_FILE, yaml.safe_dump(result, sort_keys=False, allow_unicode=True))
+    weights_path = EnsembleRecord.from_dict(result, str(out / WEIGHTS_FILE)).write(out / WEIGHTS_FILE)
     report_path = atomic_write_text(out / ENSEMBLE_REPORT, md)
     log.info("ensemble %s on %d OOF images (%.1f s):\n%s", cfg.name, n_images, time.perf_counter() - started, text)
     log.info("wrote %s and %s", weights_path, report_path)

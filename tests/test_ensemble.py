@@ -475,3 +475,21 @@ def test_a_new_post_processor_is_one_registry_entry(runs, tmp_path, monkeypatch)
     assert out["postprocess"]["name"] == "fill_holes"
     with pytest.raises(PipelineError, match="unknown 'nope'"):
         build_config(EnsembleConfig, overrides=["runs=runs/x", "postprocess=nope"])
+
+
+def test_the_weights_file_is_a_typed_record_that_writes_back_byte_for_byte(runs, tmp_path):
+    from pipeline.core.records import EnsembleRecord
+
+    run(cfg_for(runs, tmp_path, n_trials=3, n_boot=100))
+    path = tmp_path / "ensembles" / "t" / "weights.yaml"
+    record = EnsembleRecord.read(path)
+    assert [m.name for m in record.members] and record.weights == yaml.safe_load(path.read_text())["weights"]
+    assert Fusion.of(record).method == record.method and record.oof["n_images"] > 0
+    again = record.write(tmp_path / "again.yaml")
+    assert again.read_bytes() == path.read_bytes()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("members:\n  - {name: a}\n")
+    with pytest.raises(PipelineError, match=r"bad\.yaml: member 1 lacks name, weight or test_stores"):
+        EnsembleRecord.read(bad)
+    with pytest.raises(PipelineError, match=r"nope\.yaml: ensemble weights file not found"):
+        EnsembleRecord.read(tmp_path / "nope.yaml")

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder, is_store
+from pipeline.core.records import EnsembleRecord
 from pipeline.core.registry import Registry
 from pipeline.data import CocoData, ProbReader, read_image, resize_nearest
 from pipeline.evaluation.metrics import confusion_matrix, mean_iou
@@ -279,6 +279,11 @@ class Fusion:
         self.bias = None if bias is None or not np.any(np.asarray(bias)) else np.asarray(bias, dtype=np.float32)
         self.method = METHODS.key(method)
         self._work = Workspace()
+
+    @classmethod
+    def of(cls, record: EnsembleRecord) -> Fusion:
+        """The fusion an ensemble file records: its members' weights, its bias and method."""
+        return cls(record.weights, record.bias, record.method)
 
     def active(self) -> list[int]:
         """Members whose weight is non-zero (the others need not be loaded)."""
@@ -589,23 +594,9 @@ def tune_weights(cache: OofCache, method: str, n_trials: int, seed: int) -> tupl
     return raw / raw.sum(), float(study.best_value)
 
 
-def load_ensemble(path: str | Path) -> dict[str, Any]:
+def load_ensemble(path: str | Path) -> EnsembleRecord:
     """Read and check a ``weights.yaml`` written by :func:`run`; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: ensemble weights file not found (run make ensemble first)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: invalid YAML ({exc})") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("members"), list) or not data["members"]:
-        raise PipelineError(f"{path}: not an ensemble weights file (no members list)")
-    for i, mem in enumerate(data["members"]):
-        if not isinstance(mem, dict) or not {"name", "weight", "test_stores"} <= set(mem):
-            raise PipelineError(f"{path}: member {i + 1} lacks name, weight or test_stores")
-    if data.get("method", "mean") not in METHODS:
-        raise PipelineError(f"{path}: unknown method {data.get('method')!r}; known: {', '.join(METHODS.names())}")
-    bias = data.get("bias")
-    if bias is not None and "class_names" in data and len(bias) != len(data["class_names"]):
-        raise PipelineError(f"{path}: bias has {len(bias)} values for {len(data['class_names'])} classes")
-    return data
+    record = EnsembleRecord.read(path)
+    if record.method not in METHODS:
+        raise PipelineError(f"{path}: unknown method {record.method!r}; known: {', '.join(METHODS.names())}")
+    return record

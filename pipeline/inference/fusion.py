@@ -45,11 +45,9 @@ def resolve_submission_members(
     source: dict[str, Any]
     if runs:
         members = resolve_members(runs, tta, need_oof=False)
-        entries = [
-            {"name": m.name, "weight": 1.0 / len(members), "tta": m.tta, "test_stores": m.test_stores} for m in members
-        ]
-        method, bias = "mean", None
-        source = {"runs": list(runs), "method": method}
+        entries = [(m.name, 1.0 / len(members), m.tta, m.test_stores) for m in members]
+        fusion = Fusion([w for _, w, _, _ in entries])
+        source = {"runs": list(runs), "method": fusion.method}
     else:
         path = Path(ensemble) if ensemble else Path(ensembles_dir) / name / WEIGHTS_FILE
         if not ensemble and not path.is_file():
@@ -57,22 +55,19 @@ def resolve_submission_members(
                 f"{path}: no ensemble weights file; run make ensemble NAME={name}, "
                 "or pass ensemble=<weights.yaml> or runs=<run folders>"
             )
-        data = load_ensemble(path)
-        entries, method, bias = data["members"], data.get("method", "mean"), data.get("bias")
-        if data.get("class_names") and list(data["class_names"]) != coco.class_names:
-            raise PipelineError(f"{path}: classes {data['class_names']} differ from {coco.path}'s {coco.class_names}")
-        source = {"ensemble": str(path), "method": method, "oof": data.get("oof", {})}
+        record = load_ensemble(path)
+        entries = [(m.name, m.weight, m.tta, m.test_stores) for m in record.members]
+        if record.class_names and record.class_names != coco.class_names:
+            raise PipelineError(f"{path}: classes {record.class_names} differ from {coco.path}'s {coco.class_names}")
+        fusion = Fusion.of(record)
+        source = {"ensemble": str(path), "method": record.method, "oof": record.report.get("oof", {})}
     members = []
-    for e in entries:
-        if not e["test_stores"]:
+    for name, weight, tta, test_stores in entries:
+        if not test_stores:
             raise PipelineError(
-                f"member {e['name']}: no test_{e.get('tta') or '<tta>'}/ stores; run make predict SPLIT=test "
-                "on its folds"
+                f"member {name}: no test_{tta or '<tta>'}/ stores; run make predict SPLIT=test on its folds"
             )
-        members.append(
-            SubmitMember(e["name"], float(e["weight"]), e.get("tta"), open_stores(e["test_stores"], coco.class_names))
-        )
-    fusion = Fusion([m.weight for m in members], bias, method)
+        members.append(SubmitMember(name, float(weight), tta, open_stores(test_stores, coco.class_names)))
     wanted = set(coco.image_ids)
     for m in members:
         for r in m.readers:
