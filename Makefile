@@ -67,7 +67,7 @@ WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manyl
 # the end-to-end demo job: `make all` on the generated demo data within this budget
 DEMO_BUDGET ?= 6m
 
-# train layers defaults < base.yaml < the model's family overlay < CONFIG < ARGS itself (pipeline/engine/config.py)
+# train layers defaults < base.yaml < the model's family overlay < CONFIG < ARGS itself (pipeline/engine/train_config.py)
 train_config = $(if $(CONFIG),--config $(CONFIG))
 train_model  = $(if $(CONFIG),,model=$(MODEL)) experiment=$(EXP)
 resume_flag  = resume=$(if $(filter 0 false no,$(RESUME)),false,true)

@@ -379,7 +379,7 @@ def train_modes(s: Settings) -> list[Mode]:
 def train_config(c: Check, model: str, encoder: str, **overrides):
     """The family's own config (pipeline/configs/<model>.yaml) on the generated data, random weights."""
     from pipeline.core.config import build_config
-    from pipeline.engine.config import TrainConfig
+    from pipeline.engine.train_config import TrainConfig
 
     family = ROOT / "pipeline" / "configs" / f"{model}.yaml"
     values = dict(

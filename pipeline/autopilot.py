@@ -37,8 +37,8 @@ from pipeline.core.records import EnsembleRecord
 from pipeline.core.tables import format_table
 from pipeline.data import common_image_size, load_coco, split_ids
 from pipeline.data.folds_config import FoldsConfig
-from pipeline.engine.config import TrainConfig
 from pipeline.engine.runtime import resolve_device
+from pipeline.engine.train_config import TrainConfig
 from pipeline.evaluation.analysis_config import AnalyzeConfig
 from pipeline.evaluation.selection import format_interval, select
 from pipeline.inference.ensemble import Fusion, OofCache, find_member

@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.core.config import ConfigError, build_config, stage_main
 from pipeline.core.io import atomic_write_text
-from pipeline.engine.config import TrainConfig
+from pipeline.engine.train_config import TrainConfig
 from pipeline.planning.budget import format_duration, parse_budget
 from pipeline.planning.devices import DeviceProfile, Measured, read_device_profile, save_device_profile
 from pipeline.planning.fingerprint import Fingerprint, fingerprint_of, read_fingerprint

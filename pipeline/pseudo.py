@@ -19,7 +19,7 @@ from typing import Any
 from pipeline.core.config import ConfigError, stage_main
 from pipeline.core.errors import PipelineError
 from pipeline.data import load_coco
-from pipeline.inference.pseudo import previous_round, write_pseudo_labels
+from pipeline.inference.pseudo_labels import previous_round, write_pseudo_labels
 from pipeline.submission.writer import resolve_submission_members
 
 log = logging.getLogger(__name__)

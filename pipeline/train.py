@@ -7,12 +7,12 @@ validates on fold ``k`` with the one metric module, through the training engine
 ``best.pt`` (complete checkpoints, written atomically), ``curves.png`` and ``oof/`` (the
 best checkpoint's class probabilities for the fold's images).
 
-The config is layered as :func:`pipeline.engine.config.train_layers` says: defaults <
+The config is layered as :func:`pipeline.engine.train_config.train_layers` says: defaults <
 ``configs/base.yaml`` < the family overlay of the model trained < ``--config`` < ``key=value``
 (``--only-config``: defaults < ``--config`` < ``key=value``, what ``make all`` runs with its recipe).
 
 A run whose ``last.pt`` exists continues from it when its stored config agrees (but for
-:data:`pipeline.engine.config.RESUMABLE_KEYS`); otherwise it is refused, naming the keys that
+:data:`pipeline.engine.train_config.RESUMABLE_KEYS`); otherwise it is refused, naming the keys that
 differ, and ``resume=false`` moves the old folder aside to start afresh.  Shuffling and
 augmentation depend only on (seed, epoch, sample), so a resumed run reproduces an uninterrupted one.  Under
 ``torchrun`` the same entry point trains with DistributedDataParallel.
@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pipeline.core.config import stage_main
-from pipeline.engine.config import TrainConfig, train_layers
 from pipeline.engine.hooks import Hook
+from pipeline.engine.train_config import TrainConfig, train_layers
 from pipeline.engine.trainer import TrainResult, train
 
 __all__ = ["TrainConfig", "TrainResult", "run", "main"]

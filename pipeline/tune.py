@@ -36,7 +36,6 @@ import optuna
 
 from pipeline.core.config import ConfigError, parse_overrides, stage_main
 from pipeline.core.errors import PipelineError
-from pipeline.tuning.config import TuneConfig
 from pipeline.tuning.space import (
     load_space,
 )
@@ -53,6 +52,7 @@ from pipeline.tuning.trials import (
     base_train_config,
     split_train_args,
 )
+from pipeline.tuning.tune_config import TuneConfig
 
 if TYPE_CHECKING:
     pass

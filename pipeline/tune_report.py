@@ -138,7 +138,7 @@ def write_plots(study: optuna.Study, out: Path) -> list[Path]:
 
 def best_config_text(study: optuna.Study) -> str | None:
     """YAML of the best trial's resolved training config (None when no trial completed with one)."""
-    from pipeline.engine.config import TrainConfig
+    from pipeline.engine.train_config import TrainConfig
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:

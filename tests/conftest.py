@@ -48,7 +48,7 @@ def small_train_config(data: Path, folds: Path, runs: Path, **kw):
     """A TrainConfig for tests: the demo data, a small encoder without pretrained weights, CPU, full
     precision (bf16 autocast is native on some CPUs and not others: thresholds hold on both)."""
     from pipeline.core.config import build_config
-    from pipeline.engine.config import TrainConfig
+    from pipeline.engine.train_config import TrainConfig
 
     base = dict(
         data_dir=str(data),

@@ -17,7 +17,7 @@ from pipeline.core.config import build_config
 from pipeline.core.errors import PipelineError
 from pipeline.data import load_coco, load_folds, read_image
 from pipeline.data.store import ProbReader, ProbWriter
-from pipeline.engine.config import TrainConfig
+from pipeline.engine.train_config import TrainConfig
 from pipeline.inference.predictor import PredictConfig, predict
 from pipeline.models import build_model
 from pipeline.planning.budget import parse_budget

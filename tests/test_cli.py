@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from pipeline.core.config import ConfigError, build_config, field_comments, split_args
-from pipeline.engine.config import BASE_YAML, CONFIGS_DIR, TrainConfig, train_layers
+from pipeline.engine.train_config import BASE_YAML, CONFIGS_DIR, TrainConfig, train_layers
 from pipeline.train import main as train_main
-from pipeline.tuning.config import TuneConfig
 from pipeline.tuning.space import TRIAL_DEFAULTS, TUNER_KEYS, load_space
 from pipeline.tuning.trials import TrialObjective, base_train_config
+from pipeline.tuning.tune_config import TuneConfig
 
 
 def test_args_with_spaces_stay_whole(caplog):

@@ -18,7 +18,7 @@ from pipeline.core.config import (
     save_config,
     yaml_layers,
 )
-from pipeline.engine.config import TrainConfig
+from pipeline.engine.train_config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pipeline" / "configs"
 
@@ -535,7 +535,7 @@ def test_family_overlay_holds_only_what_differs_from_base(family):
 def test_stage_args_are_checked_against_the_stage_config_before_a_process_starts():
     from pipeline.autopilot import command
     from pipeline.core.config import format_value, stage_args
-    from pipeline.engine.config import TrainConfig
+    from pipeline.engine.train_config import TrainConfig
     from pipeline.inference.ensemble_config import EnsembleConfig
 
     args = stage_args(

@@ -13,7 +13,7 @@ from pipeline.core.config import build_config
 from pipeline.data import load_coco
 from pipeline.data.store import ProbWriter
 from pipeline.engine.trainer import Trainer
-from pipeline.inference.pseudo import pseudo_map
+from pipeline.inference.pseudo_labels import pseudo_map
 from pipeline.pseudo import PseudoConfig
 from pipeline.pseudo import run as make_pseudo
 from pipeline.train import TrainConfig

@@ -129,8 +129,8 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: str
 def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
     """Model (in eval mode), its resolved training config and the checkpoint dict of a ``.pt`` file."""
     from pipeline.core.config import config_from_dict
-    from pipeline.engine.config import TrainConfig
     from pipeline.engine.runtime import channels_last_pays
+    from pipeline.engine.train_config import TrainConfig
     from pipeline.models import build_model
 
     ckpt = read_checkpoint(path)

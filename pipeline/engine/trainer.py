@@ -41,7 +41,7 @@ from pipeline.data import (
     split_ids,
 )
 from pipeline.data.copypaste import CopyPaste, ObjectBank, repeat_factors, resolve_classes
-from pipeline.data.pseudo import JoinedDataset, PseudoDataset
+from pipeline.data.pseudo_data import JoinedDataset, PseudoDataset
 from pipeline.data.resize import scaled_size
 from pipeline.engine.checkpoint import (
     CheckpointSaver,
@@ -51,7 +51,6 @@ from pipeline.engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from pipeline.engine.config import TrainConfig, changed_keys
 from pipeline.engine.hooks import EarlyStopping, EMAHook, Hook, TensorBoardHook, TimeBudget
 from pipeline.engine.loop import evaluate, train_one_epoch
 from pipeline.engine.oof import write_oof
@@ -69,6 +68,7 @@ from pipeline.engine.runtime import (
 )
 from pipeline.engine.sampling import EpochSeededDataset, EpochShuffleSampler
 from pipeline.engine.sizes import SizeSchedule
+from pipeline.engine.train_config import TrainConfig, changed_keys
 from pipeline.evaluation.metrics import iou_per_class, mean_iou
 from pipeline.models.contract import has_own_loss
 from pipeline.models.losses import build_loss, frequency_class_weights

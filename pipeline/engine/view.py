@@ -9,9 +9,9 @@ if TYPE_CHECKING:
     import torch
 
     from pipeline.core.layout import RunFolder
-    from pipeline.engine.config import TrainConfig
     from pipeline.engine.runtime import Dist
     from pipeline.engine.sizes import SizeSchedule
+    from pipeline.engine.train_config import TrainConfig
 
 
 class HookView(Protocol):

@@ -58,9 +58,9 @@ from pipeline.data import (
 from pipeline.data.resize import resize_probs
 from pipeline.data.store import DTYPES, ProbWriter
 from pipeline.engine.checkpoint import load_checkpoint_model
-from pipeline.engine.config import TrainConfig
 from pipeline.engine.oof import stored_size
 from pipeline.engine.runtime import AMP_MODES, amp_dtype, default_workers, loader_options, resolve_device
+from pipeline.engine.train_config import TrainConfig
 from pipeline.evaluation.metrics import confusion_matrix_torch, iou_per_class, mean_iou
 from pipeline.inference.mask_png import PngWriter
 from pipeline.inference.sliding import DEFAULT_OVERLAP, SlidingWindow, as_pair, list_blends

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.tables import format_table
-from pipeline.engine.config import TrainConfig
+from pipeline.engine.train_config import TrainConfig
 from pipeline.inference.tta import view_cost
 from pipeline.planning.budget import format_duration
 from pipeline.planning.probe import Recipe, Throughput

@@ -118,7 +118,7 @@ class SearchSpace:
 
 
 def _train_config_cls():
-    from pipeline.engine.config import TrainConfig
+    from pipeline.engine.train_config import TrainConfig
 
     return TrainConfig
 

@@ -17,9 +17,8 @@ import optuna
 from pipeline.core.config import ConfigError, layer, parse_overrides, split_args, to_dict
 from pipeline.core.errors import PipelineError
 from pipeline.core.layout import RunFolder
-from pipeline.engine.config import TrainConfig, train_layer_parts
+from pipeline.engine.train_config import TrainConfig, train_layer_parts
 from pipeline.engine.trainer import TrainResult
-from pipeline.tuning.config import TuneConfig
 from pipeline.tuning.space import (
     LOSS_WEIGHT,
     TRIAL_DEFAULTS,
@@ -31,6 +30,7 @@ from pipeline.tuning.space import (
 from pipeline.tuning.study import (
     retried_from,
 )
+from pipeline.tuning.tune_config import TuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def split_train_args(items: Iterable[str]) -> list[str]:
 
 def base_train_config(cfg: TuneConfig, model: str | None = None) -> TrainConfig:
     """A trial's training config before its sampled values: the training stage's composition
-    (:func:`pipeline.engine.config.train_layers`: defaults < ``base.yaml`` < the family overlay of
+    (:func:`pipeline.engine.train_config.train_layers`: defaults < ``base.yaml`` < the family overlay of
     ``model`` (a sampled one; default: the model the files and arguments name) < ``base_config`` <
     data_dir/folds_file and ``train_args``), with the tuner's defaults (no OOF maps, no plots)
     right above the family layers so that files and ``train_args`` can still set them."""

@@ -15,7 +15,7 @@ import yaml
 from pipeline.core.io import atomic_write_bytes, atomic_write_text
 from pipeline.core.labels import IGNORE_INDEX
 from pipeline.data import CocoData, mask_dtype
-from pipeline.data.pseudo import MANIFEST
+from pipeline.data.pseudo_data import MANIFEST
 from pipeline.inference.fusion import MemberProbs, SubmitMember, fused_probabilities
 
 log = logging.getLogger(__name__)
