@@ -62,7 +62,7 @@ from pipeline.core.config import stage_main, to_dict
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.core.layout import ENSEMBLE_REPORT
-from pipeline.core.records import EnsembleRecord
+from pipeline.core.records import EnsembleRecord, PostprocessRecord
 from pipeline.core.tables import format_table, markdown_table
 from pipeline.data import load_coco
 from pipeline.evaluation.metrics import iou_per_class, mean_iou
@@ -350,22 +350,22 @@ def _honesty(cfg: EnsembleConfig, choice: Choice) -> dict[str, Any]:
     }
 
 
-def _tune_postprocess(cfg: EnsembleConfig, choice: Choice, cache: OofCache, coco) -> dict[str, Any]:
+def _tune_postprocess(cfg: EnsembleConfig, choice: Choice, cache: OofCache, coco) -> PostprocessRecord:
     """The post-processing of ``cfg.postprocess`` tuned on the chosen fusion's OOF maps."""
     if POSTPROCESSORS.key(cfg.postprocess) == "none":
-        return {"name": "none", "params": {}}
+        return PostprocessRecord("none")
     fusion = Fusion(choice.weights, choice.bias, cfg.method)
     post = choose(cfg.postprocess, FusedOof(cache, fusion, coco), coco.num_classes, seed=cfg.seed)
-    gain = post["oof_gain"]
+    gain = post.oof_gain
     log.info(
         "post-processing %s on OOF: %.4f -> %.4f, gain %+.4f [%+.4f, %+.4f]: %s",
         cfg.postprocess,
-        post["oof_miou_without"],
-        post["oof_miou_with"],
+        post.oof_miou_without,
+        post.oof_miou_with,
         gain["gain"],
         gain["low"],
         gain["high"],
-        "kept" if post["accepted"] else "refused",
+        "kept" if post.accepted else "refused",
     )
     return post
 
@@ -423,7 +423,7 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
             "chosen": honest["selection"]["chosen"],
         },
         "selection": honest["selection"],
-        "postprocess": post,
+        "postprocess": post.to_dict(),
         "shakeup": honest["shakeup"],
         "tuning": {
             "tune": cfg.tune,

@@ -131,7 +131,7 @@ def run(cfg: SubmitConfig) -> dict[str, Any]:
         ],
         "mask_rule": stores_mask_rule([r.folder for m in members for r in m.readers]),
         "method": fusion.method,
-        "postprocess": post or {"name": "none"},
+        "postprocess": post.to_dict() if post else {"name": "none"},
         "bias": None if fusion.bias is None else [float(b) for b in fusion.bias],
         **{k: v for k, v in source.items() if k != "method"},
         "validated": cfg.check,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.core.errors import UnknownNameError
+from pipeline.core.records import PostprocessRecord
 from pipeline.core.registry import Registry
 from pipeline.data import AUGMENTATIONS, MASK_RULES
 from pipeline.engine.optim import OPTIMIZERS, SCHEDULERS
@@ -58,10 +59,10 @@ def test_identity_post_processor_and_unknown_name():
     import numpy as np
 
     labels = np.array([[0, 1], [2, 1]])
-    assert apply_postprocess({"name": "none"}, labels) is labels and apply_postprocess(None, labels) is labels
+    assert apply_postprocess(PostprocessRecord("none"), labels) is labels and apply_postprocess(None, labels) is labels
     assert POSTPROCESSORS.get("none")({}, labels) is labels
     with pytest.raises(UnknownNameError, match="post-processor"):
-        apply_postprocess({"name": "crf9", "params": {}}, labels)
+        apply_postprocess(PostprocessRecord("crf9"), labels)
 
 
 def test_min_area_gives_small_regions_to_the_surrounding_majority():

@@ -118,3 +118,39 @@ class EnsembleRecord:
         except yaml.YAMLError as exc:
             raise PipelineError(f"{path}: invalid YAML ({exc})") from exc
         return cls.from_dict(data, str(path))
+
+
+@dataclass
+class PostprocessRecord:
+    """``ensembles/<name>/postprocess.yaml``: the post-processor chosen on OOF (``none`` when the
+    selection rule refused the tuned one), its parameters, and the comparison that decided."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    oof_miou_without: float | None = None
+    oof_miou_with: float | None = None
+    oof_gain: dict[str, float] | None = None  # gain, low, high of the paired bootstrap interval
+    accepted: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "params": self.params}
+        if self.oof_gain is not None:
+            out.update(oof_miou_without=self.oof_miou_without, oof_miou_with=self.oof_miou_with)
+            out.update(oof_gain=self.oof_gain, accepted=self.accepted)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "postprocess.yaml") -> PostprocessRecord:
+        if not isinstance(data, dict) or "name" not in data:
+            raise PipelineError(f"{source}: not a post-processing file (no name)")
+        params = data.get("params") or {}
+        if not isinstance(params, dict):
+            raise PipelineError(f"{source}: params must be a mapping, got {params!r}")
+        return cls(
+            str(data["name"]),
+            params,
+            data.get("oof_miou_without"),
+            data.get("oof_miou_with"),
+            data.get("oof_gain"),
+            data.get("accepted"),
+        )

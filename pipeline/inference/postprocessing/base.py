@@ -13,6 +13,7 @@ import yaml
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
+from pipeline.core.records import PostprocessRecord
 from pipeline.core.registry import Registry
 from pipeline.evaluation.metrics import mean_iou
 from pipeline.evaluation.selection import select
@@ -75,47 +76,50 @@ POSTPROCESSORS.add(
 )
 
 
-def choose(name: str, oof: OofMaps, num_classes: int, seed: int = 0) -> dict[str, Any]:
+def choose(name: str, oof: OofMaps, num_classes: int, seed: int = 0) -> PostprocessRecord:
     """Tune post-processor ``name`` on ``oof`` and keep it only when the paired bootstrap interval of
     its OOF mIoU gain over images lies above zero; the record for ``postprocess.yaml``."""
     if POSTPROCESSORS.key(name) == "none":
-        return {"name": "none", "params": {}}
+        return PostprocessRecord("none")
     pp: PostProcessor = POSTPROCESSORS.get(name)
     tuned = pp.tune(oof, num_classes, seed)
     choice = select([("none", tuned.without), (pp.name, tuned.with_)], seed=seed)
     c = choice.comparisons[0]
-    return {
-        "name": choice.chosen,
-        "params": tuned.params,
-        "oof_miou_without": float(mean_iou(tuned.without.sum(0))),
-        "oof_miou_with": float(mean_iou(tuned.with_.sum(0))),
-        "oof_gain": {"gain": c.gain, "low": c.low, "high": c.high},
-        "accepted": c.accepted,
-    }
+    return PostprocessRecord(
+        choice.chosen,
+        tuned.params,
+        float(mean_iou(tuned.without.sum(0))),
+        float(mean_iou(tuned.with_.sum(0))),
+        {"gain": c.gain, "low": c.low, "high": c.high},
+        c.accepted,
+    )
 
 
-def needs_image(record: dict[str, Any] | None) -> bool:
+def needs_image(record: PostprocessRecord | None) -> bool:
     """Whether applying ``record`` needs each image's fused probabilities and the image itself."""
-    return bool(record) and POSTPROCESSORS.get(record.get("name", "none")).needs_image
+    return record is not None and POSTPROCESSORS.get(record.name).needs_image
 
 
 def apply_postprocess(
-    record: dict[str, Any] | None, labels: np.ndarray, probs: np.ndarray | None = None, image: np.ndarray | None = None
+    record: PostprocessRecord | None,
+    labels: np.ndarray,
+    probs: np.ndarray | None = None,
+    image: np.ndarray | None = None,
 ) -> np.ndarray:
     """The chosen post-processing of ``record`` (none when absent or refused) on one image's map."""
-    if not record or record.get("name", "none") == "none":
+    if record is None or record.name == "none":
         return labels
-    pp: PostProcessor = POSTPROCESSORS.get(record["name"])
+    pp: PostProcessor = POSTPROCESSORS.get(record.name)
     if pp.needs_image and (probs is None or image is None):
         raise PipelineError(f"the {pp.name} post-processing needs the fused probabilities and the image")
-    return pp.apply(record.get("params") or {}, labels, probs, image)
+    return pp.apply(record.params, labels, probs, image)
 
 
-def write_postprocess(folder: Path, record: dict[str, Any]) -> Path:
-    return atomic_write_text(folder / POSTPROCESS_FILE, yaml.safe_dump(record, sort_keys=False))
+def write_postprocess(folder: Path, record: PostprocessRecord) -> Path:
+    return atomic_write_text(folder / POSTPROCESS_FILE, yaml.safe_dump(record.to_dict(), sort_keys=False))
 
 
-def read_postprocess(folder: Path) -> dict[str, Any] | None:
+def read_postprocess(folder: Path) -> PostprocessRecord | None:
     path = folder / POSTPROCESS_FILE
     if not path.is_file():
         return None
@@ -123,10 +127,8 @@ def read_postprocess(folder: Path) -> dict[str, Any] | None:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path}: invalid YAML ({exc})") from exc
-    if not isinstance(data, dict) or "name" not in data:
-        raise PipelineError(f"{path}: not a post-processing file (no name)")
-    if data["name"] not in POSTPROCESSORS:
-        raise PipelineError(
-            f"{path}: unknown post-processor {data['name']!r}; known: {', '.join(POSTPROCESSORS.names())}"
-        )
-    return data
+    record = PostprocessRecord.from_dict(data, str(path))
+    if record.name not in POSTPROCESSORS:
+        known = ", ".join(POSTPROCESSORS.names())
+        raise PipelineError(f"{path}: unknown post-processor {record.name!r}; known: {known}")
+    return record
