@@ -80,6 +80,19 @@ def runs(demo_data, tmp_path_factory):
     return demo_data, good, bad
 
 
+def submit_t(tmp_path: Path, data, out: str) -> dict:
+    """Submit ensemble ``t`` of ``tmp_path/ensembles`` into ``tmp_path/<out>``."""
+    return submit(
+        SubmitConfig(
+            name="t",
+            ensembles_dir=str(tmp_path / "ensembles"),
+            data_dir=str(data),
+            out_dir=str(tmp_path / out),
+            progress=False,
+        )
+    )
+
+
 def cfg_for(members, tmp_path: Path, **kw) -> EnsembleConfig:
     data, good, bad = members
     base = dict(
@@ -188,15 +201,7 @@ def test_tuning_prefers_the_good_member_and_beats_it(runs, tmp_path):
 def test_weights_yaml_is_reused_by_submit(runs, tmp_path):
     data, good, bad = runs
     result = run(cfg_for(runs, tmp_path, n_trials=8))
-    out = submit(
-        SubmitConfig(
-            name="t",
-            ensembles_dir=str(tmp_path / "ensembles"),
-            data_dir=str(data),
-            out_dir=str(tmp_path / "subs"),
-            progress=False,
-        )
-    )
+    out = submit_t(tmp_path, data, "subs")
     assert out["ensemble"] == str(tmp_path / "ensembles" / "t" / "weights.yaml")
     assert [m["weight"] for m in out["members"]] == pytest.approx(result["weights"])
     assert out["oof"]["ensemble_miou"] == pytest.approx(result["oof"]["ensemble_miou"])
@@ -407,15 +412,7 @@ def test_post_processing_is_tuned_on_oof_recorded_and_applied_by_submit(runs, tm
     gain = post["oof_gain"]
     assert post["accepted"] == (gain["low"] > 0) and (post["name"] == name) == post["accepted"]
     assert post["oof_miou_with"] - post["oof_miou_without"] == pytest.approx(gain["gain"], abs=1e-9)
-    out = submit(
-        SubmitConfig(
-            name="t",
-            ensembles_dir=str(tmp_path / "ensembles"),
-            data_dir=str(data),
-            out_dir=str(tmp_path / "subs"),
-            progress=False,
-        )
-    )
+    out = submit_t(tmp_path, data, "subs")
     assert out["postprocess"]["name"] == post["name"]
     plain = submit(
         SubmitConfig(
@@ -463,15 +460,7 @@ def test_a_new_post_processor_is_one_registry_entry(runs, tmp_path, monkeypatch)
     assert post["oof_miou_with"] - post["oof_miou_without"] == pytest.approx(post["oof_gain"]["gain"], abs=1e-9)
     forced = dict(post, name="fill_holes")  # applied by submit whatever the rule chose, to see it reach submit
     (tmp_path / "ensembles" / "t" / "postprocess.yaml").write_text(yaml.safe_dump(forced))
-    out = submit(
-        SubmitConfig(
-            name="t",
-            ensembles_dir=str(tmp_path / "ensembles"),
-            data_dir=str(data),
-            out_dir=str(tmp_path / "s"),
-            progress=False,
-        )
-    )
+    out = submit_t(tmp_path, data, "s")
     assert out["postprocess"]["name"] == "fill_holes"
     with pytest.raises(PipelineError, match="unknown 'nope'"):
         build_config(EnsembleConfig, overrides=["runs=runs/x", "postprocess=nope"])

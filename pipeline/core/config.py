@@ -33,7 +33,7 @@ import yaml
 
 from pipeline import __version__
 from pipeline.core.errors import ConfigError, PipelineError
-from pipeline.core.io import atomic_write_text, setup_logging
+from pipeline.core.io import atomic_write_text, read_yaml, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +182,7 @@ def apply_mapping(cfg: T, mapping: dict[str, Any], source: str) -> T:
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    data = read_yaml(path, "config file not found", ConfigError)
     if data is None:
         return {}
     if not isinstance(data, dict):

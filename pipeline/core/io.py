@@ -9,7 +9,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from pipeline.core.errors import PipelineError
 
@@ -79,6 +79,20 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def read_yaml(path: str | Path, missing: str, error: type[PipelineError] = PipelineError) -> Any:
+    """The YAML document of ``path``; ``error`` names the file when it is missing (``missing`` says what
+    to do) or not YAML."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: invalid YAML ({exc})") from exc
 
 
 def setup_logging(level: str | int = "INFO") -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.io import read_yaml
 
 MEMBER_KEYS = ("name", "path", "tta", "oof_stores", "test_stores")
 
@@ -110,13 +111,7 @@ class EnsembleRecord:
     @classmethod
     def read(cls, path: str | Path) -> EnsembleRecord:
         """Read and check a ``weights.yaml``; errors name the file."""
-        path = Path(path)
-        if not path.is_file():
-            raise PipelineError(f"{path}: ensemble weights file not found (run make ensemble first)")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise PipelineError(f"{path}: invalid YAML ({exc})") from exc
+        data = read_yaml(path, "ensemble weights file not found (run make ensemble first)")
         return cls.from_dict(data, str(path))
 
 

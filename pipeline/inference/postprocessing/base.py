@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_write_text
+from pipeline.core.io import atomic_write_text, read_yaml
 from pipeline.core.records import PostprocessRecord
 from pipeline.core.registry import Registry
 from pipeline.evaluation.metrics import mean_iou
@@ -123,11 +123,7 @@ def read_postprocess(folder: Path) -> PostprocessRecord | None:
     path = folder / POSTPROCESS_FILE
     if not path.is_file():
         return None
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: invalid YAML ({exc})") from exc
-    record = PostprocessRecord.from_dict(data, str(path))
+    record = PostprocessRecord.from_dict(read_yaml(path, "no post-processing file"), str(path))
     if record.name not in POSTPROCESSORS:
         known = ", ".join(POSTPROCESSORS.names())
         raise PipelineError(f"{path}: unknown post-processor {record.name!r}; known: {known}")
