@@ -81,6 +81,7 @@ from pipeline.inference.ensemble import (
     FusedOof,
     Fusion,
     OofCache,
+    greedy_weights,
     resolve_members,
     tune_weights,
 )
@@ -233,9 +234,9 @@ class Choice:
 
 
 def _choose(cfg: EnsembleConfig, members: list, cache: OofCache) -> Choice:
-    """Honest selection among, simplest first, the best single member, the plain average and the
-    tuned weights; then the chosen weights + a tuned bias.  A more complex candidate replaces the
-    current choice only if its paired bootstrap gain interval lies above zero."""
+    """Honest selection among, simplest first, the best single member, the plain average, greedy
+    ensemble selection and the tuned weights; then the chosen weights + a tuned bias.  A more complex
+    candidate replaces the current choice only if its paired bootstrap gain interval lies above zero."""
     m = len(members)
     plain = Fusion(np.ones(m), None, cfg.method)
     singles = [Fusion(np.eye(m)[i], None, cfg.method) for i in range(m)]
@@ -248,6 +249,13 @@ def _choose(cfg: EnsembleConfig, members: list, cache: OofCache) -> Choice:
     if m > 1:
         candidates.append(("plain average", plain.weights, plain_pi))
     trials = 0
+    if cfg.tune and m > 1 and cfg.greedy_rounds > 0:
+        greedy, scored = greedy_weights(cache, cfg.method, cfg.greedy_rounds)
+        log.info("greedy ensemble selection: %s after %d fusions scored", np.round(greedy, 3).tolist(), scored)
+        if np.count_nonzero(greedy) > 1 and not np.allclose(greedy, plain.weights):  # else already a candidate
+            candidates.append(
+                ("greedy selection", greedy, cache.per_image_confusions([Fusion(greedy, None, cfg.method)])[0])
+            )
     if cfg.tune and m > 1 and cfg.n_trials > 0:
         weights, _ = tune_weights(cache, cfg.method, cfg.n_trials, cfg.seed)
         trials += cfg.n_trials
@@ -429,6 +437,7 @@ def run(cfg: EnsembleConfig) -> dict[str, Any]:
             "tune": cfg.tune,
             "tune_bias": cfg.tune_bias,
             "trials": choice.trials,
+            "greedy_rounds": cfg.greedy_rounds,
             "sampler": "TPE (weights); coordinate ascent, cross-fitted (bias)",
             "seed": cfg.seed,
             "max_images": cfg.max_images,

@@ -482,3 +482,22 @@ def test_the_weights_file_is_a_typed_record_that_writes_back_byte_for_byte(runs,
         EnsembleRecord.read(bad)
     with pytest.raises(PipelineError, match=r"nope\.yaml: ensemble weights file not found"):
         EnsembleRecord.read(tmp_path / "nope.yaml")
+
+
+def test_greedy_selection_adds_members_with_replacement_and_is_a_candidate(runs, tmp_path):
+    data, good, bad = runs
+    coco = load_coco(data, "train_all.json")
+    members = resolve_members([str(good), str(bad)])
+    with OofCache(members, coco, folder=tmp_path, progress=False) as cache:
+        weights, scored = ens.greedy_weights(cache, "mean", 6)
+        singles = [mean_iou(cache.confusion(Fusion(np.eye(2)[i]))) for i in range(2)]
+        greedy = mean_iou(cache.confusion(Fusion(weights)))
+    best = int(np.argmax(singles))
+    assert weights.sum() == pytest.approx(1.0) and scored % 2 == 0 and 2 <= scored <= 12
+    assert greedy >= max(singles) - 1e-12 and weights[best] >= weights[1 - best]  # never below its first pick
+    result = run(cfg_for(runs, tmp_path, n_trials=0, greedy_rounds=6, n_boot=100))
+    names = result["selection"]["candidates"]
+    assert names[:2] == [f"member {members[best].name} alone", "plain average"]
+    assert ("greedy selection" in names) == (np.count_nonzero(weights) > 1 and not np.allclose(weights, 0.5))
+    with pytest.raises(PipelineError, match="greedy_rounds must be >= 0"):
+        cfg_for(runs, tmp_path, greedy_rounds=-1)

@@ -578,6 +578,28 @@ def _quiet_optuna():
     return optuna
 
 
+def greedy_weights(cache: OofCache, method: str, rounds: int) -> tuple[np.ndarray, int]:
+    """Ensemble selection with replacement (Caruana et al., 2004): from the empty ensemble, each round
+    adds the member (again, if it is the best) whose addition gives the highest OOF mIoU; it stops when no
+    addition raises it or after ``rounds`` additions.  Weights are how often each member was added;
+    also returns the fusions it scored."""
+    m = len(cache.members)
+    counts, best, scored = np.zeros(m), -1.0, 0
+    for _ in range(max(1, rounds)):
+        scores = []
+        for j in range(m):
+            trial = counts.copy()
+            trial[j] += 1
+            scores.append(mean_iou(cache.confusion(Fusion(trial, None, method))))
+        scored += m
+        j = int(np.argmax(scores))  # the first of equals
+        if scores[j] <= best:
+            break
+        counts[j] += 1
+        best = scores[j]
+    return counts / counts.sum(), scored
+
+
 def tune_weights(cache: OofCache, method: str, n_trials: int, seed: int) -> tuple[np.ndarray, float]:
     """Best normalised weights found by TPE (the plain average is the first trial)."""
     optuna = _quiet_optuna()

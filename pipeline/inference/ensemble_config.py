@@ -22,6 +22,8 @@ class EnsembleConfig:
     bias_range: float = 3.0  # bias values tried: -bias_range .. bias_range by bias_step
     bias_step: float = 0.5
     bias_sweeps: int = 2  # coordinate-ascent sweeps over the classes
+    # greedy ensemble selection with replacement (Caruana et al. 2004): at most this many additions; 0: off
+    greedy_rounds: int = 20
     n_trials: int = 100  # weight trials (TPE)
     seed: int = 0
     out_dir: str = "ensembles"
@@ -44,6 +46,8 @@ class EnsembleConfig:
             raise ConfigError(f"postprocess: unknown {self.postprocess!r}; known: {', '.join(POSTPROCESSORS.names())}")
         if self.method not in METHODS:
             raise ConfigError(f"method: unknown {self.method!r}; known: {', '.join(METHODS)}")
+        if self.greedy_rounds < 0:
+            raise ConfigError(f"greedy_rounds must be >= 0, got {self.greedy_rounds}")
         if self.n_trials < 0:
             raise ConfigError(f"n_trials must be >= 0, got {self.n_trials}")
         if self.bias_range <= 0 or not 0 < self.bias_step <= self.bias_range:
