@@ -50,6 +50,7 @@ from pipeline.planning.budget import BudgetClock, format_duration, parse_budget
 from pipeline.planning.measure import measure_candidates
 from pipeline.planning.plan import (
     Plan,
+    candidate_size,
     describe_weights,
     make_plan,
     plan_from_dict,
@@ -132,12 +133,12 @@ class AutopilotConfig:
             raise ConfigError(f"model_options must map a family to its options, got {self.model_options!r}")
 
 
-def command(module: str, cls: type, settings: dict[str, Any], flags: Sequence[str] = ()) -> list[str]:
-    """A stage's command (module, flags, ``key=value`` items), its keys and values checked against the
-    stage's config class before any process starts (``--config FILE`` among ``flags`` is layered under
-    them, as the stage layers it)."""
-    config_file = flags[list(flags).index("--config") + 1] if "--config" in flags else None
-    return [module, *flags, *stage_args(cls, settings, config_file, where=module)]
+def command(module: str, cls: type, settings: dict[str, Any], recipe: Path | None = None) -> list[str]:
+    """A stage's command (module, ``key=value`` items), its keys and values checked against the stage's
+    config class before any process starts; with ``recipe``, the stage reads that file alone under the
+    items (``--only-config --config FILE``), and the check layers it the same way."""
+    flags = ["--only-config", "--config", str(recipe)] if recipe is not None else []
+    return [module, *flags, *stage_args(cls, settings, recipe, where=module)]
 
 
 class Autopilot:
@@ -214,10 +215,9 @@ class Autopilot:
         out = []
         for spec in self.weights:
             model, encoder = spec.split(":")
-            d = max(32, input_divisor(model, encoder, **self.options(model)))
+            d = input_divisor(model, encoder, **self.options(model))
             for frac in sorted(set(self.cfg.sizes)):
-                size = (max(d, round(h * frac / d) * d), max(d, round(w * frac / d) * d))
-                out.append(Recipe(model, encoder, size, self.cfg.batch_size))
+                out.append(Recipe(model, encoder, candidate_size((h, w), frac, d), self.cfg.batch_size))
         return list(dict.fromkeys(out))
 
     def options(self, model: str) -> dict[str, Any]:
@@ -331,7 +331,7 @@ class Autopilot:
         if self.cfg.threads:
             settings["threads"] = self.cfg.threads
         # the recipe file alone under the command line (--only-config), checked as the stage will read it
-        args = command("pipeline.train", TrainConfig, settings, ["--only-config", "--config", str(self.recipe)])
+        args = command("pipeline.train", TrainConfig, settings, self.recipe)
         folder = RunFolder.of(self.runs_dir, plan.recipe.name, 0)
         # the budget itself is not part of the stamp: a re-run after a kill continues the same run
         self.stage(

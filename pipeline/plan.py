@@ -24,6 +24,7 @@ from pipeline.engine.train_config import TrainConfig
 from pipeline.planning.budget import format_duration, parse_budget
 from pipeline.planning.devices import DeviceProfile, Measured, read_device_profile, save_device_profile
 from pipeline.planning.fingerprint import Fingerprint, fingerprint_of, read_fingerprint
+from pipeline.planning.plan import candidate_size
 from pipeline.planning.portfolio import PORTFOLIO, PortfolioRecipe, read_portfolio, usable
 from pipeline.planning.probe import Recipe, Throughput
 from pipeline.planning.schedule import Candidate, Schedule, plan_schedule
@@ -86,9 +87,7 @@ def recipe_size(fp: Fingerprint, recipe: PortfolioRecipe, fraction: float) -> tu
     divisor (at least 32), as ``make all`` sizes its candidates."""
     from pipeline.models import input_divisor
 
-    d = max(32, input_divisor(recipe.model, recipe.encoder if not recipe.pretrained else None))
-    h, w = fp.size
-    return max(d, round(h * fraction / d) * d), max(d, round(w * fraction / d) * d)
+    return candidate_size(fp.size, fraction, input_divisor(recipe.model, None if recipe.pretrained else recipe.encoder))
 
 
 def probe_recipe(r: PortfolioRecipe, size: tuple[int, int]) -> Recipe:
@@ -103,6 +102,8 @@ class Costs:
         self.cfg, self.fp, self.profile, self.recipe_cfg = cfg, fp, profile, recipe_cfg
         self.measured: dict[tuple[str, tuple[int, int]], Throughput] = {}
         self.device = None
+        # the progressive-resizing share's size, probed too when the recipe trains one
+        self.low_scale = recipe_cfg.progressive_scale if recipe_cfg.progressive else None
         if profile is None:
             from pipeline.engine.runtime import resolve_device
 
@@ -133,22 +134,19 @@ class Costs:
             return [self(r, size) for r, size in sized]
         from pipeline.planning.measure import measure_candidates
 
-        low = self.recipe_cfg.progressive_scale if self.recipe_cfg.progressive else None
+        portfolio = {probe_recipe(r, size): r for r, size in sized}
         k = self.cfg.k
         found, _ = measure_candidates(
-            [probe_recipe(r, size) for r, size in sized],
+            list(portfolio),
             fp.num_classes,
             self.device,
             budget_s,
             lambda: budget_s,
             int(round(fp.n_train(k) * fp.epoch_factor)),
             fp.n_val(k),
-            low_scale=low,
             progressive=self.recipe_cfg.progressive,
+            measure=lambda recipe: self(portfolio[recipe], recipe.size),  # one probe per recipe and size
         )
-        names = {(probe_recipe(r, size)): r.name for r, size in sized}
-        for t in found:
-            self.measured[(names[t.recipe], t.recipe.size)] = t
         if self.cfg.save_profile:  # a profile holds every size, also those this budget leaves out
             for r, size in sized:
                 self(r, size)
@@ -162,9 +160,8 @@ class Costs:
             from pipeline.planning.probe import probe
 
             options = {"pretrained": r.pretrained} if r.pretrained else {}
-            low = self.recipe_cfg.progressive_scale if self.recipe_cfg.progressive else None
             self.measured[key] = probe(
-                probe_recipe(r, size), self.fp.num_classes, self.device, options=options, low_scale=low
+                probe_recipe(r, size), self.fp.num_classes, self.device, options=options, low_scale=self.low_scale
             )
         return self.measured[key]
 
@@ -185,11 +182,12 @@ def build_schedule(cfg: PlanConfig) -> tuple[Schedule, Costs, list[str]]:
         raise ConfigError(
             f"{portfolio.source}: no recipe of the {costs.kind} tier can be used here (weights, scratch=false)"
         )
-    screened = [Candidate(r.name, r.family, costs(r, recipe_size(fp, r, r.size)), w.describe()) for r, w in found]
-    # the single-recipe plan: as make all, the recipes with pretrained weights (else those from scratch)
+    # the single-recipe plan: as make all, the recipes with pretrained weights (else those from scratch);
+    # measured first, so that the screen reuses what the probe measured
     pretrained = [(r, w) for r, w in found if w.pretrained]
     single_pool = pretrained or found
     single = costs.single(fp, [r for r, _ in single_pool], parse_budget(cfg.budget))
+    screened = [Candidate(r.name, r.family, costs(r, recipe_size(fp, r, r.size)), w.describe()) for r, w in found]
     schedule = plan_schedule(
         fp,
         screened,

@@ -549,5 +549,5 @@ def test_stage_args_are_checked_against_the_stage_config_before_a_process_starts
     with pytest.raises(ConfigError, match=r"pipeline\.ensemble: postprocess: unknown 'nope'"):
         command("pipeline.ensemble", EnsembleConfig, {"runs": "runs/a", "postprocess": "nope"})
     recipe = Path(__file__).resolve().parents[1] / "pipeline" / "configs" / "recipes" / "budget.yaml"
-    line = command("pipeline.train", TrainConfig, {"epochs": 4}, ["--only-config", "--config", str(recipe)])
+    line = command("pipeline.train", TrainConfig, {"epochs": 4}, recipe)
     assert line == ["pipeline.train", "--only-config", "--config", str(recipe), "epochs=4"]

@@ -180,6 +180,18 @@ def apply_mapping(cfg: T, mapping: dict[str, Any], source: str) -> T:
     return dataclasses.replace(cfg, **values)
 
 
+def named_file(name_or_path: str | Path, folder: Path, what: str) -> Path:
+    """A YAML file given by its path, or by its name as ``<folder>/<name>.yaml``; the ConfigError of a
+    missing one lists the names ``folder`` knows."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") or path.is_file()):
+        path = folder / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise ConfigError(f"{what} {str(name_or_path)!r}: no file {path}; known: {known}")
+    return path
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; errors name the file."""
     data = read_yaml(path, "config file not found", ConfigError)

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import read_yaml
+from pipeline.core.io import atomic_write_text, read_yaml
 
 MEMBER_KEYS = ("name", "path", "tta", "oof_stores", "test_stores")
 
@@ -83,8 +83,6 @@ class EnsembleRecord:
         return {**out, **self.report}
 
     def write(self, path: str | Path) -> Path:
-        from pipeline.core.io import atomic_write_text
-
         return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
 
     @classmethod

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import read_yaml_mapping
+from pipeline.core.config import named_file, read_yaml_mapping
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import atomic_write_text
 from pipeline.planning.portfolio import PortfolioRecipe
@@ -113,14 +113,6 @@ def _mpx(size: tuple[int, int] | list[int]) -> float:
     return size[0] * size[1] / 1e6
 
 
-def profile_path(name_or_path: str | Path) -> Path:
-    """A profile file: a path as given, else ``configs/devices/<name>.yaml``."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.is_file():
-        return p
-    return DEVICES / f"{name_or_path}.yaml"
-
-
 def _measured(entry: Any, where: str) -> Measured:
     try:
         m = Measured(
@@ -138,10 +130,7 @@ def _measured(entry: Any, where: str) -> Measured:
 
 
 def read_device_profile(name_or_path: str | Path) -> DeviceProfile:
-    path = profile_path(name_or_path)
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in DEVICES.glob("*.yaml")))
-        raise ConfigError(f"device profile {name_or_path!r}: no file {path}; known: {known}")
+    path = named_file(name_or_path, DEVICES, "device profile")
     data = read_yaml_mapping(path)
     where = str(path)
     unknown = sorted(set(data) - {"name", "kind", "description", "measured", "estimate"})

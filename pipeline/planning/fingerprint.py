@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import read_yaml_mapping
+from pipeline.core.config import named_file, read_yaml_mapping
 from pipeline.core.errors import ConfigError
 
 RARE_SHARE = 0.05  # a class present in fewer than this share of the labelled images is rare
@@ -69,12 +69,7 @@ class Fingerprint:
 def read_fingerprint(name_or_path: str | Path) -> Fingerprint:
     """A fingerprint YAML file (n_labelled, n_test, size, num_classes, optional rare_classes,
     absent_classes, epoch_factor): a path, or the name of one in ``configs/fingerprints/``."""
-    path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") or path.is_file()):
-        path = FINGERPRINTS / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in FINGERPRINTS.glob("*.yaml")))
-        raise ConfigError(f"fingerprint {name_or_path!r}: no file {path}; known: {known}")
+    path = named_file(name_or_path, FINGERPRINTS, "fingerprint")
     return Fingerprint.from_dict(read_yaml_mapping(path), str(path))
 
 

@@ -29,9 +29,16 @@ def measure_candidates(
     low_scale: float | None = None,
     progressive: float = 0.0,
     probe_share: float = PROBE_SHARE,
+    measure: Callable[[Recipe], Throughput] | None = None,
 ) -> tuple[list[Throughput], float]:
     """The throughputs of ``recipes`` measured here, and the seconds the probe took.  ``left_s``: the
-    budget's seconds left now; ``options``: the builder options of a model family."""
+    budget's seconds left now; ``options``: the builder options of a model family; ``measure``: how one
+    recipe is measured (default: the probe with those options)."""
+    if measure is None:
+
+        def measure(recipe: Recipe) -> Throughput:
+            return probe(recipe, num_classes, device, options=options(recipe.model), low_scale=low_scale)
+
     started = time.monotonic()
     measured: list[Throughput] = []
     by_model: dict[tuple[str, str], list[Recipe]] = {}
@@ -41,7 +48,7 @@ def measure_candidates(
         for recipe in sorted(group, key=lambda r: r.size[0] * r.size[1]):
             if time.monotonic() - started > probe_share * budget_s and measured:
                 break  # the probe may not eat the budget
-            t = probe(recipe, num_classes, device, options=options(recipe.model), low_scale=low_scale)
+            t = measure(recipe)
             measured.append(t)
             if epoch_seconds(t, epoch_images, n_val, progressive) * TARGET_EPOCHS > left_s():
                 break  # its larger sizes would train fewer epochs still

@@ -108,6 +108,13 @@ def describe_weights(record: dict) -> str:
     return WeightSource.from_dict(record).describe() if record else "none (random init)"
 
 
+def candidate_size(size: tuple[int, int], fraction: float, divisor: int) -> tuple[int, int]:
+    """A candidate recipe's input size: ``fraction`` of the data's most common ``size`` (H, W), each
+    side rounded to a multiple of the model's divisor (at least 32), never below one."""
+    d = max(32, int(divisor))
+    return max(d, round(size[0] * fraction / d) * d), max(d, round(size[1] * fraction / d) * d)
+
+
 def val_every(epochs: int) -> int:
     """Epochs between validations of a budgeted run: validation is for the curve and the best
     checkpoint, and on a CPU it costs about a tenth of an epoch, so it runs about VALIDATIONS times

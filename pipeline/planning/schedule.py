@@ -22,7 +22,7 @@ submission and its score."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline.core.tables import format_table
@@ -360,16 +360,12 @@ def _largest_epochs(pricer: _Pricer, pool: list[Candidate], shape: _Shape, usabl
     lo, hi, found = TARGET_EPOCHS, EPOCHS_CAP, (0, [])
     while lo <= hi:  # the cost grows with the epochs
         mid = (lo + hi) // 2
-        stages = pricer.stages(pool, _replace(shape, epochs=mid))
+        stages = pricer.stages(pool, replace(shape, epochs=mid))
         if sum(s.seconds for s in stages) <= usable_s:
             found, lo = (mid, stages), mid + 1
         else:
             hi = mid - 1
     return found
-
-
-def _replace(shape: _Shape, **changes) -> _Shape:
-    return _Shape(**{**shape.__dict__, **changes})
 
 
 def _shapes(pool: list[Candidate], k: int, partial: str):
@@ -428,7 +424,7 @@ def plan_schedule(
         epochs, stages = _largest_epochs(pricer, pool, shape, usable_s)
         if not epochs:
             continue
-        shape = _replace(shape, epochs=epochs)
+        shape = replace(shape, epochs=epochs)
         kind = KINDS[level].format(f=shape.families, k=k, folds=shape.folds)
         if shape.refit:
             kind = "screen, the winner on fold 0 and refit on all labelled images"
