@@ -247,3 +247,31 @@ def test_ddp_two_process_gloo_matches_single_process_metric(demo_data_square, fo
     loader = torch.utils.data.DataLoader(ds, batch_size=5, collate_fn=collate)
     cm = evaluate(model, loader, coco.num_classes, torch.device("cpu"), None)
     assert mean_iou(cm) == pytest.approx(metrics["val_miou"].iloc[0], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_paused_at_stop_epoch_and_continued_equals_an_uninterrupted_one(demo_data_square, folds_file, tmp_path):
+    """Successive-halving rungs: the schedule is the one of ``epochs`` from the start, so a run paused
+    after 2 epochs (validated there, OOF written) and continued to 4 repeats the 4-epoch run exactly;
+    its learning rate never steps back up."""
+    kw = dict(epochs=4, plot=False, batch_size=4, encoder="tu-mobilenetv3_small_050")
+    full = small_cfg(demo_data_square, folds_file, tmp_path / "a", **kw)
+    run(full)
+    expected = pd.read_csv(full.run_dir() / "metrics.csv")
+
+    paused = small_cfg(demo_data_square, folds_file, tmp_path / "b", stop_epoch=2, **kw)
+    run(paused)
+    first = pd.read_csv(paused.run_dir() / "metrics.csv")
+    assert list(first.epoch) == [0, 1] and not np.isnan(first.val_miou.iloc[-1])  # validated at the pause
+    assert (paused.run_dir() / "oof" / "meta.json").is_file()
+    run(small_cfg(demo_data_square, folds_file, tmp_path / "b", **kw))  # stop_epoch=None: to the end
+    got = pd.read_csv(paused.run_dir() / "metrics.csv")
+    pd.testing.assert_frame_equal(got, expected)
+    assert got.lr.iloc[1:].is_monotonic_decreasing  # after the warm-up epoch the rate only falls
+
+
+def test_stop_epoch_and_time_budget_are_refused_together(demo_data_square, folds_file, tmp_path):
+    from pipeline.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stop_epoch"):
+        small_cfg(demo_data_square, folds_file, tmp_path, stop_epoch=2, time_budget=60.0).validate()

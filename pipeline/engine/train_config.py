@@ -24,6 +24,7 @@ BASE_YAML = CONFIGS_DIR / "base.yaml"
 # it learns (weights_source is recorded by the trainer, resume is the question itself)
 RESUMABLE_KEYS = (
     "epochs",
+    "stop_epoch",
     "time_budget",
     "val_every",
     "patience",
@@ -114,6 +115,9 @@ class TrainConfig:
     tf32: bool = True  # CUDA: TF32 matrix products and convolutions on Ampere and newer
     compile: bool = False  # torch.compile the model (slower start, faster steps on a GPU)
     time_budget: float | None = None  # seconds of training + validation; the run shortens to fit (make all)
+    # pause after this many epochs (successive-halving rungs): the schedule stays the one of ``epochs``,
+    # and a re-run with a later stop_epoch (or none) continues it from last.pt; None: train to the end
+    stop_epoch: int | None = None
     max_train_batches: int | None = None  # cap per epoch (smoke runs, tuning budgets)
     max_val_batches: int | None = None
     progress: bool = True
@@ -148,6 +152,10 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be [side] or [height, width] of positive pixels, got {value}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ConfigError(f"layer_decay must be in (0, 1] or null, got {self.layer_decay}")
+        if self.stop_epoch is not None and self.stop_epoch < 1:
+            raise ConfigError(f"stop_epoch must be at least 1 or null, got {self.stop_epoch}")
+        if self.stop_epoch is not None and self.time_budget is not None:
+            raise ConfigError("stop_epoch pauses a fixed schedule and time_budget re-sizes it: give one of them")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ConfigError(f"time_budget must be positive seconds or null, got {self.time_budget}")
         if not 0 <= self.progressive < 1 or not 0 < self.progressive_scale <= 1:

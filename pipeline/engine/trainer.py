@@ -390,6 +390,11 @@ class Trainer:
                 state[hook.state_key] = hook.state_dict()
         return state
 
+    @property
+    def pause_epoch(self) -> int:
+        """The epoch this process stops before (``stop_epoch``; the schedule still ends at ``end_epoch``)."""
+        return self.cfg.stop_epoch if self.cfg.stop_epoch is not None else self.cfg.epochs
+
     def resize(self, end_epoch: int) -> None:
         """End training after epoch ``end_epoch - 1`` (at most the configured epochs) and make the
         schedule decay by then."""
@@ -416,7 +421,7 @@ class Trainer:
 
     def validate(self, epoch: int) -> dict[str, float]:
         """val mIoU and per-class IoU of the evaluation model (NaN when this epoch is not validated)."""
-        due = (epoch + 1) % self.cfg.val_every == 0 or epoch + 1 >= self.end_epoch
+        due = (epoch + 1) % self.cfg.val_every == 0 or epoch + 1 >= min(self.end_epoch, self.pause_epoch)
         if self.val_loader is None or not due:
             return {"val_miou": float("nan")}
         return self.evaluate_model(self.evaluation_model())
@@ -503,7 +508,7 @@ class Trainer:
             initial=self.start_epoch,
             total=self.cfg.epochs,
         ):
-            if self.stop or epoch >= self.end_epoch:
+            if self.stop or epoch >= min(self.end_epoch, self.pause_epoch):
                 break
             row = self.run_epoch(epoch)
             for hook in self.hooks:
