@@ -47,7 +47,10 @@ from pipeline.inference.postprocessing import POSTPROCESSORS
 from pipeline.inference.predictor import PredictConfig
 from pipeline.models.pretrained import SCRATCH, WeightSource, resolve_weights
 from pipeline.planning.budget import BudgetClock, format_duration, parse_budget
-from pipeline.planning.measure import measure_candidates
+from pipeline.planning.devices import DeviceProfile, Measured
+from pipeline.planning.executor import ScheduleRun, describe_folds, ladder_rows
+from pipeline.planning.fingerprint import fingerprint_of
+from pipeline.planning.measure import PROBE_SHARE, measure_candidates
 from pipeline.planning.plan import (
     Plan,
     candidate_size,
@@ -57,7 +60,9 @@ from pipeline.planning.plan import (
     plan_to_dict,
     val_every,
 )
+from pipeline.planning.portfolio import PORTFOLIO, PortfolioRecipe, read_portfolio, usable
 from pipeline.planning.probe import Recipe
+from pipeline.planning.schedule import Candidate, Schedule, plan_schedule
 from pipeline.planning.stamps import Stamps, stamp_key
 from pipeline.submission.formats import FORMATS, resolve_format
 from pipeline.submission.score_config import ScoreConfig
@@ -107,9 +112,25 @@ class AutopilotConfig:
         "min_area"  # a post-processor (none, min_area, crf, ...): tuned on OOF, kept by the selection rule
     )
     progress: bool = True
+    # the plan's level (pipeline.planning.schedule): null, the richest that fits the budget; 1 the single
+    # recipe; 2 screening and the winner on more folds or a refit; 3 two or three families on all folds;
+    # 4 and a pseudo-label round.  A level given here may train as few as 4 epochs a run (a measurement)
+    level: int | None = None
+    partial: str = "refit"  # when the winner cannot train every fold: refit on all labelled images, or folds
+    max_screen: int | None = None  # screen at most this many portfolio recipes (1: the first, no screen)
+    portfolio: str | None = None  # the recipes a plan of level 2+ screens (default configs/recipes/portfolio.yaml)
+    max_epochs: int = 60  # a plan of level 2+ gives every run at most this many epochs
 
     def validate(self) -> None:
         parse_budget(self.budget)
+        if self.level is not None and self.level not in (1, 2, 3, 4):
+            raise ConfigError(f"level must be 1, 2, 3, 4 or null, got {self.level!r}")
+        if self.partial not in ("refit", "folds"):
+            raise ConfigError(f"partial: expected refit or folds, got {self.partial!r}")
+        if self.max_epochs < 1:
+            raise ConfigError(f"max_epochs must be at least 1, got {self.max_epochs}")
+        if self.max_screen is not None and self.max_screen < 1:
+            raise ConfigError(f"max_screen must be at least 1 or null, got {self.max_screen}")
         if not self.name.strip() or "/" in self.name:
             raise ConfigError(f"name must be a plain folder name, got {self.name!r}")
         if self.postprocess not in POSTPROCESSORS:
@@ -144,6 +165,8 @@ def command(module: str, cls: type, settings: dict[str, Any], recipe: Path | Non
 class Autopilot:
     """One budgeted run: the workspace, the clock, the stamps, and the steps in order."""
 
+    command_of = staticmethod(command)  # the executor of richer plans builds its commands here
+
     def __init__(self, cfg: AutopilotConfig):
         self.cfg = cfg
         # before any work: a sample submission with an unknown header fails now, not after training
@@ -161,6 +184,7 @@ class Autopilot:
         self.folds_file = self.ws / "folds" / self.coco.digest[:12] / "folds.csv"
         self.runs_dir = self.ws / "runs"
         self._weights: dict[str, WeightSource] | None = None
+        self.portfolio = read_portfolio(cfg.portfolio or PORTFOLIO)
 
     @property
     def weights(self) -> dict[str, WeightSource]:
@@ -224,8 +248,10 @@ class Autopilot:
         """The builder options a budgeted run gives ``model`` (``model_options``)."""
         return dict(self.cfg.model_options.get(model, {}))
 
-    def plan(self) -> Plan:
-        """The plan of this budget on this device, measured once and kept in ``plan.json``."""
+    def plan(self) -> tuple[Plan | None, dict[str, Any]]:
+        """The plan of this budget on this device, measured once and kept in ``plan.json``: the
+        single-recipe plan (level 1, with ``None`` for the schedule's executor), or a schedule of
+        level 2-4 (``None`` for the single plan) that :class:`ScheduleRun` executes."""
         settings = {
             "budget": self.cfg.budget,
             "models": {m: w.to_dict() for m, w in self.weights.items()},
@@ -236,7 +262,12 @@ class Autopilot:
             "device": self.cfg.device,
             "threads": self.cfg.threads,
         }
-        key = stamp_key(settings, [self.coco.path, self.test.path, self.folds_file, *self.recipe_files])
+        # the plan's shape settings count only when given (a workspace of the single-recipe plan keeps its key)
+        shape = {k: getattr(self.cfg, k) for k in ("level", "partial", "max_screen", "max_epochs")}
+        settings.update({k: v for k, v in shape.items() if v != getattr(AutopilotConfig, k)})
+        extra = [Path(self.cfg.portfolio)] if self.cfg.portfolio else []
+        inputs = [self.coco.path, self.test.path, self.folds_file, *self.recipe_files, *extra]
+        key = stamp_key(settings, inputs)
         path = self.ws / "plan.json"
         saved: dict[str, Any] = {}
         if path.is_file():
@@ -244,11 +275,14 @@ class Autopilot:
             if not isinstance(saved, dict):
                 raise PipelineError(f"{path}: expected a JSON object; move it away to plan again")
             if saved.get("key") == key and "plan" in saved:
-                return plan_from_dict(saved["plan"])
-        plan = self._measure_and_plan()
+                executes = saved.get("executes") or {"level": 1}
+                return (plan_from_dict(saved["plan"]) if saved["plan"] else None), executes
+        plan, schedule = self._measure_and_plan()
+        executes = {**schedule.to_dict(), "key": key, "text": schedule.table()} if schedule else {"level": 1}
+        record = {**saved, "key": key, "plan": plan_to_dict(plan) if plan else None, "executes": executes}
         # what make plan keeps there (its schedule) stays
-        atomic_write_text(path, json.dumps({**saved, "key": key, "plan": plan_to_dict(plan)}, indent=2))
-        return plan
+        atomic_write_text(path, json.dumps(record, indent=2))
+        return plan, executes
 
     def epoch_images(self, train_ids: list[int], threshold: float | None) -> int:
         """Images one training epoch goes through: the recipe's repeat-factor sampling (``threshold``)
@@ -259,7 +293,7 @@ class Autopilot:
             return len(train_ids)
         return int(round(float(repeat_factors(self.coco, train_ids, threshold).sum())))
 
-    def _measure_and_plan(self) -> Plan:
+    def _measure_and_plan(self) -> tuple[Plan | None, Schedule | None]:
         train_ids, val_ids = split_ids(self.coco, self.folds_file, 0)  # the trainer's own split
         n_val = len(val_ids)
         recipe_cfg = build_config(TrainConfig, self.recipe)  # what the training stage will read
@@ -283,6 +317,9 @@ class Autopilot:
             recipe_cfg.progressive,
         )
         self.clock.add_stage("probe", seconds)
+        schedule = self.schedule(measured, recipe_cfg, device, train_ids, seconds)
+        if schedule is not None and schedule.level > 1:
+            return None, schedule
         plan = make_plan(
             measured,
             self.clock.remaining(),
@@ -297,7 +334,74 @@ class Autopilot:
         )
         plan.model_options = self.options(plan.recipe.model)
         plan.candidates = {m: w.to_dict() for m, w in self.weights.items()}
-        return plan
+        return plan, None
+
+    def portfolio_recipes(self, kind: str) -> list[tuple[PortfolioRecipe, WeightSource]]:
+        """The portfolio's recipes for this device whose weights resolve here (``encoder_weights=null``:
+        those from scratch); beside two pretrained ones a from-scratch recipe is not worth a slot."""
+        recipes = self.portfolio.tier(kind)
+        if self.cfg.encoder_weights is None:
+            return [(r, SCRATCH) for r in recipes if r.scratch]
+        found = usable(recipes, self.cfg.weights_dir)
+        if sum(w.pretrained for _, w in found) >= 2:
+            found = [(r, w) for r, w in found if not r.scratch]
+        return found
+
+    def schedule(
+        self, measured: list, recipe_cfg: TrainConfig, device, train_ids: list[int], probe_s: float
+    ) -> Schedule | None:
+        """The richest plan of :func:`plan_schedule` for the time left: the portfolio's recipes priced from
+        the probe's measurements (scaled by pixels), those not measured probed while the probe has its
+        share of the budget; None when only the single-recipe plan is possible."""
+        from pipeline.models import input_divisor
+        from pipeline.planning.probe import probe
+
+        kind = "gpu" if device.type == "cuda" else "cpu"
+        found = self.portfolio_recipes(kind)
+        here = DeviceProfile("this device", kind)
+        for r, _ in found:
+            same = [t for t in measured if (t.recipe.model, t.recipe.encoder) == (r.model, r.encoder)]
+            here.measured[r.name] = [
+                Measured(t.recipe.size, t.recipe.batch, t.step_s, t.image_s, t.checkpoint_mb) for t in same
+            ]
+        fp = fingerprint_of(self.coco, self.test, train_ids, recipe_cfg.rfs_threshold)
+        candidates = []
+        for r, w in found:
+            size = candidate_size(fp.size, r.size, input_divisor(r.model, None if r.pretrained else r.encoder))
+            if not here.measured[r.name]:
+                if probe_s > PROBE_SHARE * self.budget_s:
+                    log.info("plan: %s left out of the screen (the probe has used its share of the budget)", r.name)
+                    continue
+                started = time.monotonic()
+                options = {"pretrained": r.pretrained} if r.pretrained else self.options(r.model)
+                recipe = Recipe(r.model, r.encoder or str(r.pretrained), size, r.batch)
+                t = probe(recipe, fp.num_classes, device, options=options)
+                probe_s += time.monotonic() - started
+                self.clock.add_stage("probe", time.monotonic() - started)
+                here.measured[r.name] = [Measured(size, r.batch, t.step_s, t.image_s, t.checkpoint_mb)]
+            candidates.append(Candidate(r.name, r.family, here.throughput(r, size, r.batch), w.describe()))
+        if not candidates:
+            return None
+        try:
+            return plan_schedule(
+                fp,
+                candidates,
+                measured,
+                self.clock.remaining(),
+                k=self.cfg.k,
+                tta=list(self.cfg.tta),
+                oof_scale=recipe_cfg.oof_scale,
+                progressive=recipe_cfg.progressive,
+                partial=self.cfg.partial,
+                device=str(device),
+                level=self.cfg.level,
+                max_screen=self.cfg.max_screen,
+                max_epochs=self.cfg.max_epochs,
+            )
+        except PipelineError:
+            if self.cfg.level not in (None, 1):
+                raise
+            return None  # the single-recipe plan refuses with its own message
 
     # ------------------------------------------------------------------------- steps
     def train(self, plan: Plan) -> Path:
@@ -376,7 +480,7 @@ class Autopilot:
         return choice.chosen, choice
 
     def finish(self, run_dir: Path, tta: str) -> dict[str, Any]:
-        """Test prediction, ensemble, submission and (labels permitting) the score."""
+        """Test prediction, ensemble, then :meth:`report`."""
         self.predict(run_dir, "test", tta)
         ens_dir = self.ws / "ensembles"
         weights = ens_dir / self.cfg.name / ENSEMBLE_WEIGHTS
@@ -392,17 +496,22 @@ class Autopilot:
             [RunFolder(run_dir).store("val", tta) / "index.csv"],
             [weights],
         )
+        return self.report(weights)
+
+    def report(self, weights: Path) -> dict[str, Any]:
+        """The ensemble's analysis, the submission and (labels permitting) its score."""
+        name, ens_dir = weights.parent.name, weights.parent.parent
         self.stage(
             "analyze",
             command(
                 "pipeline.analyze",
                 AnalyzeConfig,
-                dict(name=self.cfg.name, ensembles_dir=ens_dir, data_dir=self.cfg.data_dir)
+                dict(name=name, ensembles_dir=ens_dir, data_dir=self.cfg.data_dir)
                 | dict(out_dir=self.ws / "analysis", progress=self.cfg.progress),
             ),
             {},
             [weights],
-            [self.ws / "analysis" / self.cfg.name / "report.md"],
+            [self.ws / "analysis" / name / "report.md"],
         )
         csv_path = self.submit(weights)
         result: dict[str, Any] = {"submission": str(csv_path), "ensemble": str(weights)}
@@ -448,13 +557,45 @@ def summary(pilot: Autopilot, plan: Plan, tta: str, choice, result: dict[str, An
     rows = [["weights", describe_weights(plan.weights)]]
     rows += [[f"member {m.name}", format_interval(m.scores["oof_miou_interval"])] for m in ens.members]
     rows.append(["ensemble (OOF)", format_interval(ens.oof["ensemble_interval"])])
+    rows += tta_rows(choice)
+    return format_table(["summary", ""], rows + tail_rows(pilot, ens, tta, result))
+
+
+def schedule_summary(pilot: Autopilot, schedule: dict[str, Any], out: dict[str, Any], result: dict[str, Any]) -> str:
+    """The summary of a plan of level 2-4: the screen's ladder, the folds or refit, the ensemble's
+    members and weights, the TTA and pseudo-label decisions, then what every run reports."""
+    ens = EnsembleRecord.read(result["ensemble"])
+    rows = [["plan", f"level {schedule['level']}: {schedule['kind']}, {schedule['epochs']} epochs a run"]]
+    rows += ladder_rows(out["ladder"])
+    rows += describe_folds(out["trained"])
     rows += [
+        [f"member {m.name} (weight {m.weight:.3f})", format_interval(m.scores["oof_miou_interval"])]
+        for m in ens.members
+    ]
+    rows.append([f"ensemble (OOF): {ens.oof.get('chosen', '')}", format_interval(ens.oof["ensemble_interval"])])
+    rows += tta_rows(out["tta_choice"])
+    if "pseudo" in out:
+        for c in out["pseudo"]["decision"]["comparisons"]:
+            verdict = "kept" if c["accepted"] else "refused"
+            rows.append(
+                ["pseudo-label round (OOF gain)", f"{c['gain']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] {verdict}"]
+            )
+    return format_table(["summary", ""], rows + tail_rows(pilot, ens, out["tta"], result))
+
+
+def tta_rows(choice) -> list[list[str]]:
+    return [
         [
             f"TTA {c.candidate} vs {c.current} (OOF gain)",
             f"{c.gain:+.4f} [{c.low:+.4f}, {c.high:+.4f}] {'accepted' if c.accepted else 'refused'}",
         ]
         for c in choice.comparisons
     ]
+
+
+def tail_rows(pilot: Autopilot, ens: EnsembleRecord, tta: str, result: dict[str, Any]) -> list[list[str]]:
+    """Post-processing, the TTA chosen, the shake-up estimate, the score, the minutes, the files."""
+    rows = []
     post = ens.report.get("postprocess") or {}
     if post.get("oof_gain"):
         g = post["oof_gain"]
@@ -480,7 +621,7 @@ def summary(pilot: Autopilot, plan: Plan, tta: str, choice, result: dict[str, An
     rows.append(["minutes: total", f"{pilot.clock.spent() / 60:.1f} of {pilot.budget_s / 60:.1f}"])
     rows.append(["submission", f"{result['submission']} ({pilot.format}: {pilot.format_reason})"])
     rows.append(["workspace", str(pilot.ws)])
-    return format_table(["summary", ""], rows)
+    return rows
 
 
 def check_disk(ws: Path, planned_mb: float) -> None:
@@ -511,15 +652,22 @@ def run(cfg: AutopilotConfig) -> dict[str, Any]:
         if cfg.format == "auto":
             log.info("format auto -> %s (%s)", pilot.format, pilot.format_reason)
         pilot.folds()
-        plan = pilot.plan()
-        text = plan.table()
+        plan, schedule = pilot.plan()
+        text = plan.table() if plan is not None else schedule["text"]
         atomic_write_text(pilot.ws / "plan.txt", text + "\n")
         log.info("plan:\n%s", text)
-        check_disk(pilot.ws, plan.disk_mb)
-        run_dir = pilot.train(plan)
-        tta, choice = pilot.choose_tta(run_dir)
-        result = pilot.finish(run_dir, tta)
-        table = summary(pilot, plan, tta, choice, result)
+        if plan is None:
+            check_disk(pilot.ws, schedule["disk_mb"])
+            out = ScheduleRun(pilot, schedule, {r.name: r for r in pilot.portfolio.recipes}).run()
+            result = pilot.report(out["weights"])
+            tta, table = out["tta"], schedule_summary(pilot, schedule, out, result)
+            result["ladder"], result["trained"] = out["ladder"], out["trained"]
+        else:
+            check_disk(pilot.ws, plan.disk_mb)
+            run_dir = pilot.train(plan)
+            tta, choice = pilot.choose_tta(run_dir)
+            result = pilot.finish(run_dir, tta)
+            table = summary(pilot, plan, tta, choice, result)
         atomic_write_text(pilot.ws / "summary.txt", table + "\n")
         log.info("summary:\n%s", table)
         return {**result, "tta": tta, "plan": text, "summary": table, "spent_s": pilot.clock.spent()}

@@ -12,39 +12,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import ConfigError, stage_main
 from pipeline.core.errors import PipelineError
 from pipeline.data import load_coco
+from pipeline.inference.pseudo_config import PseudoConfig
 from pipeline.inference.pseudo_labels import previous_round, write_pseudo_labels
 from pipeline.submission.writer import resolve_submission_members
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PseudoConfig:
-    name: str = "pseudo"  # an ensemble name (ensembles/<name>/weights.yaml) and the output folder name
-    ensemble: str | None = None  # a weights.yaml (default ensembles/<name>/weights.yaml)
-    runs: list[str] | None = None  # or: the plain mean of these runs' test stores
-    tta: str = "auto"  # with runs: auto, the only TTA present; none: the stores without TTA
-    ensembles_dir: str = "ensembles"
-    data_dir: str = "data/demo"
-    test_ann: str = "test.json"
-    threshold: float = 0.9
-    class_thresholds: dict[str, float] = field(default_factory=dict)  # class name -> threshold
-    out_dir: str = "pseudo"
-    progress: bool = True
-
-    def validate(self) -> None:
-        if not self.name.strip() or "/" in self.name:
-            raise ConfigError(f"name must be a plain folder name, got {self.name!r}")
-        for key, t in {"threshold": self.threshold, **self.class_thresholds}.items():
-            if not 0 < float(t) <= 1:
-                raise ConfigError(f"threshold of {key!r} must be in (0, 1], got {t}")
 
 
 def run(cfg: PseudoConfig) -> dict[str, Any]:

@@ -25,12 +25,14 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.tables import format_table
 from pipeline.inference.tta import view_cost
 from pipeline.planning.budget import format_duration
 from pipeline.planning.fingerprint import Fingerprint
 from pipeline.planning.plan import (
     DEFAULT_CHECKPOINT_MB,
+    MIN_EPOCHS,
     OOF_SCALE,
     STAGE_OVERHEAD_S,
     TARGET_EPOCHS,
@@ -355,9 +357,16 @@ class _Pricer:
         return out
 
 
-def _largest_epochs(pricer: _Pricer, pool: list[Candidate], shape: _Shape, usable_s: float) -> tuple[int, list[Stage]]:
-    """The most epochs (TARGET_EPOCHS..EPOCHS_CAP) with which ``shape`` fits; 0 when none does."""
-    lo, hi, found = TARGET_EPOCHS, EPOCHS_CAP, (0, [])
+def _largest_epochs(
+    pricer: _Pricer,
+    pool: list[Candidate],
+    shape: _Shape,
+    usable_s: float,
+    least: int = TARGET_EPOCHS,
+    most: int = EPOCHS_CAP,
+) -> tuple[int, list[Stage]]:
+    """The most epochs (``least``..``most``) with which ``shape`` fits; 0 when none does."""
+    lo, hi, found = least, most, (0, [])
     while lo <= hi:  # the cost grows with the epochs
         mid = (lo + hi) // 2
         stages = pricer.stages(pool, replace(shape, epochs=mid))
@@ -373,7 +382,7 @@ def _shapes(pool: list[Candidate], k: int, partial: str):
     families = len({c.family for c in pool})
 
     def screens(f: int):
-        for n in range(len(pool), max(f, 2) - 1, -1):
+        for n in range(len(pool), max(f, min(2, len(pool))) - 1, -1):  # a pool of one: no screen
             if len({c.family for c in pool[:n]}) >= f:
                 yield n
 
@@ -410,20 +419,32 @@ def plan_schedule(
     progressive: float = 0.0,
     partial: str = "refit",
     device: str = "",
+    level: int | None = None,
+    max_screen: int | None = None,
+    max_epochs: int = EPOCHS_CAP,
 ) -> Schedule:
     """The richest plan that fits ``budget_s`` (see the module's docstring).  ``candidates``: the
     portfolio recipes that may be screened, with their costs; ``single``: the single-recipe plan's
-    throughputs (its recipe at each candidate size), planned by ``make_plan`` when nothing richer fits."""
+    throughputs (its recipe at each candidate size), planned by ``make_plan`` when nothing richer fits.
+    ``level``: only plans of that level, with as few as MIN_EPOCHS epochs a run (a measurement, not a
+    default; PipelineError when none fits); ``max_screen``: screen at most that many candidates (1: none,
+    the first candidate is the winner)."""
     tta = list(tta or ["none", "hflip"])
     if partial not in ("refit", "folds"):
         raise ValueError(f"partial must be refit or folds, got {partial!r}")
+    if level is not None and level not in (1, 2, 3, 4):
+        raise ValueError(f"level must be 1, 2, 3 or 4, got {level!r}")
     pricer = _Pricer(fp, k, tta, oof_scale)
-    pool = round_robin(candidates)
+    pool = round_robin(candidates)[:max_screen]
     usable_s = budget_s * BUDGET_SHARE
-    for level, shape in _shapes(pool, k, partial):
-        epochs, stages = _largest_epochs(pricer, pool, shape, usable_s)
+    least = min(max_epochs, TARGET_EPOCHS if level is None else MIN_EPOCHS)
+    for shape_level, shape in _shapes(pool, k, partial):
+        if level is not None and shape_level != level:
+            continue
+        epochs, stages = _largest_epochs(pricer, pool, shape, usable_s, least, max_epochs)
         if not epochs:
             continue
+        level = shape_level
         shape = replace(shape, epochs=epochs)
         kind = KINDS[level].format(f=shape.families, k=k, folds=shape.folds)
         if shape.refit:
@@ -446,8 +467,13 @@ def plan_schedule(
             device=device,
             notes=[
                 f"costs are worst cases: the costliest candidates are taken as the ones promoted; "
-                f"{epochs} epochs (at most {EPOCHS_CAP}) for every run",
+                f"{epochs} epochs (at most {max_epochs}) for every run",
             ],
+        )
+    if level not in (None, 1):
+        raise PipelineError(
+            f"no plan of level {level} fits {format_duration(budget_s)} with {MIN_EPOCHS} epochs a run "
+            f"({len(pool)} candidate{'s' * (len(pool) != 1)}, k={k}, partial={partial})"
         )
     n_train, n_val = fp.n_train(k), fp.n_val(k)
     plan = make_plan(
