@@ -408,6 +408,45 @@ KINDS = {
 }
 
 
+def _schedule_of(
+    level: int,
+    shape: _Shape,
+    pool: list[Candidate],
+    stages: list[Stage],
+    *,
+    budget_s: float,
+    fp: Fingerprint,
+    k: int,
+    tta: list[str],
+    device: str,
+    max_epochs: int,
+) -> Schedule:
+    kind = KINDS[level].format(f=shape.families, k=k, folds=shape.folds)
+    if shape.refit:
+        kind = "screen, the winner on fold 0 and refit on all labelled images"
+    return Schedule(
+        level,
+        kind,
+        budget_s,
+        fp,
+        k,
+        tta,
+        shape.epochs,
+        pool[: shape.n],
+        rungs_of(shape.n, shape.families, shape.epochs),
+        shape.families,
+        shape.folds,
+        shape.refit,
+        shape.pseudo,
+        stages,
+        device=device,
+        notes=[
+            f"costs are worst cases: the costliest candidates are taken as the ones promoted; "
+            f"{shape.epochs} epochs (at most {max_epochs}) for every run",
+        ],
+    )
+
+
 def plan_schedule(
     fp: Fingerprint,
     candidates: list[Candidate],
@@ -444,32 +483,8 @@ def plan_schedule(
         epochs, stages = _largest_epochs(pricer, pool, shape, usable_s, least, max_epochs)
         if not epochs:
             continue
-        level = shape_level
-        shape = replace(shape, epochs=epochs)
-        kind = KINDS[level].format(f=shape.families, k=k, folds=shape.folds)
-        if shape.refit:
-            kind = "screen, the winner on fold 0 and refit on all labelled images"
-        return Schedule(
-            level,
-            kind,
-            budget_s,
-            fp,
-            k,
-            tta,
-            epochs,
-            pool[: shape.n],
-            rungs_of(shape.n, shape.families, epochs),
-            shape.families,
-            shape.folds,
-            shape.refit,
-            shape.pseudo,
-            stages,
-            device=device,
-            notes=[
-                f"costs are worst cases: the costliest candidates are taken as the ones promoted; "
-                f"{epochs} epochs (at most {max_epochs}) for every run",
-            ],
-        )
+        common = dict(budget_s=budget_s, fp=fp, k=k, tta=tta, device=device, max_epochs=max_epochs)
+        return _schedule_of(shape_level, replace(shape, epochs=epochs), pool, stages, **common)
     if level not in (None, 1):
         raise PipelineError(
             f"no plan of level {level} fits {format_duration(budget_s)} with {MIN_EPOCHS} epochs a run "
