@@ -36,6 +36,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder
 from pipeline.core.records import EnsembleRecord
+from pipeline.data import common_image_size
+from pipeline.engine.train_config import TrainConfig
 from pipeline.evaluation.selection import bootstrap_miou, paired_gain, select
 from pipeline.inference.ensemble import Fusion, Member, OofCache
 from pipeline.inference.ensemble_config import EnsembleConfig
@@ -135,8 +137,6 @@ class ScheduleRun:
         self, name: str, fold: int, stop: int | None = None, seconds: float | None = None, **extra: Any
     ) -> RunFolder:
         """Train ``name`` on ``fold``: paused at ``stop`` (a rung), or under a time budget of ``seconds``."""
-        from pipeline.engine.train_config import TrainConfig
-
         settings = {**self.train_settings(name, fold), **extra}
         if stop is not None:
             settings["stop_epoch"] = stop
@@ -245,11 +245,7 @@ class ScheduleRun:
 
     def test_scale(self, name: str, multi: bool) -> float:
         th, tw = self.candidate(name)["size"]
-        from pipeline.data import common_image_size
-
         h, w = common_image_size(self.p.test)
-        from pipeline.engine.train_config import TrainConfig
-
         return min(1.0, max(th / h, tw / w)) * (TrainConfig.oof_scale if multi else 1.0)
 
     def member(self, name: str, folds: list[int], tta: str, experiment: str | None = None) -> Member:
