@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.core.config import ConfigError, build_config, stage_args, stage_main, yaml_layers
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
@@ -41,14 +43,14 @@ from pipeline.engine.runtime import resolve_device
 from pipeline.engine.train_config import TrainConfig
 from pipeline.evaluation.analysis_config import AnalyzeConfig
 from pipeline.evaluation.selection import format_interval, select
-from pipeline.inference.ensemble import Fusion, OofCache, find_member
+from pipeline.inference.ensemble import Fusion, Member, OofCache, find_member
 from pipeline.inference.ensemble_config import EnsembleConfig
 from pipeline.inference.postprocessing import POSTPROCESSORS
 from pipeline.inference.predictor import PredictConfig
 from pipeline.models.pretrained import SCRATCH, WeightSource, resolve_weights
 from pipeline.planning.budget import BudgetClock, format_duration, parse_budget
 from pipeline.planning.devices import DeviceProfile, Measured
-from pipeline.planning.executor import ScheduleRun, describe_folds, ladder_rows
+from pipeline.planning.executor import ScheduleRun, describe_folds, ladder_rows, store_scale
 from pipeline.planning.fingerprint import fingerprint_of
 from pipeline.planning.measure import PROBE_SHARE, measure_candidates
 from pipeline.planning.plan import (
@@ -449,33 +451,38 @@ class Autopilot:
         )
         return folder.path
 
-    def predict(self, run_dir: Path, split: str, tta: str) -> Path:
+    def predict(self, run_dir: Path, split: str, tta: str, scale: float | None = None, tagged: bool = False) -> Path:
+        """``run_dir``'s ``split`` predicted with ``tta``; test maps at ``scale`` (default: the trained size's,
+        :meth:`test_store_scale`).  ``tagged``: the stage is named after the experiment and fold (a plan of
+        many runs), not only after the split."""
         folder = RunFolder(run_dir)
         settings: dict[str, Any] = dict(run_dir=run_dir, data_dir=self.cfg.data_dir, split=split, tta=tta)
         settings.update(device=self.cfg.device, progress=self.cfg.progress)
         if split == "test":
-            settings["store_scale"] = f"{self.test_store_scale(folder):.4g}"
+            settings["store_scale"] = f"{self.test_store_scale(folder) if scale is None else scale:.4g}"
         args = command("pipeline.predict", PredictConfig, settings)
-        self.stage(f"predict-{split}-{tta}", args, {}, [folder.best], [folder.store(split, tta) / "meta.json"])
+        name = f"predict-{run_dir.parent.name}-{run_dir.name}-{split}-{tta}" if tagged else f"predict-{split}-{tta}"
+        self.stage(name, args, {}, [folder.best], [folder.store(split, tta) / "meta.json"])
         return folder.store(split, tta)
 
     def test_store_scale(self, folder: RunFolder) -> float:
-        """Test maps are stored at about the trained size (the model's own resolution), not at each
-        image's: 4 to 5 times less to write when training ran at half size, and the submission
-        resizes them to the image bilinearly as it would have."""
-        train_h, train_w = json.loads((folder.path / "oof" / "meta.json").read_text())["train_size"]
-        h, w = common_image_size(self.test)
-        return min(1.0, max(train_h / h, train_w / w))
+        """The scale of test maps for the size ``folder`` was trained at (:func:`store_scale`)."""
+        train_size = json.loads((folder.path / "oof" / "meta.json").read_text())["train_size"]
+        return store_scale(train_size, common_image_size(self.test))
 
-    def choose_tta(self, run_dir: Path) -> tuple[str, Any]:
-        """The TTA set by the selection rule on OOF (simplest first); test labels are never used."""
-        for tta in self.cfg.tta:
-            self.predict(run_dir, "val", tta)
-        members = [find_member(str(run_dir), tta=t, name=t) for t in self.cfg.tta]
+    def per_image(self, members: list[Member], fusions: list[Fusion]) -> list[np.ndarray]:
+        """Per-image OOF confusion matrices of each fusion of ``members`` (cached in the workspace)."""
         with OofCache(members, self.coco, folder=self.ws, seed=self.cfg.seed, progress=False) as cache:
-            cms = cache.per_image_confusions(
-                [Fusion([1.0 if j == i else 0.0 for j in range(len(members))]) for i in range(len(members))]
-            )
+            return cache.per_image_confusions(fusions)
+
+    def choose_tta(self, run_dirs: Sequence[Path], tagged: bool = False) -> tuple[str, Any]:
+        """The TTA set by the selection rule (simplest first) on the OOF of ``run_dirs``, folds of one
+        experiment taken as one member; test labels are never used."""
+        for tta in self.cfg.tta:
+            for run_dir in run_dirs:
+                self.predict(run_dir, "val", tta, tagged=tagged)
+        members = [find_member(str(run_dirs[0].parent), tta=t, name=t, folds=run_dirs) for t in self.cfg.tta]
+        cms = self.per_image(members, Fusion.singles(len(members)))
         choice = select(list(zip(self.cfg.tta, cms, strict=True)), seed=self.cfg.seed)
         return choice.chosen, choice
 
@@ -665,7 +672,7 @@ def run(cfg: AutopilotConfig) -> dict[str, Any]:
         else:
             check_disk(pilot.ws, plan.disk_mb)
             run_dir = pilot.train(plan)
-            tta, choice = pilot.choose_tta(run_dir)
+            tta, choice = pilot.choose_tta([run_dir])
             result = pilot.finish(run_dir, tta)
             table = summary(pilot, plan, tta, choice, result)
         atomic_write_text(pilot.ws / "summary.txt", table + "\n")

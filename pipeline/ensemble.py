@@ -239,7 +239,7 @@ def _choose(cfg: EnsembleConfig, members: list, cache: OofCache) -> Choice:
     candidate replaces the current choice only if its paired bootstrap gain interval lies above zero."""
     m = len(members)
     plain = Fusion(np.ones(m), None, cfg.method)
-    singles = [Fusion(np.eye(m)[i], None, cfg.method) for i in range(m)]
+    singles = Fusion.singles(m, cfg.method)
     per_image = cache.per_image_confusions([plain, *singles])
     plain_pi, member_pi = per_image[0], per_image[1:]
     best = max(range(m), key=lambda i: mean_iou(member_pi[i].sum(axis=0)))  # first of equals wins

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.errors import PipelineError
-from pipeline.planning.executor import effective_rungs, promote
+from pipeline.engine.train_config import TrainConfig
+from pipeline.planning.executor import effective_rungs, promote, store_scale
 from pipeline.planning.fingerprint import Fingerprint
 from pipeline.planning.probe import Recipe, Throughput
 from pipeline.planning.schedule import Candidate, plan_schedule
@@ -44,6 +46,12 @@ def candidate(name: str, family: str, step_s: float) -> Candidate:
 
 
 FP = Fingerprint(n_labelled=800, n_test=200, size=(256, 384), num_classes=12)
+
+
+def test_test_maps_are_stored_near_the_trained_size_and_at_the_oof_scale_when_many_are_averaged():
+    assert store_scale((128, 192), (275, 412)) == pytest.approx(192 / 412)  # the larger side's ratio
+    assert store_scale((128, 192), (275, 412), multi=True) == pytest.approx(192 / 412 * TrainConfig.oof_scale)
+    assert store_scale((512, 512), (275, 412)) == 1.0  # never above the images' own size
 
 
 def test_a_forced_level_trains_fewer_epochs_and_refuses_when_it_cannot_fit():
@@ -129,6 +137,11 @@ def test_make_all_screens_trains_two_folds_ensembles_pseudo_labels_and_resumes_a
     wait_for(lambda: "ensemble-t: pipeline.ensemble" in log2.read_text(), second, log2, 600)
     kill(second)
     assert "train-tiny-fpn-fold0-e1:" not in log2.read_text()  # the scored rung is not trained again
+    # rung 1 pauses its runs at epoch 1; the final rung runs on under a time budget from what is left
+    rung1 = [line for line in log1.read_text().splitlines() if "-fold0-e1: pipeline.train" in line]
+    assert len(rung1) == 3 and all("stop_epoch=1" in line and "time_budget" not in line for line in rung1)
+    final = [line for line in log2.read_text().splitlines() if re.search(r"train-[\w-]+-fold0: pipeline.train", line)]
+    assert len(final) == 2 and all("time_budget=" in line and "stop_epoch" not in line for line in final)
     assert not (ws / "ensembles" / "t" / "weights.yaml").exists()
 
     third = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)

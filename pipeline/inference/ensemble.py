@@ -281,6 +281,11 @@ class Fusion:
         self._work = Workspace()
 
     @classmethod
+    def singles(cls, n: int, method: str = "mean") -> list[Fusion]:
+        """One fusion per member, each that member alone (its own predictions, scored as a fusion)."""
+        return [cls(np.eye(n)[i], None, method) for i in range(n)]
+
+    @classmethod
     def of(cls, record: EnsembleRecord) -> Fusion:
         """The fusion an ensemble file records: its members' weights, its bias and method."""
         return cls(record.weights, record.bias, record.method)

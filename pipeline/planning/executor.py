@@ -39,9 +39,8 @@ from pipeline.core.records import EnsembleRecord
 from pipeline.data import common_image_size
 from pipeline.engine.train_config import TrainConfig
 from pipeline.evaluation.selection import bootstrap_miou, paired_gain, select
-from pipeline.inference.ensemble import Fusion, Member, OofCache
+from pipeline.inference.ensemble import Fusion, Member
 from pipeline.inference.ensemble_config import EnsembleConfig
-from pipeline.inference.predictor import PredictConfig
 from pipeline.inference.pseudo_config import PseudoConfig
 from pipeline.planning.plan import val_every
 from pipeline.planning.portfolio import PortfolioRecipe
@@ -76,6 +75,23 @@ class Pilot(Protocol):
     ) -> bool: ...
 
     def command_of(self, module: str, cls: type, settings: dict[str, Any], recipe: Path | None = None) -> list[str]: ...
+
+    def predict(
+        self, run_dir: Path, split: str, tta: str, scale: float | None = None, tagged: bool = False
+    ) -> Path: ...
+
+    def per_image(self, members: list[Member], fusions: list[Fusion]) -> list[np.ndarray]: ...
+
+    def choose_tta(self, run_dirs: Sequence[Path], tagged: bool = False) -> tuple[str, Any]: ...
+
+
+def store_scale(train_size: Sequence[int], test_size: Sequence[int], multi: bool = False) -> float:
+    """The scale test maps are stored at: about the trained size (the model's own resolution), not each
+    image's, so 4 to 5 times less is written when training ran at half size; the submission resizes them
+    to the image bilinearly as it would have.  ``multi``: one of many test runs an ensemble averages,
+    kept at the OOF maps' scale."""
+    (th, tw), (h, w) = train_size, test_size
+    return min(1.0, max(th / h, tw / w)) * (TrainConfig.oof_scale if multi else 1.0)
 
 
 class ScheduleRun:
@@ -150,25 +166,12 @@ class ScheduleRun:
         return folder
 
     def predict(self, folder: RunFolder, split: str, tta: str, scale: float | None = None) -> Path:
-        cfg = self.p.cfg
-        settings: dict[str, Any] = dict(run_dir=folder.path, data_dir=cfg.data_dir, split=split, tta=tta)
-        settings.update(device=cfg.device, progress=cfg.progress)
-        if scale is not None:
-            settings["store_scale"] = f"{scale:.4g}"
-        args = self.p.command_of("pipeline.predict", PredictConfig, settings)
-        tag = f"{folder.path.parent.name}-{folder.path.name}"
-        self.p.stage(f"predict-{tag}-{split}-{tta}", args, {}, [folder.best], [folder.store(split, tta) / "meta.json"])
-        return folder.store(split, tta)
+        return self.p.predict(folder.path, split, tta, scale, tagged=True)
 
     # ------------------------------------------------------------------------- scores
-    def per_image(self, members: list[Member], fusions: list[Fusion]) -> list[np.ndarray]:
-        with OofCache(members, self.p.coco, folder=self.p.ws, seed=self.p.cfg.seed, progress=False) as cache:
-            return cache.per_image_confusions(fusions)
-
     def rung_scores(self, names: list[str]) -> dict[str, np.ndarray]:
         members = [Member(n, str(self.folder(n, 0).path), None, [str(self.folder(n, 0).oof)], []) for n in names]
-        eye = np.eye(len(members))
-        cms = self.per_image(members, [Fusion(eye[i]) for i in range(len(members))])
+        cms = self.p.per_image(members, Fusion.singles(len(members)))
         return dict(zip(names, cms, strict=True))
 
     def save_ledger(self) -> None:
@@ -187,8 +190,11 @@ class ScheduleRun:
             last = i == len(rungs) - 1
             done = self.ledger["rungs"][i] if i < len(self.ledger["rungs"]) else None
             if done is None:
-                for name in alive:
-                    self.train(name, 0, stop=None if last else rung["epoch"])
+                for j, name in enumerate(alive):
+                    if last:  # the final rung runs to the end of its schedule, shortened if time runs out
+                        self.train(name, 0, seconds=self.share(len(alive) - j, self.later_training_s()))
+                    else:
+                        self.train(name, 0, stop=rung["epoch"])
                 done = self.score_rung(rung["epoch"], alive)
                 keep = promote(done["entries"], rung["promoted"], final=i >= len(rungs) - 2)
                 for entry in done["entries"]:
@@ -225,6 +231,11 @@ class ScheduleRun:
         tail = ("predict", "ensemble", "post-processing", "submit")
         return sum(st["seconds"] for st in self.s["stages"] if st["name"].startswith(tail))
 
+    def later_training_s(self, after: tuple[str, ...] = ("folds", "refit", "pseudo")) -> float:
+        """The planned seconds of the training stages that follow (the survivors' folds, the refit, the
+        pseudo-label round)."""
+        return sum(st["seconds"] for st in self.s["stages"] if st["name"].startswith(after))
+
     def share(self, runs_left: int, later_s: float = 0.0) -> float:
         left = self.p.clock.remaining() - self.reserve_s() - later_s
         return max(MIN_RUN_S, TIME_BUDGET_SLACK * left / max(1, runs_left))
@@ -232,7 +243,7 @@ class ScheduleRun:
     def train_more(self, survivors: list[str]) -> dict[str, list[int]]:
         """The survivors' further folds (or the winner's refit): survivor -> its folds (-1: the refit)."""
         folds = int(self.s["folds"])
-        pseudo_s = sum(st["seconds"] for st in self.s["stages"] if st["name"].startswith("pseudo"))
+        pseudo_s = self.later_training_s(("pseudo",))
         jobs = [(n, f) for f in range(1, folds) for n in survivors]
         if self.s["refit"]:
             jobs.append((survivors[0], -1))
@@ -244,9 +255,7 @@ class ScheduleRun:
         return out
 
     def test_scale(self, name: str, multi: bool) -> float:
-        th, tw = self.candidate(name)["size"]
-        h, w = common_image_size(self.p.test)
-        return min(1.0, max(th / h, tw / w)) * (TrainConfig.oof_scale if multi else 1.0)
+        return store_scale(self.candidate(name)["size"], common_image_size(self.p.test), multi)
 
     def member(self, name: str, folds: list[int], tta: str, experiment: str | None = None) -> Member:
         runs = [self.folder(name, f, experiment) for f in folds]
@@ -256,16 +265,7 @@ class ScheduleRun:
 
     def choose_tta(self, name: str, folds: list[int]) -> tuple[str, Any]:
         """The TTA set by the selection rule on the strongest survivor's OOF over its folds."""
-        ttas = list(self.p.cfg.tta)
-        for tta in ttas:
-            for f in folds:
-                if f >= 0:
-                    self.predict(self.folder(name, f), "val", tta)
-        members = [self.member(name, folds, t) for t in ttas]
-        eye = np.eye(len(members))
-        cms = self.per_image(members, [Fusion(eye[i]) for i in range(len(members))])
-        choice = select(list(zip(ttas, cms, strict=True)), seed=self.p.cfg.seed)
-        return choice.chosen, choice
+        return self.p.choose_tta([self.folder(name, f).path for f in folds if f >= 0], tagged=True)
 
     def predict_all(self, trained: dict[str, list[int]], tta: str, experiment: str | None = None) -> None:
         """OOF with ``tta`` for every fold, test for every fold (the refit alone when there is one)."""
@@ -292,7 +292,7 @@ class ScheduleRun:
     def ensemble_cms(self, weights: Path) -> np.ndarray:
         record = EnsembleRecord.read(weights)
         members = [Member(m.name, m.path, m.tta, m.oof_stores, m.test_stores) for m in record.members]
-        return self.per_image(members, [Fusion.of(record)])[0]
+        return self.p.per_image(members, [Fusion.of(record)])[0]
 
     def pseudo_round(self, survivors: list[str], trained: dict[str, list[int]], tta: str) -> dict[str, list[int]]:
         """The strongest survivor retrained on every fold with the test images' pseudo-labels from the

@@ -281,6 +281,8 @@ class _Pricer:
             seconds += sum((rung["epoch"] - start) * self.epoch(c) + STAGE_OVERHEAD_S * 2 for c in members)
             start = rung["epoch"]
         disk = sum(2 * self.ckpt_mb(c) + self.map_mb(c, self.n_val, self.oof_scale) for c in screened)
+        if shape.n == 1:  # nothing to compare: the one candidate trains straight through
+            return Stage("screen 1 on fold 0 (none: the only candidate)", seconds, disk, f"{shape.epochs} epochs")
         detail = ", ".join(f"{r['runs']} compared at epoch {r['epoch']}" for r in rungs)
         return Stage(
             f"screen {shape.n} on fold 0 (successive halving)",
