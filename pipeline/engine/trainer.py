@@ -456,13 +456,14 @@ class Trainer:
         append_timing(timing, self.folder.timing)
         if self.cfg.plot:
             plot_curves(self.history, self.coco.class_names, self.folder.curves)
+        val = "not validated" if np.isnan(row["val_miou"]) else f"val mIoU {row['val_miou']:.4f}"
+        best = "none yet" if self.best_epoch < 0 else f"{self.best:.4f} @ {self.best_epoch}"
         log.info(
-            "epoch %d: loss %.4f, val mIoU %.4f (best %.4f @ %d), %.1f img/s",
+            "epoch %d: loss %.4f, %s (best %s), %.1f img/s",
             epoch,
             row["train_loss"],
-            row["val_miou"],
-            self.best,
-            self.best_epoch,
+            val,
+            best,
             timing["train_images_per_s"],
         )
 
