@@ -275,3 +275,14 @@ def test_stop_epoch_and_time_budget_are_refused_together(demo_data_square, folds
 
     with pytest.raises(ConfigError, match="stop_epoch"):
         small_cfg(demo_data_square, folds_file, tmp_path, stop_epoch=2, time_budget=60.0).validate()
+
+
+def test_the_epoch_log_says_when_an_epoch_is_not_validated(demo_data_square, folds_file, tmp_path, caplog):
+    """An epoch between validations reads "not validated (best none yet)", not NaN and -1."""
+    cfg = small_cfg(demo_data_square, folds_file, tmp_path, epochs=2, val_every=2, plot=False)
+    with caplog.at_level("INFO", logger="pipeline.engine.trainer"):
+        run(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(lines) == 2
+    assert "not validated (best none yet)" in lines[0] and "nan" not in lines[0]
+    assert "val mIoU" in lines[1] and "@ 1)" in lines[1]

@@ -456,7 +456,7 @@ class Trainer:
         append_timing(timing, self.folder.timing)
         if self.cfg.plot:
             plot_curves(self.history, self.coco.class_names, self.folder.curves)
-        val = "not validated" if np.isnan(row["val_miou"]) else f"val mIoU {row['val_miou']:.4f}"
+        val = "not validated" if math.isnan(row["val_miou"]) else f"val mIoU {row['val_miou']:.4f}"
         best = "none yet" if self.best_epoch < 0 else f"{self.best:.4f} @ {self.best_epoch}"
         log.info(
             "epoch %d: loss %.4f, %s (best %s), %.1f img/s",
