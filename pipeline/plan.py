@@ -128,7 +128,7 @@ class Costs:
     def single(self, fp: Fingerprint, recipes: list[PortfolioRecipe], budget_s: float) -> list[Throughput]:
         """The single-recipe plan's throughputs: each recipe at each of its sizes; on this device
         measured as ``make all`` measures them (smallest size up, larger ones left out once they
-        cannot train TARGET_EPOCHS epochs)."""
+        cannot train SIZE_EPOCHS epochs)."""
         sized = [(r, recipe_size(fp, r, s)) for r in recipes for s in sorted(set(r.sizes))]
         if self.profile is not None:
             return [self(r, size) for r, size in sized]

@@ -18,7 +18,7 @@ from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.planning.budget import BudgetClock, parse_budget
 from pipeline.planning.plan import (
     MIN_EPOCHS,
-    TARGET_EPOCHS,
+    SIZE_EPOCHS,
     disk_mb,
     epoch_seconds,
     make_plan,
@@ -79,18 +79,23 @@ def throughput(side: int, step_s: float) -> Throughput:
 def test_the_plan_uses_most_of_the_budget_and_prefers_the_largest_size_that_trains_enough():
     small, large = throughput(128, 0.2), throughput(256, 0.35)
     plan = make_plan([small, large], 1200, n_train=800, n_val=200, n_test=200, tta=["none", "hflip"], num_classes=12)
-    assert plan.recipe.size == (256, 256) and plan.epochs >= TARGET_EPOCHS  # the larger one still trains enough
+    assert plan.recipe.size == (256, 256) and plan.epochs >= SIZE_EPOCHS  # the larger one still trains enough
     assert 0.8 * 1200 <= plan.planned_s <= 1200
     assert plan.epochs == int(plan.train_s // epoch_seconds(plan.throughput, 800, 200))
     assert plan_from_dict(json.loads(json.dumps(plan_to_dict(plan)))) == plan
     # a shorter budget: the large size no longer trains enough epochs, the small one does
-    short = make_plan([small, large], 600, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
-    assert short.recipe.size == (128, 128) and short.epochs >= MIN_EPOCHS and short.planned_s <= 600
+    short = make_plan([small, large], 400, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
+    assert short.recipe.size == (128, 128) and short.epochs >= SIZE_EPOCHS and short.planned_s <= 400
+    alone = make_plan([large], 400, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
+    assert alone.epochs < SIZE_EPOCHS
+    # shorter still: no size trains enough epochs, so the one that trains most is taken
+    shorter = make_plan([small, large], 300, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
+    assert shorter.recipe.size == (128, 128) and MIN_EPOCHS <= shorter.epochs < SIZE_EPOCHS
     with pytest.raises(Exception, match="too short"):
         make_plan([large], 60, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
     # repeat-factor sampling makes an epoch longer: the plan counts the images an epoch goes through
     repeated = make_plan(
-        [small], 600, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12, epoch_images=1200
+        [small], 400, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12, epoch_images=1200
     )
     assert repeated.epochs == int(repeated.train_s // epoch_seconds(small, 1200, 200)) < short.epochs
     assert "1200 per epoch, rare classes repeated" in repeated.table() and "per epoch" not in short.table()

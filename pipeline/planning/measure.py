@@ -1,6 +1,6 @@
 """The probe of a run's candidate recipes on this device, shared by ``make all`` and ``make plan``:
 each family:encoder from its smallest size up, stopping at the first size that cannot train
-``TARGET_EPOCHS`` epochs in the time left, and measuring nothing more once the probe has taken its
+``SIZE_EPOCHS`` epochs in the time left, and measuring nothing more once the probe has taken its
 share of the budget (one recipe is always measured)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from pipeline.planning.plan import TARGET_EPOCHS, epoch_seconds
+from pipeline.planning.plan import SIZE_EPOCHS, epoch_seconds
 from pipeline.planning.probe import Recipe, Throughput, probe
 
 PROBE_SHARE = 0.08  # the probe stops measuring larger recipes after this share of the budget
@@ -50,6 +50,6 @@ def measure_candidates(
                 break  # the probe may not eat the budget
             t = measure(recipe)
             measured.append(t)
-            if epoch_seconds(t, epoch_images, n_val, progressive) * TARGET_EPOCHS > left_s():
+            if epoch_seconds(t, epoch_images, n_val, progressive) * SIZE_EPOCHS > left_s():
                 break  # its larger sizes would train fewer epochs still
     return measured, time.monotonic() - started

@@ -15,7 +15,8 @@ from pipeline.planning.budget import format_duration
 from pipeline.planning.probe import Recipe, Throughput
 
 MIN_EPOCHS = 4  # a recipe that cannot train this many epochs is not planned
-TARGET_EPOCHS = 24  # the largest size that still gets this many epochs is preferred
+TARGET_EPOCHS = 24  # a portfolio plan (screening, folds, ensembles) gives every run at least this many
+SIZE_EPOCHS = 12  # the single-recipe plan: the largest size that still gets this many epochs is preferred
 STAGE_OVERHEAD_S = 6.0  # start-up of one stage process (imports, reading the data)
 EPOCH_OVERHEAD_S = 3.0  # per epoch: checkpoint, metrics, curves
 OOF_SCALE = TrainConfig.oof_scale  # validation maps are stored at this fraction of the trained side
@@ -159,7 +160,7 @@ def make_plan(
     oof_scale: float = OOF_SCALE,
     progressive: float = 0.0,
 ) -> Plan:
-    """The largest recipe that trains at least TARGET_EPOCHS epochs (the largest size, then the larger
+    """The largest recipe that trains at least SIZE_EPOCHS epochs (the largest size, then the larger
     model: the slower step; else the one with most epochs),
     with training sized to use what the other stages leave of ``budget_s``.  ``epoch_images``: the
     images one epoch goes through when repeat-factor sampling repeats some (default ``n_train``)."""
@@ -181,7 +182,7 @@ def make_plan(
             f"a budget of {format_duration(budget_s)} is too short: the fastest recipe "
             f"({best[0].recipe.name}) fits {max(best[1], 0)} epochs, at least {MIN_EPOCHS} are needed"
         )
-    rich = [o for o in feasible if o[1] >= TARGET_EPOCHS]
+    rich = [o for o in feasible if o[1] >= SIZE_EPOCHS]
     pool = rich or feasible
     t, epochs, train_s, fixed = (
         max(pool, key=lambda o: (o[0].recipe.size[0] * o[0].recipe.size[1], o[0].step_s))
