@@ -333,6 +333,7 @@ class Autopilot:
             per_epoch,
             oof_scale=recipe_cfg.oof_scale,
             progressive=recipe_cfg.progressive,
+            image_size=common_image_size(self.coco),
         )
         plan.model_options = self.options(plan.recipe.model)
         plan.candidates = {m: w.to_dict() for m, w in self.weights.items()}

@@ -17,11 +17,13 @@ from pipeline.autopilot import AutopilotConfig, run
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.planning.budget import BudgetClock, parse_budget
 from pipeline.planning.plan import (
+    MAPS_S_PER_CLASS_MPX,
     MIN_EPOCHS,
     SIZE_EPOCHS,
     disk_mb,
     epoch_seconds,
     make_plan,
+    maps_seconds,
     plan_from_dict,
     plan_to_dict,
     val_every,
@@ -74,6 +76,21 @@ def test_stamps_follow_contents_and_settings_not_file_times(tmp_path):
 
 def throughput(side: int, step_s: float) -> Throughput:
     return Throughput(Recipe("unet", "resnet18", (side, side), 8), step_s, step_s / 20)
+
+
+def test_the_plan_prices_writing_each_prediction_set_at_the_images_own_size():
+    t = throughput(128, 0.2)
+    args = dict(n_train=800, n_val=200, n_test=100, tta=["none", "hflip"], num_classes=12)
+    bare = make_plan([t], 1200, **args)
+    sized = make_plan([t], 1200, **args, image_size=(400, 300))
+    per_image = maps_seconds(12, (400, 300))
+    assert per_image == pytest.approx(MAPS_S_PER_CLASS_MPX * 12 * 0.12) and maps_seconds(12, None) == 0.0
+    stage = "predict (OOF with each TTA, test)"
+    extra = sized.stages_s[stage] - bare.stages_s[stage]
+    assert extra == pytest.approx((2 * 200 + 100) * per_image * 1.2)  # two OOF sets and the test set, each written
+    assert sized.train_s == pytest.approx(bare.train_s - extra) and sized.planned_s <= 1200
+    more_classes = make_plan([t], 1200, **{**args, "num_classes": 48}, image_size=(400, 300))
+    assert more_classes.stages_s[stage] - bare.stages_s[stage] == pytest.approx(4 * extra)
 
 
 def test_the_plan_uses_most_of_the_budget_and_prefers_the_largest_size_that_trains_enough():

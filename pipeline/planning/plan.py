@@ -22,6 +22,10 @@ EPOCH_OVERHEAD_S = 3.0  # per epoch: checkpoint, metrics, curves
 OOF_SCALE = TrainConfig.oof_scale  # validation maps are stored at this fraction of the trained side
 DEFAULT_CHECKPOINT_MB = 60.0  # a plan read back from an older plan.json, made before the probe measured it
 VALIDATIONS = 6  # a budgeted run validates about this many times (and always at its last epoch)
+# Each image of a written prediction set, beyond its forward pass: its class maps resized to the image's
+# own size, scored and stored, in seconds per class-megapixel of that size (ccp, 59 classes at 412x275,
+# on a 2-core CPU: 0.025 to 0.046 whichever the trained size; the model's forward pass is the probe's)
+MAPS_S_PER_CLASS_MPX = 0.035
 
 
 @dataclass
@@ -130,9 +134,20 @@ def epoch_seconds(t: Throughput, epoch_images: int, n_val: int, progressive: flo
     return steps * step_s + n_val * t.image_s + EPOCH_OVERHEAD_S
 
 
-def predict_seconds(t: Throughput, n_val: int, n_test: int, tta: list[str], chosen_views: int = 2) -> float:
-    val = sum(view_cost(name) for name in tta) * n_val * t.image_s
-    return val + chosen_views * n_test * t.image_s
+def maps_seconds(num_classes: int, image_size: tuple[int, int] | None) -> float:
+    """Seconds per image of one written prediction set beyond the forward pass (0 with no size known)."""
+    if image_size is None:
+        return 0.0
+    return MAPS_S_PER_CLASS_MPX * num_classes * image_size[0] * image_size[1] / 1e6
+
+
+def predict_seconds(
+    t: Throughput, n_val: int, n_test: int, tta: list[str], chosen_views: int = 2, maps_s: float = 0.0
+) -> float:
+    """OOF predictions with each TTA set and the test predictions with the chosen one (``chosen_views``
+    views); ``maps_s``: each written image's seconds beyond the forward pass (:func:`maps_seconds`)."""
+    val = sum(view_cost(name) for name in tta) * n_val * t.image_s + len(tta) * n_val * maps_s
+    return val + chosen_views * n_test * t.image_s + n_test * maps_s
 
 
 def disk_mb(
@@ -159,17 +174,22 @@ def make_plan(
     epoch_images: int | None = None,
     oof_scale: float = OOF_SCALE,
     progressive: float = 0.0,
+    image_size: tuple[int, int] | None = None,
 ) -> Plan:
     """The largest recipe that trains at least SIZE_EPOCHS epochs (the largest size, then the larger
     model: the slower step; else the one with most epochs),
     with training sized to use what the other stages leave of ``budget_s``.  ``epoch_images``: the
-    images one epoch goes through when repeat-factor sampling repeats some (default ``n_train``)."""
+    images one epoch goes through when repeat-factor sampling repeats some (default ``n_train``);
+    ``image_size``: the images' most common (H, W), which prices writing their prediction maps."""
     per_epoch = epoch_images or n_train
+    maps_s = maps_seconds(num_classes, image_size)
     options = []
     for t in candidates:
         fixed = {
             "train set-up": STAGE_OVERHEAD_S * 2,
-            "predict (OOF with each TTA, test)": predict_seconds(t, n_val, n_test, tta) * 1.2 + STAGE_OVERHEAD_S * 3,
+            "predict (OOF with each TTA, test)": predict_seconds(t, n_val, n_test, tta, maps_s=maps_s) * 1.2
+            + STAGE_OVERHEAD_S * len(tta)
+            + STAGE_OVERHEAD_S,
             "ensemble, submit, score": STAGE_OVERHEAD_S * 4 + 0.02 * (n_val + n_test),
         }
         train_s = budget_s * 0.97 - sum(fixed.values())

@@ -39,6 +39,7 @@ from pipeline.planning.plan import (
     Plan,
     epoch_seconds,
     make_plan,
+    maps_seconds,
     plan_to_dict,
 )
 from pipeline.planning.probe import Throughput
@@ -243,6 +244,7 @@ class _Pricer:
         self.train_images = fp.n_train(k) * fp.epoch_factor
         self.views = [view_cost(t) for t in self.tta]
         self.test_views = max(self.views)  # the chosen set is not known before: the costliest
+        self.maps_s = maps_seconds(fp.num_classes, fp.size)
 
     def epoch(self, c: Candidate) -> float:
         return c.epoch_s(self.train_images, self.n_val)
@@ -263,8 +265,9 @@ class _Pricer:
         views = self.views if tta_sets is None else [self.test_views] * tta_sets
         oof = sum(views) * oof_folds * self.n_val * c.throughput.image_s
         test = test_runs * self.test_views * self.fp.n_test * c.throughput.image_s
+        written = (len(views) * oof_folds * self.n_val + test_runs * self.fp.n_test) * self.maps_s
         starts = STAGE_OVERHEAD_S * (len(views) * oof_folds + test_runs)
-        return (oof + test) * PREDICT_SAFETY + starts
+        return (oof + test + written) * PREDICT_SAFETY + starts
 
     def stages(self, pool: list[Candidate], shape: _Shape) -> list[Stage]:
         screened = pool[: shape.n]
@@ -504,6 +507,7 @@ def plan_schedule(
         int(round(n_train * fp.epoch_factor)),
         oof_scale=oof_scale,
         progressive=progressive,
+        image_size=fp.size,
     )
     return Schedule(
         1, "the single-recipe plan (one recipe, fold 0)", budget_s, fp, k, tta, plan.epochs, single=plan, device=device
