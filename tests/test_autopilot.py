@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -78,19 +82,17 @@ def throughput(side: int, step_s: float) -> Throughput:
     return Throughput(Recipe("unet", "resnet18", (side, side), 8), step_s, step_s / 20)
 
 
-def test_the_plan_prices_writing_each_prediction_set_at_the_images_own_size():
+def test_the_plan_prices_writing_each_prediction_set_with_its_classes():
     t = throughput(128, 0.2)
-    args = dict(n_train=800, n_val=200, n_test=100, tta=["none", "hflip"], num_classes=12)
-    bare = make_plan([t], 1200, **args)
-    sized = make_plan([t], 1200, **args, image_size=(400, 300))
-    per_image = maps_seconds(12, (400, 300))
-    assert per_image == pytest.approx(MAPS_S_PER_CLASS_MPX * 12 * 0.12) and maps_seconds(12, None) == 0.0
+    args = dict(n_train=800, n_val=200, n_test=100, tta=["none", "hflip"])
+    few, many = make_plan([t], 1200, **args, num_classes=12), make_plan([t], 1200, **args, num_classes=48)
+    assert maps_seconds(t, 12) == pytest.approx(MAPS_S_PER_CLASS_MPX * 12 * 128 * 128 / 1e6)
+    assert maps_seconds(throughput(256, 0.35), 12) == pytest.approx(4 * maps_seconds(t, 12))  # the trained pixels
     stage = "predict (OOF with each TTA, test)"
-    extra = sized.stages_s[stage] - bare.stages_s[stage]
-    assert extra == pytest.approx((2 * 200 + 100) * per_image * 1.2)  # two OOF sets and the test set, each written
-    assert sized.train_s == pytest.approx(bare.train_s - extra) and sized.planned_s <= 1200
-    more_classes = make_plan([t], 1200, **{**args, "num_classes": 48}, image_size=(400, 300))
-    assert more_classes.stages_s[stage] - bare.stages_s[stage] == pytest.approx(4 * extra)
+    extra = many.stages_s[stage] - few.stages_s[stage]
+    # two OOF sets and the test set, each image written with 36 more classes, priced 20% above
+    assert extra == pytest.approx((2 * 200 + 100) * (maps_seconds(t, 48) - maps_seconds(t, 12)) * 1.2)
+    assert extra > 0 and many.train_s == pytest.approx(few.train_s - extra) and many.planned_s <= 1200
 
 
 def test_the_plan_uses_most_of_the_budget_and_prefers_the_largest_size_that_trains_enough():

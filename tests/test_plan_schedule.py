@@ -51,7 +51,7 @@ def test_20_cpu_minutes_give_the_single_recipe_plan_of_make_all():
     s = plan_schedule(fp, screened, single, parse_budget("20m"))
     before = make_plan(
         single, parse_budget("20m"), fp.n_train(5), fp.n_val(5), fp.n_test, ["none", "hflip"], fp.num_classes,
-        int(round(fp.n_train(5) * fp.epoch_factor)), image_size=fp.size,
+        int(round(fp.n_train(5) * fp.epoch_factor)),
     )  # fmt: skip
     assert s.level == 1 and not s.stages
     assert plan_to_dict(s.single) == plan_to_dict(before)
@@ -59,7 +59,7 @@ def test_20_cpu_minutes_give_the_single_recipe_plan_of_make_all():
     # the contest's 3,272 images of 512x512 do not fit 20 CPU-minutes: the same refusal as make_plan's
     screened, single = inputs(CONTEST, CPU)
     with pytest.raises(PipelineError) as refused:
-        make_plan(single, 1200.0, 2618, 654, 819, ["none", "hflip"], 11, 2880, image_size=CONTEST.size)
+        make_plan(single, 1200.0, 2618, 654, 819, ["none", "hflip"], 11, 2880)
     with pytest.raises(PipelineError, match=re.escape(str(refused.value))):
         plan_schedule(CONTEST, screened, single, 1200.0)
 

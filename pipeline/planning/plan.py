@@ -22,10 +22,11 @@ EPOCH_OVERHEAD_S = 3.0  # per epoch: checkpoint, metrics, curves
 OOF_SCALE = TrainConfig.oof_scale  # validation maps are stored at this fraction of the trained side
 DEFAULT_CHECKPOINT_MB = 60.0  # a plan read back from an older plan.json, made before the probe measured it
 VALIDATIONS = 6  # a budgeted run validates about this many times (and always at its last epoch)
-# Each image of a written prediction set, beyond its forward pass: its class maps resized to the image's
-# own size, scored and stored, in seconds per class-megapixel of that size (ccp, 59 classes at 412x275,
-# on a 2-core CPU: 0.025 to 0.046 whichever the trained size; the model's forward pass is the probe's)
-MAPS_S_PER_CLASS_MPX = 0.035
+# Each image of a written prediction set, beyond its forward pass: its class maps resized, scored at the
+# image's own size and stored near the trained size, in seconds per class-megapixel of the trained size
+# (ccp, 59 classes, on a 2-core CPU: 0.047 to 0.094 a set at 192x128 and 320x192, 1.6 and 2.9 minutes
+# for two OOF sets of 156 images and 200 test images, of which the forward passes took 8 and 19 s)
+MAPS_S_PER_CLASS_MPX = 0.065
 
 
 @dataclass
@@ -134,18 +135,18 @@ def epoch_seconds(t: Throughput, epoch_images: int, n_val: int, progressive: flo
     return steps * step_s + n_val * t.image_s + EPOCH_OVERHEAD_S
 
 
-def maps_seconds(num_classes: int, image_size: tuple[int, int] | None) -> float:
-    """Seconds per image of one written prediction set beyond the forward pass (0 with no size known)."""
-    if image_size is None:
-        return 0.0
-    return MAPS_S_PER_CLASS_MPX * num_classes * image_size[0] * image_size[1] / 1e6
+def maps_seconds(t: Throughput, num_classes: int) -> float:
+    """Seconds per image of one written prediction set beyond the forward pass."""
+    h, w = t.recipe.size
+    return MAPS_S_PER_CLASS_MPX * num_classes * h * w / 1e6
 
 
 def predict_seconds(
-    t: Throughput, n_val: int, n_test: int, tta: list[str], chosen_views: int = 2, maps_s: float = 0.0
+    t: Throughput, n_val: int, n_test: int, tta: list[str], num_classes: int = 0, chosen_views: int = 2
 ) -> float:
     """OOF predictions with each TTA set and the test predictions with the chosen one (``chosen_views``
-    views); ``maps_s``: each written image's seconds beyond the forward pass (:func:`maps_seconds`)."""
+    views), each image written with its ``num_classes`` maps (:func:`maps_seconds`)."""
+    maps_s = maps_seconds(t, num_classes)
     val = sum(view_cost(name) for name in tta) * n_val * t.image_s + len(tta) * n_val * maps_s
     return val + chosen_views * n_test * t.image_s + n_test * maps_s
 
@@ -174,20 +175,17 @@ def make_plan(
     epoch_images: int | None = None,
     oof_scale: float = OOF_SCALE,
     progressive: float = 0.0,
-    image_size: tuple[int, int] | None = None,
 ) -> Plan:
     """The largest recipe that trains at least SIZE_EPOCHS epochs (the largest size, then the larger
     model: the slower step; else the one with most epochs),
     with training sized to use what the other stages leave of ``budget_s``.  ``epoch_images``: the
-    images one epoch goes through when repeat-factor sampling repeats some (default ``n_train``);
-    ``image_size``: the images' most common (H, W), which prices writing their prediction maps."""
+    images one epoch goes through when repeat-factor sampling repeats some (default ``n_train``)."""
     per_epoch = epoch_images or n_train
-    maps_s = maps_seconds(num_classes, image_size)
     options = []
     for t in candidates:
         fixed = {
             "train set-up": STAGE_OVERHEAD_S * 2,
-            "predict (OOF with each TTA, test)": predict_seconds(t, n_val, n_test, tta, maps_s=maps_s) * 1.2
+            "predict (OOF with each TTA, test)": predict_seconds(t, n_val, n_test, tta, num_classes) * 1.2
             + STAGE_OVERHEAD_S * len(tta)
             + STAGE_OVERHEAD_S,
             "ensemble, submit, score": STAGE_OVERHEAD_S * 4 + 0.02 * (n_val + n_test),

@@ -244,7 +244,6 @@ class _Pricer:
         self.train_images = fp.n_train(k) * fp.epoch_factor
         self.views = [view_cost(t) for t in self.tta]
         self.test_views = max(self.views)  # the chosen set is not known before: the costliest
-        self.maps_s = maps_seconds(fp.num_classes, fp.size)
 
     def epoch(self, c: Candidate) -> float:
         return c.epoch_s(self.train_images, self.n_val)
@@ -265,9 +264,12 @@ class _Pricer:
         views = self.views if tta_sets is None else [self.test_views] * tta_sets
         oof = sum(views) * oof_folds * self.n_val * c.throughput.image_s
         test = test_runs * self.test_views * self.fp.n_test * c.throughput.image_s
-        written = (len(views) * oof_folds * self.n_val + test_runs * self.fp.n_test) * self.maps_s
+        written = (len(views) * oof_folds * self.n_val + test_runs * self.fp.n_test) * maps_seconds(
+            c.throughput, self.fp.num_classes
+        )
         starts = STAGE_OVERHEAD_S * (len(views) * oof_folds + test_runs)
-        return (oof + test + written) * PREDICT_SAFETY + starts
+        maps = written * maps_seconds(c.throughput, self.fp.num_classes)
+        return (oof + test + maps) * PREDICT_SAFETY + starts
 
     def stages(self, pool: list[Candidate], shape: _Shape) -> list[Stage]:
         screened = pool[: shape.n]
@@ -507,7 +509,6 @@ def plan_schedule(
         int(round(n_train * fp.epoch_factor)),
         oof_scale=oof_scale,
         progressive=progressive,
-        image_size=fp.size,
     )
     return Schedule(
         1, "the single-recipe plan (one recipe, fold 0)", budget_s, fp, k, tta, plan.epochs, single=plan, device=device
