@@ -21,6 +21,7 @@ import json
 import logging
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -333,7 +334,6 @@ class Autopilot:
             per_epoch,
             oof_scale=recipe_cfg.oof_scale,
             progressive=recipe_cfg.progressive,
-            image_size=common_image_size(self.coco),
         )
         plan.model_options = self.options(plan.recipe.model)
         plan.candidates = {m: w.to_dict() for m, w in self.weights.items()}
@@ -683,7 +683,19 @@ def run(cfg: AutopilotConfig) -> dict[str, Any]:
         pilot.clock.close()
 
 
+def stop_on_sigterm() -> None:
+    """A SIGTERM (``kill``, a job scheduler's stop) ends the run as Ctrl-C does: the running stage's
+    process is killed with it (``subprocess.run`` kills its child on any exception) rather than left
+    training on, orphaned, in the workspace that a re-run resumes."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    stop_on_sigterm()
     return stage_main(AutopilotConfig, run, argv, "Budgeted run: data folder -> validated submission (make all)")
 
 

@@ -290,3 +290,32 @@ def test_a_make_all_killed_mid_training_resumes_its_run(demo_data, tmp_path):
     history = torch.load(last.parent / "last.pt", map_location="cpu", weights_only=False)["history"]
     assert len(history) >= epochs_before and not list(last.parent.parent.glob("old-fold0-*"))
     assert (tmp_path / "submissions" / "k.csv").is_file()
+
+
+def test_a_sigterm_stops_the_running_stage_with_the_budgeted_run(tmp_path):
+    pid_file = tmp_path / "stage.pid"
+    stage = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    script = tmp_path / "pilot.py"
+    script.write_text(
+        "import subprocess, sys\n"
+        "from pipeline.autopilot import stop_on_sigterm\n"
+        "stop_on_sigterm()\n"
+        f"subprocess.run([sys.executable, '-c', {stage!r}], check=False)\n"
+    )
+    pilot = subprocess.Popen([sys.executable, str(script)], cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stage_pid = int(pid_file.read_text())
+    pilot.send_signal(signal.SIGTERM)
+    assert pilot.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(stage_pid, 0)
+        except ProcessLookupError:
+            break  # the stage's process is gone, not training on in the workspace
+        time.sleep(0.1)
+    else:
+        os.kill(stage_pid, signal.SIGKILL)
+        raise AssertionError("the stage's process outlived the budgeted run it belongs to")
