@@ -11,9 +11,9 @@ from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.planning.budget import parse_budget
 from pipeline.planning.devices import DeviceProfile, Estimate, Measured, read_device_profile
 from pipeline.planning.fingerprint import Fingerprint, read_fingerprint
-from pipeline.planning.plan import make_plan, plan_to_dict
+from pipeline.planning.plan import make_plan, maps_seconds, plan_to_dict
 from pipeline.planning.portfolio import read_portfolio
-from pipeline.planning.schedule import Candidate, plan_schedule, round_robin, rungs_of
+from pipeline.planning.schedule import PREDICT_SAFETY, Candidate, _Pricer, plan_schedule, round_robin, rungs_of
 
 CONTEST = read_fingerprint("recycle-trash")
 CCP = Fingerprint(804, 200, (412, 275), 59, 24, 4, 1.52)

@@ -62,12 +62,13 @@ def test_a_forced_level_trains_fewer_epochs_and_refuses_when_it_cannot_fit():
     forced = plan_schedule(FP, pool, single, 3600, k=5, level=2, partial="folds")
     assert forced.level == 2 and 4 <= forced.epochs < 24 and forced.folds >= 3 and not forced.refit
     assert forced.planned_s <= 3600
-    # 25 minutes: 5 folds of 4 epochs do not fit, a refit or 3-4 folds do (no screen: max_screen=1)
-    refit = plan_schedule(FP, pool, single, 1500, k=5, level=2, partial="refit", max_screen=1)
+    # 30 minutes: 5 folds of 4 epochs do not fit, a refit or 3-4 folds do (no screen: max_screen=1); the
+    # maps each fold's OOF and test predictions write take the minutes below that (25 minutes fit no fold plan)
+    refit = plan_schedule(FP, pool, single, 1800, k=5, level=2, partial="refit", max_screen=1)
     assert refit.refit and refit.folds == 1 and [c.name for c in refit.screened] == ["a"]
-    folds = plan_schedule(FP, pool, single, 1500, k=5, level=2, partial="folds", max_screen=1)
+    folds = plan_schedule(FP, pool, single, 1800, k=5, level=2, partial="folds", max_screen=1)
     assert not folds.refit and 3 <= folds.folds < 5 and refit.epochs >= folds.epochs  # 2 runs against 3-4
-    capped = plan_schedule(FP, pool, single, 1500, k=5, level=2, partial="refit", max_screen=1, max_epochs=5)
+    capped = plan_schedule(FP, pool, single, 1800, k=5, level=2, partial="refit", max_screen=1, max_epochs=5)
     assert capped.epochs == 5
     with pytest.raises(PipelineError, match="no plan of level 4 fits"):
         plan_schedule(FP, pool, single, 3600, k=5, level=4)  # one family: no cross-family ensemble

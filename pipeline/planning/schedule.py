@@ -264,9 +264,7 @@ class _Pricer:
         views = self.views if tta_sets is None else [self.test_views] * tta_sets
         oof = sum(views) * oof_folds * self.n_val * c.throughput.image_s
         test = test_runs * self.test_views * self.fp.n_test * c.throughput.image_s
-        written = (len(views) * oof_folds * self.n_val + test_runs * self.fp.n_test) * maps_seconds(
-            c.throughput, self.fp.num_classes
-        )
+        written = len(views) * oof_folds * self.n_val + test_runs * self.fp.n_test  # images
         starts = STAGE_OVERHEAD_S * (len(views) * oof_folds + test_runs)
         maps = written * maps_seconds(c.throughput, self.fp.num_classes)
         return (oof + test + maps) * PREDICT_SAFETY + starts
