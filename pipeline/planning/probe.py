@@ -57,13 +57,15 @@ def probe(
     num_classes: int,
     device: torch.device,
     amp: str = "auto",
-    repeats: int = 3,
+    repeats: int = 5,
     options: dict | None = None,
     low_scale: float | None = None,
 ) -> Throughput:
     """Measure ``recipe`` on ``device``: a forward/backward/AdamW step and a batched forward.
     ``options``: the family builder's options the run will train with (a lighter decoder);
-    ``low_scale``: also time a step at that share of the size (the progressive-resizing phase)."""
+    ``low_scale``: also time a step at that share of the size (the progressive-resizing phase).
+    Each figure is the median of ``repeats`` timings: on a shared CPU one of three was not enough (the
+    demo's probe once timed Lite0 slower than Lite2 at the same size, and the plan took Lite2)."""
     torch.manual_seed(0)
     model = build_model(recipe.model, num_classes, encoder=recipe.encoder, encoder_weights=None, **(options or {}))
     model = model.to(device)
