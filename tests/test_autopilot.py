@@ -24,7 +24,6 @@ from pipeline.planning.plan import (
     MAPS_S_PER_CLASS_MPX,
     MIN_EPOCHS,
     SIZE_EPOCHS,
-    TARGET_EPOCHS,
     disk_mb,
     epoch_seconds,
     make_plan,
@@ -94,17 +93,6 @@ def test_the_plan_prices_writing_each_prediction_set_with_its_classes():
     # two OOF sets and the test set, each image written with 36 more classes, priced 20% above
     assert extra == pytest.approx((2 * 200 + 100) * (maps_seconds(t, 48) - maps_seconds(t, 12)) * 1.2)
     assert extra > 0 and many.train_s == pytest.approx(few.train_s - extra) and many.planned_s <= 1200
-
-
-def test_at_the_chosen_size_the_larger_model_is_taken_only_when_it_trains_the_portfolio_epochs():
-    fast = Throughput(Recipe("unet", "lite0", (128, 128), 8), 0.2, 0.01)
-    slow = Throughput(Recipe("unet", "lite2", (128, 128), 8), 0.4, 0.02)
-    args = dict(n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
-    epochs = {t.recipe.encoder: make_plan([t], 1200, **args).epochs for t in (fast, slow)}
-    assert SIZE_EPOCHS <= epochs["lite2"] < TARGET_EPOCHS <= epochs["lite0"]  # both train enough for the size
-    assert make_plan([slow, fast], 1200, **args).recipe.encoder == "lite0"  # the slow one too few for its size
-    longer = make_plan([slow, fast], 2400, **args)
-    assert longer.recipe.encoder == "lite2" and longer.epochs >= TARGET_EPOCHS
 
 
 def test_the_plan_uses_most_of_the_budget_and_prefers_the_largest_size_that_trains_enough():

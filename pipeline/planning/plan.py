@@ -176,9 +176,8 @@ def make_plan(
     oof_scale: float = OOF_SCALE,
     progressive: float = 0.0,
 ) -> Plan:
-    """The largest size at which a recipe trains at least SIZE_EPOCHS epochs, with the larger model
-    there (the slower step) when it trains TARGET_EPOCHS, else the one that trains most epochs there;
-    when no size trains SIZE_EPOCHS, the recipe that trains most epochs,
+    """The largest recipe that trains at least SIZE_EPOCHS epochs (the largest size, then the larger
+    model: the slower step; else the one with most epochs),
     with training sized to use what the other stages leave of ``budget_s``.  ``epoch_images``: the
     images one epoch goes through when repeat-factor sampling repeats some (default ``n_train``)."""
     per_epoch = epoch_images or n_train
@@ -202,13 +201,12 @@ def make_plan(
             f"({best[0].recipe.name}) fits {max(best[1], 0)} epochs, at least {MIN_EPOCHS} are needed"
         )
     rich = [o for o in feasible if o[1] >= SIZE_EPOCHS]
-    if rich:  # the largest size that trains enough; there, the slower model only if it trains TARGET_EPOCHS
-        area = max(o[0].recipe.size[0] * o[0].recipe.size[1] for o in rich)
-        at_size = [o for o in rich if o[0].recipe.size[0] * o[0].recipe.size[1] == area]
-        long = [o for o in at_size if o[1] >= TARGET_EPOCHS]
-        t, epochs, train_s, fixed = max(long, key=lambda o: o[0].step_s) if long else max(at_size, key=lambda o: o[1])
-    else:
-        t, epochs, train_s, fixed = max(feasible, key=lambda o: o[1])
+    pool = rich or feasible
+    t, epochs, train_s, fixed = (
+        max(pool, key=lambda o: (o[0].recipe.size[0] * o[0].recipe.size[1], o[0].step_s))
+        if rich
+        else max(pool, key=lambda o: o[1])
+    )
     stages = {"train (fold 0)": train_s, **fixed}
     disk = disk_mb(t, n_val, n_test, tta, num_classes, oof_scale)
     plan = Plan(t, epochs, train_s, n_train, n_val, n_test, tta, stages, budget_s, math.ceil(disk), per_epoch)
