@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import namedtuple
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,17 @@ def test_the_plan_prices_writing_each_prediction_set_with_its_classes():
     # two OOF sets and the test set, each image written with 36 more classes, priced 20% above
     assert extra == pytest.approx((2 * 200 + 100) * (maps_seconds(t, 48) - maps_seconds(t, 12)) * 1.2)
     assert extra > 0 and many.train_s == pytest.approx(few.train_s - extra) and many.planned_s <= 1200
+
+
+def test_at_the_chosen_size_the_larger_model_is_the_larger_checkpoint_even_when_it_timed_faster():
+    small = Throughput(Recipe("unet", "lite0", (128, 128), 8), 0.48, 0.01, checkpoint_mb=75.0)
+    large = Throughput(Recipe("unet", "lite2", (128, 128), 8), 0.45, 0.01, checkpoint_mb=120.0)  # a noisy probe
+    args = dict(n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
+    assert all(make_plan([t], 1200, **args).epochs >= SIZE_EPOCHS for t in (small, large))
+    assert make_plan([small, large], 1200, **args).recipe.encoder == "lite2"
+    assert make_plan([large, small], 1200, **args).recipe.encoder == "lite2"
+    unmeasured = [replace(t, checkpoint_mb=0.0) for t in (small, large)]  # no checkpoint size: the slower step
+    assert make_plan(unmeasured, 1200, **args).recipe.encoder == "lite0"
 
 
 def test_the_plan_uses_most_of_the_budget_and_prefers_the_largest_size_that_trains_enough():

@@ -177,7 +177,8 @@ def make_plan(
     progressive: float = 0.0,
 ) -> Plan:
     """The largest recipe that trains at least SIZE_EPOCHS epochs (the largest size, then the larger
-    model: the slower step; else the one with most epochs),
+    model: the larger checkpoint, else the slower step, which a noisy probe can invert; else the one
+    with most epochs),
     with training sized to use what the other stages leave of ``budget_s``.  ``epoch_images``: the
     images one epoch goes through when repeat-factor sampling repeats some (default ``n_train``)."""
     per_epoch = epoch_images or n_train
@@ -203,7 +204,7 @@ def make_plan(
     rich = [o for o in feasible if o[1] >= SIZE_EPOCHS]
     pool = rich or feasible
     t, epochs, train_s, fixed = (
-        max(pool, key=lambda o: (o[0].recipe.size[0] * o[0].recipe.size[1], o[0].step_s))
+        max(pool, key=lambda o: (o[0].recipe.size[0] * o[0].recipe.size[1], o[0].checkpoint_mb, o[0].step_s))
         if rich
         else max(pool, key=lambda o: o[1])
     )
