@@ -207,3 +207,13 @@ def test_make_plan_probes_this_device_and_saves_a_profile_it_can_plan_from(demo_
     assert saved.kind == "cpu" and set(saved.measured) == {"a", "b"}
     again = run(PlanConfig(budget="3h", device_profile=str(profile), **common))["schedule"]
     assert again["level"] == s["level"] and again["epochs"] == pytest.approx(s["epochs"], abs=1)
+
+
+def test_the_screening_plans_price_each_written_prediction_set_with_its_classes():
+    screened, _ = inputs(CCP, CPU)
+    c = screened[0]
+    few = Fingerprint(804, 200, (412, 275), 11, 4, 0, 1.52)
+    cost = {fp.num_classes: _Pricer(fp, 5, ["none", "hflip"], 0.5).predictions(c, 2, 3) for fp in (few, CCP)}
+    written = 2 * 2 * CCP.n_val(5) + 3 * CCP.n_test  # 2 TTA sets of 2 OOF folds, 3 test runs
+    per_image = maps_seconds(c.throughput, 59) - maps_seconds(c.throughput, 11)
+    assert cost[59] - cost[11] == pytest.approx(written * per_image * PREDICT_SAFETY)
