@@ -64,8 +64,8 @@ def probe(
     """Measure ``recipe`` on ``device``: a forward/backward/AdamW step and a batched forward.
     ``options``: the family builder's options the run will train with (a lighter decoder);
     ``low_scale``: also time a step at that share of the size (the progressive-resizing phase).
-    Each figure is the median of ``repeats`` timings: on a shared CPU one of three was not enough (the
-    demo's probe once timed Lite0 slower than Lite2 at the same size, and the plan took Lite2)."""
+    Each figure is the median of ``repeats`` timings: on a shared CPU three were not enough (the demo's
+    probe timed Lite2 faster than Lite0 at the same size in two runs of four)."""
     torch.manual_seed(0)
     model = build_model(recipe.model, num_classes, encoder=recipe.encoder, encoder_weights=None, **(options or {}))
     model = model.to(device)
