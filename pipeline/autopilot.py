@@ -22,7 +22,6 @@ import logging
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -65,6 +64,7 @@ from pipeline.planning.plan import (
 )
 from pipeline.planning.portfolio import PORTFOLIO, PortfolioRecipe, read_portfolio, usable
 from pipeline.planning.probe import Recipe
+from pipeline.planning.processes import WorkspaceLock, run_stage
 from pipeline.planning.schedule import Candidate, Schedule, plan_schedule
 from pipeline.planning.stamps import Stamps, stamp_key
 from pipeline.submission.formats import FORMATS, resolve_format
@@ -165,6 +165,11 @@ def command(module: str, cls: type, settings: dict[str, Any], recipe: Path | Non
     return [module, *flags, *stage_args(cls, settings, recipe, where=module)]
 
 
+def workspace_of(cfg: AutopilotConfig) -> Path:
+    """``work_dir/NAME``: everything one budgeted run writes but its submission."""
+    return Path(cfg.work_dir) / cfg.name
+
+
 class Autopilot:
     """One budgeted run: the workspace, the clock, the stamps, and the steps in order."""
 
@@ -178,7 +183,7 @@ class Autopilot:
         # every file of the recipe's base: chain: a changed one re-plans and retrains
         self.recipe_files = [Path(source) for source, _ in yaml_layers(self.recipe)]
         self.budget_s = parse_budget(cfg.budget)
-        self.ws = Path(cfg.work_dir) / cfg.name
+        self.ws = workspace_of(cfg)
         self.ws.mkdir(parents=True, exist_ok=True)
         self.clock = BudgetClock(self.ws / "state.json", self.budget_s)
         self.stamps = Stamps(self.ws / "stamps")
@@ -221,10 +226,10 @@ class Autopilot:
         command = [sys.executable, "-m", *args, *volatile]
         log.info("%s: %s", name, " ".join(shlex.quote(a) for a in command[2:]))
         started = time.monotonic()
-        done = subprocess.run(command, check=False)
+        returncode = run_stage(command)
         self.clock.add_stage(name, time.monotonic() - started)
-        if done.returncode != 0:
-            raise PipelineError(f"{name} failed (exit {done.returncode}): {' '.join(command[2:])}")
+        if returncode != 0:
+            raise PipelineError(f"{name} failed (exit {returncode}): {' '.join(command[2:])}")
         self.stamps.mark(name, key, list(outputs))
         return True
 
@@ -649,6 +654,12 @@ def check_disk(ws: Path, planned_mb: float) -> None:
 def run(cfg: AutopilotConfig) -> dict[str, Any]:
     """Run (or continue) the budgeted pipeline; returns the summary figures."""
     cfg.validate()
+    workspace_of(cfg).mkdir(parents=True, exist_ok=True)
+    with WorkspaceLock(workspace_of(cfg)):  # one run per NAME at a time
+        return run_locked(cfg)
+
+
+def run_locked(cfg: AutopilotConfig) -> dict[str, Any]:
     pilot = Autopilot(cfg)
     try:
         log.info(
@@ -685,7 +696,7 @@ def run(cfg: AutopilotConfig) -> dict[str, Any]:
 
 def stop_on_sigterm() -> None:
     """A SIGTERM (``kill``, a job scheduler's stop) ends the run as Ctrl-C does: the running stage's
-    process is killed with it (``subprocess.run`` kills its child on any exception) rather than left
+    process is killed with it (:func:`run_stage` kills its child on any exception) rather than left
     training on, orphaned, in the workspace that a re-run resumes."""
 
     def stop(signum: int, frame: Any) -> None:

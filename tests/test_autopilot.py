@@ -331,3 +331,70 @@ def test_a_sigterm_stops_the_running_stage_with_the_budgeted_run(tmp_path):
     else:
         os.kill(stage_pid, signal.SIGKILL)
         raise AssertionError("the stage's process outlived the budgeted run it belongs to")
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_sigkilled_run_takes_its_stage_with_it(tmp_path):
+    """SIGKILL runs no handler in the run: the kernel ends its stage, which would otherwise train on,
+    orphaned, beside the re-run that resumes the workspace."""
+    pid_file = tmp_path / "stage.pid"
+    stage = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    script = tmp_path / "pilot.py"
+    script.write_text(
+        f"import sys\nfrom pipeline.planning.processes import run_stage\nrun_stage([sys.executable, '-c', {stage!r}])\n"
+    )
+    pilot = subprocess.Popen([sys.executable, str(script)], cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stage_pid = int(pid_file.read_text())
+    assert alive(stage_pid)
+    pilot.kill()  # the run's process only, not its process group
+    assert pilot.wait(timeout=30) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while alive(stage_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(stage_pid):
+        os.kill(stage_pid, signal.SIGKILL)
+        raise AssertionError("the stage's process outlived the SIGKILLed run it belongs to")
+
+
+def test_one_run_per_workspace_and_a_killed_runs_lock_is_released(demo_data, tmp_path):
+    from pipeline.planning.processes import WorkspaceLock
+
+    ws = tmp_path / "work" / "x"
+    ws.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pipeline.planning.processes import WorkspaceLock\n"
+            "lock = WorkspaceLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
+            str(ws),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = AutopilotConfig(data_dir=str(demo_data), work_dir=str(tmp_path / "work"), name="x", budget="60s")
+        with pytest.raises(PipelineError, match=rf"{ws}: another run is using this workspace \(pid {holder.pid}\)"):
+            run(cfg)
+        assert [p.name for p in ws.iterdir()] == [".lock"]  # refused before it wrote anything
+    finally:
+        holder.kill()
+        holder.wait()
+    with WorkspaceLock(ws):  # the kernel released the killed holder's lock
+        with pytest.raises(PipelineError, match=rf"pid {os.getpid()}"):
+            WorkspaceLock(ws).acquire()
+    WorkspaceLock(ws).acquire().release()  # and this one's, on release

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -140,15 +139,15 @@ def test_the_autopilot_config_accepts_format_auto_by_default():
 def test_the_autopilot_stamps_the_resolved_format_and_passes_auto_on(data, tmp_path, monkeypatch):
     commands: list[list[str]] = []
 
-    def fake_run(command, check):  # the submit stage's process: writes its two outputs
+    def fake_run_stage(command):  # the submit stage's process: writes its two outputs
         commands.append(command)
         out = Path(next(a for a in command if a.startswith("out_dir=")).split("=", 1)[1])
         out.mkdir(parents=True, exist_ok=True)
         (out / "t.csv").write_text("csv\n")
         (out / "t.json").write_text("{}\n")
-        return subprocess.CompletedProcess(command, 0)
+        return 0
 
-    monkeypatch.setattr(autopilot_mod.subprocess, "run", fake_run)
+    monkeypatch.setattr(autopilot_mod, "run_stage", fake_run_stage)
     weights = tmp_path / "weights.yaml"
     weights.write_text("members: []\n")
 
