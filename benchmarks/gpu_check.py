@@ -712,18 +712,22 @@ def random_batch(c: Check, n: int, channels_last: bool) -> tuple[torch.Tensor, t
     return x, torch.randint(0, CLASSES, (n, *c.s.size), device=c.device)
 
 
-def step_fits(c: Check, t, n: int) -> tuple[bool, float | None]:
-    """Whether one bare training step of ``n`` random images fits, and its peak memory (MB)."""
+def step_fits(c: Check, t, n: int) -> tuple[bool, float | None, str | None]:
+    """Whether one bare training step of ``n`` random images fits, its peak memory (MB), and why not:
+    ``"memory"`` or ``"index limit"`` (a kernel refusing a tensor of 2**31 elements or more)."""
+    from pipeline.engine.loop import too_large
+
     c.free()
     c.reset_peak()
     try:
         bare_step(t, [random_batch(c, n, t.channels_last)], 1, c.sync)
-    except RuntimeError as exc:  # torch.OutOfMemoryError, or a library's allocation failure
-        if not is_oom(exc):
+    except RuntimeError as exc:  # torch.OutOfMemoryError, a library's allocation failure, a 32-bit index limit
+        why = too_large(exc)
+        if why is None and not is_oom(exc):
             raise
         t.optimizer.zero_grad(set_to_none=True)
-        return False, None
-    return True, c.peak_mb()
+        return False, None, "index limit" if why and "index" in why else "memory"
+    return True, c.peak_mb(), None
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -732,16 +736,18 @@ def is_oom(exc: BaseException) -> bool:
 
 def largest_batch(c: Check, t, clock: Clock) -> dict[str, Any]:
     """Peak memory at the check's batch and twice it, the batch a straight line through them puts at 92% of
-    the GPU's memory, tried (and lowered by 15% until it fits, a few times). On a CPU: doubled up to 4x."""
+    the GPU's memory, tried (and lowered by 15% until it fits, a few times); ``limited_by`` says what stopped
+    it (``cap``, ``memory``, or ``index limit``: a kernel's 32-bit indexing, which the trainer meets by halving
+    its micro-batch as it does on out-of-memory). On a CPU: doubled up to 4x."""
     b = c.s.batch
     if c.device.type != "cuda":
         tried = [dict(batch=n, fits=step_fits(c, t, n)[0]) for n in (b, 2 * b, 4 * b)]
         fits = [x["batch"] for x in tried if x["fits"]]
         return dict(peak_mb=None, largest_batch=max(fits) if fits else None, limited_by="cap (CPU)", tried=tried)
-    (ok1, p1), (ok2, p2) = step_fits(c, t, b), step_fits(c, t, 2 * b)
+    (ok1, p1, why1), (ok2, p2, why2) = step_fits(c, t, b), step_fits(c, t, 2 * b)
     tried = [dict(batch=b, fits=ok1, peak_mb=p1), dict(batch=2 * b, fits=ok2, peak_mb=p2)]
     if not (ok1 and ok2):
-        return dict(peak_mb=p1, largest_batch=b if ok1 else None, limited_by="memory", tried=tried)
+        return dict(peak_mb=p1, largest_batch=b if ok1 else None, limited_by=why1 or why2, tried=tried)
     per_image = max((p2 - p1) / b, 1e-3)
     total_mb = torch.cuda.get_device_properties(c.device).total_memory / 2**20
     guess = min(MAX_BATCH, int((0.92 * total_mb - (p1 - b * per_image)) / per_image) // 8 * 8)
@@ -749,11 +755,12 @@ def largest_batch(c: Check, t, clock: Clock) -> dict[str, Any]:
     for _ in range(4):
         if clock.over() or guess <= found:
             break
-        ok, peak = step_fits(c, t, guess)
-        tried.append(dict(batch=guess, fits=ok, peak_mb=peak))
+        ok, peak, why = step_fits(c, t, guess)
+        tried.append(dict(batch=guess, fits=ok, peak_mb=peak, failed_on=why))
         if ok:
             found = guess
             break
+        limited = why
         guess = int(guess * 0.85) // 8 * 8
     return dict(peak_mb=p1, per_image_mb=per_image, largest_batch=found, limited_by=limited, tried=tried)
 
@@ -805,7 +812,7 @@ def oom_fallback(c: Check) -> dict[str, Any]:
 
 
 def section_memory(c: Check, rec: dict, clock: Clock) -> None:
-    rec.update(batch=c.s.batch, size=list(c.s.size), max_batch=MAX_BATCH, items=[], truncated=False)
+    rec.update(batch=c.s.batch, size=list(c.s.size), max_batch=MAX_BATCH, items=[], errors=[], truncated=False)
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False  # no autotuning at every new batch size of the search
     rec["cudnn_benchmark"] = False
@@ -815,7 +822,16 @@ def section_memory(c: Check, rec: dict, clock: Clock) -> None:
                 rec["truncated"] = True
                 break
             t = build_trainer(c, Mode(m, e, "bf16", True))
-            item = dict(model=m, encoder=e, **largest_batch(c, t, clock))
+            try:
+                item = dict(model=m, encoder=e, **largest_batch(c, t, clock))
+            except SectionTimeout:
+                raise
+            except Exception as exc:  # one recipe failing does not hide the others
+                log.exception("memory: %s/%s failed", m, e)
+                rec["errors"].append(dict(label=f"{m}/{e}", error=f"{type(exc).__name__}: {exc}"))
+                del t
+                c.free()
+                continue
             rec["items"].append(item)
             log.info(
                 "memory: %s/%s: peak %s MB at batch %d, largest batch %s",
@@ -954,7 +970,7 @@ def headline(name: str, rec: dict[str, Any]) -> str:
     if name == "device_profile":
         return f"{len(rec.get('recipes', {}))} recipes (step_s, image_s beside the probe's)"
     if name == "memory":
-        sizes = ", ".join(f"{i['model']} {i['largest_batch']}" for i in rec.get("items", []))
+        sizes = ", ".join(f"{i['model']} {i['largest_batch']} ({i['limited_by']})" for i in rec.get("items", []))
         fb = rec.get("oom_fallback") or {}
         return f"largest batch {sizes}; OOM fallback micro-batch {fb.get('micro_batch')} of {fb.get('batch')}"
     wall = fmt(rec.get("wall_s"), ".0f")

@@ -3,6 +3,7 @@ checkpoint saver, hooks, runtime settings and the model-family contract."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -362,7 +363,7 @@ def test_tensorboard_needs_its_package_and_says_so(demo_data_square, folds_file,
 class _Step:
     """The parts of a Trainer that ``backward_batch`` uses, around a model without BatchNorm."""
 
-    def __init__(self, model: nn.Module, oom_above: int | None = None) -> None:
+    def __init__(self, model: nn.Module, oom_above: int | None = None, error=None) -> None:
         self.model = self.net = model
         self.device = torch.device("cpu")
         self.dtype = None
@@ -373,6 +374,7 @@ class _Step:
         self.micro_batch = None
         self.channels_last = False
         self.oom_above = oom_above
+        self.error = error or (lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"))
         self.calls: list[int] = []
         if oom_above is not None:
             inner = model.forward
@@ -380,13 +382,25 @@ class _Step:
             def forward(x):  # what CUDA does when a batch does not fit
                 self.calls.append(x.shape[0])
                 if x.shape[0] > self.oom_above:
-                    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+                    raise self.error()
                 return inner(x)
 
             model.forward = forward
 
 
-def test_out_of_memory_halves_the_micro_batch_and_keeps_the_gradient(caplog):
+# what CUDA raises when a batch does not fit, and the message of a kernel refusing a tensor past 2**31 elements
+# (seen on an H200 at batch 296, 512 x 512, channels_last)
+TOO_LARGE = {
+    "out of memory": lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+    "a kernel's 32-bit index limit": lambda: RuntimeError(
+        "upsample_nearest_nhwc only supports grad_output tensors with less than INT_MAX elements, "
+        "but got [296, 32, 512, 512]"
+    ),
+}
+
+
+@pytest.mark.parametrize("why", sorted(TOO_LARGE))
+def test_a_batch_too_large_halves_the_micro_batch_and_keeps_the_gradient(caplog, why):
     from pipeline.engine.loop import backward_batch
 
     torch.manual_seed(0)
@@ -400,9 +414,10 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_gradient(caplog):
     model.load_state_dict(reference.state_dict())
     for p in model.parameters():  # a gradient left from an earlier batch of the window
         p.grad = torch.ones_like(p)
-    step = _Step(model, oom_above=2)
+    step = _Step(model, oom_above=2, error=TOO_LARGE[why])
     with caplog.at_level("WARNING"):
         loss = backward_batch(step, images, masks)
+    assert f"{why} with micro-batches of 6 images: now 3" in caplog.text
     # 6 failed, then 3 failed, then three micro-batches of 2 (the last one's size is what was asked)
     assert step.calls == [6, 3, 2, 2, 2] and step.micro_batch == 2
     assert "now 2 (gradient accumulation x6, effective batch 12 unchanged)" in caplog.text
@@ -416,14 +431,26 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_gradient(caplog):
     assert step.calls == [2, 2, 2]
 
 
-def test_out_of_memory_at_one_image_is_a_clear_error():
+@pytest.mark.parametrize("why", sorted(TOO_LARGE))
+def test_a_batch_too_large_at_one_image_is_a_clear_error(why):
     from pipeline.core.errors import PipelineError
     from pipeline.engine.loop import backward_batch
 
-    step = _Step(nn.Conv2d(3, 4, 1), oom_above=0)
-    with pytest.raises(PipelineError, match="one image per micro-batch at size \\(5, 7\\): lower img_size="):
+    step = _Step(nn.Conv2d(3, 4, 1), oom_above=0, error=TOO_LARGE[why])
+    with pytest.raises(
+        PipelineError, match=f"^{why} with one image per micro-batch at size \\(5, 7\\): lower img_size="
+    ):
         backward_batch(step, torch.randn(4, 3, 5, 7), torch.zeros(4, 5, 7, dtype=torch.long))
     assert step.calls == [4, 2, 1]
+
+
+def test_any_other_runtime_error_is_raised_as_it_is():
+    from pipeline.engine.loop import backward_batch
+
+    step = _Step(nn.Conv2d(3, 4, 1), oom_above=0, error=lambda: RuntimeError("cuDNN error: CUDNN_STATUS_BAD_PARAM"))
+    with pytest.raises(RuntimeError, match="^cuDNN error: CUDNN_STATUS_BAD_PARAM$"):
+        backward_batch(step, torch.randn(4, 3, 5, 7), torch.zeros(4, 5, 7, dtype=torch.long))
+    assert step.calls == [4] and step.micro_batch is None
 
 
 def test_a_run_survives_out_of_memory_with_the_same_number_of_steps(
@@ -474,3 +501,16 @@ def test_frequency_class_weights():
     assert w[1] == pytest.approx((0.0495 / 0.09) ** 0.5) and w[2] == pytest.approx((0.0495 / 0.009) ** 0.5)
     assert w[0] == pytest.approx((0.0495 / 0.9) ** 0.5) and w[3] == pytest.approx((0.0495 / 0.001) ** 0.5)
     assert frequency_class_weights([10**9, 1])[1] == 10.0 and frequency_class_weights([0, 0]) == [1.0, 1.0]
+
+
+def test_the_delayed_loss_check_returns_the_previous_read_and_a_direct_one_the_value():
+    from pipeline.engine.loop import LossCheck
+
+    total = torch.zeros((), dtype=torch.float64)
+    delayed, direct = LossCheck(torch.device("cpu"), delayed=True), LossCheck(torch.device("cpu"))
+    total += 6.0
+    assert delayed.read(total, 3, 19) is None and direct.read(total, 3, 19) == (2.0, 19)
+    total += float("nan")  # the copy taken at batch 19 keeps its value
+    assert delayed.read(total, 4, 39) == (2.0, 19)
+    value, at = delayed.read(total, 5, 59)
+    assert math.isnan(value) and at == 39

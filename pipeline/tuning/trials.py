@@ -110,18 +110,21 @@ def pruning_callback(trial: optuna.Trial, fold_index: int, epochs: int, report: 
 
 
 def _train_run(cfg: TrainConfig, epoch_callback: EpochCallback) -> TrainResult:
-    """The training engine with the pruning callback as a hook; out-of-memory fails only the trial."""
+    """The training engine with the pruning callback as a hook; out-of-memory (or a kernel's 32-bit index
+    limit) outside the training step's micro-batch fallback fails only the trial."""
     import torch
 
     from pipeline.engine.hooks import EpochCallback
+    from pipeline.engine.loop import too_large
     from pipeline.engine.trainer import train
 
     try:
         return train(cfg, [EpochCallback(epoch_callback)])
-    except torch.cuda.OutOfMemoryError as exc:
-        raise PipelineError(
-            f"{cfg.experiment}: out of GPU memory (batch_size={cfg.batch_size}, img_size={cfg.img_size})"
-        ) from exc
+    except RuntimeError as exc:
+        why = too_large(exc)
+        if why is None:
+            raise
+        raise PipelineError(f"{cfg.experiment}: {why} (batch_size={cfg.batch_size}, img_size={cfg.img_size})") from exc
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
