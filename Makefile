@@ -175,8 +175,8 @@ all: setup ## budgeted run DATA_DIR -> validated submission within BUDGET (NAME=
 	$(PY) -m pipeline.autopilot data_dir=$(DATA_DIR) budget=$(BUDGET) name=$(NAME) format=$(FORMAT) weights_dir=$(WEIGHTS_DIR) $(if $(filter-out $(DATA_DIR)/test_gt.json,$(GT)),gt=$(GT)) $(args)
 
 demo: setup ## the main job on generated demo data: data -> EDA -> make all (folds, probe, plan, train, TTA on OOF, ensemble, submit, score) in DEMO_BUDGET
-	$(MAKE) --no-print-directory data
-	$(MAKE) --no-print-directory eda
+	$(MAKE) --no-print-directory data ARGS=
+	$(MAKE) --no-print-directory eda ARGS=
 	$(MAKE) --no-print-directory all DATA_DIR=data/demo BUDGET=$(DEMO_BUDGET) NAME=demo FORMAT=rle
 
 lint: setup ## ruff: lint rules (E, F, I, B, UP) and formatting
