@@ -715,18 +715,21 @@ def random_batch(c: Check, n: int, channels_last: bool) -> tuple[torch.Tensor, t
 def step_fits(c: Check, t, n: int) -> tuple[bool, float | None, str | None]:
     """Whether one bare training step of ``n`` random images fits, its peak memory (MB), and why not:
     ``"memory"`` or ``"index limit"`` (a kernel refusing a tensor of 2**31 elements or more)."""
-    from pipeline.engine.loop import too_large
+    from pipeline.engine.loop import INDEX_LIMIT, too_large
 
     c.free()
     c.reset_peak()
     try:
         bare_step(t, [random_batch(c, n, t.channels_last)], 1, c.sync)
     except RuntimeError as exc:  # torch.OutOfMemoryError, a library's allocation failure, a 32-bit index limit
-        why = too_large(exc)
-        if why is None and not is_oom(exc):
+        if too_large(exc) == INDEX_LIMIT:
+            why = "index limit"
+        elif is_oom(exc):
+            why = "memory"
+        else:
             raise
         t.optimizer.zero_grad(set_to_none=True)
-        return False, None, "index limit" if why and "index" in why else "memory"
+        return False, None, why
     return True, c.peak_mb(), None
 
 
@@ -829,20 +832,19 @@ def section_memory(c: Check, rec: dict, clock: Clock) -> None:
             except Exception as exc:  # one recipe failing does not hide the others
                 log.exception("memory: %s/%s failed", m, e)
                 rec["errors"].append(dict(label=f"{m}/{e}", error=f"{type(exc).__name__}: {exc}"))
+            else:
+                rec["items"].append(item)
+                log.info(
+                    "memory: %s/%s: peak %s MB at batch %d, largest batch %s",
+                    m,
+                    e,
+                    item["peak_mb"],
+                    c.s.batch,
+                    item["largest_batch"],
+                )
+            finally:
                 del t
                 c.free()
-                continue
-            rec["items"].append(item)
-            log.info(
-                "memory: %s/%s: peak %s MB at batch %d, largest batch %s",
-                m,
-                e,
-                item["peak_mb"],
-                c.s.batch,
-                item["largest_batch"],
-            )
-            del t
-            c.free()
             c.save()
     finally:
         torch.backends.cudnn.benchmark = benchmark

@@ -40,19 +40,18 @@ class LossCheck:
     """
 
     def __init__(self, device: torch.device, delayed: bool | None = None) -> None:
-        self.device = device
-        self.delayed = device.type == "cuda" if delayed is None else delayed
+        self.cuda = device.type == "cuda"
+        self.delayed = self.cuda if delayed is None else delayed
         self.pending: tuple[torch.Tensor, int, int, torch.cuda.Event | None] | None = None
 
     def read(self, loss_sum: torch.Tensor, seen: int, batch: int) -> tuple[float, int] | None:
         """(mean loss, the batch it was read at), or None at the first delayed read."""
         if not self.delayed:
             return loss_sum.item() / seen, batch
-        cuda = self.device.type == "cuda"
-        host = torch.empty((), dtype=loss_sum.dtype, pin_memory=cuda)
-        host.copy_(loss_sum.detach(), non_blocking=cuda)
+        host = torch.empty((), dtype=loss_sum.dtype, pin_memory=self.cuda)
+        host.copy_(loss_sum.detach(), non_blocking=self.cuda)
         event = None
-        if cuda:
+        if self.cuda:
             event = torch.cuda.Event()
             event.record()
         previous, self.pending = self.pending, (host, seen, batch, event)
@@ -96,15 +95,17 @@ def _forward_backward(t: LoopView, images: torch.Tensor, masks: torch.Tensor, we
 # PyTorch's CUDA kernels index with 32 bits in places and refuse a tensor of 2**31 elements or more (a large
 # batch at a large size: upsample_nearest_nhwc's backward at 296 x 32 x 512 x 512 on an H200, where memory was left)
 INDEX_LIMIT_MARKS = ("INT_MAX", "32-bit index", "canUse32BitIndexMath")
+OUT_OF_MEMORY = "out of memory"
+INDEX_LIMIT = "a kernel's 32-bit index limit"
 
 
 def too_large(exc: BaseException) -> str | None:
-    """Why a batch failed that fewer images would pass: ``"out of memory"``, ``"a kernel's 32-bit index
-    limit"``, or None for any other error."""
+    """Why a batch failed that fewer images would pass: :data:`OUT_OF_MEMORY`, :data:`INDEX_LIMIT`, or None
+    for any other error."""
     if isinstance(exc, torch.OutOfMemoryError):
-        return "out of memory"
+        return OUT_OF_MEMORY
     if isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in INDEX_LIMIT_MARKS):
-        return "a kernel's 32-bit index limit"
+        return INDEX_LIMIT
     return None
 
 
