@@ -74,12 +74,9 @@ def main():
     _, x, y, k = load(a.data_dir, "train_all.json", size, True)
     model = smp.Unet(a.encoder, encoder_weights=None, classes=k)
     if a.encoder_file is not None:  # timm key names under the encoder's model (tu- encoders) or its own
-        if a.encoder_file.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        from pipeline.models.weights import read_state_dict  # the pipeline's one reader: files load as data
 
-            state = load_file(str(a.encoder_file))
-        else:
-            state = torch.load(a.encoder_file, map_location="cpu", weights_only=True)
+        state = read_state_dict(a.encoder_file)
         target = model.encoder.model if hasattr(model.encoder, "model") else model.encoder
         missing, _ = target.load_state_dict(state, strict=False)
         print(f"plain recipe: {a.encoder} from {a.encoder_file}, {len(missing)} encoder tensors missing")

@@ -9,8 +9,8 @@ the predict stage takes like any other (``make predict ARGS="checkpoint=averaged
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from pipeline.core.config import ConfigError, stage_main
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_bytes
 from pipeline.core.layout import RunFolder
+from pipeline.core.torch_files import check_trust_list
 from pipeline.data import MaskCache, Preprocessing, SegmentationDataset, ValDataset, collate, load_coco, split_ids
 from pipeline.engine.averaging import average_states, recompute_bn
 from pipeline.engine.checkpoint import load_checkpoint_model, load_model_state, read_checkpoint, serialize
@@ -39,15 +40,19 @@ class AverageConfig:
     batch_size: int = 8
     bn_batches: int | None = None  # batches of training images for the BatchNorm statistics (None: all)
     device: str = "auto"
+    trust_pickle: list[str] = field(default_factory=list)  # files you trust to unpickle in full (it can run code)
 
     def validate(self) -> None:
         if not self.run_dir:
             raise ConfigError("run_dir is required (a training run folder such as runs/<experiment>/fold0)")
         if self.k < 1:
             raise ConfigError(f"k must be at least 1, got {self.k}")
+        check_trust_list(self.trust_pickle)
 
 
-def top_weights(folder: RunFolder, k: int) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]]]:
+def top_weights(
+    folder: RunFolder, k: int, trust_pickle: Iterable[str] = ()
+) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]]]:
     """The index entries and weights of the ``k`` best epochs kept under ``top/``."""
     import json
 
@@ -57,16 +62,16 @@ def top_weights(folder: RunFolder, k: int) -> tuple[list[dict[str, Any]], list[d
     entries = json.loads(index.read_text())[:k]
     if len(entries) < k:
         raise PipelineError(f"{index}: {len(entries)} kept epoch(s), {k} asked (train with keep_top_k={k})")
-    return entries, [read_checkpoint(folder.top / e["file"])["model"] for e in entries]
+    return entries, [read_checkpoint(folder.top / e["file"], trust_pickle)["model"] for e in entries]
 
 
 def run(cfg: AverageConfig) -> Path:
     """Write ``<run_dir>/averaged.pt``; returns its path."""
     cfg.validate()
     folder = RunFolder(Path(cfg.run_dir))
-    entries, states = top_weights(folder, cfg.k)
+    entries, states = top_weights(folder, cfg.k, cfg.trust_pickle)
     device = resolve_device(cfg.device)
-    model, tcfg, base = load_checkpoint_model(folder.best, device)
+    model, tcfg, base = load_checkpoint_model(folder.best, device, trust_pickle=cfg.trust_pickle)
     load_model_state(model, average_states(states), folder.top)
     coco = load_coco(cfg.data_dir or tcfg.data_dir, tcfg.ann_file, mask_rule=tcfg.mask_rule)
     train_ids, val_ids = split_ids(coco, tcfg.folds_file, tcfg.fold)

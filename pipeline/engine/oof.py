@@ -36,7 +36,7 @@ def write_oof(
 ) -> Path:
     """Class probabilities of ``val_ids`` at ``oof_scale`` x the training size, with the mIoU
     of the checkpoint at full resolution in the store's meta."""
-    model, _, ckpt = load_checkpoint_model(best_path, device)
+    model, _, ckpt = load_checkpoint_model(best_path, device, trust_pickle=cfg.trust_pickle)
     stored = stored_size(size, cfg.oof_scale)
     cache = MaskCache(coco, cfg.cache_dir)
     prep = Preprocessing.from_dict(ckpt.get("preprocessing"))

@@ -97,6 +97,25 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int)
     return SCHEDULERS.get(cfg.scheduler)(optimizer, cfg, total, warmup)
 
 
+def scheduler_state(scheduler) -> dict[str, Any]:
+    """The scheduler's state as plain values (its horizon as ``{total, warmup}``, not the object)."""
+    state = scheduler.state_dict()
+    horizon = state.pop("horizon", None)
+    if horizon is not None:
+        state["horizon"] = {"total": int(horizon.total), "warmup": int(horizon.warmup)}
+    return state
+
+
+def load_scheduler_state(scheduler, state: dict[str, Any]) -> None:
+    """Restore :func:`scheduler_state`: the stored horizon goes into the horizon its schedule reads."""
+    state = dict(state)
+    stored = state.pop("horizon", None)
+    horizon = getattr(scheduler, "horizon", None)
+    if stored is not None and horizon is not None:
+        horizon.total, horizon.warmup = int(stored["total"]), int(stored["warmup"])
+    scheduler.load_state_dict(state)
+
+
 def resize_schedule(scheduler, total_steps: int) -> bool:
     """Make a schedule decay over ``total_steps`` steps from now on (the learning rate of the next
     step follows the new horizon); False for schedules without a horizon (onecycle)."""

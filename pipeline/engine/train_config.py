@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import Layer, override_layer, to_dict, yaml_layers
 from pipeline.core.errors import ConfigError
 from pipeline.core.layout import RunFolder
+from pipeline.core.torch_files import check_trust_list
 from pipeline.data import AUGMENTATIONS, MASK_RULES
 from pipeline.engine.optim import OPTIMIZERS, SCHEDULERS
 from pipeline.engine.runtime import AMP_MODES
@@ -34,6 +35,7 @@ RESUMABLE_KEYS = (
     "threads",
     "weights_source",
     "resume",
+    "trust_pickle",
 )
 
 
@@ -56,6 +58,7 @@ class TrainConfig:
     model_options: dict | None = None  # extra options of the family's builder (smp / torchvision / transformers config)
     weights_source: dict | None = None  # recorded by the trainer, not read: {source, path, sha256} it started from
     fine_tune_from: str | None = None  # start from another run's best.pt (a run folder or a checkpoint file)
+    trust_pickle: list[str] = field(default_factory=list)  # files you trust to unpickle in full (it can run code)
     pseudo_dir: str | None = None  # pseudo-labelled test images (make pseudo) added to the training images
     # run folder
     runs_dir: str = "runs"
@@ -165,6 +168,7 @@ class TrainConfig:
             )
         if not 0 < self.oof_scale <= 1:
             raise ConfigError(f"oof_scale must be in (0, 1], got {self.oof_scale}")
+        check_trust_list(self.trust_pickle)
 
     @property
     def experiment_name(self) -> str:

@@ -54,7 +54,13 @@ from pipeline.engine.checkpoint import (
 from pipeline.engine.hooks import EarlyStopping, EMAHook, Hook, TensorBoardHook, TimeBudget
 from pipeline.engine.loop import evaluate, train_one_epoch
 from pipeline.engine.oof import write_oof
-from pipeline.engine.optim import build_optimizer, build_scheduler, resize_schedule
+from pipeline.engine.optim import (
+    build_optimizer,
+    build_scheduler,
+    load_scheduler_state,
+    resize_schedule,
+    scheduler_state,
+)
 from pipeline.engine.records import append_timing, plot_curves, write_metrics
 from pipeline.engine.runtime import (
     Dist,
@@ -150,7 +156,7 @@ class Trainer:
         if folder.config.is_file():
             stored, source = read_yaml_mapping(folder.config), folder.config
         else:
-            stored, source = read_checkpoint(folder.last).get("config", {}), folder.last
+            stored, source = read_checkpoint(folder.last, self.cfg.trust_pickle).get("config", {}), folder.last
         changed = changed_keys(stored, self.cfg)
         if changed:
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
@@ -183,10 +189,11 @@ class Trainer:
             cfg.model,
             num_classes=self.coco.num_classes,
             encoder=cfg.encoder,
+            trust_pickle=cfg.trust_pickle,
             **weight_args,
             **(cfg.model_options or {}),
         )
-        cfg.weights_source = apply_weights(self.model, source, cfg.model).to_dict()
+        cfg.weights_source = apply_weights(self.model, source, cfg.model, cfg.trust_pickle).to_dict()
         self.model = self.model.to(self.device)
         divisor = int(getattr(self.model, "input_divisor", 1))
         self.size = resolve_size(cfg, self.coco, divisor)
@@ -206,7 +213,7 @@ class Trainer:
         """Start from another run's weights (its best.pt, EMA weights when it has them)."""
         path = Path(source)
         path = RunFolder(path).best if path.is_dir() else path
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, self.cfg.trust_pickle)
         if list(ckpt.get("class_names", [])) != self.coco.class_names:
             raise PipelineError(f"{path}: classes {ckpt.get('class_names')} differ from {self.coco.path}'s")
         load_model_state(self.model, model_state(ckpt), path)
@@ -337,12 +344,12 @@ class Trainer:
     # ------------------------------------------------------------------------- resuming
     def resume(self) -> bool:
         """Continue from ``last.pt`` when it exists: every state, the history and RNG states."""
-        ckpt = self.saver.load_last()
+        ckpt = self.saver.load_last(self.cfg.trust_pickle)
         if ckpt is None:
             return False
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        load_scheduler_state(self.scheduler, ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         for hook in self.hooks:
             if hook.state_key is not None:
@@ -365,7 +372,7 @@ class Trainer:
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": scheduler_state(self.scheduler),
             "scaler": self.scaler.state_dict(),
             "ema": None,
             "epoch": epoch,

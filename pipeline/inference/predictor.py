@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from pipeline.core.config import to_dict
 from pipeline.core.errors import ConfigError, DataError, PipelineError
 from pipeline.core.layout import PNG_LABELS, PNG_LEGEND, PNG_OVERLAYS, STORE_META, RunFolder, png_beside
+from pipeline.core.torch_files import check_trust_list
 from pipeline.data import (
     IMAGE_SUFFIXES,
     CocoData,
@@ -100,6 +101,7 @@ class PredictConfig:
     png: bool = False  # also write viewable masks (label PNGs, overlays, legend) beside the store: <store>_png/
     images: str | None = None  # a folder of image files to predict instead of split: writes only the PNGs, into
     # out_dir or <run_dir>/png_<folder name>_<tta>/ (no annotation file, no store)
+    trust_pickle: list[str] = field(default_factory=list)  # files you trust to unpickle in full (it can run code)
 
     def validate(self) -> None:
         if not self.run_dir:
@@ -132,6 +134,7 @@ class PredictConfig:
         if self.window is not None:
             as_pair(self.window, "window")
         parse_tta(self.tta, self.scales)
+        check_trust_list(self.trust_pickle)
 
     def folder(self) -> RunFolder:
         return RunFolder(Path(self.run_dir))
@@ -530,7 +533,7 @@ def predict(cfg: PredictConfig) -> Path:
     if not ckpt_path.is_file():
         raise PipelineError(f"{ckpt_path}: checkpoint not found (checkpoint={cfg.checkpoint})")
     device = resolve_device(cfg.device)
-    model, tcfg, ckpt = load_checkpoint_model(ckpt_path, device, use_ema=cfg.use_ema)
+    model, tcfg, ckpt = load_checkpoint_model(ckpt_path, device, use_ema=cfg.use_ema, trust_pickle=cfg.trust_pickle)
     dtype = amp_dtype(cfg.amp, device)
     max_batch = cfg.max_batch if cfg.max_batch is not None else auto_max_batch(device, cfg.batch_size)
     tta = TTAModel(model, cfg.tta, scales=cfg.scales, max_batch=max_batch, dtype=dtype).eval()

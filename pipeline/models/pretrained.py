@@ -28,7 +28,7 @@ import hashlib
 import importlib.util
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -315,10 +315,13 @@ def build_kwargs(source: WeightSource) -> dict[str, Any]:
     return {"encoder_weights": None}
 
 
-def apply_weights(model: nn.Module, source: WeightSource, model_name: str | None = None) -> WeightSource:
+def apply_weights(
+    model: nn.Module, source: WeightSource, model_name: str | None = None, trust_pickle: Iterable[str] = ()
+) -> WeightSource:
     """Load ``source``'s file into a built registry model (the encoder; a whole model when the file
     holds one) and return the record; after a download, the record names the file the library
-    cached.  A file that does not fit raises ``PipelineError`` naming it."""
+    cached.  A file that does not fit raises ``PipelineError`` naming it; the file is read as data
+    (:func:`~pipeline.models.weights.read_weights_file`, ``trust_pickle`` its opt-in)."""
     from pipeline.models.weights import load_state_dict_into, read_state_dict
 
     if source.source == "download":
@@ -329,7 +332,7 @@ def apply_weights(model: nn.Module, source: WeightSource, model_name: str | None
         return source
     if source.path is None or source.source in ("file", "pretrained"):
         return source  # build_model loaded them
-    state = read_state_dict(source.path)
+    state = read_state_dict(source.path, trust_pickle)
     if source.convert:
         state = convert_state_dict(state, timm_state_shapes(source.convert), source.path)
     report = load_state_dict_into(model, state, source.path)
@@ -399,12 +402,14 @@ def conversion_targets(model: str, encoder: str) -> list[tuple[str, dict[str, to
     return targets
 
 
-def convert_file(source: str | Path, model: str, encoder: str) -> dict[str, torch.Tensor]:
+def convert_file(
+    source: str | Path, model: str, encoder: str, trust_pickle: Iterable[str] = ()
+) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint saved under another implementation's key names, renamed in order
     onto the first target architecture with the same tensor count (every shape must agree)."""
     from pipeline.models.weights import read_state_dict
 
-    state = read_state_dict(source)
+    state = read_state_dict(source, trust_pickle)
     targets = conversion_targets(model, encoder)
     for name, shapes in targets:
         if len(shapes) == len(state):
@@ -420,7 +425,44 @@ def convert_file(source: str | Path, model: str, encoder: str) -> dict[str, torc
 def safetensors_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
     from safetensors.torch import save
 
-    return save({k: v.detach().contiguous().clone() for k, v in state.items()})
+    return save({k: v.detach().contiguous().clone() for k, v in state.items()}, metadata={"format": "pt"})
+
+
+def convert_folder(folder: str | Path, trust_pickle: Iterable[str] = ()) -> list[Path]:
+    """Give a whole-model folder whose weights are pickled the ``.safetensors`` its loaders read: one
+    file becomes ``model.safetensors``; shards listed in ``pytorch_model.bin.index.json`` become
+    ``model-*.safetensors`` with ``model.safetensors.index.json``.  Each file is read as data (in full
+    only when ``trust_pickle`` names it); returns the files written."""
+    import json
+
+    from pipeline.core.io import atomic_write_bytes, atomic_write_text
+    from pipeline.models.backends.base import PICKLED_WEIGHTS
+    from pipeline.models.weights import read_state_dict
+
+    folder = Path(folder).expanduser()
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        mapping = json.loads(index.read_text())
+        renamed = {
+            s: s.replace("pytorch_model", "model").rsplit(".", 1)[0] + ".safetensors"
+            for s in set(mapping["weight_map"].values())
+        }
+        written = [
+            atomic_write_bytes(folder / new, safetensors_bytes(read_state_dict(folder / old, trust_pickle)))
+            for old, new in sorted(renamed.items())
+        ]
+        mapping["weight_map"] = {k: renamed[v] for k, v in mapping["weight_map"].items()}
+        written.append(atomic_write_text(folder / "model.safetensors.index.json", json.dumps(mapping, indent=2)))
+        return written
+    pickled = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in PICKLED_WEIGHTS)
+    if len(pickled) != 1:
+        found = ", ".join(p.name for p in pickled) or "none"
+        raise PipelineError(
+            f"{folder}: expected one pickled weights file ({', '.join(PICKLED_WEIGHTS)}) or a "
+            f"pytorch_model.bin.index.json of shards to convert, found {found}"
+        )
+    state = read_state_dict(pickled[0], trust_pickle)
+    return [atomic_write_bytes(folder / "model.safetensors", safetensors_bytes(state))]
 
 
 def write_folder_file(state: Mapping[str, torch.Tensor], weights_dir: str | Path, encoder: str) -> Path:

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,7 @@ def build_model(
     in_channels: int = 3,
     pretrained: str | Path | None = None,
     architecture: Mapping[str, Any] | None = None,
+    trust_pickle: Sequence[str] = (),
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model with ``num_classes`` output classes.
@@ -172,8 +173,9 @@ def build_model(
     (pretrained encoder weights to download: ``"imagenet"`` or another smp weight name;
     ``None`` for random).  ``architecture``: a checkpoint's record of a model built from
     ``pretrained``, to rebuild the same network offline (random weights, then the
-    checkpoint's state).  ``kwargs`` go to ``smp.create_model``, the torchvision builder
-    or the transformers config.
+    checkpoint's state).  ``trust_pickle``: files that may be unpickled in full (``weights``
+    is read as data otherwise, see :func:`~pipeline.models.weights.read_weights_file`).
+    ``kwargs`` go to ``smp.create_model``, the torchvision builder or the transformers config.
     """
     spec = get_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -192,5 +194,5 @@ def build_model(
     )
     model = spec.backend.build(spec, request)
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, trust_pickle)
     return model

@@ -1,12 +1,16 @@
 """Loading weights into registry models: whole-model or encoder-only state dicts from a local
-file (``.pt``/``.pth``/``.bin``/``.safetensors``, this pipeline's checkpoints included)."""
+file (``.pt``/``.pth``/``.bin``/``.safetensors``, this pipeline's checkpoints included).
+
+:func:`read_weights_file` is the one reader of weight files, and it reads them as data:
+``.safetensors`` as such, the torch formats with ``weights_only=True`` (see
+:mod:`pipeline.core.torch_files`); a file that needs full unpickling is refused unless the user
+names it in ``trust_pickle=``."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.torch_files import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +39,12 @@ _STRIP_ALWAYS = ("module.", "_orig_mod.")
 _SOURCE_PREFIXES = ("", "model.", "net.", "encoder.", "backbone.", "features.", "model.encoder.", "model.backbone.")
 
 
-def _read_weights_file(path: Path) -> Any:
+def read_weights_file(path: str | Path, trust_pickle: Iterable[str] = ()) -> Any:
+    """The content of a weights file, loaded as data: ``.safetensors`` first; ``.pt``/``.pth``/``.bin``
+    with ``weights_only=True`` (this pipeline's earlier checkpoints through the allowlist of the
+    types they hold).  A file that needs full unpickling is refused, naming the file and the opt-in,
+    unless ``trust_pickle`` names it."""
+    path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
@@ -44,18 +54,7 @@ def _read_weights_file(path: Path) -> Any:
             return load_file(str(path), device="cpu")
         except (OSError, RuntimeError, ValueError) as exc:
             raise PipelineError(f"{path}: not a readable safetensors file: {exc}") from exc
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        log.info(
-            "%s holds objects other than tensors; loading it with full unpickling (only load files you trust)", path
-        )
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise PipelineError(f"{path}: not a readable torch file: {exc}") from exc
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError) as exc:
-        raise PipelineError(f"{path}: not a readable torch file: {exc}") from exc
+    return load_torch_file(path, legacy=True, trust_pickle=trust_pickle)
 
 
 def _tensors_of(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -158,16 +157,17 @@ def load_state_dict_into(
     return LoadReport(str(source), kind, len(matched), missing, unexpected, mismatched)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of a local weights file (a bare one, or one under ``model`` / ``state_dict``)."""
+def read_state_dict(path: str | Path, trust_pickle: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """The state dict of a local weights file (a bare one, or one under ``model`` / ``state_dict``),
+    read by :func:`read_weights_file`."""
     path = Path(path)
-    return _extract_state_dict(_read_weights_file(path), str(path))
+    return _extract_state_dict(read_weights_file(path, trust_pickle), str(path))
 
 
-def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
+def load_weights(model: nn.Module, path: str | Path, trust_pickle: Iterable[str] = ()) -> LoadReport:
     """Load a local weights file (``.pt``/``.pth``/``.ckpt`` or ``.safetensors``) into ``model``.
 
     Accepts a state dict, a pipeline checkpoint (``{'model': state_dict, ...}``) or
     ``{'state_dict': ...}``, for the whole model or for its encoder only.
     """
-    return load_state_dict_into(model, read_state_dict(path), str(path))
+    return load_state_dict_into(model, read_state_dict(path, trust_pickle), str(path))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.torch_files import TRUST_KEY, UnsafeFileError
 from pipeline.data.transforms import IMAGENET, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,24 @@ def hf_cached(repo_id: str, filenames: tuple[str, ...], revision: str | None = N
         if isinstance(found, str) and os.path.isfile(found):
             return Path(found)
     return None
+
+
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")  # weight files that are pickles
+
+
+def require_safetensors(folder: Path, setting: str) -> None:
+    """A whole-model folder loads from ``.safetensors`` only (reading those runs no code): one whose
+    weights are all pickled is refused, naming the file and how to convert it."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in PICKLED_WEIGHTS)
+    if pickled:
+        raise UnsafeFileError(
+            f"{pickled[0]}: refused: pretrained={setting} is a whole-model folder, and whole models load from "
+            f".safetensors only; its weights are pickled ({', '.join(p.name for p in pickled)}), and unpickling "
+            f"can run code stored in the file. Convert them once to model.safetensors: make weights FROM={folder} "
+            f"(it reads them as data, or in full for a file you name with {TRUST_KEY}=<file>)"
+        )
 
 
 def reject_extra_outputs(options: Mapping[str, Any]) -> None:

@@ -39,7 +39,7 @@ from torch import nn
 
 from pipeline.core.errors import ConfigError, PipelineError, UnknownNameError
 from pipeline.core.labels import IGNORE_INDEX
-from pipeline.models.backends.base import Backend, BuildRequest, ModelSpec
+from pipeline.models.backends.base import Backend, BuildRequest, ModelSpec, require_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -402,8 +402,9 @@ def from_pretrained(family: str, source: str | Path, num_classes: int) -> HFSegm
     """A whole segmentation-pretrained model: backbone and decoder loaded, classifier rebuilt.
 
     ``source`` is a local folder (``save_pretrained`` / ``huggingface-cli download
-    --local-dir``) or a hub id; tensors whose shape depends on the class count are new and
-    listed in the log and in ``model.load_report``.
+    --local-dir``) or a hub id, its weights read from ``.safetensors`` only (a folder of pickled
+    weights is refused: ``make weights FROM=<folder>`` converts it); tensors whose shape depends on
+    the class count are new and listed in the log and in ``model.load_report``.
     """
     tf = _transformers()
     fam = FAMILIES[family]
@@ -412,9 +413,10 @@ def from_pretrained(family: str, source: str | Path, num_classes: int) -> HFSegm
     where = str(local) if local.is_dir() else str(source)
     if not local.is_dir() and (str(source).startswith((".", "/", "~")) or local.suffix):
         raise PipelineError(f"pretrained={source}: no such folder (a folder written by save_pretrained is expected)")
+    require_safetensors(local, str(source))
     try:
         hf, info = model_cls.from_pretrained(
-            where, ignore_mismatched_sizes=True, output_loading_info=True, **_labels(num_classes)
+            where, ignore_mismatched_sizes=True, output_loading_info=True, use_safetensors=True, **_labels(num_classes)
         )
     except OSError as exc:
         raise PipelineError(

@@ -33,6 +33,7 @@ from pipeline.models.backends.base import (
     hf_cached,
     local_weights_first,
     reject_extra_outputs,
+    require_safetensors,
 )
 
 log = logging.getLogger(__name__)
@@ -289,8 +290,9 @@ def _build_pretrained(
     architecture: Mapping[str, Any] | None,
     in_channels: int,
 ) -> SegmentationNet:
-    """An smp model from a whole pretrained checkpoint (smp-hub id or a ``save_pretrained`` folder),
-    its segmentation head rebuilt for ``num_classes``; or rebuilt offline from ``architecture``."""
+    """An smp model from a whole pretrained checkpoint (smp-hub id or a ``save_pretrained`` folder, whose
+    weights load from ``model.safetensors`` only), its segmentation head rebuilt for ``num_classes``; or
+    rebuilt offline from ``architecture``."""
     smp = _smp()
     if architecture is not None:
         config = {k: v for k, v in dict(architecture["config"]).items() if not k.startswith("_")}
@@ -299,6 +301,7 @@ def _build_pretrained(
     else:
         source = Path(str(pretrained)).expanduser()
         where = str(source) if source.is_dir() else str(pretrained)
+        require_safetensors(source, str(pretrained))
         try:
             net = smp.from_pretrained(where, classes=num_classes, strict=False)
         except (OSError, ValueError) as exc:
