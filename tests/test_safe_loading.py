@@ -24,6 +24,7 @@ from PIL import Image
 from pipeline.average import AverageConfig
 from pipeline.average import run as average
 from pipeline.core.config import ConfigError, build_config, save_config, to_dict
+from pipeline.core.errors import PipelineError
 from pipeline.core.layout import RunFolder
 from pipeline.core.torch_files import UnsafeFileError
 from pipeline.engine.checkpoint import read_checkpoint, rng_state, serialize, set_rng_state
@@ -163,6 +164,20 @@ def test_whole_model_folders_refuse_pickled_weights(tmp_path):
     with pytest.raises(UnsafeFileError, match=re.escape(f"{path}: refused: pretrained=")):
         build_model("hf_upernet", 9, pretrained=str(tmp_path / "upernet"))
     assert not marker.exists()
+
+
+def test_a_damaged_file_is_unreadable_and_an_old_format_payload_is_refused(tmp_path):
+    damaged = tmp_path / "best.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    with pytest.raises(PipelineError, match=re.escape(f"{damaged}: unreadable checkpoint (")) as excinfo:
+        read_checkpoint(damaged)
+    assert not isinstance(excinfo.value, UnsafeFileError)
+    marker = tmp_path / "marker"
+    old = tmp_path / "old.pt"  # torch's format before its zip files
+    torch.save({"model": Payload(marker)}, old, _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeFileError) as excinfo:
+        read_state_dict(old)
+    assert_refused(excinfo, old, marker)
 
 
 # ----------------------------------------------------------------------------- the opt-in, one file

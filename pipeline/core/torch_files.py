@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ TRUST_KEY = "trust_pickle"
 # schedule's horizon, total and warmup steps)
 LEGACY_HORIZON = "pipeline.engine.optim.Horizon"
 _WILDCARDS = ("*", "?", "[")
+# where torch's weights-only unpickler says what it stumbled on, after a paragraph about weights_only
+UNPICKLER_DETAIL = "WeightsUnpickler error:"
 
 
 class UnsafeFileError(PipelineError):
@@ -106,24 +109,38 @@ def _names(allowlist: list[Any]) -> set[str]:
     return {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in allowlist}
 
 
+def _detail(exc: BaseException) -> str:
+    """The line of a loading error that says what is wrong with the file."""
+    text = str(exc)
+    if UNPICKLER_DETAIL in text:
+        text = text.split(UNPICKLER_DETAIL, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
 def _load(path: Path, weights_only: bool) -> Any:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=weights_only)
 
 
-def load_torch_file(path: str | Path, legacy: bool = False, trust_pickle: Iterable[str] = ()) -> Any:
+def load_torch_file(
+    path: str | Path, legacy: bool = False, trust_pickle: Iterable[str] = (), what: str = "torch file"
+) -> Any:
     """The content of a torch file, loaded as data (see the module docstring); ``legacy``: also the
     types of this pipeline's earlier checkpoints.  Raises :class:`UnsafeFileError` for a file that
-    needs more and is not in ``trust_pickle``, ``PipelineError`` for an unreadable one."""
+    needs more and is not in ``trust_pickle``, ``PipelineError`` for an unreadable one (``what`` it
+    was meant to be)."""
     import torch
 
     path = Path(path)
     try:
         try:
             return _load(path, weights_only=True)
-        except pickle.UnpicklingError:
-            names = unsafe_globals(path)
+        except pickle.UnpicklingError as exc:
+            names = unsafe_globals(path) or re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(exc))
+            if not names:
+                raise  # not a question of the types it names: the file is damaged or not a torch file
         if legacy and names and set(names) <= _names(legacy_globals()):
             with torch.serialization.safe_globals(legacy_globals()):
                 return _load(path, weights_only=True)
@@ -134,4 +151,4 @@ def load_torch_file(path: str | Path, legacy: bool = False, trust_pickle: Iterab
     except PipelineError:
         raise
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError) as exc:
-        raise PipelineError(f"{path}: not a readable torch file ({str(exc).splitlines()[0][:300]})") from exc
+        raise PipelineError(f"{path}: unreadable {what} ({_detail(exc)})") from exc

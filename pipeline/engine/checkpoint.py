@@ -161,7 +161,7 @@ def read_checkpoint(path: str | Path, trust_pickle: Iterable[str] = ()) -> dict[
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: checkpoint not found")
-    ckpt = load_torch_file(path, legacy=True, trust_pickle=trust_pickle)
+    ckpt = load_torch_file(path, legacy=True, trust_pickle=trust_pickle, what="checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise PipelineError(f"{path}: not a checkpoint of this pipeline (no model state or config)")
     return _upgrade(ckpt)
