@@ -113,9 +113,9 @@ PROFILE_FORMAT = (
     "recipes: one entry per recipe name (pipeline.planning.probe.Recipe.name, <model>-<encoder>-<H>x<W>) with "
     "its model, encoder, size [H, W] and batch; step_s: measured seconds of one optimizer step of `batch` images "
     "through the training loop (train section, bf16 + channels_last, data on the device: the loop's overhead "
-    "included, so no LOOP_OVERHEAD factor applies); image_s: measured seconds to predict one image, one view "
+    "included, so no LOOP_OVERHEAD_FACTOR applies); image_s: measured seconds to predict one image, one view "
     "(inference section, TTA none); checkpoint_mb: one checkpoint (weights and AdamW moments); probe_step_s / "
-    "probe_image_s: what pipeline.planning.probe.probe estimates on this device (its step with LOOP_OVERHEAD), for "
+    "probe_image_s: what pipeline.planning.probe.probe estimates on this device (its step with LOOP_OVERHEAD_FACTOR), for "
     "comparison. These are the figures a planner device profile reads in place of the probe's Throughput."
 )
 

@@ -72,3 +72,23 @@ def small_train_config(data: Path, folds: Path, runs: Path, **kw):
     )
     base.update(kw)
     return build_config(TrainConfig, overrides=base)
+
+
+def fixed_costs(figures, kind: str = "cpu"):
+    """A planner's cost source from fixed figures: ``figures(recipe, size)`` gives (seconds per step,
+    seconds per predicted image, checkpoint MB[, seconds per step at the progressive-resizing size]) of
+    a portfolio recipe at (H, W) with its batch, or None where nothing is measured.  Every price asked
+    for is kept, as the probe's are."""
+    from pipeline.planning.costs import Recipe, Throughput
+    from pipeline.planning.measure import Costs
+
+    class FixedCosts(Costs):
+        def measure(self, recipe, size):
+            found = figures(recipe, size)
+            if found is None:
+                return None
+            return Throughput(Recipe(recipe.model, recipe.encoder or "", size, recipe.batch), *found)
+
+    costs = FixedCosts()
+    costs.kind, costs.description, costs.identity = kind, f"fixed figures ({kind})", f"fixed-{kind}"
+    return costs

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -16,24 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fixed_costs
 
 import pipeline.autopilot as autopilot_mod
 from pipeline.autopilot import AutopilotConfig, run
 from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.models.pretrained import WeightSource
 from pipeline.planning.budget import BudgetClock, parse_budget
-from pipeline.planning.plan import (
-    MAPS_S_PER_CLASS_MPX,
-    MIN_EPOCHS,
-    SIZE_EPOCHS,
-    disk_mb,
-    epoch_seconds,
-    make_plan,
-    maps_seconds,
-    plan_from_dict,
-    plan_to_dict,
-    val_every,
-)
-from pipeline.planning.probe import Recipe, Throughput, checkpoint_bytes
+from pipeline.planning.costs import MAPS_S_PER_CLASS_MPX, MIN_EPOCHS, SIZE_EPOCHS, Recipe, maps_seconds, val_every
+from pipeline.planning.fingerprint import Fingerprint
+from pipeline.planning.planner import Rules, plan_schedule
+from pipeline.planning.portfolio import read_portfolio
+from pipeline.planning.probe import checkpoint_bytes
+from pipeline.planning.schedule import Schedule, Stage, StageKind
 from pipeline.planning.stamps import Stamps, stamp_key
 
 
@@ -79,58 +73,78 @@ def test_stamps_follow_contents_and_settings_not_file_times(tmp_path):
     assert not stamps.done("folds", key)
 
 
-def throughput(side: int, step_s: float) -> Throughput:
-    return Throughput(Recipe("unet", "resnet18", (side, side), 8), step_s, step_s / 20)
+LITE0, LITE2 = read_portfolio().tier("cpu")[:2]
+FP = Fingerprint(n_labelled=1000, n_test=200, size=(256, 256), num_classes=12)  # 800 training, 200 validation
+
+
+def one_recipe(figures, budget_s: float, fp: Fingerprint = FP, recipes=(LITE0, LITE2), **rules) -> Schedule:
+    """The one-recipe plan (level 1) of pretrained ``recipes`` priced with fixed ``figures``."""
+    found = [(r, WeightSource("assumed")) for r in recipes]
+    return plan_schedule(fp, found, fixed_costs(figures), budget_s, Rules(level=1, **rules))
+
+
+def by_side(steps: dict[int, float], ckpt_mb: float = 0.0):
+    """Figures of every recipe: seconds per step of 8 images at each side, an image at a twentieth."""
+    return lambda recipe, size: (steps[size[0]], steps[size[0]] / 20, ckpt_mb) if size[0] in steps else None
+
+
+def stage(s: Schedule, kind: StageKind) -> Stage:
+    return next(st for st in s.stages if st.kind == kind)
 
 
 def test_the_plan_prices_writing_each_prediction_set_with_its_classes():
-    t = throughput(128, 0.2)
-    args = dict(n_train=800, n_val=200, n_test=100, tta=["none", "hflip"])
-    few, many = make_plan([t], 1200, **args, num_classes=12), make_plan([t], 1200, **args, num_classes=48)
+    figures = by_side({128: 0.2})
+    few = one_recipe(figures, 1200, recipes=(LITE0,), sizes=(0.5,), tta=("none", "hflip"))
+    many = one_recipe(figures, 1200, replace(FP, num_classes=48), recipes=(LITE0,), sizes=(0.5,), tta=("none", "hflip"))
+    t = few.screened[0].throughput
     assert maps_seconds(t, 12) == pytest.approx(MAPS_S_PER_CLASS_MPX * 12 * 128 * 128 / 1e6)
-    assert maps_seconds(throughput(256, 0.35), 12) == pytest.approx(4 * maps_seconds(t, 12))  # the trained pixels
-    stage = "predict (OOF with each TTA, test)"
-    extra = many.stages_s[stage] - few.stages_s[stage]
+    assert maps_seconds(t.scaled((256, 256), 8), 12) == pytest.approx(4 * maps_seconds(t, 12))  # trained pixels
+    extra = stage(many, StageKind.PREDICT).seconds - stage(few, StageKind.PREDICT).seconds
     # two OOF sets and the test set, each image written with 36 more classes, priced 20% above
-    assert extra == pytest.approx((2 * 200 + 100) * (maps_seconds(t, 48) - maps_seconds(t, 12)) * 1.2)
-    assert extra > 0 and many.train_s == pytest.approx(few.train_s - extra) and many.planned_s <= 1200
+    assert extra == pytest.approx((2 * 200 + 200) * (maps_seconds(t, 48) - maps_seconds(t, 12)) * 1.2)
+    assert extra > 0 and many.epochs <= few.epochs and many.planned_s <= 0.97 * 1200
 
 
 def test_at_the_chosen_size_the_larger_model_is_the_larger_checkpoint_even_when_it_timed_faster():
-    small = Throughput(Recipe("unet", "lite0", (128, 128), 8), 0.48, 0.01, checkpoint_mb=75.0)
-    large = Throughput(Recipe("unet", "lite2", (128, 128), 8), 0.45, 0.01, checkpoint_mb=120.0)  # a noisy probe
-    args = dict(n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
-    assert all(make_plan([t], 1200, **args).epochs >= SIZE_EPOCHS for t in (small, large))
-    assert make_plan([small, large], 1200, **args).recipe.encoder == "lite2"
-    assert make_plan([large, small], 1200, **args).recipe.encoder == "lite2"
-    unmeasured = [replace(t, checkpoint_mb=0.0) for t in (small, large)]  # no checkpoint size: the slower step
-    assert make_plan(unmeasured, 1200, **args).recipe.encoder == "lite0"
+    def figures(checkpoints: bool):
+        def f(recipe, size):  # a noisy probe timed Lite2 faster than Lite0
+            step = 0.45 if recipe is LITE2 else 0.48
+            return step, 0.01, (120.0 if recipe is LITE2 else 75.0) if checkpoints else 0.0
+
+        return f
+
+    for recipes in ((LITE0, LITE2), (LITE2, LITE0)):
+        s = one_recipe(figures(True), 1200, recipes=recipes, sizes=(0.5,))
+        assert s.epochs >= SIZE_EPOCHS and s.screened[0].recipe is LITE2
+    unmeasured = one_recipe(figures(False), 1200, sizes=(0.5,))  # no checkpoint size: the slower step
+    assert unmeasured.screened[0].recipe is LITE0
 
 
 def test_the_plan_uses_most_of_the_budget_and_prefers_the_largest_size_that_trains_enough():
-    small, large = throughput(128, 0.2), throughput(256, 0.35)
-    plan = make_plan([small, large], 1200, n_train=800, n_val=200, n_test=200, tta=["none", "hflip"], num_classes=12)
-    assert plan.recipe.size == (256, 256) and plan.epochs >= SIZE_EPOCHS  # the larger one still trains enough
-    assert 0.8 * 1200 <= plan.planned_s <= 1200
-    assert plan.epochs == int(plan.train_s // epoch_seconds(plan.throughput, 800, 200))
-    assert plan_from_dict(json.loads(json.dumps(plan_to_dict(plan)))) == plan
+    figures = by_side({128: 0.2, 256: 0.35})
+    plan = one_recipe(figures, 1200, recipes=(LITE0,), sizes=(0.5, 1.0))
+    (c,) = plan.screened
+    assert c.size == (256, 256) and plan.epochs >= SIZE_EPOCHS  # the larger one still trains enough
+    assert c.name == "unet-lite0-256x256" and plan.stretch == 3  # not the recipe's own size (0.75)
+    assert 0.8 * 1200 <= plan.planned_s <= 0.97 * 1200
+    assert Schedule.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     # a shorter budget: the large size no longer trains enough epochs, the small one does
-    short = make_plan([small, large], 400, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
-    assert short.recipe.size == (128, 128) and short.epochs >= SIZE_EPOCHS and short.planned_s <= 400
-    alone = make_plan([large], 400, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
-    assert alone.epochs < SIZE_EPOCHS
+    short = one_recipe(figures, 480, recipes=(LITE0,), sizes=(0.5, 1.0))
+    assert short.screened[0].size == (128, 128) and short.epochs >= SIZE_EPOCHS and short.planned_s <= 480
+    alone = one_recipe(figures, 480, recipes=(LITE0,), sizes=(1.0,))
+    assert alone.screened[0].size == (256, 256) and alone.epochs < SIZE_EPOCHS
     # shorter still: no size trains enough epochs, so the one that trains most is taken
-    shorter = make_plan([small, large], 300, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
-    assert shorter.recipe.size == (128, 128) and MIN_EPOCHS <= shorter.epochs < SIZE_EPOCHS
-    with pytest.raises(Exception, match="too short"):
-        make_plan([large], 60, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
+    shorter = one_recipe(figures, 330, recipes=(LITE0,), sizes=(0.5, 1.0))
+    assert shorter.screened[0].size == (128, 128) and MIN_EPOCHS <= shorter.epochs < SIZE_EPOCHS
+    with pytest.raises(PipelineError, match="too short"):
+        one_recipe(figures, 60, recipes=(LITE0,), sizes=(1.0,))
     # repeat-factor sampling makes an epoch longer: the plan counts the images an epoch goes through
-    repeated = make_plan(
-        [small], 400, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12, epoch_images=1200
+    repeated = one_recipe(figures, 480, replace(FP, epoch_factor=1.5), recipes=(LITE0,), sizes=(0.5,))
+    assert repeated.epochs < short.epochs
+    screen = stage(repeated, StageKind.SCREEN).detail
+    assert (
+        "(1200 per epoch, rare classes repeated)" in screen and "per epoch" not in stage(short, StageKind.SCREEN).detail
     )
-    assert repeated.epochs == int(repeated.train_s // epoch_seconds(small, 1200, 200)) < short.epochs
-    assert "1200 per epoch, rare classes repeated" in repeated.table() and "per epoch" not in short.table()
-    assert plan_from_dict(json.loads(json.dumps(plan_to_dict(repeated)))) == repeated
     # validation about VALIDATIONS times a run, every epoch for short runs
     assert [val_every(e) for e in (1, 5, 6, 8, 11, 12, 25, 60)] == [1, 1, 1, 1, 2, 2, 4, 10]
 
@@ -149,12 +163,11 @@ def test_the_disk_estimate_counts_the_measured_checkpoint_and_every_store():
 
     # best.pt and last.pt, OOF maps for the training and each TTA set at a quarter of the pixels,
     # test maps at the trained size, float16
-    t = Throughput(Recipe("unet", "resnet18", (64, 32), 8), 0.1, 0.01, checkpoint_mb=100.0)
+    fp = Fingerprint(n_labelled=50, n_test=20, size=(64, 32), num_classes=7)  # 10 validation images
+    plan = one_recipe(lambda r, size: (0.1, 0.01, 100.0), 600, fp, recipes=(LITE0,), sizes=(1.0,))
     expected = 2 * 100.0 + (3 * 10 * 7 * 64 * 32 * 2 / 4 + 20 * 7 * 64 * 32 * 2) / 1e6
-    assert disk_mb(t, n_val=10, n_test=20, tta=["none", "hflip"], num_classes=7) == pytest.approx(expected)
-    plan = make_plan([t], 600, n_train=80, n_val=10, n_test=20, tta=["none", "hflip"], num_classes=7)
-    assert plan.disk_mb == math.ceil(expected)
-    assert plan_from_dict(json.loads(json.dumps(plan_to_dict(plan)))).throughput.checkpoint_mb == 100.0
+    assert plan.screened[0].size == (64, 32) and plan.disk_mb == pytest.approx(expected)
+    assert Schedule.from_dict(json.loads(json.dumps(plan.to_dict()))).screened[0].throughput.checkpoint_mb == 100.0
 
 
 def test_a_progressive_phase_is_probed_and_planned_at_its_own_step_time():
@@ -169,23 +182,23 @@ def test_a_progressive_phase_is_probed_and_planned_at_its_own_step_time():
         == 0
     )
     # a plan with 70% of its epochs at a step of a third of the time trains more epochs, and says so
-    fast = Throughput(Recipe("unet", "resnet18", (128, 128), 8), 0.3, 0.01, low_step_s=0.1)
-    plain = make_plan([fast], 600, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12)
-    progressive = make_plan(
-        [fast], 600, n_train=800, n_val=200, n_test=200, tta=["none"], num_classes=12, progressive=0.7
-    )
-    assert progressive.epochs == int(progressive.train_s // epoch_seconds(fast, 800, 200, 0.7)) > plain.epochs
+    figures = lambda r, size: (0.3, 0.01, 0.0, 0.1)  # noqa: E731
+    plain = one_recipe(figures, 600, recipes=(LITE0,), sizes=(0.5,))
+    progressive = one_recipe(figures, 600, recipes=(LITE0,), sizes=(0.5,), progressive=0.7)
+    assert progressive.epochs > plain.epochs
     first = int(0.7 * progressive.epochs)
-    assert f"the first {first} at a smaller size" in progressive.table() and "at a smaller size" not in plain.table()
-    assert "(0.100 s smaller)" in progressive.table()
-    assert plan_from_dict(json.loads(json.dumps(plan_to_dict(progressive)))) == progressive
+    detail = stage(progressive, StageKind.SCREEN).detail
+    assert f"the first {first} at a smaller size" in detail and "at a smaller size" not in plain.table()
+    assert Schedule.from_dict(json.loads(json.dumps(progressive.to_dict()))) == progressive
 
 
 def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="BUDGET="):
         AutopilotConfig(budget="soon").validate()
-    with pytest.raises(ConfigError, match="family:encoder"):
-        AutopilotConfig(models=["unet"]).validate()
+    with pytest.raises(ConfigError, match="sizes must be fractions"):
+        AutopilotConfig(sizes=[0.0]).validate()
+    with pytest.raises(ConfigError, match="recipes: name at least one"):
+        AutopilotConfig(recipes=[]).validate()
     with pytest.raises(ConfigError, match="model_options"):
         AutopilotConfig(model_options={"unet": 3}).validate()
 
@@ -239,7 +252,7 @@ def test_a_tiny_budgeted_run_ends_in_a_scored_submission_and_reruns_in_seconds(d
     assert h < 64 and w < 96 and h >= train_h - 1 and w >= train_w - 1
     # the plan's disk estimate (measured checkpoint size, every store) is near what the run wrote
     written_mb = sum(f.stat().st_size for f in ws.rglob("*") if f.is_file()) / 1e6
-    planned_mb = json.loads((ws / "plan.json").read_text())["plan"]["disk_mb"]
+    planned_mb = json.loads((ws / "plan.json").read_text())["schedule"]["disk_mb"]
     assert 0.7 * planned_mb <= written_mb <= 1.3 * planned_mb, (written_mb, planned_mb)
     before = Path(first["submission"]).read_bytes()
     # a re-run has nothing left to write: a nearly full disk does not refuse it

@@ -533,10 +533,10 @@ def test_family_overlay_holds_only_what_differs_from_base(family):
 
 
 def test_stage_args_are_checked_against_the_stage_config_before_a_process_starts():
-    from pipeline.autopilot import command
     from pipeline.core.config import format_value, stage_args
     from pipeline.engine.train_config import TrainConfig
     from pipeline.inference.ensemble_config import EnsembleConfig
+    from pipeline.planning.processes import command
 
     args = stage_args(
         TrainConfig,

@@ -16,6 +16,7 @@ from pipeline.core.config import ConfigError
 from pipeline.core.errors import PipelineError
 from pipeline.data import load_coco
 from pipeline.data.store import ProbWriter
+from pipeline.planning import executor
 from pipeline.submission.formats import SAMPLE_SUBMISSION, resolve_format
 from pipeline.submit import SubmitConfig
 from pipeline.submit import run as submit
@@ -157,7 +158,7 @@ def test_the_autopilot_stamps_the_resolved_format_and_passes_auto_on(data, tmp_p
         )
         pilot = Autopilot(cfg)
         try:
-            assert pilot.submit(weights) == tmp_path / "t.csv"
+            assert executor.submit(pilot, weights) == tmp_path / "t.csv"
         finally:
             pilot.clock.close()
         return pilot

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 
 from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.models.pretrained import WeightSource
 from pipeline.planning.budget import parse_budget
+from pipeline.planning.costs import PREDICT_SAFETY_FACTOR, STAGE_START_S, Recipe, Throughput, maps_seconds
 from pipeline.planning.devices import DeviceProfile, Estimate, Measured, read_device_profile
 from pipeline.planning.fingerprint import Fingerprint, read_fingerprint
-from pipeline.planning.plan import make_plan, maps_seconds, plan_to_dict
-from pipeline.planning.portfolio import read_portfolio
-from pipeline.planning.schedule import PREDICT_SAFETY, Candidate, _Pricer, plan_schedule, round_robin, rungs_of
+from pipeline.planning.measure import ProfileCosts
+from pipeline.planning.planner import Pricer, Rules, plan_schedule, round_robin, rungs_of
+from pipeline.planning.portfolio import offers, read_portfolio
+from pipeline.planning.schedule import Candidate, Schedule, StageKind
 
 CONTEST = read_fingerprint("recycle-trash")
 CCP = Fingerprint(804, 200, (412, 275), 59, 24, 4, 1.52)
-
-
-def fraction_size(fp: Fingerprint, fraction: float) -> tuple[int, int]:
-    return tuple(max(32, round(s * fraction / 32) * 32) for s in fp.size)
-
 
 # fake CPU figures of the kind the probe measures on a 2-core machine (seconds per step of 8 images at
 # 320x224; per predicted image)
@@ -36,54 +35,58 @@ CPU = DeviceProfile(
 )
 
 
-def inputs(fp: Fingerprint, profile: DeviceProfile):
-    """The screening candidates and the single-recipe plan's throughputs, as make plan builds them."""
-    recipes = read_portfolio().tier(profile.kind)
-    screened = [Candidate(r.name, r.family, profile.throughput(r, fraction_size(fp, r.size), r.batch)) for r in recipes]
-    pretrained = [r for r in recipes if not r.scratch]
-    single = [profile.throughput(r, fraction_size(fp, s), r.batch) for r in pretrained for s in r.sizes]
-    return screened, single
+def plan(fp: Fingerprint, profile: DeviceProfile, budget: str, **rules) -> Schedule:
+    """The plan of the shipped portfolio's tier for ``profile``, its weights taken as there."""
+    found = offers(read_portfolio(), profile.kind, None, assume=True)
+    return plan_schedule(fp, found, ProfileCosts(profile), parse_budget(budget), Rules(**rules))
 
 
-def test_20_cpu_minutes_give_the_single_recipe_plan_of_make_all():
-    fp = CCP
-    screened, single = inputs(fp, CPU)
-    s = plan_schedule(fp, screened, single, parse_budget("20m"))
-    before = make_plan(
-        single, parse_budget("20m"), fp.n_train(5), fp.n_val(5), fp.n_test, ["none", "hflip"], fp.num_classes,
-        int(round(fp.n_train(5) * fp.epoch_factor)),
-    )  # fmt: skip
-    assert s.level == 1 and not s.stages
-    assert plan_to_dict(s.single) == plan_to_dict(before)
-    assert s.planned_s <= parse_budget("20m") and "single-recipe" in s.table()
-    # the contest's 3,272 images of 512x512 do not fit 20 CPU-minutes: the same refusal as make_plan's
-    screened, single = inputs(CONTEST, CPU)
-    with pytest.raises(PipelineError) as refused:
-        make_plan(single, 1200.0, 2618, 654, 819, ["none", "hflip"], 11, 2880)
-    with pytest.raises(PipelineError, match=re.escape(str(refused.value))):
-        plan_schedule(CONTEST, screened, single, 1200.0)
+def test_20_cpu_minutes_give_one_pretrained_recipe_on_fold_0():
+    s = plan(CCP, CPU, "20m")
+    assert s.level == 1 and len(s.screened) == 1 and s.folds == 1 and not s.refit and not s.rungs
+    (c,) = s.screened
+    assert c.pretrained and c.family == "unet" and s.stretch == 3
+    # no size trains 12 epochs: the one that trains most, the smallest of the recipes' own sizes
+    assert 4 <= s.epochs < 12 and c.size == (192, 128) and c.name == "unet-lite0-192x128"
+    assert [st.kind for st in s.stages] == [
+        StageKind.SETUP,
+        StageKind.SCREEN,
+        StageKind.PREDICT,
+        StageKind.ENSEMBLE,
+        StageKind.POSTPROCESS,
+        StageKind.SUBMIT,
+    ]
+    assert 0.8 * 1200 <= s.planned_s <= 0.97 * 1200 and "one recipe on fold 0" in s.table()
+    # the contest's 3,272 images of 512x512 in 20 CPU-minutes: the recipes' own sizes (from half the
+    # images') train fewer than 4 epochs, a quarter of the images' size trains enough
+    small = plan(CONTEST, CPU, "20m")
+    assert small.level == 1 and small.epochs >= 4 and small.screened[0].size == (128, 128)
+    # 10 minutes fit no size: the refusal names the least budget that fits, and that budget plans
+    with pytest.raises(PipelineError, match=r"too short: .*BUDGET=(\d+)m or more") as refused:
+        plan(CONTEST, CPU, "10m")
+    least = int(re.search(r"BUDGET=(\d+)m", str(refused.value)).group(1))
+    assert 10 < least <= 20 and plan(CONTEST, CPU, f"{least}m").epochs >= 4
 
 
 def test_2h_on_an_h100_screens_two_or_more_and_gives_the_winner_folds_or_a_refit():
-    screened, single = inputs(CONTEST, read_device_profile("h100"))
-    s = plan_schedule(CONTEST, screened, single, parse_budget("2h"))
+    h100 = read_device_profile("h100")
+    s = plan(CONTEST, h100, "2h")
     assert s.level == 2 and len(s.screened) >= 2 and (s.folds >= 3 or s.refit)
     assert s.epochs >= 24 and s.planned_s <= parse_budget("2h")
     assert len({c.family for c in s.screened}) >= 2  # a screen compares families first
-    names = [st.name for st in s.stages]
-    assert names[0].startswith("screen") and names[-1] == "submit, validate, score"
+    kinds = [st.kind for st in s.stages]
+    assert kinds[:2] == [StageKind.SETUP, StageKind.SCREEN] and kinds[-1] == StageKind.SUBMIT
     assert s.rungs[-1]["runs"] == 1 and s.rungs[0]["runs"] == len(s.screened)
     # the partial-folds rule instead: as many folds as fit, at least 3
-    folds = plan_schedule(CONTEST, screened, single, parse_budget("2h"), partial="folds")
+    folds = plan(CONTEST, h100, "2h", partial="folds")
     assert folds.planned_s <= parse_budget("2h") and (folds.level == 1 or folds.folds >= 3)
 
 
 def test_24h_on_an_h100_screens_four_or_more_and_ensembles_families_on_every_fold_with_pseudo_labels():
-    screened, single = inputs(CONTEST, read_device_profile("h100"))
-    s = plan_schedule(CONTEST, screened, single, parse_budget("24h"))
+    s = plan(CONTEST, read_device_profile("h100"), "24h")
     assert s.level == 4 and len(s.screened) >= 4 and s.families >= 2 and s.folds == 5 and s.pseudo
     assert s.planned_s <= parse_budget("24h") and s.planned_s >= 0.8 * parse_budget("24h")
-    assert any(st.name == "pseudo-label round" for st in s.stages) and s.disk_mb > 0
+    assert any(st.kind == StageKind.PSEUDO for st in s.stages) and s.disk_mb > 0
     d = s.to_dict()
     assert json.loads(json.dumps(d))["level"] == 4 and len(d["screened"]) == len(s.screened)
 
@@ -92,12 +95,11 @@ def test_24h_on_an_h100_screens_four_or_more_and_ensembles_families_on_every_fol
 def test_no_plan_exceeds_its_budget_and_richer_plans_need_more_budget(device):
     profile = CPU if device == "cpu" else read_device_profile("h100")
     for fp in (CONTEST, CCP):
-        screened, single = inputs(fp, profile)
         levels = []
         for budget in ("5m", "20m", "45m", "1h30m", "2h", "4h", "8h", "12h", "24h", "48h", "96h"):
             try:
-                s = plan_schedule(fp, screened, single, parse_budget(budget))
-            except PipelineError:  # too short for even the single-recipe plan
+                s = plan(fp, profile, budget)
+            except PipelineError:  # too short for even the one-recipe plan
                 levels.append(0)
                 continue
             assert s.planned_s <= parse_budget(budget), (fp.source, budget, s.to_dict())
@@ -106,28 +108,52 @@ def test_no_plan_exceeds_its_budget_and_richer_plans_need_more_budget(device):
     assert levels[-1] >= 2
 
 
+def tiny_candidate(name: str, family: str, step_s: float, size=(64, 64)) -> Candidate:
+    recipe = replace(read_portfolio().tier("cpu")[0], name=name, family=family)
+    return Candidate(name, recipe, Throughput(Recipe("unet", name, size, 8), step_s, step_s / 20))
+
+
 def test_screening_is_priced_at_its_worst_case():
     fp = Fingerprint(100, 10, (64, 64), 3)
-    cheap = Candidate("cheap", "a", CPU.throughput(read_portfolio().tier("cpu")[0], (64, 64), 8))
-    pricey = Candidate("pricey", "a", CPU.throughput(read_portfolio().tier("cpu")[1], (64, 64), 8))
+    lite0, lite2 = read_portfolio().tier("cpu")[:2]
+    found = [(lite0, WeightSource("assumed")), (replace(lite2, family="unet"), WeightSource("assumed"))]
     rungs = rungs_of(2, 1, 24)
     assert rungs == [
         {"epoch": 6, "runs": 2, "promoted": 1},
         {"epoch": 12, "runs": 1, "promoted": 1},
         {"epoch": 24, "runs": 1, "promoted": 1},
     ]
-    s = plan_schedule(fp, [cheap, pricey], [cheap.throughput], 10 * 3600)
+    assert rungs_of(1, 1, 24) == []  # one candidate: nothing compared
+    s = plan_schedule(fp, found, ProfileCosts(CPU), 10 * 3600, Rules(sizes=(1.0,)))
     assert s.level == 2 and s.families == 1 and s.folds == 5  # one family: no ensemble of families
-    screen = s.stages[0]
-    train = fp.n_train(5) * fp.epoch_factor
-    e_cheap, e_pricey = cheap.epoch_s(train, fp.n_val(5)), pricey.epoch_s(train, fp.n_val(5))
+    assert s.stages[0].kind == StageKind.SETUP
+    screen = s.stages[1]
+    pricer = Pricer(fp, Rules(), list)
+    cheap, pricey = sorted(s.screened, key=pricer.epoch)
+    e_cheap, e_pricey = pricer.epoch(cheap), pricer.epoch(pricey)
     epochs = s.epochs
     quarter, half = epochs // 4, epochs // 2
     # both to a quarter, then the costlier alone to the end (12 s of start-ups per run and rung)
-    expected = quarter * (e_cheap + e_pricey) + (epochs - quarter) * e_pricey + 12 * 4
+    expected = quarter * (e_cheap + e_pricey) + (epochs - quarter) * e_pricey + 4 * 2 * STAGE_START_S
     assert half > quarter and screen.seconds == pytest.approx(expected)
-    other = Candidate("other", "b", cheap.throughput)
-    assert [c.name for c in round_robin([cheap, pricey, other])] == ["cheap", "other", "pricey"]
+    a, b, c = tiny_candidate("cheap", "a", 0.1), tiny_candidate("pricey", "a", 0.2), tiny_candidate("other", "b", 0.1)
+    assert [x.name for x in round_robin([a, b, c])] == ["cheap", "other", "pricey"]
+
+
+def test_a_schedule_round_trips_through_its_file_and_another_format_is_refused():
+    s = plan(CONTEST, read_device_profile("h100"), "24h")
+    again = Schedule.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert again == s and again.table() == s.table()
+    one = plan(CCP, CPU, "20m")
+    assert Schedule.from_dict(json.loads(json.dumps(one.to_dict()))) == one
+    from pipeline.planning.schedule import PlanFormatError
+
+    old = {k: v for k, v in s.to_dict().items() if k != "format"}  # what an earlier version wrote
+    with pytest.raises(PlanFormatError, match="format None"):
+        Schedule.from_dict(old)
+    broken = {**s.to_dict(), "stages": [{"kind": "train?"}]}
+    with pytest.raises(ConfigError, match="malformed plan"):
+        Schedule.from_dict(broken)
 
 
 def test_device_profiles_scale_measurements_by_pixels_and_estimate_from_flops(tmp_path):
@@ -167,21 +193,22 @@ def test_the_shipped_cpu_profile_measures_every_cpu_recipe():
     assert {r.name for r in read_portfolio().tier("cpu")} <= set(cpu.measured)
 
 
-def test_make_plan_prints_and_writes_the_plan_beside_make_alls(tmp_path):
+def test_make_plan_keeps_the_plan_with_its_stamp_and_prints_it(tmp_path):
     from pipeline.plan import PlanConfig, run
 
     ws = tmp_path / "work" / "x"
     ws.mkdir(parents=True)
-    (ws / "plan.json").write_text(json.dumps({"key": "abc", "plan": {"epochs": 3}}))
+    (ws / "plan.json").write_text(json.dumps({"key": "abc", "plan": {"epochs": 3}}))  # an earlier version's
     cfg = PlanConfig(
         budget="24h", name="x", work_dir=str(tmp_path / "work"), device_profile="h100", fingerprint="recycle-trash"
     )
     out = run(cfg)
     saved = json.loads((ws / "plan.json").read_text())
-    assert saved["key"] == "abc" and saved["plan"] == {"epochs": 3}  # make all's own entries are kept
-    assert saved["schedule"]["level"] == 4 and saved["schedule"]["stages"]
+    assert saved["format"] == 2 and saved["planned_by"] == "make plan" and saved["key"]
+    assert saved["planned_for"]["device"] == "profile h100"
+    assert saved["schedule"]["level"] == 4 and saved["schedule"] == out["schedule"]
     assert "assume_weights=true" in out["text"] and "pseudo-label round" in out["text"]
-    assert (ws / "plan_schedule.txt").read_text().strip() == out["text"].strip()
+    assert (ws / "plan.txt").read_text().strip() == out["text"].strip()
     with pytest.raises(ConfigError, match="save_profile"):
         run(PlanConfig(device_profile="h100", save_profile=str(tmp_path / "p.yaml")))
 
@@ -209,11 +236,11 @@ def test_make_plan_probes_this_device_and_saves_a_profile_it_can_plan_from(demo_
     assert again["level"] == s["level"] and again["epochs"] == pytest.approx(s["epochs"], abs=1)
 
 
-def test_the_screening_plans_price_each_written_prediction_set_with_its_classes():
-    screened, _ = inputs(CCP, CPU)
-    c = screened[0]
+def test_the_plans_price_each_written_prediction_set_with_its_classes():
+    c = plan(CCP, CPU, "20m").screened[0]
     few = Fingerprint(804, 200, (412, 275), 11, 4, 0, 1.52)
-    cost = {fp.num_classes: _Pricer(fp, 5, ["none", "hflip"], 0.5).predictions(c, 2, 3) for fp in (few, CCP)}
+    rules = Rules(k=5, tta=("none", "hflip"), oof_scale=0.5)
+    cost = {fp.num_classes: Pricer(fp, rules, list).predictions(c, 2, 3) for fp in (few, CCP)}
     written = 2 * 2 * CCP.n_val(5) + 3 * CCP.n_test  # 2 TTA sets of 2 OOF folds, 3 test runs
     per_image = maps_seconds(c.throughput, 59) - maps_seconds(c.throughput, 11)
-    assert cost[59] - cost[11] == pytest.approx(written * per_image * PREDICT_SAFETY)
+    assert cost[59] - cost[11] == pytest.approx(written * per_image * PREDICT_SAFETY_FACTOR)

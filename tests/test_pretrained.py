@@ -266,26 +266,36 @@ def test_a_whole_model_folder_in_the_weights_folder_stands_in_for_its_hub_id(tmp
         pre.resolve_build("unet", None, "auto", weights=str(tmp_path / "missing.pth"))
 
 
-def test_make_all_prefers_candidates_whose_weights_resolve_and_names_them_in_the_plan(demo_data, tmp_path):
-    from pipeline.autopilot import Autopilot, AutopilotConfig
-    from pipeline.planning.plan import make_plan
-    from pipeline.planning.probe import Recipe, Throughput
+def test_budgeted_runs_use_the_recipes_whose_weights_resolve_and_name_them_in_the_plan(tmp_path):
+    from conftest import fixed_costs
 
-    def pilot(**kw) -> Autopilot:
-        return Autopilot(AutopilotConfig(data_dir=str(demo_data), work_dir=str(tmp_path), name="w", **kw))
+    from pipeline.planning.fingerprint import Fingerprint
+    from pipeline.planning.planner import Rules, plan_schedule
+    from pipeline.planning.portfolio import offers, read_portfolio
 
-    found = pilot().weights  # the installed lite packages (dev extra)
-    assert list(found) == ["unet:tu-tf_efficientnet_lite0", "unet:tu-tf_efficientnet_lite2"]
-    assert {w.source for w in found.values()} == {"package"}
-    assert {r.encoder for r in pilot().candidates()} == {LITE0, "tu-tf_efficientnet_lite2"}
-    # from scratch when asked, or when no candidate's weights resolve: the scratch candidates
-    assert pilot(encoder_weights=None).weights == {"unet:resnet18": pre.SCRATCH}
-    assert pilot(models=["unet:resnet34"]).weights == {"unet:resnet18": pre.SCRATCH}  # nothing cached, offline
-    # the plan names the weights of its recipe (source, file, sha256) and of every candidate
-    t = Throughput(Recipe("unet", LITE0, (64, 64), 8), 0.1, 0.01)
-    plan = make_plan([t], 600, n_train=100, n_val=20, n_test=20, tta=["none"], num_classes=5)
-    plan.candidates = {m: w.to_dict() for m, w in found.items()}
-    assert plan.weights == found["unet:tu-tf_efficientnet_lite0"].to_dict()  # the recipe's own candidate
-    table = plan.table()
-    assert f"package {_lite0_package()} (sha256 {pre.sha256_of(_lite0_package())[:12]})" in table
-    assert "unet:tu-tf_efficientnet_lite2 (package)" in table
+    portfolio = read_portfolio()
+    found = offers(portfolio, "cpu", tmp_path)  # the installed lite packages (dev extra), and the scratch recipe
+    assert [(r.name, w.source) for r, w in found] == [
+        ("unet-lite0", "package"),
+        ("unet-lite2", "package"),
+        ("unet-resnet18-scratch", "scratch"),
+    ]
+    # from scratch when asked: the recipes from scratch alone
+    assert [r.name for r, _ in offers(portfolio, "cpu", tmp_path, encoder_weights=None)] == ["unet-resnet18-scratch"]
+    # a recipe whose weights do not resolve (nothing cached, offline) is left out
+    custom = tmp_path / "portfolio.yaml"
+    custom.write_text(
+        "recipes:\n"
+        "  - {name: r34, tier: cpu, family: unet, model: unet, encoder: resnet34, weights: imagenet}\n"
+        "  - {name: r18, tier: cpu, family: unet, model: unet, encoder: resnet18, weights: none}\n"
+    )
+    assert [r.name for r, _ in offers(read_portfolio(custom), "cpu", tmp_path)] == ["r18"]
+    # on a GPU beside two pretrained recipes, those from scratch are not worth a screening slot
+    assert [r.name for r, _ in offers(portfolio, "gpu", tmp_path)] == ["unet-lite0", "unet-lite2"]
+    with pytest.raises(Exception, match="not in the cpu tier; known: unet-lite0"):
+        offers(portfolio, "cpu", tmp_path, names=["unet-lite9"])
+    # the plan names the weights of its recipe (source, file, sha256)
+    fp = Fingerprint(n_labelled=100, n_test=20, size=(64, 64), num_classes=5)
+    plan = plan_schedule(fp, found, fixed_costs(lambda r, size: (0.1, 0.01, 0.0)), 600, Rules(level=1))
+    assert plan.screened[0].recipe.name == "unet-lite0" and plan.screened[0].weights == found[0][1].to_dict()
+    assert f"package {_lite0_package()} (sha256 {pre.sha256_of(_lite0_package())[:12]})" in plan.table()

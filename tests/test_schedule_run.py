@@ -13,13 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import fixed_costs
 
 from pipeline.core.errors import PipelineError
 from pipeline.engine.train_config import TrainConfig
-from pipeline.planning.executor import effective_rungs, promote, store_scale
+from pipeline.models.pretrained import WeightSource
+from pipeline.planning.costs import store_scale
+from pipeline.planning.executor import effective_rungs, promote
 from pipeline.planning.fingerprint import Fingerprint
-from pipeline.planning.probe import Recipe, Throughput
-from pipeline.planning.schedule import Candidate, plan_schedule
+from pipeline.planning.planner import Rules, plan_schedule
+from pipeline.planning.portfolio import read_portfolio
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,10 +44,6 @@ def test_rungs_that_promote_every_run_are_not_paused_at():
     assert effective_rungs([], 5) == [{"epoch": 5, "runs": 1, "promoted": 1}]
 
 
-def candidate(name: str, family: str, step_s: float) -> Candidate:
-    return Candidate(name, family, Throughput(Recipe("unet", name, (128, 192), 8), step_s, step_s / 20))
-
-
 FP = Fingerprint(n_labelled=800, n_test=200, size=(256, 384), num_classes=12)
 
 
@@ -55,23 +54,30 @@ def test_test_maps_are_stored_near_the_trained_size_and_at_the_oof_scale_when_ma
 
 
 def test_a_forced_level_trains_fewer_epochs_and_refuses_when_it_cannot_fit():
-    pool = [candidate("a", "unet", 1.0), candidate("b", "unet", 1.2)]
-    single = [pool[0].throughput]
-    free = plan_schedule(FP, pool, single, 3600, k=5)
+    lite0, lite2 = read_portfolio().tier("cpu")[:2]
+    found = [(lite0, WeightSource("assumed")), (lite2, WeightSource("assumed"))]  # one family
+    step = {lite0.name: 1.0, lite2.name: 1.2}
+    costs = lambda: fixed_costs(lambda r, size: (step[r.name], step[r.name] / 20, 0.0))  # noqa: E731
+
+    def plan(budget_s: float, **rules):
+        return plan_schedule(FP, found, costs(), budget_s, Rules(k=5, sizes=(0.5,), **rules))
+
+    free = plan(3600)
     assert free.level == 1  # 24 epochs of a screen and a refit do not fit an hour
-    forced = plan_schedule(FP, pool, single, 3600, k=5, level=2, partial="folds")
+    forced = plan(3600, level=2, partial="folds")
     assert forced.level == 2 and 4 <= forced.epochs < 24 and forced.folds >= 3 and not forced.refit
     assert forced.planned_s <= 3600
     # 30 minutes: 5 folds of 4 epochs do not fit, a refit or 3-4 folds do (no screen: max_screen=1); the
     # maps each fold's OOF and test predictions write take the minutes below that (25 minutes fit no fold plan)
-    refit = plan_schedule(FP, pool, single, 1800, k=5, level=2, partial="refit", max_screen=1)
-    assert refit.refit and refit.folds == 1 and [c.name for c in refit.screened] == ["a"]
-    folds = plan_schedule(FP, pool, single, 1800, k=5, level=2, partial="folds", max_screen=1)
+    refit = plan(1800, level=2, partial="refit", max_screen=1)
+    assert refit.refit and refit.folds == 1 and [c.name for c in refit.screened] == ["unet-lite0"]
+    assert not refit.rungs  # one candidate: nothing compared, it trains straight through
+    folds = plan(1800, level=2, partial="folds", max_screen=1)
     assert not folds.refit and 3 <= folds.folds < 5 and refit.epochs >= folds.epochs  # 2 runs against 3-4
-    capped = plan_schedule(FP, pool, single, 1800, k=5, level=2, partial="refit", max_screen=1, max_epochs=5)
+    capped = plan(1800, level=2, partial="refit", max_screen=1, max_epochs=5)
     assert capped.epochs == 5
     with pytest.raises(PipelineError, match="no plan of level 4 fits"):
-        plan_schedule(FP, pool, single, 3600, k=5, level=4)  # one family: no cross-family ensemble
+        plan(3600, level=4)  # one family: no cross-family ensemble
 
 
 PORTFOLIO = """recipes:
@@ -113,7 +119,6 @@ def test_make_all_screens_trains_two_folds_ensembles_pseudo_labels_and_resumes_a
         "max_epochs=4",
         f"portfolio={tmp_path / 'portfolio.yaml'}",
         "encoder_weights=null",
-        "scratch_models=[unet:tu-mobilenetv3_small_050]",
         "sizes=[1.0]",
         "tta=[none]",
         "progress=false",

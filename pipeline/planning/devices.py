@@ -15,8 +15,8 @@ from typing import Any
 from pipeline.core.config import named_file, read_yaml_mapping
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import atomic_write_text
+from pipeline.planning.costs import Recipe, Throughput
 from pipeline.planning.portfolio import PortfolioRecipe
-from pipeline.planning.probe import Recipe, Throughput
 
 DEVICES = Path(__file__).resolve().parents[1] / "configs" / "devices"
 KINDS = ("cpu", "gpu")

@@ -1,16 +1,20 @@
-"""The executor of a budget plan richer than one recipe (levels 2-4 of :mod:`pipeline.planning.schedule`):
-screening by successive halving on fold 0, the survivors' further folds or the winner's refit, the TTA
-set chosen on OOF, test predictions, the ensemble across folds and families, and the pseudo-label round.
+"""The one executor of a budget plan (:class:`pipeline.planning.schedule.Schedule`), whatever its level:
+training on fold 0 (one candidate straight through, or several screened by successive halving), the
+survivors' further folds or the winner's refit, the TTA set chosen on OOF, test predictions, the
+ensemble across folds and families, the pseudo-label round, then the analysis, the validated
+submission, its score and the summary.
 
-Every step is a stage process run through the auto-pilot (:class:`Pilot`), stamped and skipped when
-unchanged; the screen's rung scores are kept in ``screen.json`` as they are measured, so a run killed
-at any point continues where it stopped with the budget that was left.
+Every step is a stage process run through the auto-pilot's stage runner (:class:`Pilot`), stamped and
+skipped when unchanged; the screen's rung scores are kept in ``screen.json`` as they are measured, so
+a run killed at any point continues where it stopped with the budget that was left.
 
-* Screening: every candidate trains fold 0 on its full schedule of ``epochs`` but pauses at each rung
-  (``stop_epoch=``); the rung compares the candidates' OOF mIoU (with bootstrap intervals and each
-  one's paired gap to the leader) and promotes the better ones, which continue from their last
-  checkpoint on the same schedule, so the learning rate never steps back up.  The last promotion keeps
-  the best of each family first (the ensemble combines families).  Losers' checkpoints are deleted.
+* Training on fold 0: one candidate trains straight through under a time budget (the plan's
+  ``stretch`` lets a run faster than priced train more epochs).  Several are screened: every
+  candidate trains fold 0 on its full schedule but pauses at each rung (``stop_epoch=``); the rung
+  compares their OOF mIoU (with bootstrap intervals and each one's paired gap to the leader) and
+  promotes the better ones, which continue from their last checkpoint on the same schedule, so the
+  learning rate never steps back up.  The last promotion keeps the best of each family first (the
+  ensemble combines families).  Losers' checkpoints are deleted.
 * Folds: the survivors train folds 1..n-1 with the same recipe and epochs, each under a time budget
   that shortens it when the run falls behind.  Refit: the winner trains on every labelled image
   (``fold=-1``) for the same epochs; its test prediction replaces fold 0's, fold 0's OOF stands for it.
@@ -32,23 +36,25 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
-from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder
+from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder, submission_paths
 from pipeline.core.records import EnsembleRecord
+from pipeline.core.tables import format_table
 from pipeline.data import common_image_size
 from pipeline.engine.train_config import TrainConfig
-from pipeline.evaluation.selection import bootstrap_miou, paired_gain, select
-from pipeline.inference.ensemble import Fusion, Member
+from pipeline.evaluation.analysis_config import AnalyzeConfig
+from pipeline.evaluation.selection import bootstrap_miou, format_interval, paired_gain, select
+from pipeline.inference.ensemble import Fusion, Member, OofCache, find_member
 from pipeline.inference.ensemble_config import EnsembleConfig
+from pipeline.inference.predictor import PredictConfig
 from pipeline.inference.pseudo_config import PseudoConfig
-from pipeline.planning.plan import val_every
-from pipeline.planning.portfolio import PortfolioRecipe
+from pipeline.planning.costs import MIN_RUN_S, PLANNED_BUDGET_FRACTION, RUN_SLACK_FACTOR, store_scale, val_every
+from pipeline.planning.processes import command
+from pipeline.planning.schedule import LATER_TRAINING, RESERVE, Candidate, Schedule, StageKind
+from pipeline.submission.score_config import ScoreConfig
+from pipeline.submission.submit_config import SubmitConfig
 
 log = logging.getLogger(__name__)
-
-TIME_BUDGET_SLACK = 1.25  # a fold or refit run may take this much more than its share of the time left
-MIN_RUN_S = 60.0  # the least time budget a fold or refit run is given
 
 
 class Pilot(Protocol):
@@ -63,6 +69,8 @@ class Pilot(Protocol):
     runs_dir: Path
     recipe: Path
     recipe_files: list[Path]
+    format: str
+    format_reason: str
 
     def stage(
         self,
@@ -74,66 +82,39 @@ class Pilot(Protocol):
         volatile: Sequence[str] = (),
     ) -> bool: ...
 
-    def command_of(self, module: str, cls: type, settings: dict[str, Any], recipe: Path | None = None) -> list[str]: ...
-
-    def predict(
-        self, run_dir: Path, split: str, tta: str, scale: float | None = None, tagged: bool = False
-    ) -> Path: ...
-
-    def per_image(self, members: list[Member], fusions: list[Fusion]) -> list[np.ndarray]: ...
-
-    def choose_tta(self, run_dirs: Sequence[Path], tagged: bool = False) -> tuple[str, Any]: ...
-
-
-def store_scale(train_size: Sequence[int], test_size: Sequence[int], multi: bool = False) -> float:
-    """The scale test maps are stored at: about the trained size (the model's own resolution), not each
-    image's, so 4 to 5 times less is written when training ran at half size; the submission resizes them
-    to the image bilinearly as it would have.  ``multi``: one of many test runs an ensemble averages,
-    kept at the OOF maps' scale."""
-    (th, tw), (h, w) = train_size, test_size
-    return min(1.0, max(th / h, tw / w)) * (TrainConfig.oof_scale if multi else 1.0)
-
 
 class ScheduleRun:
-    """One plan of level 2-4 executed in ``pilot``'s workspace."""
+    """One plan executed in ``pilot``'s workspace; ``key``: the plan's stamp (its runs' stamps hold it)."""
 
-    def __init__(self, pilot: Pilot, schedule: dict[str, Any], recipes: dict[str, PortfolioRecipe]):
-        self.p, self.s = pilot, schedule
-        self.epochs = int(schedule["epochs"])
-        self.screened = schedule["screened"]
-        missing = [c["name"] for c in self.screened if c["name"] not in recipes]
-        if missing:
-            raise PipelineError(f"plan.json: screened recipes {missing} are not in the portfolio; re-plan")
-        self.recipes = recipes
+    def __init__(self, pilot: Pilot, schedule: Schedule, key: str):
+        self.p, self.s, self.key = pilot, schedule, key
+        self.candidates = {c.name: c for c in schedule.screened}
         self.ledger_path = pilot.ws / "screen.json"
         self.ledger: dict[str, Any] = json.loads(self.ledger_path.read_text()) if self.ledger_path.is_file() else {}
         self.pseudo_dir = pilot.ws / "pseudo"
 
     # ------------------------------------------------------------------------- one run
-    def candidate(self, name: str) -> dict[str, Any]:
-        return next(c for c in self.screened if c["name"] == name)
-
     def folder(self, name: str, fold: int, experiment: str | None = None) -> RunFolder:
         return RunFolder.of(self.p.runs_dir, experiment or name, fold)
 
-    def train_settings(self, name: str, fold: int) -> dict[str, Any]:
-        r, c, cfg = self.recipes[name], self.candidate(name), self.p.cfg
+    def train_settings(self, c: Candidate, fold: int) -> dict[str, Any]:
+        r, cfg = c.recipe, self.p.cfg
         settings: dict[str, Any] = dict(
             data_dir=cfg.data_dir,
             folds_file=self.p.folds_file,
             fold=fold,
             model=r.model,
-            encoder_weights=None if r.scratch else cfg.encoder_weights,
+            encoder_weights=cfg.encoder_weights if c.pretrained else None,
             weights_dir=cfg.weights_dir,
-            img_size=list(c["size"]),
+            img_size=list(c.size),
             batch_size=r.batch,
-            epochs=self.epochs,
-            val_every=val_every(self.epochs),
+            epochs=self.s.epochs * self.s.stretch,  # a time budget sizes a stretched run after its second epoch
+            val_every=val_every(self.s.epochs),
             lr=r.lr,
             encoder_lr=r.encoder_lr,
             augment=r.augment,
             runs_dir=self.p.runs_dir,
-            experiment=name,
+            experiment=c.name,
             cache_dir=self.p.ws / "cache",
             seed=cfg.seed,
             device=cfg.device,
@@ -143,8 +124,8 @@ class ScheduleRun:
             settings["encoder"] = r.encoder
         if r.pretrained:
             settings["pretrained"] = r.pretrained
-        if cfg.model_options.get(r.model):
-            settings["model_options"] = dict(cfg.model_options[r.model])
+        if c.model_options:
+            settings["model_options"] = dict(c.model_options)
         if cfg.threads:
             settings["threads"] = cfg.threads
         return settings
@@ -153,38 +134,55 @@ class ScheduleRun:
         self, name: str, fold: int, stop: int | None = None, seconds: float | None = None, **extra: Any
     ) -> RunFolder:
         """Train ``name`` on ``fold``: paused at ``stop`` (a rung), or under a time budget of ``seconds``."""
-        settings = {**self.train_settings(name, fold), **extra}
+        settings = {**self.train_settings(self.candidates[name], fold), **extra}
         if stop is not None:
             settings["stop_epoch"] = stop
         folder = self.folder(name, fold, settings["experiment"])
-        args = self.p.command_of("pipeline.train", TrainConfig, settings, self.p.recipe)
+        args = command("pipeline.train", TrainConfig, settings, self.p.recipe)
         outputs = [folder.best] + ([folder.oof / "meta.json"] if fold >= 0 else [])
         volatile = [f"time_budget={seconds:.0f}"] if seconds is not None else []
         tag = f"{settings['experiment']}-{folder.path.name}" + (f"-e{stop}" if stop is not None else "")
         inputs = [self.p.folds_file, self.p.coco.path, *self.p.recipe_files]
-        self.p.stage(f"train-{tag}", args, {"plan": self.s["key"]}, inputs, outputs, volatile=volatile)
+        self.p.stage(f"train-{tag}", args, {"plan": self.key}, inputs, outputs, volatile=volatile)
         return folder
 
     def predict(self, folder: RunFolder, split: str, tta: str, scale: float | None = None) -> Path:
-        return self.p.predict(folder.path, split, tta, scale, tagged=True)
+        """``folder``'s ``split`` predicted with ``tta``; test maps at ``scale`` of the images' size."""
+        cfg = self.p.cfg
+        settings: dict[str, Any] = dict(run_dir=folder.path, data_dir=cfg.data_dir, split=split, tta=tta)
+        settings.update(device=cfg.device, progress=cfg.progress)
+        if split == "test":
+            settings["store_scale"] = f"{scale:.4g}"
+        name = f"predict-{folder.path.parent.name}-{folder.path.name}-{split}-{tta}"
+        args = command("pipeline.predict", PredictConfig, settings)
+        self.p.stage(name, args, {}, [folder.best], [folder.store(split, tta) / "meta.json"])
+        return folder.store(split, tta)
 
-    # ------------------------------------------------------------------------- scores
-    def rung_scores(self, names: list[str]) -> dict[str, np.ndarray]:
-        members = [Member(n, str(self.folder(n, 0).path), None, [str(self.folder(n, 0).oof)], []) for n in names]
-        cms = self.p.per_image(members, Fusion.singles(len(members)))
-        return dict(zip(names, cms, strict=True))
+    def per_image(self, members: list[Member], fusions: list[Fusion]) -> list[np.ndarray]:
+        """Per-image OOF confusion matrices of each fusion of ``members`` (cached in the workspace)."""
+        with OofCache(members, self.p.coco, folder=self.p.ws, seed=self.p.cfg.seed, progress=False) as cache:
+            return cache.per_image_confusions(fusions)
 
-    def save_ledger(self) -> None:
-        atomic_write_text(self.ledger_path, json.dumps(self.ledger, indent=2))
+    # ------------------------------------------------------------------------- time
+    def share(self, runs_left: int, later_s: float = 0.0) -> float:
+        """The time budget of the next of ``runs_left`` runs: its share of what is left after the planned
+        later training (``later_s``), the reserve and the plan's margin; never more than is left."""
+        margin = (1 - PLANNED_BUDGET_FRACTION) * self.p.clock.total
+        left = self.p.clock.remaining() - margin - self.s.seconds(RESERVE) - later_s
+        return max(MIN_RUN_S, min(left, RUN_SLACK_FACTOR * left / max(1, runs_left)))
 
-    # ------------------------------------------------------------------------- steps
+    # ------------------------------------------------------------------------- fold 0
     def screen(self) -> list[str]:
-        """Successive halving on fold 0; returns the survivors, strongest first."""
-        names = [c["name"] for c in self.screened]
-        rungs = effective_rungs(self.s["rungs"], self.epochs)
-        key = self.s["key"]
-        if self.ledger.get("key") != key:
-            self.ledger = {"key": key, "rungs": []}
+        """Fold 0 of every candidate; returns the survivors, strongest first.  One candidate trains
+        straight through; several are screened by successive halving."""
+        names = [c.name for c in self.s.screened]
+        later = self.s.seconds(LATER_TRAINING)
+        if len(names) == 1:
+            self.train(names[0], 0, seconds=self.share(1, later))
+            return names
+        rungs = effective_rungs(self.s.rungs, self.s.epochs)
+        if self.ledger.get("key") != self.key:
+            self.ledger = {"key": self.key, "rungs": []}
         alive = names
         for i, rung in enumerate(rungs):
             last = i == len(rungs) - 1
@@ -192,7 +190,7 @@ class ScheduleRun:
             if done is None:
                 for j, name in enumerate(alive):
                     if last:  # the final rung runs to the end of its schedule, shortened if time runs out
-                        self.train(name, 0, seconds=self.share(len(alive) - j, self.later_training_s()))
+                        self.train(name, 0, seconds=self.share(len(alive) - j, later))
                     else:
                         self.train(name, 0, stop=rung["epoch"])
                 done = self.score_rung(rung["epoch"], alive)
@@ -200,21 +198,22 @@ class ScheduleRun:
                 for entry in done["entries"]:
                     entry["promoted"] = entry["name"] in keep
                 self.ledger["rungs"].append(done)
-                self.save_ledger()
+                atomic_write_text(self.ledger_path, json.dumps(self.ledger, indent=2))
             alive = [e["name"] for e in done["entries"] if e["promoted"]]
         self.drop_losers(names, alive)
         return alive
 
     def score_rung(self, epoch: int, names: list[str]) -> dict[str, Any]:
-        cms = self.rung_scores(names)
-        cfg = self.p.cfg
-        ivs = {n: bootstrap_miou(cm, seed=cfg.seed) for n, cm in cms.items()}
+        members = [Member(n, str(self.folder(n, 0).path), None, [str(self.folder(n, 0).oof)], []) for n in names]
+        cms = dict(zip(names, self.per_image(members, Fusion.singles(len(members))), strict=True))
+        seed = self.p.cfg.seed
+        ivs = {n: bootstrap_miou(cm, seed=seed) for n, cm in cms.items()}
         leader = max(names, key=lambda n: ivs[n].point)
         entries = []
         for n in sorted(names, key=lambda n: -ivs[n].point):
-            entry = {"name": n, "family": self.candidate(n)["family"], "miou": ivs[n].as_dict()}
+            entry = {"name": n, "family": self.candidates[n].family, "miou": ivs[n].as_dict()}
             if n != leader:
-                entry["gap_to_leader"] = paired_gain(cms[leader], cms[n], seed=cfg.seed).as_dict()
+                entry["gap_to_leader"] = paired_gain(cms[leader], cms[n], seed=seed).as_dict()
             entries.append(entry)
         log.info("screen at epoch %d: %s", epoch, ", ".join(f"{e['name']} {e['miou']['point']:.4f}" for e in entries))
         return {"epoch": epoch, "entries": entries}
@@ -226,46 +225,35 @@ class ScheduleRun:
             for path in (folder.best, folder.last):
                 path.unlink(missing_ok=True)
 
-    def reserve_s(self) -> float:
-        """The planned seconds of what follows training (predictions, ensemble, post-processing, submit)."""
-        tail = ("predict", "ensemble", "post-processing", "submit")
-        return sum(st["seconds"] for st in self.s["stages"] if st["name"].startswith(tail))
-
-    def later_training_s(self, after: tuple[str, ...] = ("folds", "refit", "pseudo")) -> float:
-        """The planned seconds of the training stages that follow (the survivors' folds, the refit, the
-        pseudo-label round)."""
-        return sum(st["seconds"] for st in self.s["stages"] if st["name"].startswith(after))
-
-    def share(self, runs_left: int, later_s: float = 0.0) -> float:
-        left = self.p.clock.remaining() - self.reserve_s() - later_s
-        return max(MIN_RUN_S, TIME_BUDGET_SLACK * left / max(1, runs_left))
-
+    # ------------------------------------------------------------------------- more folds, predictions
     def train_more(self, survivors: list[str]) -> dict[str, list[int]]:
         """The survivors' further folds (or the winner's refit): survivor -> its folds (-1: the refit)."""
-        folds = int(self.s["folds"])
-        pseudo_s = self.later_training_s(("pseudo",))
-        jobs = [(n, f) for f in range(1, folds) for n in survivors]
-        if self.s["refit"]:
+        pseudo_s = self.s.seconds([StageKind.PSEUDO])
+        jobs = [(n, f) for f in range(1, self.s.folds) for n in survivors]
+        if self.s.refit:
             jobs.append((survivors[0], -1))
         for i, (name, fold) in enumerate(jobs):
             self.train(name, fold, seconds=self.share(len(jobs) - i, pseudo_s))
-        out = {n: list(range(folds)) for n in survivors}
-        if self.s["refit"]:
+        out = {n: list(range(self.s.folds)) for n in survivors}
+        if self.s.refit:
             out[survivors[0]].append(-1)
         return out
 
     def test_scale(self, name: str, multi: bool) -> float:
-        return store_scale(self.candidate(name)["size"], common_image_size(self.p.test), multi)
-
-    def member(self, name: str, folds: list[int], tta: str, experiment: str | None = None) -> Member:
-        runs = [self.folder(name, f, experiment) for f in folds]
-        oof = [str(r.store("val", tta)) for r in runs if f_of(r) >= 0]
-        test = [str(r.store("test", tta)) for r in runs if r.store("test", tta).is_dir()]
-        return Member(experiment or name, str(self.folder(name, 0, experiment).path.parent), tta, oof, test)
+        return store_scale(self.candidates[name].size, common_image_size(self.p.test), multi)
 
     def choose_tta(self, name: str, folds: list[int]) -> tuple[str, Any]:
-        """The TTA set by the selection rule on the strongest survivor's OOF over its folds."""
-        return self.p.choose_tta([self.folder(name, f).path for f in folds if f >= 0], tagged=True)
+        """The TTA set by the selection rule (simplest first) on the strongest survivor's OOF over its
+        folds taken as one member; test labels are never used."""
+        runs = [self.folder(name, f) for f in folds if f >= 0]
+        for tta in self.s.tta:
+            for folder in runs:
+                self.predict(folder, "val", tta)
+        paths = [r.path for r in runs]
+        members = [find_member(str(paths[0].parent), tta=t, name=t, folds=paths) for t in self.s.tta]
+        cms = self.per_image(members, Fusion.singles(len(members)))
+        choice = select(list(zip(self.s.tta, cms, strict=True)), seed=self.p.cfg.seed)
+        return choice.chosen, choice
 
     def predict_all(self, trained: dict[str, list[int]], tta: str, experiment: str | None = None) -> None:
         """OOF with ``tta`` for every fold, test for every fold (the refit alone when there is one)."""
@@ -278,26 +266,26 @@ class ScheduleRun:
                 if f in test_folds:
                     self.predict(folder, "test", tta, scale=self.test_scale(name, len(test_folds) > 1))
 
+    # ------------------------------------------------------------------------- ensembles, pseudo-labels
     def ensemble(self, runs: list[Path], tta: str, name: str) -> Path:
         cfg, ens_dir = self.p.cfg, self.p.ws / "ensembles"
         weights = ens_dir / name / ENSEMBLE_WEIGHTS
         settings = dict(runs=[str(r) for r in runs], tta=tta, data_dir=cfg.data_dir, name=name, out_dir=ens_dir)
         settings.update(postprocess=cfg.postprocess, progress=cfg.progress, seed=cfg.seed)
         stores = [p for r in runs for p in sorted(Path(r).glob(f"fold*/*_{tta}/index.csv"))]
-        self.p.stage(
-            f"ensemble-{name}", self.p.command_of("pipeline.ensemble", EnsembleConfig, settings), {}, stores, [weights]
-        )
+        args = command("pipeline.ensemble", EnsembleConfig, settings)
+        self.p.stage(f"ensemble-{name}", args, {}, stores, [weights])
         return weights
 
     def ensemble_cms(self, weights: Path) -> np.ndarray:
         record = EnsembleRecord.read(weights)
         members = [Member(m.name, m.path, m.tta, m.oof_stores, m.test_stores) for m in record.members]
-        return self.p.per_image(members, [Fusion.of(record)])[0]
+        return self.per_image(members, [Fusion.of(record)])[0]
 
     def pseudo_round(self, survivors: list[str], trained: dict[str, list[int]], tta: str) -> dict[str, list[int]]:
         """The strongest survivor retrained on every fold with the test images' pseudo-labels from the
         other survivors' models of that fold (leak-free); returns its folds under ``<name>-pseudo``."""
-        cfg, strongest, k = self.p.cfg, survivors[0], int(self.s["k"])
+        cfg, strongest, k = self.p.cfg, survivors[0], self.s.k
         experiment = f"{strongest}-pseudo"
         for fold in range(k):
             name = f"{cfg.name}-fold{fold}"
@@ -309,13 +297,8 @@ class ScheduleRun:
             settings = dict(name=name, runs=runs, tta=tta, data_dir=cfg.data_dir, out_dir=self.pseudo_dir)
             settings["progress"] = cfg.progress
             stores = [Path(r) / f"test_{tta}" / "index.csv" for r in runs]
-            self.p.stage(
-                f"pseudo-{name}",
-                self.p.command_of("pipeline.pseudo", PseudoConfig, settings),
-                {},
-                stores,
-                [out / "manifest.json"],
-            )
+            args = command("pipeline.pseudo", PseudoConfig, settings)
+            self.p.stage(f"pseudo-{name}", args, {}, stores, [out / "manifest.json"])
             self.train(strongest, fold, seconds=self.share(k - fold), experiment=experiment, pseudo_dir=str(out))
         done = {strongest: list(range(k))}
         self.predict_all(done, tta, experiment)
@@ -330,7 +313,7 @@ class ScheduleRun:
         runs = [self.folder(n, 0).path.parent for n in survivors]
         weights = self.ensemble(runs, tta, self.p.cfg.name)
         out: dict[str, Any] = {"survivors": survivors, "trained": trained, "tta": tta, "tta_choice": choice}
-        if self.s["pseudo"]:
+        if self.s.pseudo:
             done = self.pseudo_round(survivors, trained, tta)
             experiment = f"{survivors[0]}-pseudo"
             with_pseudo = self.ensemble([*runs, self.p.runs_dir / experiment], tta, f"{self.p.cfg.name}-pseudo")
@@ -341,9 +324,97 @@ class ScheduleRun:
             out["pseudo"] = {"trained": done, "decision": decision.as_dict(), "kept": decision.index == 1}
             if decision.index == 1:
                 weights = with_pseudo
-        out["weights"] = weights
         out["ladder"] = self.ledger.get("rungs", [])
-        return out
+        result = report(self.p, weights)
+        table = summary(self.p, self.s, out, result)
+        return {**result, "tta": tta, "ladder": out["ladder"], "trained": trained, "summary": table}
+
+
+# ----------------------------------------------------------------------------- after the ensemble
+def report(pilot: Pilot, weights: Path) -> dict[str, Any]:
+    """The ensemble's analysis, the submission and (labels permitting) its score."""
+    cfg, name, ens_dir = pilot.cfg, weights.parent.name, weights.parent.parent
+    settings = dict(name=name, ensembles_dir=ens_dir, data_dir=cfg.data_dir)
+    settings.update(out_dir=pilot.ws / "analysis", progress=cfg.progress)
+    out = [pilot.ws / "analysis" / name / "report.md"]
+    pilot.stage("analyze", command("pipeline.analyze", AnalyzeConfig, settings), {}, [weights], out)
+    csv_path = submit(pilot, weights)
+    result: dict[str, Any] = {"submission": str(csv_path), "ensemble": str(weights)}
+    gt = Path(cfg.gt) if cfg.gt else Path(cfg.data_dir) / "test_gt.json"
+    if gt.exists():
+        score = pilot.ws / "score.json"
+        args = command("pipeline.score", ScoreConfig, dict(sub=csv_path, gt=gt, data_dir=cfg.data_dir, out_json=score))
+        pilot.stage("score", args, {}, [csv_path, gt], [score])
+        result["score"] = json.loads(score.read_text())
+    return result
+
+
+def submit(pilot: Pilot, weights: Path) -> Path:
+    """The submission step; ``format`` is passed on as given (the stage resolves ``auto`` the same way
+    and records why in its manifest), and the stamp holds the resolved format: a sample submission
+    whose header now says another format writes the file again, an unchanged one not."""
+    cfg = pilot.cfg
+    csv_path, manifest = submission_paths(cfg.submissions_dir, cfg.name)
+    settings = dict(name=cfg.name, format=cfg.format, ensemble=weights, data_dir=cfg.data_dir)
+    settings.update(out_dir=cfg.submissions_dir, progress=cfg.progress)
+    stamp = {"format": pilot.format} if cfg.format == "auto" else {}  # explicit formats: stamps as before
+    pilot.stage("submit", command("pipeline.submit", SubmitConfig, settings), stamp, [weights], [csv_path, manifest])
+    return csv_path
+
+
+# ----------------------------------------------------------------------------- the summary
+def summary(pilot: Pilot, schedule: Schedule, out: dict[str, Any], result: dict[str, Any]) -> str:
+    """The summary of any plan: its shape, the weights its runs started from, the screen's ladder, the
+    folds or refit, the ensemble's members and weights, the TTA, pseudo-label and post-processing
+    decisions, the shake-up estimate, the score, the minutes and the files."""
+    ens = EnsembleRecord.read(result["ensemble"])
+    rows = [["plan", f"level {schedule.level}: {schedule.description}, {schedule.epochs} epochs a run"]]
+    rows += [[f"weights of {c.name}", c.describe_weights()] for c in schedule.screened if c.name in out["survivors"]]
+    rows += ladder_rows(out["ladder"])
+    rows += describe_folds(out["trained"])
+    rows += [
+        [f"member {m.name} (weight {m.weight:.3f})", format_interval(m.scores["oof_miou_interval"])]
+        for m in ens.members
+    ]
+    rows.append([f"ensemble (OOF): {ens.oof.get('chosen', '')}", format_interval(ens.oof["ensemble_interval"])])
+    rows += [
+        [f"TTA {c.candidate} vs {c.current} (OOF gain)", f"{c.gain:+.4f} [{c.low:+.4f}, {c.high:+.4f}] {verdict(c)}"]
+        for c in out["tta_choice"].comparisons
+    ]
+    if "pseudo" in out:
+        for c in out["pseudo"]["decision"]["comparisons"]:
+            gain = f"{c['gain']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
+            rows.append(["pseudo-label round (OOF gain)", f"{gain} {'kept' if c['accepted'] else 'refused'}"])
+    post = ens.report.get("postprocess") or {}
+    if post.get("oof_gain"):
+        g = post["oof_gain"]
+        rows.append(
+            [
+                f"post-processing {pilot.cfg.postprocess} (OOF gain)",
+                f"{g['gain']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}] {'kept' if post['accepted'] else 'refused'}",
+            ]
+        )
+    rows.append(["TTA chosen", out["tta"]])
+    if "shakeup" in ens.report:
+        shake = ens.report["shakeup"]
+        gap = shake["abs_gap"]
+        rows.append(
+            [
+                f"public/private gap ({shake['test_images']} test images)",
+                f"median {gap['point']:.4f}, 90% range [{gap['low']:.4f}, {gap['high']:.4f}]",
+            ]
+        )
+    if "score" in result:
+        rows.append(["test mIoU (labels)", f"{result['score']['miou']:.4f}"])
+    rows += [[f"minutes: {k}", f"{v / 60:.1f}"] for k, v in pilot.clock.stages.items()]
+    rows.append(["minutes: total", f"{pilot.clock.spent() / 60:.1f} of {pilot.clock.total / 60:.1f}"])
+    rows.append(["submission", f"{result['submission']} ({pilot.format}: {pilot.format_reason})"])
+    rows.append(["workspace", str(pilot.ws)])
+    return format_table(["summary", ""], rows)
+
+
+def verdict(comparison: Any) -> str:
+    return "accepted" if comparison.accepted else "refused"
 
 
 def promote(entries: list[dict[str, Any]], n: int, final: bool) -> set[str]:
@@ -364,12 +435,6 @@ def effective_rungs(rungs: list[dict[str, int]], epochs: int) -> list[dict[str, 
     process and an OOF prediction); the last rung, at the end of the schedule, always stays."""
     kept = [r for r in rungs[:-1] if r["promoted"] < r["runs"]]
     return [*kept, rungs[-1] if rungs else {"epoch": epochs, "runs": 1, "promoted": 1}]
-
-
-def f_of(folder: RunFolder) -> int:
-    """The fold of a run folder (``fold3`` -> 3, ``foldall`` -> -1)."""
-    tail = folder.path.name[len("fold") :]
-    return -1 if tail == "all" else int(tail)
 
 
 def ladder_rows(ladder: list[dict[str, Any]]) -> list[list[str]]:

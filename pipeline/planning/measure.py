@@ -1,55 +1,133 @@
-"""The probe of a run's candidate recipes on this device, shared by ``make all`` and ``make plan``:
-each family:encoder from its smallest size up, stopping at the first size that cannot train
-``SIZE_EPOCHS`` epochs in the time left, and measuring nothing more once the probe has taken its
-share of the budget (one recipe is always measured)."""
+"""What recipes cost on a device, as the planner asks for them (:class:`pipeline.planning.schedule.Costs`):
+measured here by the throughput probe (:class:`ProbeCosts`), or read from a device profile
+(:class:`ProfileCosts`).  Both keep what they were asked for, so the plan prices the probe that
+``make all`` runs on that device (its set-up stage) whichever source priced it."""
 
 from __future__ import annotations
 
+import logging
+import math
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from pipeline.planning.plan import SIZE_EPOCHS, epoch_seconds
-from pipeline.planning.probe import Recipe, Throughput, probe
+from pipeline.engine.runtime import resolve_device
+from pipeline.planning.costs import PROBE_BUDGET_FRACTION, Recipe, Throughput
+from pipeline.planning.devices import DeviceProfile
+from pipeline.planning.portfolio import PortfolioRecipe
+from pipeline.planning.probe import probe
 
-PROBE_SHARE = 0.08  # the probe stops measuring larger recipes after this share of the budget
+log = logging.getLogger(__name__)
 
 
-def measure_candidates(
-    recipes: Sequence[Recipe],
-    num_classes: int,
-    device: torch.device,
-    budget_s: float,
-    left_s: Callable[[], float],
-    epoch_images: int,
-    n_val: int,
-    options: Callable[[str], dict[str, Any]] = lambda model: {},
-    low_scale: float | None = None,
-    progressive: float = 0.0,
-    probe_share: float = PROBE_SHARE,
-    measure: Callable[[Recipe], Throughput] | None = None,
-) -> tuple[list[Throughput], float]:
-    """The throughputs of ``recipes`` measured here, and the seconds the probe took.  ``left_s``: the
-    budget's seconds left now; ``options``: the builder options of a model family; ``measure``: how one
-    recipe is measured (default: the probe with those options)."""
-    if measure is None:
+class Costs:
+    """Each recipe's cost at each size, asked for once: ``exact`` measures that size; otherwise the
+    nearest measurement (in pixels) of the same recipe is scaled, and only a recipe not measured at
+    all is measured."""
 
-        def measure(recipe: Recipe) -> Throughput:
-            return probe(recipe, num_classes, device, options=options(recipe.model), low_scale=low_scale)
+    kind = "cpu"  # which tier of the portfolio the device trains
+    description = ""  # the device as the plan names it
+    identity = ""  # the device as a plan's stamp names it: a plan made for another never runs here unnoticed
 
-    started = time.monotonic()
-    measured: list[Throughput] = []
-    by_model: dict[tuple[str, str], list[Recipe]] = {}
-    for recipe in recipes:
-        by_model.setdefault((recipe.model, recipe.encoder), []).append(recipe)
-    for group in by_model.values():  # each family:encoder from its smallest size up
-        for recipe in sorted(group, key=lambda r: r.size[0] * r.size[1]):
-            if time.monotonic() - started > probe_share * budget_s and measured:
-                break  # the probe may not eat the budget
-            t = measure(recipe)
-            measured.append(t)
-            if epoch_seconds(t, epoch_images, n_val, progressive) * SIZE_EPOCHS > left_s():
-                break  # its larger sizes would train fewer epochs still
-    return measured, time.monotonic() - started
+    def __init__(self) -> None:
+        self.notes: list[str] = []  # what a plan priced with these costs should say about them
+        self.measured: dict[tuple[str, tuple[int, int]], Throughput] = {}
+
+    def price(self, recipe: PortfolioRecipe, size: tuple[int, int], exact: bool = True) -> Throughput | None:
+        size = (int(size[0]), int(size[1]))
+        key = (recipe.name, size)
+        if key in self.measured:
+            return self.measured[key]
+        same = [t for (name, _), t in self.measured.items() if name == recipe.name]
+        if not exact and same:
+            nearest = min(same, key=lambda t: abs(math.log(_pixels(size) / _pixels(t.recipe.size))))
+            return self.scale(recipe, nearest, size)
+        t = self.measure(recipe, size)
+        if t is not None:
+            self.measured[key] = t
+        return t
+
+    def probed(self) -> list[Throughput]:
+        """What the probe measures (or would, on this device) for the prices asked so far."""
+        return list(self.measured.values())
+
+    def measure(self, recipe: PortfolioRecipe, size: tuple[int, int]) -> Throughput | None:
+        raise NotImplementedError
+
+    def scale(self, recipe: PortfolioRecipe, t: Throughput, size: tuple[int, int]) -> Throughput:
+        return t.scaled(size, recipe.batch)
+
+
+class ProfileCosts(Costs):
+    """Costs from a device profile (its measurements scaled by pixels, else its estimates)."""
+
+    def __init__(self, profile: DeviceProfile):
+        super().__init__()
+        self.profile = profile
+        self.kind = profile.kind
+        self.description = f"{profile.name} ({profile.description or profile.kind}; profile {profile.source})"
+        self.identity = f"profile {profile.name}"
+        if profile.estimated:
+            self.notes.append("device figures: estimates (see the profile's header)")
+
+    def measure(self, recipe: PortfolioRecipe, size: tuple[int, int]) -> Throughput:
+        return self.profile.throughput(recipe, size, recipe.batch)
+
+    def scale(self, recipe: PortfolioRecipe, t: Throughput, size: tuple[int, int]) -> Throughput:
+        return self.profile.throughput(recipe, size, recipe.batch)  # the profile prices any size itself
+
+
+def this_device(setting: str, threads: int | None = None) -> tuple[torch.device, str]:
+    """The device a run trains on (``auto``: the GPU when there is one) and its name in a plan's stamp."""
+    device = resolve_device(setting)
+    if threads:
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return device, f"{torch.cuda.get_device_name(index)} ({torch.cuda.device_count()} visible)"
+    return device, f"cpu, {torch.get_num_threads()} torch threads"
+
+
+class ProbeCosts(Costs):
+    """Costs measured here by the throughput probe, with the builder options the run trains with
+    (``model_options``; a whole model's ``pretrained=``), until the probe has used its share of the
+    budget (one recipe is always measured)."""
+
+    def __init__(
+        self,
+        setting: str,
+        threads: int | None,
+        num_classes: int,
+        budget_s: float,
+        model_options: dict[str, dict[str, Any]] | None = None,
+        low_scale: float | None = None,
+        share: float = PROBE_BUDGET_FRACTION,
+    ):
+        super().__init__()
+        self.device, self.identity = this_device(setting, threads)
+        self.kind = "gpu" if self.device.type == "cuda" else "cpu"
+        self.description = f"{self.identity} (measured here by the probe)"
+        self.num_classes, self.budget_s, self.share = num_classes, budget_s, share
+        self.options, self.low_scale = dict(model_options or {}), low_scale
+        self.seconds = 0.0  # the time the probe has taken
+
+    def measure(self, recipe: PortfolioRecipe, size: tuple[int, int]) -> Throughput | None:
+        if self.measured and self.seconds > self.share * self.budget_s:
+            log.info("probe: %s at %dx%d left out (the probe has used its share of the budget)", recipe.name, *size)
+            return None
+        options = {"pretrained": recipe.pretrained} if recipe.pretrained else self.options.get(recipe.model, {})
+        started = time.monotonic()
+        t = probe(
+            Recipe(recipe.model, recipe.encoder or str(recipe.pretrained), size, recipe.batch),
+            self.num_classes,
+            self.device,
+            options=options,
+            low_scale=self.low_scale,
+        )
+        self.seconds += time.monotonic() - started
+        return t
+
+
+def _pixels(size: tuple[int, int]) -> float:
+    return float(size[0] * size[1])

@@ -74,7 +74,8 @@ class Portfolio:
         return [r for t in order for r in self.recipes if r.tier == t]
 
 
-def _recipe(item: Any, where: str) -> PortfolioRecipe:
+def parse_recipe(item: Any, where: str) -> PortfolioRecipe:
+    """One recipe of a portfolio file (or of a plan), checked: unknown or missing keys name ``where``."""
     if not isinstance(item, dict) or "name" not in item:
         raise ConfigError(f"{where}: each recipe is a mapping with a name, got {item!r}")
     known = set(PortfolioRecipe.__dataclass_fields__)
@@ -86,7 +87,10 @@ def _recipe(item: Any, where: str) -> PortfolioRecipe:
     for key in ("tier", "family", "model"):
         if key not in item:
             raise ConfigError(f"{where}: recipe {item['name']!r} needs {key}")
-    r = PortfolioRecipe(**{**item, "sizes": tuple(float(s) for s in item.get("sizes") or [item.get("size", 1.0)])})
+    try:
+        r = PortfolioRecipe(**{**item, "sizes": tuple(float(s) for s in item.get("sizes") or [item.get("size", 1.0)])})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: recipe {item['name']!r}: {exc}") from exc
     if r.tier not in TIERS:
         raise ConfigError(f"{where}: recipe {r.name!r}: tier must be one of {', '.join(TIERS)}, got {r.tier!r}")
     if r.pretrained is None and r.weights not in WEIGHTS:
@@ -103,7 +107,7 @@ def read_portfolio(path: str | Path = PORTFOLIO) -> Portfolio:
     items = data.get("recipes")
     if not isinstance(items, list) or not items:
         raise ConfigError(f"{path}: expected a non-empty list under 'recipes'")
-    recipes = [_recipe(item, str(path)) for item in items]
+    recipes = [parse_recipe(item, str(path)) for item in items]
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: recipe names must be unique, got {names}")
@@ -142,3 +146,40 @@ def usable(
         if w is not None:
             out.append((r, w))
     return out
+
+
+def offers(
+    portfolio: Portfolio,
+    kind: str,
+    weights_dir: str | Path | None,
+    encoder_weights: str | None = "auto",
+    assume: bool = False,
+    names: list[str] | None = None,
+) -> list[tuple[PortfolioRecipe, WeightSource]]:
+    """The recipes a budgeted run on a ``kind`` device can use, with the weights each starts from: the
+    device's tier (``names``: only those), each pretrained one only where its weights resolve
+    (``assume``: a plan for another machine takes them as there), the from-scratch ones always;
+    ``encoder_weights=null``: the from-scratch ones alone.  On a GPU with two or more pretrained recipes,
+    those from scratch are not worth a screening slot; on a CPU they are screened beside them."""
+    recipes = portfolio.tier(kind)
+    if names is not None:
+        known = [r.name for r in recipes]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ConfigError(
+                f"{portfolio.source}: recipes {unknown} are not in the {kind} tier; known: {', '.join(known)}"
+            )
+        recipes = [r for r in recipes if r.name in names]
+    if encoder_weights is None:
+        found = [(r, SCRATCH) for r in recipes if r.scratch]
+    else:
+        found = usable(recipes, weights_dir, assume)
+    if kind == "gpu" and sum(w.pretrained for _, w in found) >= 2:
+        found = [(r, w) for r, w in found if w.pretrained]
+    if not found:
+        raise ConfigError(
+            f"{portfolio.source}: no recipe of the {kind} tier can be used here (their weights do not resolve"
+            + (", encoder_weights=null leaves only the recipes from scratch" if encoder_weights is None else "")
+            + ")"
+        )
+    return found

@@ -6,40 +6,15 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import dataclass
 
 import torch
 
 from pipeline.engine.runtime import amp_dtype, channels_last_pays
 from pipeline.inference.tta import scaled_size
 from pipeline.models import build_model, param_groups
+from pipeline.planning.costs import LOOP_OVERHEAD_FACTOR, PROBE_STEPS, Recipe, Throughput
 
 log = logging.getLogger(__name__)
-
-# what the training loop adds to the bare model's step: loading, augmentation, loss, bookkeeping
-# (benchmarks/bench_train.py measured the loop at 0.94 of the bare step's throughput on a CPU)
-LOOP_OVERHEAD = 1.15
-
-
-@dataclass(frozen=True)
-class Recipe:
-    model: str
-    encoder: str
-    size: tuple[int, int]  # (H, W)
-    batch: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.model}-{self.encoder}-{self.size[0]}x{self.size[1]}"
-
-
-@dataclass(frozen=True)
-class Throughput:
-    recipe: Recipe
-    step_s: float  # one optimizer step of ``batch`` images, loop overhead included
-    image_s: float  # prediction of one image (one view)
-    checkpoint_mb: float = 0.0  # one checkpoint file (weights and AdamW's two moments); 0: not measured
-    low_step_s: float = 0.0  # one step at the progressive-resizing size; 0: not measured (no progressive phase)
 
 
 def _time(fn, repeats: int) -> float:
@@ -57,7 +32,7 @@ def probe(
     num_classes: int,
     device: torch.device,
     amp: str = "auto",
-    repeats: int = 5,
+    repeats: int = PROBE_STEPS - 1,
     options: dict | None = None,
     low_scale: float | None = None,
 ) -> Throughput:
@@ -94,7 +69,7 @@ def probe(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    step_s = _time(step, repeats) * LOOP_OVERHEAD
+    step_s = _time(step, repeats) * LOOP_OVERHEAD_FACTOR
     checkpoint_mb = checkpoint_bytes(model) / 1e6
     image_s = _time(infer, repeats) / recipe.batch
     log.info(
@@ -104,7 +79,7 @@ def probe(
     if low_scale is not None and low_scale < 1:
         size = scaled_size(recipe.size, low_scale, int(getattr(model, "input_divisor", 1)))
         small = _batch(recipe.batch, size, num_classes, device, last)
-        low_step_s = _time(lambda: step(*small), repeats) * LOOP_OVERHEAD
+        low_step_s = _time(lambda: step(*small), repeats) * LOOP_OVERHEAD_FACTOR
         log.info("probe %s at %dx%d (progressive resizing): %.3f s per step", recipe.name, *size, low_step_s)
     return Throughput(recipe, step_s, image_s, checkpoint_mb, low_step_s)
 

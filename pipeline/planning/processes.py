@@ -1,5 +1,6 @@
-"""The processes of a budgeted run: one run per workspace at a time, and stage processes that end
-with the run that started them, however it ends (Ctrl-C, ``kill``, or a SIGKILL that no handler sees).
+"""The processes of a budgeted run: each stage's command checked before it starts, one run per workspace
+at a time, and stage processes that end with the run that started them, however it ends (Ctrl-C,
+``kill``, or a SIGKILL that no handler sees).
 
 Without both, a run killed by SIGKILL left its training stage running, orphaned, and the re-run that
 resumes the workspace trained a second model into the same run folder beside it."""
@@ -12,8 +13,9 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from pipeline.core.config import stage_args
 from pipeline.core.errors import PipelineError
 
 try:
@@ -44,6 +46,14 @@ def _end_with_parent() -> Callable[[], None] | None:
             os._exit(128 + signal.SIGTERM)
 
     return arm
+
+
+def command(module: str, cls: type, settings: dict[str, Any], recipe: Path | None = None) -> list[str]:
+    """A stage's command (module, ``key=value`` items), its keys and values checked against the stage's
+    config class before any process starts; with ``recipe``, the stage reads that file alone under the
+    items (``--only-config --config FILE``), and the check layers it the same way."""
+    flags = ["--only-config", "--config", str(recipe)] if recipe is not None else []
+    return [module, *flags, *stage_args(cls, settings, recipe, where=module)]
 
 
 def run_stage(command: Sequence[str]) -> int:
