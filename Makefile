@@ -92,7 +92,7 @@ help: ## list targets and their variables
 	@echo "  family configs (MODEL=): $(filter-out base search_space search_space_demo,$(basename $(notdir $(wildcard pipeline/configs/*.yaml))))"
 	@echo "  EXP=$(EXP)  experiment name: train writes runs/EXP/fold<k>/ (default: MODEL, or CONFIG's experiment: or file name)"
 	@echo "  WEIGHTS_DIR=$(WEIGHTS_DIR)  pretrained weights folder: <encoder>.safetensors (train, all, weights)"
-	@echo "  ENCODERS=\"tu-convnext_tiny resnet50\"  (weights: download)  FROM=<file>|lite0|lite1|lite2 ENCODER=<name>  (weights: convert)"
+	@echo "  ENCODERS=\"tu-convnext_tiny resnet50\"  (weights: download)  FROM=<file>|lite0|lite1|lite2 ENCODER=<name>  (weights: convert; FROM=<folder>: a whole model's .bin to .safetensors)"
 	@echo "  RUN=$(RUN) TTA=$(TTA) SPLIT=$(SPLIT)  (predict, average)  PNG=$(PNG)  (predict: 1 writes label-map PNGs and overlays)"
 	@echo "  IMAGES=$(IMAGES)  (predict: a folder of images to predict instead of SPLIT; with PNG=1)"
 	@echo "  TOP_K=$(TOP_K)  (average: how many best epochs; default 3)"
@@ -118,7 +118,7 @@ setup: $(STAMP) ## create .venv and install the package (pyproject.toml) with it
 data: setup ## generate the demo dataset (ARGS: n_train= n_test= height= width= seed=)
 	$(PY) -m pipeline.demo out_dir=$(DATA_DIR) overwrite=true $(args)
 
-weights: setup ## fill WEIGHTS_DIR for offline machines: ENCODERS="a b" downloads; FROM=<file>|lite0 ENCODER=<name> converts
+weights: setup ## fill WEIGHTS_DIR for offline machines: ENCODERS="a b" downloads; FROM=<file>|lite0 ENCODER=<name> or FROM=<folder> converts
 	$(PY) -m pipeline.prepare_weights weights_dir=$(WEIGHTS_DIR) $(if $(strip $(ENCODERS)),encoders=[$(subst $(space),$(comma),$(strip $(ENCODERS)))]) $(if $(FROM),source=$(FROM)) $(if $(ENCODER),encoder=$(ENCODER)) $(args)
 
 eda: setup ## EDA report and plots -> reports/eda/

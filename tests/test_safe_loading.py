@@ -289,6 +289,8 @@ def test_a_checkpoint_of_an_earlier_version_needs_its_allowlist():
     assert ckpt["scheduler"]["horizon"] == {"total": 240, "warmup": 0}
     set_rng_state(ckpt["rng"])  # restorable as read
     assert np.random.get_state()[1].tolist() == numpy_state["keys"].tolist()
+    weights = read_state_dict(path)  # weights= and fine_tune_from= read it too
+    assert set(weights) == set(ckpt["model"]) and all(torch.equal(weights[k], ckpt["model"][k]) for k in weights)
 
 
 def test_a_checkpoint_of_an_earlier_version_predicts_the_same_maps(tmp_path):
