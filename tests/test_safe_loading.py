@@ -27,7 +27,7 @@ from pipeline.core.config import ConfigError, build_config, save_config, to_dict
 from pipeline.core.errors import PipelineError
 from pipeline.core.layout import RunFolder
 from pipeline.core.torch_files import UnsafeFileError
-from pipeline.engine.checkpoint import read_checkpoint, rng_state, serialize, set_rng_state
+from pipeline.engine.checkpoint import as_data, read_checkpoint, rng_state, serialize, set_rng_state
 from pipeline.engine.optim import build_scheduler, load_scheduler_state, resize_schedule, scheduler_state
 from pipeline.engine.train_config import TrainConfig, changed_keys
 from pipeline.engine.trainer import Trainer
@@ -236,6 +236,16 @@ def test_every_checkpoint_a_run_writes_loads_as_plain_data(demo_data_square, fol
     assert last["rng"]["numpy"]["kind"] == "MT19937" and last["rng"]["numpy"]["keys"].shape == (624,)
     horizon = last["scheduler"]["horizon"]  # epochs x steps per epoch, no warmup (small_train_config)
     assert set(horizon) == {"total", "warmup"} and horizon["warmup"] == 0 and horizon["total"] % 2 == 0
+
+
+def test_what_a_checkpoint_holds_is_turned_into_plain_values():
+    state = {"best": np.float64(0.25), "sizes": np.array([3, 4]), "dir": Path("runs/x"), "pair": (1, None)}
+    plain = as_data(state)
+    assert plain["best"] == 0.25 and type(plain["best"]) is float
+    assert torch.equal(plain["sizes"], torch.tensor([3, 4])) and plain["dir"] == "runs/x"
+    assert plain["pair"] == (1, None)
+    with pytest.raises(TypeError, match=r"checkpoint\.hooks\[0\]: a Payload is not data"):
+        as_data({"hooks": [Payload(Path("never"))]})
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):

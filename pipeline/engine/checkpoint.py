@@ -80,7 +80,7 @@ def as_data(obj: Any, where: str = "checkpoint") -> Any:
     if isinstance(obj, (list, tuple)):
         items = [as_data(v, f"{where}[{i}]") for i, v in enumerate(obj)]
         return items if isinstance(obj, list) else tuple(items)
-    raise PipelineError(f"{where}: a {type(obj).__qualname__} is not data (checkpoints hold tensors and plain values)")
+    raise TypeError(f"{where}: a {type(obj).__qualname__} is not data (checkpoints hold tensors and plain values)")
 
 
 def serialize(obj: Any) -> bytes:
