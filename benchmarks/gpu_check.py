@@ -115,8 +115,9 @@ PROFILE_FORMAT = (
     "through the training loop (train section, bf16 + channels_last, data on the device: the loop's overhead "
     "included, so no LOOP_OVERHEAD_FACTOR applies); image_s: measured seconds to predict one image, one view "
     "(inference section, TTA none); checkpoint_mb: one checkpoint (weights and AdamW moments); probe_step_s / "
-    "probe_image_s: what pipeline.planning.probe.probe estimates on this device (its step with LOOP_OVERHEAD_FACTOR), for "
-    "comparison. These are the figures a planner device profile reads in place of the probe's Throughput."
+    "probe_image_s: what pipeline.planning.probe.probe estimates on this device (its step with "
+    "LOOP_OVERHEAD_FACTOR), for comparison. These are the figures a planner device profile reads in place of "
+    "the probe's Throughput."
 )
 
 
