@@ -716,26 +716,20 @@ def random_batch(c: Check, n: int, channels_last: bool) -> tuple[torch.Tensor, t
 def step_fits(c: Check, t, n: int) -> tuple[bool, float | None, str | None]:
     """Whether one bare training step of ``n`` random images fits, its peak memory (MB), and why not:
     ``"memory"`` or ``"index limit"`` (a kernel refusing a tensor of 2**31 elements or more)."""
-    from pipeline.engine.loop import INDEX_LIMIT, too_large
+    from pipeline.engine.loop import INDEX_LIMIT, OUT_OF_MEMORY, too_large
 
     c.free()
     c.reset_peak()
     try:
         bare_step(t, [random_batch(c, n, t.channels_last)], 1, c.sync)
     except RuntimeError as exc:  # torch.OutOfMemoryError, a library's allocation failure, a 32-bit index limit
-        if too_large(exc) == INDEX_LIMIT:
-            why = "index limit"
-        elif is_oom(exc):
-            why = "memory"
-        else:
+        reason = too_large(exc)  # the training loop's own decision
+        if reason is None:
             raise
+        why = {INDEX_LIMIT: "index limit", OUT_OF_MEMORY: "memory"}[reason]
         t.optimizer.zero_grad(set_to_none=True)
         return False, None, why
     return True, c.peak_mb(), None
-
-
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower() or "ALLOC_FAILED" in str(exc)
 
 
 def largest_batch(c: Check, t, clock: Clock) -> dict[str, Any]:

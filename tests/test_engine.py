@@ -14,14 +14,14 @@ from conftest import small_train_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.core.config import build_config
+from pipeline.core.config import build_config, read_yaml_mapping
 from pipeline.core.errors import ConfigError
 from pipeline.core.layout import RunFolder
 from pipeline.engine import runtime
 from pipeline.engine.checkpoint import CheckpointSaver, read_checkpoint
 from pipeline.engine.hooks import Hook
 from pipeline.engine.loop import evaluate
-from pipeline.engine.runtime import amp_dtype, configure_runtime, loader_options
+from pipeline.engine.runtime import amp_dtype, configure_runtime, loader_options, precision_name, wants_grad_scaler
 from pipeline.engine.sampling import EpochSeededDataset, EpochShuffleSampler
 from pipeline.models.contract import model_loss, model_probabilities
 from pipeline.train import TrainConfig, run
@@ -158,6 +158,23 @@ def test_cpu_mixed_precision_is_bf16_only_where_the_cpu_computes_it_natively(mon
         amp_dtype("half", cpu)
 
 
+@pytest.mark.parametrize(
+    "capability, expected",
+    [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+)
+def test_cuda_mixed_precision_is_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capability, expected):
+    """V100 (7.0) and T4 (7.5) train in fp16 with the gradient scaler, A100 (8.0) and H100 (9.0) in bf16,
+    although torch.cuda.is_bf16_supported() answers True on all four (through emulation below 8.0)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    gpu = torch.device("cuda", 0)
+    dtype = amp_dtype("auto", gpu)
+    assert dtype is expected and wants_grad_scaler(dtype) == (expected is torch.float16)
+    assert precision_name(dtype) == ("bf16" if expected is torch.bfloat16 else "fp16 with the gradient scaler")
+    assert amp_dtype("bf16", gpu) is torch.bfloat16 and amp_dtype("fp16", gpu) is torch.float16  # forced
+    assert amp_dtype("off", gpu) is None and precision_name(None) == "fp32" and not wants_grad_scaler(None)
+
+
 def test_a_bf16_run_on_a_cpu_validates_in_the_precision_it_trained_in(
     demo_data_square, folds_file, tmp_path, monkeypatch
 ):
@@ -166,6 +183,7 @@ def test_a_bf16_run_on_a_cpu_validates_in_the_precision_it_trained_in(
     result = run(cfg)
     metrics = pd.read_csv(cfg.folder().metrics)
     assert np.isfinite(metrics["train_loss"]).all() and metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
+    assert read_yaml_mapping(cfg.folder().config)["precision"] == "bf16"  # the run records what amp resolved to
     from pipeline.data import MaskCache, SegmentationDataset, ValDataset, collate, load_coco
     from pipeline.engine.checkpoint import load_checkpoint_model
 
@@ -442,6 +460,24 @@ def test_a_batch_too_large_at_one_image_is_a_clear_error(why):
     ):
         backward_batch(step, torch.randn(4, 3, 5, 7), torch.zeros(4, 5, 7, dtype=torch.long))
     assert step.calls == [4, 2, 1]
+
+
+# what an allocator's failure looks like when it reaches Python as a plain RuntimeError
+ALLOCATOR_FAILURES = [
+    "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API call",
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+]
+
+
+@pytest.mark.parametrize("message", ALLOCATOR_FAILURES)
+def test_an_allocator_failure_raised_as_a_plain_runtime_error_halves_the_micro_batch(message):
+    from pipeline.engine.loop import OUT_OF_MEMORY, backward_batch, too_large
+
+    assert too_large(RuntimeError(message)) == OUT_OF_MEMORY
+    step = _Step(nn.Conv2d(3, 4, 1), oom_above=2, error=lambda: RuntimeError(message))
+    backward_batch(step, torch.randn(4, 3, 5, 7), torch.zeros(4, 5, 7, dtype=torch.long))
+    assert step.calls == [4, 2, 2] and step.micro_batch == 2
 
 
 def test_any_other_runtime_error_is_raised_as_it_is():

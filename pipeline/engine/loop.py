@@ -85,7 +85,11 @@ def _optimizer_step(t: LoopView) -> None:
 def _forward_backward(t: LoopView, images: torch.Tensor, masks: torch.Tensor, weight: float) -> torch.Tensor:
     with torch.autocast(t.device.type, dtype=t.dtype, enabled=t.dtype is not None):
         out = t.net(images)
-        if t.channels_last and isinstance(out, torch.Tensor):
+        if not isinstance(out, torch.Tensor):  # a family's own outputs: its own loss, as it computes it
+            loss = model_loss(t.model, out, masks, t.criterion)
+    if isinstance(out, torch.Tensor):  # logits: the loss in fp32 whatever the autocast dtype
+        out = out.float()
+        if t.channels_last:
             out = out.contiguous()  # the losses' softmax over dim 1 is faster on NCHW logits
         loss = model_loss(t.model, out, masks, t.criterion)
     t.scaler.scale(loss * (weight / t.cfg.accum_steps)).backward()
@@ -95,6 +99,9 @@ def _forward_backward(t: LoopView, images: torch.Tensor, masks: torch.Tensor, we
 # PyTorch's CUDA kernels index with 32 bits in places and refuse a tensor of 2**31 elements or more (a large
 # batch at a large size: upsample_nearest_nhwc's backward at 296 x 32 x 512 x 512 on an H200, where memory was left)
 INDEX_LIMIT_MARKS = ("INT_MAX", "32-bit index", "canUse32BitIndexMath")
+# an allocator's failure that reaches Python as a plain RuntimeError, not torch.OutOfMemoryError: the CUDA
+# runtime's (``CUDA error: out of memory``), cuBLAS's workspace and cuDNN's
+ALLOCATION_MARKS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 OUT_OF_MEMORY = "out of memory"
 INDEX_LIMIT = "a kernel's 32-bit index limit"
 
@@ -103,6 +110,8 @@ def too_large(exc: BaseException) -> str | None:
     """Why a batch failed that fewer images would pass: :data:`OUT_OF_MEMORY`, :data:`INDEX_LIMIT`, or None
     for any other error."""
     if isinstance(exc, torch.OutOfMemoryError):
+        return OUT_OF_MEMORY
+    if isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in ALLOCATION_MARKS):
         return OUT_OF_MEMORY
     if isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in INDEX_LIMIT_MARKS):
         return INDEX_LIMIT

@@ -41,12 +41,25 @@ def cpu_bf16_native() -> bool:
         return False
 
 
+# the first CUDA compute capability that computes bfloat16 natively (Ampere: A100, RTX 30); below it (T4,
+# V100, P100) torch.cuda.is_bf16_supported() still answers True through emulation, without tensor cores
+NATIVE_BF16_CAPABILITY = (8, 0)
+PRECISIONS = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def cuda_bf16_native(device: torch.device) -> bool:
+    """Whether the GPU computes bfloat16 natively (compute capability 8.0 or newer)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return tuple(torch.cuda.get_device_capability(index)) >= NATIVE_BF16_CAPABILITY
+
+
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype of ``mode`` on ``device``; None means full precision.
 
-    CUDA: ``auto`` is bf16 where the GPU supports it, else fp16. CPU: ``auto`` and ``bf16`` are
-    bf16 on a CPU with native bf16 (about 1.8x faster training of a ResNet-18 U-Net on AVX512-BF16,
-    benchmarks/bench_train.py), full precision elsewhere; fp16 is never used on a CPU."""
+    CUDA: ``auto`` is bf16 where the GPU computes it natively (compute capability 8.0 or newer: A100,
+    H100, RTX 30/40), else fp16 with the gradient scaler (T4, V100, P100: their tensor cores compute
+    fp16, and bf16 would run emulated). CPU: ``auto`` and ``bf16`` are bf16 on a CPU with native bf16,
+    full precision elsewhere; fp16 is never used on a CPU."""
     if mode not in AMP_MODES:
         raise PipelineError(f"amp: unknown {mode!r}; known: {', '.join(AMP_MODES)}")
     if mode == "off":
@@ -55,9 +68,19 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16 if mode in ("auto", "bf16") and cpu_bf16_native() else None
     if device.type != "cuda":
         return None
-    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+    if mode == "bf16" or (mode == "auto" and cuda_bf16_native(device)):
         return torch.bfloat16
     return torch.float16
+
+
+def wants_grad_scaler(dtype: torch.dtype | None) -> bool:
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 need none."""
+    return dtype == torch.float16
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """What a run records of its precision: ``bf16``, ``fp16 with the gradient scaler`` or ``fp32``."""
+    return PRECISIONS[dtype] + (" with the gradient scaler" if wants_grad_scaler(dtype) else "")
 
 
 def channels_last_pays(device: torch.device) -> bool:

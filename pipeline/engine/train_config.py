@@ -22,7 +22,7 @@ from pipeline.models.losses import CLASS_WEIGHT_MODES
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 BASE_YAML = CONFIGS_DIR / "base.yaml"
 # keys a run may change and still resume its last.pt: they steer how long and where it runs, not what
-# it learns (weights_source is recorded by the trainer, resume is the question itself)
+# it learns (weights_source and precision are recorded by the trainer, resume is the question itself)
 RESUMABLE_KEYS = (
     "epochs",
     "stop_epoch",
@@ -34,6 +34,7 @@ RESUMABLE_KEYS = (
     "device",
     "threads",
     "weights_source",
+    "precision",
     "resume",
     "trust_pickle",
 )
@@ -94,7 +95,10 @@ class TrainConfig:
     class_weights: list[float] | str | None = None  # one per class, or inverse_sqrt: from the training pixels
     label_smoothing: float = 0.0
     loss_options: dict | None = None  # to the loss terms that take them: {classes: present, gamma: 2, ...}
-    amp: str = "auto"  # auto: bf16 where supported, else fp16 on CUDA; bf16 on a CPU with native bf16
+    # auto: on CUDA bf16 where the GPU computes it natively (capability 8.0+), else fp16 with the gradient scaler;
+    # bf16 on a CPU with native bf16, else fp32; bf16, fp16, off force one
+    amp: str = "auto"
+    precision: str | None = None  # recorded by the trainer, not read: what amp resolved to on its device
     channels_last: bool = True  # NHWC memory on CUDA and CPU (faster convolutions); ignored elsewhere
     ema: bool = False
     ema_decay: float = 0.999

@@ -70,7 +70,9 @@ from pipeline.engine.runtime import (
     default_workers,
     loader_options,
     maybe_compile,
+    precision_name,
     resolve_device,
+    wants_grad_scaler,
 )
 from pipeline.engine.sampling import EpochSeededDataset, EpochShuffleSampler
 from pipeline.engine.sizes import SizeSchedule
@@ -207,7 +209,8 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.dtype = amp_dtype(cfg.amp, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        cfg.precision = precision_name(self.dtype)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=wants_grad_scaler(self.dtype))
 
     def _load_fine_tune(self, source: str) -> None:
         """Start from another run's weights (its best.pt, EMA weights when it has them)."""
