@@ -38,6 +38,24 @@ def test_recompute_bn_gives_the_statistics_of_the_data():
     assert model[1].momentum == 0.1 and not model.training
 
 
+def test_recompute_bn_keeps_the_statistics_of_a_batchnorm_the_forward_never_reaches():
+    class Net(nn.Module):  # a head run outside forward (Mask R-CNN's RoI heads run in its loss)
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.body(x)
+
+    model = Net()
+    model.head.running_mean.fill_(7.0)
+    batches = [(torch.randn(2, 3, 4, 4) + 2,) for _ in range(3)]
+    assert recompute_bn(model, batches, torch.device("cpu")) == 3
+    assert torch.equal(model.head.running_mean, torch.full((3,), 7.0)) and model.head.momentum == 0.1
+    expected = torch.cat([b[0] for b in batches]).mean((0, 2, 3))
+    assert torch.allclose(model.body.running_mean, expected, atol=1e-5) and model.body.momentum == 0.1
+
+
 @pytest.fixture(scope="module")
 def averaged_run(demo_data_square, folds_file, tmp_path_factory):
     runs = tmp_path_factory.mktemp("avg")

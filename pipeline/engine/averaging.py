@@ -43,26 +43,40 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def recompute_bn(model: nn.Module, loader, device: torch.device, max_batches: int | None = None) -> int:
-    """Reset every BatchNorm's running statistics and recompute them as the plain mean over the
-    batches of ``loader`` (``(images, ...)`` tuples); returns the number of batches used."""
+    """Recompute every BatchNorm's running statistics as the plain mean over the batches of ``loader``
+    (``(images, ...)`` tuples); returns the number of batches used.
+
+    A BatchNorm is reset when the first batch reaches it: one that the training-mode forward never
+    runs (the heads of a family that runs them in its loss, as Mask R-CNN's RoI heads) keeps its
+    statistics."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
     momenta = {m: m.momentum for m in norms}
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
+    reached: set[int] = set()
+
+    def reset_on_first_call(module: nn.Module, args: Any) -> None:
+        if id(module) not in reached:
+            reached.add(id(module))
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average
+
+    handles = [m.register_forward_pre_hook(reset_on_first_call) for m in norms]
     was_training = model.training
     model.train()
     n = 0
-    for n, batch in enumerate(loader, 1):
-        if max_batches is not None and n > max_batches:
-            n -= 1
-            break
-        model(batch[0].to(device))
-    for m, momentum in momenta.items():
-        m.momentum = momentum
-    model.train(was_training)
+    try:
+        for n, batch in enumerate(loader, 1):
+            if max_batches is not None and n > max_batches:
+                n -= 1
+                break
+            model(batch[0].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        model.train(was_training)
     return n
 
 
