@@ -493,11 +493,20 @@ OLD_FAMILY_CONFIGS: dict[str, dict] = {
 FAMILIES = sorted(OLD_FAMILY_CONFIGS)
 # families added after the redesign (transformers): their overlays start from whole pretrained models
 NEW_FAMILIES = ["hf_segformer", "hf_upernet", "mask2former", "maskformer"]
+# instance segmentation, trained on the annotation file's instances with its own loss
+INSTANCE_FAMILIES = ["maskrcnn"]
 
 
 def test_every_family_has_an_overlay_and_nothing_else_is_in_the_folder():
     names = {p.stem for p in CONFIGS.glob("*.yaml")}
-    assert names == set(FAMILIES) | set(NEW_FAMILIES) | {"base", "search_space", "search_space_demo"}
+    families = set(FAMILIES) | set(NEW_FAMILIES) | set(INSTANCE_FAMILIES)
+    assert names == families | {"base", "search_space", "search_space_demo"}
+
+
+@pytest.mark.parametrize("family", INSTANCE_FAMILIES)
+def test_instance_family_overlay_trains_with_its_own_loss(family):
+    cfg = build_config(TrainConfig, CONFIGS / f"{family}.yaml")
+    assert (cfg.model, cfg.encoder, cfg.loss, cfg.encoder_weights) == (family, "resnet50", "model", "auto")
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
@@ -517,7 +526,7 @@ def test_family_config_resolves_exactly_as_before(family):
         assert getattr(cfg, key) == value, (path, key)
 
 
-@pytest.mark.parametrize("family", FAMILIES + NEW_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + NEW_FAMILIES + INSTANCE_FAMILIES)
 def test_family_overlay_holds_only_what_differs_from_base(family):
     raw = yaml.safe_load((CONFIGS / f"{family}.yaml").read_text())
     assert raw.pop("base") == "base.yaml"

@@ -113,8 +113,9 @@ class CopyPaste:
             self.paste(image, mask, obj)
         return image, mask
 
-    def paste(self, image: np.ndarray, mask: np.ndarray, obj: PastedObject) -> None:
-        h, w = mask.shape
+    def place(self, h: int, w: int, obj: PastedObject) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """Draws where and how ``obj`` lands in an ``h x w`` image: its crop and visible pixels, scaled
+        and maybe flipped, and the top-left corner ``(y, x)``."""
         s = np.random.uniform(*self.scale)
         oh = max(1, min(h, round(obj.mask.shape[0] * s)))
         ow = max(1, min(w, round(obj.mask.shape[1] * s)))
@@ -123,8 +124,34 @@ class CopyPaste:
         if np.random.random() < 0.5:
             crop, sel = crop[:, ::-1], sel[:, ::-1]
         y, x = np.random.randint(0, h - oh + 1), np.random.randint(0, w - ow + 1)
-        image[y : y + oh, x : x + ow][sel] = crop[sel]
-        mask[y : y + oh, x : x + ow][sel] = obj.label
+        return crop, sel, y, x
+
+    def paste(self, image: np.ndarray, mask: np.ndarray, obj: PastedObject) -> None:
+        crop, sel, y, x = self.place(*mask.shape, obj)
+        image[y : y + sel.shape[0], x : x + sel.shape[1]][sel] = crop[sel]
+        mask[y : y + sel.shape[0], x : x + sel.shape[1]][sel] = obj.label
+
+    def paste_instances(
+        self, image: np.ndarray, masks: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The instance form of ``__call__`` (the same draws): ``n x H x W`` instance masks and their
+        labels instead of a class map; a pasted object hides the pixels it covers from the instances
+        under it and is one more instance."""
+        if not len(self.bank) or np.random.random() >= self.p:
+            return image, masks, labels
+        image, masks, labels = image.copy(), [m.copy() for m in masks], list(labels)
+        h, w = image.shape[:2]
+        for _ in range(np.random.randint(1, self.max_objects + 1)):
+            obj = self.bank.objects[np.random.randint(len(self.bank))]
+            crop, sel, y, x = self.place(h, w, obj)
+            placed = np.zeros((h, w), dtype=bool)
+            placed[y : y + sel.shape[0], x : x + sel.shape[1]] = sel
+            image[placed] = crop[sel]
+            for m in masks:
+                m[placed] = 0
+            masks.append(placed.astype(np.uint8))
+            labels.append(obj.label)
+        return image, np.stack(masks), np.asarray(labels, dtype=np.int64)
 
 
 def repeat_factors(coco: CocoData, image_ids: Sequence[int], threshold: float) -> np.ndarray:

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ def _optimizer_step(t: LoopView) -> None:
         hook.on_step_end(t)
 
 
-def _forward_backward(t: LoopView, images: torch.Tensor, masks: torch.Tensor, weight: float) -> torch.Tensor:
+def _forward_backward(t: LoopView, images: torch.Tensor, masks: Any, weight: float) -> torch.Tensor:
     with torch.autocast(t.device.type, dtype=t.dtype, enabled=t.dtype is not None):
         out = t.net(images)
         if not isinstance(out, torch.Tensor):  # a family's own outputs: its own loss, as it computes it
@@ -118,7 +118,7 @@ def too_large(exc: BaseException) -> str | None:
     return None
 
 
-def backward_batch(t: LoopView, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def backward_batch(t: LoopView, images: torch.Tensor, masks: Any) -> torch.Tensor:
     """Forward and backward of one loader batch; returns its loss (detached).
 
     The batch goes through in micro-batches of ``t.micro_batch`` images (all at once while
@@ -165,9 +165,12 @@ def backward_batch(t: LoopView, images: torch.Tensor, masks: torch.Tensor) -> to
             )
 
 
-def shrink_batch(images: torch.Tensor, masks: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch at ``size``: images area-averaged (antialiased bilinear), masks by nearest neighbour."""
+def shrink_batch(images: torch.Tensor, masks: Any, size: tuple[int, int]) -> tuple[torch.Tensor, Any]:
+    """A batch at ``size``: images area-averaged (antialiased bilinear), masks by nearest neighbour
+    (instance targets resize themselves, :class:`~pipeline.data.instances.InstanceTargets`)."""
     small = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    if not isinstance(masks, torch.Tensor):
+        return small, masks.resized(size)
     labels = torch.nn.functional.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0]
     return small, labels.to(masks.dtype)
 

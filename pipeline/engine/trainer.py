@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline import models as model_registry
 from pipeline.core.config import read_yaml_mapping, save_config, to_dict
@@ -41,6 +41,7 @@ from pipeline.data import (
     split_ids,
 )
 from pipeline.data.copypaste import CopyPaste, ObjectBank, repeat_factors, resolve_classes
+from pipeline.data.instances import ComponentTargets, InstanceDataset, collate_instances
 from pipeline.data.pseudo_data import JoinedDataset, PseudoDataset
 from pipeline.data.resize import scaled_size
 from pipeline.engine.checkpoint import (
@@ -78,7 +79,7 @@ from pipeline.engine.sampling import EpochSeededDataset, EpochShuffleSampler
 from pipeline.engine.sizes import SizeSchedule
 from pipeline.engine.train_config import TrainConfig, changed_keys
 from pipeline.evaluation.metrics import iou_per_class, mean_iou
-from pipeline.models.contract import has_own_loss
+from pipeline.models.contract import has_own_loss, own_loss_description, wants_instances
 from pipeline.models.losses import build_loss, frequency_class_weights
 from pipeline.models.preprocessing import encoder_preprocessing
 from pipeline.models.pretrained import apply_weights, resolve_build
@@ -248,22 +249,7 @@ class Trainer:
         self.workers = cfg.num_workers if cfg.num_workers is not None else default_workers(self.device)
         opts = loader_options(self.device, self.workers, cfg.prefetch_factor)
         transform = build_transform(cfg.augment, self.size, self.crop)
-        base = SegmentationDataset(
-            self.coco, self.train_ids, transform, self.cache, self.preprocessing, pairs=self._copy_paste()
-        )
-        self.pseudo = None
-        if cfg.pseudo_dir:
-            self.pseudo = PseudoDataset(
-                cfg.pseudo_dir, cfg.data_dir, self.coco.class_names, transform, self.preprocessing
-            )
-            log.info(
-                "adding %d pseudo-labelled images (round %d) from %s to the training images",
-                len(self.pseudo),
-                self.pseudo.manifest["round"],
-                cfg.pseudo_dir,
-            )
-            base = JoinedDataset(base, self.pseudo)
-        train_set = EpochSeededDataset(base, cfg.seed)
+        train_set = EpochSeededDataset(self._training_images(transform), cfg.seed)
         repeats = repeat_factors(self.coco, self.train_ids, cfg.rfs_threshold) if cfg.rfs_threshold else None
         if repeats is not None and self.pseudo is not None:
             repeats = np.concatenate([repeats, np.ones(len(self.pseudo))])
@@ -278,7 +264,12 @@ class Trainer:
         self.batches = min(per_epoch, cfg.max_train_batches) if cfg.max_train_batches else per_epoch
         self.steps_per_epoch = math.ceil(self.batches / cfg.accum_steps)
         self.train_loader = DataLoader(
-            train_set, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True, collate_fn=collate, **opts
+            train_set,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            collate_fn=collate_instances if wants_instances(self.model) else collate,
+            **opts,
         )
         self.val_loader = None
         if self.val_ids:
@@ -291,15 +282,42 @@ class Trainer:
                 val_set, batch_size=cfg.batch_size, sampler=val_sampler, collate_fn=collate, **opts
             )
 
+    def _training_images(self, transform) -> Dataset:
+        """The fold's training images with their targets (class maps, or the annotation file's instances for
+        a family that trains on instances), then the pseudo-labelled images when ``pseudo_dir`` is set (their
+        maps' connected components as instances)."""
+        cfg = self.cfg
+        instances = wants_instances(self.model)
+        if instances:
+            base: Dataset = InstanceDataset(
+                self.coco, self.train_ids, transform, self.preprocessing, copy_paste=self._copy_paste()
+            )
+        else:
+            base = SegmentationDataset(
+                self.coco, self.train_ids, transform, self.cache, self.preprocessing, pairs=self._copy_paste()
+            )
+        self.pseudo = None
+        if cfg.pseudo_dir:
+            self.pseudo = PseudoDataset(
+                cfg.pseudo_dir, cfg.data_dir, self.coco.class_names, transform, self.preprocessing
+            )
+            log.info(
+                "adding %d pseudo-labelled images (round %d) from %s to the training images",
+                len(self.pseudo),
+                self.pseudo.manifest["round"],
+                cfg.pseudo_dir,
+            )
+            base = JoinedDataset(base, ComponentTargets(self.pseudo) if instances else self.pseudo)
+        return base
+
     def _criterion(self) -> torch.nn.Module | None:
         """The configured loss; None for a family that trains with its own (``loss=model``)."""
         cfg = self.cfg
         own = has_own_loss(self.model)
         if own and cfg.loss != "model":
             raise ConfigError(
-                f"model {cfg.model!r} trains with its own loss (mask classification: Hungarian matching, class "
-                f"cross-entropy, mask binary cross-entropy and dice); loss={cfg.loss!r} cannot replace it: "
-                "set loss=model"
+                f"model {cfg.model!r} trains with its own loss ({own_loss_description(self.model)}); "
+                f"loss={cfg.loss!r} cannot replace it: set loss=model"
             )
         if cfg.loss == "model":
             if not own:

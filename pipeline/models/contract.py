@@ -8,7 +8,14 @@ A family's module (``nn.Module``) fulfils this contract:
   structure (for example class and mask logits of mask classification).
 * ``compute_loss(outputs, masks)`` (optional): the family's own loss against ``N x H x W``
   class maps in which 255 is ignored. Without it the engine applies the configured loss
-  (``loss=``) to the logits.
+  (``loss=``) to the logits.  ``loss_description`` (optional) names what that loss is, for
+  the message that asks for ``loss=model``.
+* ``targets = "instances"`` (optional; class maps otherwise): the family trains on the objects
+  of each image, an :class:`~pipeline.data.instances.InstanceTargets` batch (per image the
+  masks, boxes and labels of its objects), which ``compute_loss`` receives instead of class
+  maps; the engine builds them from the annotation file's instances (and from the connected
+  components of pseudo-label maps).  Such a ``compute_loss`` takes class maps as well (their
+  connected components are the objects).
 * ``to_probabilities(outputs)`` (optional): class probabilities ``N x K x H x W`` at the
   input size, summing to 1 over K. Without it, softmax over the logits.
 * its input statistics (mean, std, input range) come from its encoder's pretrained
@@ -47,8 +54,19 @@ def has_own_loss(model: nn.Module) -> bool:
     return callable(getattr(unwrap(model), "compute_loss", None))
 
 
-def model_loss(model: nn.Module, outputs: Any, masks: torch.Tensor, criterion: nn.Module | None) -> torch.Tensor:
-    """The training loss of ``outputs`` (from ``model(images)``) against ``masks``."""
+def wants_instances(model: nn.Module) -> bool:
+    """Whether the family trains on instance targets (``targets = "instances"``) rather than class maps."""
+    return getattr(unwrap(model), "targets", "classes") == "instances"
+
+
+def own_loss_description(model: nn.Module) -> str:
+    """What the family's own loss is (its ``loss_description``), for messages."""
+    return str(getattr(unwrap(model), "loss_description", "the family's compute_loss"))
+
+
+def model_loss(model: nn.Module, outputs: Any, masks: Any, criterion: nn.Module | None) -> torch.Tensor:
+    """The training loss of ``outputs`` (from ``model(images)``) against ``masks`` (class maps, or the
+    instance targets of a family that trains on them)."""
     own = getattr(unwrap(model), "compute_loss", None)
     if callable(own):
         return own(outputs, masks)

@@ -10,32 +10,33 @@ from the annotation file, never from code.  Names are case-insensitive.
 
 Families (``list_models()``; the smp rows follow the installed segmentation-models-pytorch):
 
-===============================  ===========  ====================================  =======  ==================  ===
-name                             family       default encoder                       divisor  test encoder        min
-===============================  ===========  ====================================  =======  ==================  ===
-unet                             smp          resnet34                              1        resnet18            64
-unetplusplus                     smp          resnet34                              32       resnet18            64
-manet                            smp          resnet34                              32       resnet18            64
-linknet                          smp          resnet34                              32       resnet18            64
-fpn                              smp          resnet34                              32       resnet18            64
-pspnet                           smp          resnet34                              8        resnet18            64
-deeplabv3                        smp          resnet34                              8        resnet18            64
-deeplabv3plus                    smp          resnet34                              16       resnet18            64
-pan                              smp          resnet34                              16       resnet18            128
-upernet                          smp          resnet34                              32       tu-test_convnext    64
-segformer                        smp          mit_b2                                32       mit_b0              64
-dpt                              smp          tu-vit_base_patch16_224.augreg_in21k  16       tu-test_vit         64
-mask2former                      hf           swin-tiny                             32       test-swin           64
-maskformer                       hf           swin-tiny                             32       test-swin           64
-hf_upernet                       hf           convnext-tiny                         32       test-convnext       64
-hf_segformer                     hf           mit-b0                                32       mit-test            64
-tv_fcn_resnet50                  torchvision  resnet50 (fixed)                      1        resnet50            64
-tv_fcn_resnet101                 torchvision  resnet101 (fixed)                     1        resnet101           64
-tv_deeplabv3_resnet50            torchvision  resnet50 (fixed)                      1        resnet50            64
-tv_deeplabv3_resnet101           torchvision  resnet101 (fixed)                     1        resnet101           64
-tv_deeplabv3_mobilenet_v3_large  torchvision  mobilenet_v3_large (fixed)            1        mobilenet_v3_large  64
-tv_lraspp_mobilenet_v3_large     torchvision  mobilenet_v3_large (fixed)            1        mobilenet_v3_large  64
-===============================  ===========  ====================================  =======  ==================  ===
+===============================  ===========  ====================================  =======  ====================  ===
+name                             family       default encoder                       divisor  test encoder          min
+===============================  ===========  ====================================  =======  ====================  ===
+unet                             smp          resnet34                              1        resnet18              64
+unetplusplus                     smp          resnet34                              32       resnet18              64
+manet                            smp          resnet34                              32       resnet18              64
+linknet                          smp          resnet34                              32       resnet18              64
+fpn                              smp          resnet34                              32       resnet18              64
+pspnet                           smp          resnet34                              8        resnet18              64
+deeplabv3                        smp          resnet34                              8        resnet18              64
+deeplabv3plus                    smp          resnet34                              16       resnet18              64
+pan                              smp          resnet34                              16       resnet18              128
+upernet                          smp          resnet34                              32       tu-test_convnext      64
+segformer                        smp          mit_b2                                32       mit_b0                64
+dpt                              smp          tu-vit_base_patch16_224.augreg_in21k  16       tu-test_vit           64
+mask2former                      hf           swin-tiny                             32       test-swin             64
+maskformer                       hf           swin-tiny                             32       test-swin             64
+hf_upernet                       hf           convnext-tiny                         32       test-convnext         64
+hf_segformer                     hf           mit-b0                                32       mit-test              64
+tv_fcn_resnet50                  torchvision  resnet50 (fixed)                      1        resnet50              64
+tv_fcn_resnet101                 torchvision  resnet101 (fixed)                     1        resnet101             64
+tv_deeplabv3_resnet50            torchvision  resnet50 (fixed)                      1        resnet50              64
+tv_deeplabv3_resnet101           torchvision  resnet101 (fixed)                     1        resnet101             64
+tv_deeplabv3_mobilenet_v3_large  torchvision  mobilenet_v3_large (fixed)            1        mobilenet_v3_large    64
+tv_lraspp_mobilenet_v3_large     torchvision  mobilenet_v3_large (fixed)            1        mobilenet_v3_large    64
+maskrcnn                         detection    resnet50                              32       tu-test_efficientnet  64
+===============================  ===========  ====================================  =======  ====================  ===
 
 - smp families take any encoder of ``list_encoders()`` or any ``tu-<timm model name>``
   (``tu-convnext_tiny``, ``tu-swin_...``, ``tu-<name>.<pretrained tag>``); DPT takes only
@@ -46,6 +47,11 @@ tv_lraspp_mobilenet_v3_large     torchvision  mobilenet_v3_large (fixed)        
   the family contract; train with ``loss=model``), ``hf_upernet`` / ``hf_segformer`` return
   logits.  Their encoders are backbone presets with random weights; a whole
   segmentation-pretrained model comes with ``pretrained=<hub id or local folder>``.
+- ``maskrcnn`` (:mod:`pipeline.models.backends.detection`) is instance segmentation: torchvision's
+  Mask R-CNN trained on each image's objects with its own losses (train with ``loss=model``), its
+  detections read out as class probabilities.  ``encoder=resnet50`` is torchvision's
+  ``maskrcnn_resnet50_fpn_v2`` (COCO weights where they resolve); ``tu-<timm name>`` puts an FPN
+  on a timm encoder.
 - "divisor": height and width must be multiples of it (``input_divisor(name, encoder)``;
   it depends on the encoder and on ``encoder_depth`` / ``encoder_output_stride``).  A 1
   means any size: smp's Unet and the torchvision models resize internally.  Heads whose
@@ -116,7 +122,8 @@ def model_registry() -> Registry:
 
 
 def list_models() -> list[str]:
-    """Registry names of every model family (smp architectures first, then transformers, then torchvision)."""
+    """Registry names of every model family (smp architectures first, then transformers, torchvision, and
+    torchvision's instance segmentation)."""
     return model_registry().names()
 
 

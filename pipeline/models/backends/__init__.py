@@ -1,4 +1,5 @@
-"""Model backends: one module per model library, each a :class:`~pipeline.models.backends.base.Backend`.
+"""Model backends: one module per model library, each a :class:`~pipeline.models.backends.base.Backend`
+(torchvision's detection models, the instance-segmentation families, have their own: ``detection``).
 
 The registry (:mod:`pipeline.models.registry`) lists the families of every backend in ``BACKENDS``;
 each family's :class:`~pipeline.models.backends.base.ModelSpec` names its backend, which resolves
@@ -8,9 +9,10 @@ architecture of one of these libraries is a family overlay (``pipeline/configs/<
 for smp nothing else); adding a library is one module here and its line in ``BACKENDS``.
 """
 
-from pipeline.models.backends import hf, smp, torchvision
+from pipeline.models.backends import detection, hf, smp, torchvision
 from pipeline.models.backends.base import Backend, BuildRequest, ModelSpec, SegmentationNet
 
-BACKENDS: tuple[Backend, ...] = (smp.BACKEND, hf.BACKEND, torchvision.BACKEND)  # the order of list_models()
+# the order of list_models()
+BACKENDS: tuple[Backend, ...] = (smp.BACKEND, hf.BACKEND, torchvision.BACKEND, detection.BACKEND)
 
 __all__ = ["BACKENDS", "Backend", "BuildRequest", "ModelSpec", "SegmentationNet"]

@@ -334,6 +334,10 @@ class HFSegmentationNet(nn.Module):
 class MaskClassificationNet(HFSegmentationNet):
     """Mask2Former / MaskFormer under the family contract: its own outputs, loss and probabilities."""
 
+    loss_description = (
+        "mask classification: Hungarian matching, class cross-entropy, mask binary cross-entropy and dice"
+    )
+
     def forward(self, x: torch.Tensor) -> Any:
         out = self.hf(pixel_values=x, output_auxiliary_logits=self.training)
         return {

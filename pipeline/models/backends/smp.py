@@ -114,7 +114,8 @@ def _timm_cfg(timm_name: str) -> Any:
         return None
 
 
-def _timm_preprocessing(timm_name: str) -> Preprocessing:
+def timm_preprocessing(timm_name: str) -> Preprocessing:
+    """Mean, std and input range of timm's pretrained config of ``timm_name`` (ImageNet's without one)."""
     cfg = _timm_cfg(timm_name)
     if cfg is None or cfg.mean is None or cfg.std is None:
         return Preprocessing(source=f"imagenet (timm has no pretrained config for {timm_name})")
@@ -192,7 +193,7 @@ class SmpBackend(Backend):
     def resolve_encoder(self, spec: ModelSpec, encoder: str) -> str:
         enc = str(encoder).strip()
         if enc.lower().startswith("tu-"):
-            return _resolve_timm(enc)
+            return resolve_timm(enc)
         if spec.arch == "dpt":
             raise UnknownNameError(
                 f"model 'dpt' needs a ViT-style timm encoder written tu-<timm name>, e.g. "
@@ -232,30 +233,37 @@ class SmpBackend(Backend):
     def preprocessing(self, spec: ModelSpec, encoder: str | None) -> Preprocessing:
         enc = self.encoder_of(spec, encoder)
         if enc.startswith("tu-"):
-            return _timm_preprocessing(enc[3:])
+            return timm_preprocessing(enc[3:])
         return _smp_preprocessing(enc)
 
     def hub_files(self, spec: ModelSpec, encoder: str) -> HubFiles:
+        if encoder.startswith("tu-"):
+            return timm_hub_files(encoder[3:])
         repos: list[tuple[str, tuple[str, ...], str | None]] = []
         urls: list[str] = []
-        if encoder.startswith("tu-"):
-            cfg = _timm_cfg(encoder[3:])
-            if cfg is not None:
-                if cfg.hf_hub_id:
-                    files = (
-                        (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
-                    )
-                    repos.append((cfg.hf_hub_id, files, None))
-                if cfg.url:
-                    urls.append(cfg.url)
-            return repos, urls
         settings = _smp().encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get("imagenet")
         if settings:
             repos.append((settings["repo_id"], ("model.safetensors",), settings.get("revision")))
         return repos, urls
 
 
-def _resolve_timm(enc: str) -> str:
+def timm_hub_files(timm_name: str) -> HubFiles:
+    """Where timm downloads ``timm_name``'s pretrained weights from: its Hugging Face repo and file
+    names, and its url (from timm's pretrained config)."""
+    repos: list[tuple[str, tuple[str, ...], str | None]] = []
+    urls: list[str] = []
+    cfg = _timm_cfg(timm_name)
+    if cfg is not None:
+        if cfg.hf_hub_id:
+            files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
+            repos.append((cfg.hf_hub_id, files, None))
+        if cfg.url:
+            urls.append(cfg.url)
+    return repos, urls
+
+
+def resolve_timm(enc: str) -> str:
+    """``tu-<timm name>`` of an installed timm model; an unknown name lists close ones."""
     import timm
 
     timm_name = enc[3:]
