@@ -30,6 +30,8 @@ SUB      ?= submissions/$(NAME).csv
 GT       ?= $(DATA_DIR)/test_gt.json
 STUDY    ?= demo
 BUDGET   ?= 20m
+# make all / make plan: GPUs that run the plan's independent jobs side by side (empty: every visible one)
+GPUS     ?=
 # make plan: a device profile (pipeline/configs/devices/NAME.yaml or a file; empty: probe this machine)
 # and a dataset fingerprint (pipeline/configs/fingerprints/NAME.yaml or a file; empty: read DATA_DIR)
 DEVICE_PROFILE ?=
@@ -101,6 +103,7 @@ help: ## list targets and their variables
 	@echo "                        auto: the header of DATA_DIR/sample_submission.csv, else rle)"
 	@echo "  THRESHOLD=$(THRESHOLD)  (pseudo: confidence a pixel needs to be labelled)"
 	@echo "  BUDGET=$(BUDGET)  wall time of make all after set-up (20m, 2h, 1h30m, 90s)  DEMO_BUDGET=$(DEMO_BUDGET)  (demo)"
+	@echo "  GPUS=$(GPUS)  (all, plan: GPUs running the plan's jobs side by side, one process each; empty: every visible one)"
 	@echo "  STUDY=$(STUDY) TRIALS=$(TRIALS) STORAGE=$(STORAGE) SPACE=$(SPACE)  (tune; CONFIG= too: the trials' base config)"
 	@echo "  PROFILE=$(PROFILE)  tuning profile: full | demo (small space, short CPU trials: SPACE and TUNE_TRAIN_ARGS)"
 	@echo "  TUNE_TRAIN_ARGS=\"$(TUNE_TRAIN_ARGS)\"  extra key=value for every trial's training config"
@@ -169,10 +172,10 @@ tune-report: setup ## report of study STUDY -> reports/tune/<study>/ (with best.
 	$(PY) -m pipeline.tune_report study=$(STUDY) $(if $(STORAGE),storage=$(STORAGE)) $(args)
 
 plan: setup ## print the plan of a budgeted run without training (BUDGET=, DEVICE_PROFILE=, FINGERPRINT=, NAME=): work/NAME/plan.json
-	$(PY) -m pipeline.plan data_dir=$(DATA_DIR) budget=$(BUDGET) name=$(NAME) weights_dir=$(WEIGHTS_DIR) $(if $(DEVICE_PROFILE),device_profile=$(DEVICE_PROFILE)) $(if $(FINGERPRINT),fingerprint=$(FINGERPRINT)) $(args)
+	$(PY) -m pipeline.plan data_dir=$(DATA_DIR) budget=$(BUDGET) name=$(NAME) weights_dir=$(WEIGHTS_DIR) $(if $(GPUS),gpus=$(GPUS)) $(if $(DEVICE_PROFILE),device_profile=$(DEVICE_PROFILE)) $(if $(FINGERPRINT),fingerprint=$(FINGERPRINT)) $(args)
 
 all: setup ## budgeted run DATA_DIR -> validated submission within BUDGET (NAME=, FORMAT=, GT=): work/NAME/, submissions/NAME.csv
-	$(PY) -m pipeline.autopilot data_dir=$(DATA_DIR) budget=$(BUDGET) name=$(NAME) format=$(FORMAT) weights_dir=$(WEIGHTS_DIR) $(if $(filter-out $(DATA_DIR)/test_gt.json,$(GT)),gt=$(GT)) $(args)
+	$(PY) -m pipeline.autopilot data_dir=$(DATA_DIR) budget=$(BUDGET) name=$(NAME) format=$(FORMAT) weights_dir=$(WEIGHTS_DIR) $(if $(GPUS),gpus=$(GPUS)) $(if $(filter-out $(DATA_DIR)/test_gt.json,$(GT)),gt=$(GT)) $(args)
 
 demo: setup ## the main job on generated demo data: data -> EDA -> make all (folds, probe, plan, train, TTA on OOF, ensemble, submit, score) in DEMO_BUDGET
 	$(MAKE) --no-print-directory data ARGS=

@@ -185,10 +185,12 @@ class Settings:
         return [self.matrix, *self.others]
 
 
-GPU_CAPS = dict(environment=10, train=80, loader=15, inference=20, device_profile=20, memory=35, e2e=150)
+# device_profile: the check's three recipes, then each portfolio recipe of the device's tier that builds
+# without a hub (the profile make plan reads)
+GPU_CAPS = dict(environment=10, train=80, loader=15, inference=20, device_profile=45, memory=35, e2e=150)
 # the smoke run's memory cap leaves room for three trainers and nine CPU steps on a slow shared runner (at 20 s
 # the clock's 8 s reserve cut the third recipe there)
-SMOKE_CAPS = dict(environment=10, train=60, loader=10, inference=20, device_profile=10, memory=45, e2e=120)
+SMOKE_CAPS = dict(environment=10, train=60, loader=10, inference=20, device_profile=40, memory=45, e2e=120)
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -699,6 +701,50 @@ def section_device_profile(c: Check, rec: dict, clock: Clock) -> None:
         )
         rec["recipes"][recipe.name] = entry
         c.free()
+    if not rec["truncated"]:
+        rec["profile"] = str(write_profile(c, rec, clock))
+
+
+def write_profile(c: Check, rec: dict, clock: Clock) -> Path:
+    """A device profile of this device as ``make plan DEVICE_PROFILE=`` reads it (``device_profile.yaml``
+    beside the JSON): each portfolio recipe of the device's tier that builds without a hub, timed by the
+    probe at the check's size and batch; whole segmentation-pretrained models (their architecture comes
+    with the hub's config) are listed in ``skipped`` and left to the profile's estimate."""
+    import datetime
+    import os
+
+    from pipeline.engine.runtime import amp_dtype, precision_name
+    from pipeline.planning.devices import DeviceProfile, Measured, save_device_profile
+    from pipeline.planning.portfolio import read_portfolio
+    from pipeline.planning.probe import Recipe, probe
+
+    kind = "gpu" if c.device.type == "cuda" else "cpu"
+    measured: dict[str, list[Measured]] = {}
+    rec["skipped"] = []
+    for r in read_portfolio().tier(kind):
+        if r.pretrained or clock.over():
+            rec["skipped"].append(r.name)
+            continue
+        batch = c.s.batch if c.s.smoke else r.batch
+        t = probe(Recipe(r.model, r.encoder, tuple(c.s.size), batch), CLASSES, c.device)
+        measured[r.name] = [Measured(tuple(c.s.size), batch, t.step_s, t.image_s, t.checkpoint_mb)]
+        c.free()
+    name = str(rec["device_name"]).lower().replace(" ", "-")
+    profile = DeviceProfile(
+        f"measured-{name}",
+        kind,
+        f"{rec['device_name']}, measured by make gpu-check on {datetime.date.today()}",
+        gpus=torch.cuda.device_count() if kind == "gpu" else 1,
+        cpus=os.cpu_count() or 0,
+        precision=precision_name(amp_dtype("auto", c.device)).split()[0],
+        measured=measured,
+    )
+    header = (
+        f"# Device profile of {rec['device_name']}: measured by `make gpu-check` on {datetime.date.today()}\n"
+        f"# (benchmarks/gpu_check.py {' '.join(c.report.get('argv') or [])}): each recipe's probe at\n"
+        f"# {c.s.size[0]}x{c.s.size[1]}; recipes not measured here: {', '.join(rec['skipped']) or 'none'}.\n"
+    )
+    return save_device_profile(profile, c.path.parent / "device_profile.yaml", header=header)
 
 
 # --------------------------------------------------------------------------- memory

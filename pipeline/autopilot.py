@@ -17,11 +17,14 @@ left."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ from pipeline.inference.postprocessing import POSTPROCESSORS
 from pipeline.planning.budget import BudgetClock, format_duration, parse_budget
 from pipeline.planning.executor import ScheduleRun
 from pipeline.planning.fingerprint import fingerprint_of
-from pipeline.planning.processes import WorkspaceLock, command, run_stage
+from pipeline.planning.processes import Job, Slots, WorkspaceLock, command, run_stage
 from pipeline.planning.schedule import Schedule
 from pipeline.planning.settings import BudgetPlan, BudgetSettings, probe_costs
 from pipeline.planning.stamps import Stamps, stamp_key
@@ -88,6 +91,9 @@ class Autopilot:
         self.test = load_coco(cfg.data_dir, "test.json", require_annotations=False)
         self.folds_file = self.ws / "folds" / self.coco.digest[:12] / "folds.csv"
         self.runs_dir = self.ws / "runs"
+        self.slots, self.gpus = 1, []  # the plan's device slots (use_slots), the GPU of each
+        self.job_settings: dict[str, Any] = {"threads": cfg.threads} if cfg.threads else {}
+        self._jobs_lock = threading.Lock()
 
     def stage(
         self,
@@ -97,28 +103,74 @@ class Autopilot:
         inputs: Sequence[Path],
         outputs: Sequence[Path],
         volatile: Sequence[str] = (),
+        slot: int | None = None,
     ) -> bool:
         """Run ``python -m pipeline.<args> <volatile>`` unless its stamp matches; False when skipped.
-        ``volatile`` arguments (the time left) are passed but not part of the stamp.  The clock counts
-        its seconds under the stage's module (train, predict, ensemble, ...)."""
+        ``volatile`` arguments (the time left) are passed but not part of the stamp.  ``slot``: the device
+        slot it runs on beside others (its own GPU, its output in ``logs/<name>.log``); None: the only
+        one.  The clock counts its seconds under the stage's module (train, predict, ensemble, ...), and
+        ``jobs.jsonl`` keeps when it started and ended, and where."""
         key = stamp_key({"args": args, **settings}, list(inputs))
         if self.stamps.done(name, key):
             log.info("%s: unchanged, skipped", name)
             return False
         cmd = [sys.executable, "-m", *args, *volatile]
-        log.info("%s: %s", name, " ".join(shlex.quote(a) for a in cmd[2:]))
-        started = time.monotonic()
-        returncode = run_stage(cmd)
-        self.clock.add_stage(args[0].removeprefix("pipeline."), time.monotonic() - started)
+        where = "" if slot is None else f" [slot {slot}, log {self.ws / 'logs' / name}.log]"
+        log.info("%s%s: %s", name, where, " ".join(shlex.quote(a) for a in cmd[2:]))
+        started, wall = time.monotonic(), time.time()
+        if slot is None:
+            returncode = run_stage(cmd)
+        else:
+            (self.ws / "logs").mkdir(exist_ok=True)
+            with open(self.ws / "logs" / f"{name}.log", "a") as out:
+                returncode = run_stage(cmd, self.slot_env(slot), out)
+        seconds = time.monotonic() - started
+        self.clock.add_stage(args[0].removeprefix("pipeline."), seconds)
+        record = {"name": name, "slot": slot, "start": wall, "end": wall + seconds, "exit": returncode}
+        with self._jobs_lock, open(self.ws / "jobs.jsonl", "a") as ledger:
+            ledger.write(json.dumps(record) + "\n")
         if returncode != 0:
             raise PipelineError(f"{name} failed (exit {returncode}): {' '.join(cmd[2:])}")
         self.stamps.mark(name, key, list(outputs))
         return True
 
+    def slot_env(self, slot: int) -> dict[str, str]:
+        """The environment of a job on ``slot``: that one GPU visible (on a CPU, this one's)."""
+        env = dict(os.environ)
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
+        return env
+
+    def run(self, jobs: Sequence[Job]) -> None:
+        """The independent jobs of one phase, side by side on the plan's slots."""
+
+        def one(job: Job, slot: int | None, left: int) -> None:
+            volatile = [f"time_budget={job.budget_s(left):.0f}"] if job.budget_s is not None else []
+            self.stage(job.name, job.args, job.settings, job.inputs, job.outputs, volatile, slot)
+
+        Slots(self.slots, one).run(jobs)
+
+    def use_slots(self, slots: int, kind: str) -> None:
+        """Run the plan's jobs on ``slots`` slots, GPUs (one visible to each job) or shares of this CPU,
+        each job given its share of the host's cores (``job_settings``: loader workers on a GPU, torch
+        threads on a CPU; with one slot, only the run's own ``threads``)."""
+        self.slots = slots
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.job_settings = {"threads": self.cfg.threads} if self.cfg.threads else {}
+        if kind == "gpu" and slots > 1:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+            self.gpus = ids or [str(i) for i in range(slots)]
+            self.job_settings["num_workers"] = max(1, min(8, (cpus - slots) // slots))
+        elif slots > 1:
+            self.job_settings.setdefault("threads", max(1, cpus // slots))
+
     def folds(self) -> None:
         settings = dict(data_dir=self.cfg.data_dir, out_dir=self.folds_file.parent, k=self.cfg.k, seed=self.cfg.seed)
         settings.update(cache_dir=self.ws / "cache", group_by="similar")  # near-duplicates stay in one fold
-        self.stage("folds", command("pipeline.folds", FoldsConfig, settings), {}, [self.coco.path], [self.folds_file])
+        self.run(
+            [Job("folds", command("pipeline.folds", FoldsConfig, settings), {}, [self.coco.path], [self.folds_file])]
+        )
 
     def planning(self) -> BudgetPlan:
         """The planning of this run on this device (its probe measures only when asked to price)."""
@@ -132,11 +184,14 @@ class Autopilot:
         stamp matches, else planned now for the budget that earlier, killed attempts left (and kept)."""
         planning = self.planning()
         schedule = planning.kept(self.ws)
-        if schedule is not None:
-            return schedule, planning.key, planning.text(schedule)
-        schedule = planning.schedule(self.budget_s - self.clock.spent_before)
-        self.clock.add_stage("probe", planning.costs.seconds)
-        return schedule, planning.key, planning.write(self.ws, schedule, "make all")
+        if schedule is None:
+            schedule = planning.schedule(self.budget_s - self.clock.spent_before)
+            self.clock.add_stage("probe", planning.costs.seconds)
+            text = planning.write(self.ws, schedule, "make all")
+        else:
+            text = planning.text(schedule)
+        self.use_slots(schedule.slots, planning.costs.kind)
+        return schedule, planning.key, text
 
 
 def check_disk(ws: Path, planned_mb: float) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import ConfigError, stage_main
+from pipeline.engine.runtime import amp_dtype, precision_name
 from pipeline.planning.budget import format_duration, parse_budget
 from pipeline.planning.devices import DeviceProfile, Measured, read_device_profile, save_device_profile
 from pipeline.planning.fingerprint import Fingerprint, fingerprint_of, read_fingerprint
@@ -89,7 +90,10 @@ def save_profile(plan: BudgetPlan, path: str) -> Path:
         costs.kind,
         f"{platform.machine()}, {os.cpu_count()} cores, {costs.device} with {torch.get_num_threads()} torch threads, "
         "measured by the probe",
-        measured,
+        gpus=costs.slots if costs.kind == "gpu" else 1,
+        cpus=os.cpu_count() or 0,
+        precision=precision_name(amp_dtype("auto", costs.device)).split()[0],
+        measured=measured,
     )
     return save_device_profile(profile, path)
 

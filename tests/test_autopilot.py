@@ -270,7 +270,10 @@ def test_a_disk_too_small_for_the_plan_is_refused_before_training(demo_data, tmp
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(autopilot_mod.shutil, "disk_usage", lambda p: DiskUsage(10**12, 10**12, 5 * 10**6))
-    cfg = AutopilotConfig(data_dir=str(demo_data), budget="150s", name="t", sizes=[0.5], progress=False, threads=2)
+    # refused before any training, so the budget is only what plans: ample, for a plan even on a loaded machine
+    cfg = AutopilotConfig(
+        data_dir=str(demo_data), budget="10m", name="t", sizes=[0.5], progress=False, threads=2, level=1
+    )
     with pytest.raises(PipelineError, match=r"work/t: the plan writes about \d+ MB more .* disk has 5 MB free"):
         run(cfg)
     ws = Path("work/t")

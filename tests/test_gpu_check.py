@@ -72,6 +72,15 @@ def check_inference_profile_memory(s: dict) -> None:
             assert positive(entry[key]), key
         assert entry["batch"] == 2 and entry["size"] == [64, 64]
     assert "step_s" in profile["format"] and "image_s" in profile["format"]
+    # the device profile make plan reads: every recipe of this device's tier that builds without a hub
+    from pipeline.planning.devices import read_device_profile
+    from pipeline.planning.portfolio import read_portfolio
+
+    written = read_device_profile(profile["profile"])
+    assert written.kind == "cpu" and written.gpus == 1 and not written.estimated
+    assert set(written.measured) == {r.name for r in read_portfolio().tier("cpu")} and not profile["skipped"]
+    assert all(m[0].size == (64, 64) and m[0].step_s > 0 for m in written.measured.values())
+    assert "measured by `make gpu-check` on" in Path(profile["profile"]).read_text()
 
     memory = s["memory"]
     assert len(memory["items"]) == 3 and all(i["largest_batch"] >= 2 for i in memory["items"])

@@ -25,6 +25,7 @@ from pipeline.planning.devices import read_device_profile
 from pipeline.planning.fingerprint import Fingerprint
 from pipeline.planning.planner import Planner, Rules, plan_schedule
 from pipeline.planning.portfolio import read_portfolio
+from pipeline.planning.schedule import FORMAT_VERSION
 
 # two families whose ImageNet weights come with the installed Lite packages, and one from scratch, in the
 # GPU tier (with gmacs, so the H100 profile prices them)
@@ -58,7 +59,9 @@ def fake_probe(portfolio: str | None, profile: str, factor: float = 1.0):
 @pytest.fixture
 def gpu(monkeypatch):
     """This machine taken for a GPU (the probe is replaced, so nothing runs on it)."""
-    monkeypatch.setattr(measure_mod, "this_device", lambda setting, threads=None: (torch.device("cuda"), "fake H100"))
+    monkeypatch.setattr(
+        measure_mod, "this_device", lambda setting, threads=None: (torch.device("cuda"), "fake H100", 1)
+    )
 
 
 @pytest.mark.parametrize(
@@ -121,7 +124,7 @@ def test_make_all_executes_the_plan_make_plan_kept_and_plans_again_for_another_d
     assert kept == printed and not probed and probe_s == 0.0  # executed as printed, no second probe
     assert "(made by make plan) still holds" in caplog.text
     # the same workspace on another device: planned again, saying so
-    monkeypatch.setattr(measure_mod, "this_device", lambda setting, threads=None: (torch.device("cpu"), "other cpu"))
+    monkeypatch.setattr(measure_mod, "this_device", lambda setting, threads=None: (torch.device("cpu"), "other cpu", 1))
     caplog.clear()
     with caplog.at_level(logging.INFO):
         again, _ = planned_by_make_all()
@@ -134,7 +137,7 @@ def test_make_all_executes_the_plan_make_plan_kept_and_plans_again_for_another_d
     with caplog.at_level(logging.INFO):
         planned_by_make_all()
     assert "written by another version of the pipeline: planning again" in caplog.text
-    assert json.loads(Path("work/x/plan.json").read_text())["format"] == 2
+    assert json.loads(Path("work/x/plan.json").read_text())["format"] == FORMAT_VERSION
 
 
 # a held-out set of greyscale images at 320x480, as a new user brings one

@@ -11,13 +11,21 @@ import pytest
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.models.pretrained import WeightSource
 from pipeline.planning.budget import parse_budget
-from pipeline.planning.costs import PREDICT_SAFETY_FACTOR, STAGE_START_S, Recipe, Throughput, maps_seconds
-from pipeline.planning.devices import DeviceProfile, Estimate, Measured, read_device_profile
+from pipeline.planning.costs import (
+    MAX_EPOCHS,
+    PREDICT_SAFETY_FACTOR,
+    STAGE_START_S,
+    Recipe,
+    Throughput,
+    makespan,
+    maps_seconds,
+)
+from pipeline.planning.devices import DEVICES, DeviceProfile, Estimate, Measured, read_device_profile
 from pipeline.planning.fingerprint import Fingerprint, read_fingerprint
 from pipeline.planning.measure import ProfileCosts
 from pipeline.planning.planner import Pricer, Rules, plan_schedule, round_robin, rungs_of
 from pipeline.planning.portfolio import offers, read_portfolio
-from pipeline.planning.schedule import Candidate, Schedule, StageKind
+from pipeline.planning.schedule import FORMAT_VERSION, Candidate, Schedule, StageKind
 
 CONTEST = read_fingerprint("recycle-trash")
 CCP = Fingerprint(804, 200, (412, 275), 59, 24, 4, 1.52)
@@ -38,7 +46,9 @@ CPU = DeviceProfile(
 def plan(fp: Fingerprint, profile: DeviceProfile, budget: str, **rules) -> Schedule:
     """The plan of the shipped portfolio's tier for ``profile``, its weights taken as there."""
     found = offers(read_portfolio(), profile.kind, None, assume=True)
-    return plan_schedule(fp, found, ProfileCosts(profile), parse_budget(budget), Rules(**rules))
+    costs = ProfileCosts(profile)
+    costs.use(rules.get("slots", 1))
+    return plan_schedule(fp, found, costs, parse_budget(budget), Rules(**rules))
 
 
 def test_20_cpu_minutes_give_one_pretrained_recipe_on_fold_0():
@@ -85,7 +95,12 @@ def test_2h_on_an_h100_screens_two_or_more_and_gives_the_winner_folds_or_a_refit
 def test_24h_on_an_h100_screens_four_or_more_and_ensembles_families_on_every_fold_with_pseudo_labels():
     s = plan(CONTEST, read_device_profile("h100"), "24h")
     assert s.level == 4 and len(s.screened) >= 4 and s.families >= 2 and s.folds == 5 and s.pseudo
-    assert s.planned_s <= parse_budget("24h") and s.planned_s >= 0.8 * parse_budget("24h")
+    assert s.planned_s <= parse_budget("24h")
+    # most of the budget is used, unless the plan already has all it can buy: every recipe screened, the
+    # most families, every fold, the most epochs a run
+    offered = offers(read_portfolio(), "gpu", None, assume=True)
+    at_caps = len(s.screened) == len(offered) and s.families == 3 and s.epochs == MAX_EPOCHS
+    assert s.planned_s >= 0.8 * parse_budget("24h") or at_caps
     assert any(st.kind == StageKind.PSEUDO for st in s.stages) and s.disk_mb > 0
     d = s.to_dict()
     assert json.loads(json.dumps(d))["level"] == 4 and len(d["screened"]) == len(s.screened)
@@ -169,11 +184,12 @@ def test_device_profiles_scale_measurements_by_pixels_and_estimate_from_flops(tm
     upernet = next(r for r in read_portfolio().recipes if r.name == "upernet-convnext-small")
     t = h100.throughput(upernet, (512, 512), 8)
     flops = 8 * 0.262144 * upernet.gmacs_per_mpx * 1e9 * 6
-    assert t.step_s == pytest.approx(flops / (989e12 * 0.06) + 0.02)
+    assert t.step_s == pytest.approx(flops / (989e12 * h100.estimate.train_utilisation) + 0.02)
     assert t.checkpoint_mb == pytest.approx(upernet.params_m * 12)
-    # the loader caps a light recipe
-    capped = Estimate(989, 0.06, 0.1, loader_images_per_s=100).step_s(lite0, (512, 512), 8)
-    assert capped == pytest.approx(0.08)
+    # the loader caps a light recipe, the more so when two jobs' loaders share the host
+    capped = Estimate(989, 0.06, 0.1, loader_images_per_s=100)
+    assert capped.step_s(lite0, (512, 512), 8) == pytest.approx(0.08)
+    assert capped.step_s(lite0, (512, 512), 8, sharing=2) == pytest.approx(0.16)
     with pytest.raises(ConfigError, match="no measurement of recipe 'upernet-convnext-small'"):
         CPU.throughput(upernet, (512, 512), 8)
     bad = tmp_path / "d.yaml"
@@ -204,7 +220,7 @@ def test_make_plan_keeps_the_plan_with_its_stamp_and_prints_it(tmp_path):
     )
     out = run(cfg)
     saved = json.loads((ws / "plan.json").read_text())
-    assert saved["format"] == 2 and saved["planned_by"] == "make plan" and saved["key"]
+    assert saved["format"] == FORMAT_VERSION and saved["planned_by"] == "make plan" and saved["key"]
     assert saved["planned_for"]["device"] == "profile h100"
     assert saved["schedule"]["level"] == 4 and saved["schedule"] == out["schedule"]
     assert "assume_weights=true" in out["text"] and "pseudo-label round" in out["text"]
@@ -244,3 +260,34 @@ def test_the_plans_price_each_written_prediction_set_with_its_classes():
     written = 2 * 2 * CCP.n_val(5) + 3 * CCP.n_test  # 2 TTA sets of 2 OOF folds, 3 test runs
     per_image = maps_seconds(c.throughput, 59) - maps_seconds(c.throughput, 11)
     assert cost[59] - cost[11] == pytest.approx(written * per_image * PREDICT_SAFETY_FACTOR)
+
+
+def test_the_wall_time_of_jobs_on_several_devices_is_list_scheduling_the_longest_first():
+    assert makespan([5, 4, 3, 3, 3], 2) == 10  # 5 | 4, 3 on the second | 3 on the first | 3 on the second
+    assert makespan([3, 3, 3, 3], 2) == 6 and makespan([3, 3, 3, 3], 1) == 12 and makespan([], 2) == 0
+    assert makespan([7, 1, 1], 4) == 7  # no job is split
+    # a plan's stage on two devices costs the makespan of its jobs
+    fp, t4x2 = CONTEST, read_device_profile("kaggle-t4x2")
+    one, two = plan(fp, t4x2, "24h", slots=1, level=3), plan(fp, t4x2, "24h", slots=2, level=3)
+    folds = next(st for st in two.stages if st.kind == StageKind.FOLDS)
+    pricer = Pricer(fp, Rules(slots=2), list)
+    kept = sorted(two.screened, key=pricer.epoch, reverse=True)
+    kept = [next(c for c in kept if c.family == f) for f in dict.fromkeys(c.family for c in kept)][: two.families]
+    jobs = [pricer.run(c, two.epochs) for c in kept for _ in range(two.folds - 1)]
+    assert folds.seconds == pytest.approx(makespan(jobs, 2)) and folds.seconds < sum(jobs)
+    assert "2 devices side by side" in folds.detail and two.slots == 2 and one.slots == 1
+
+
+def test_two_t4s_buy_a_richer_plan_or_the_same_one_sooner_and_24h_on_an_h100_still_plans_level_4():
+    t4x2 = read_device_profile("kaggle-t4x2")
+    assert t4x2.gpus == 2 and t4x2.cpus == 4 and t4x2.precision == "fp16"
+    for budget in ("2h", "9h"):
+        one, two = plan(CONTEST, t4x2, budget, slots=1), plan(CONTEST, t4x2, budget, slots=2)
+        richer = (two.level, two.folds, two.families, two.epochs) > (one.level, one.folds, one.families, one.epochs)
+        assert richer or two.planned_s < one.planned_s, (budget, one.to_dict(), two.to_dict())
+        assert two.planned_s <= parse_budget(budget)
+    assert plan(CONTEST, read_device_profile("h100"), "24h").level == 4
+    for name in ("t4", "v100", "a100", "h100", "h200", "kaggle-t4x2"):
+        p = read_device_profile(name)
+        assert p.kind == "gpu" and p.precision in ("bf16", "fp16") and p.estimate is not None, name
+        assert "Measured on an H200" in (DEVICES / f"{name}.yaml").read_text(), name  # says where figures come from

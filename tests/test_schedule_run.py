@@ -185,3 +185,61 @@ def test_make_all_screens_trains_two_folds_ensembles_pseudo_labels_and_resumes_a
     assert again.returncode == 0, again.stderr[-3000:]
     assert time.monotonic() - started < 60 and "pipeline.train" not in again.stderr
     assert (tmp_path / "submissions" / "t.csv").read_bytes() == before
+
+
+def stores(ws: Path) -> dict[str, bytes]:
+    """Every probability map, ensemble weight file and the submission a run wrote, by path."""
+    found = [p for p in (ws / "runs").rglob("*.npy") if p.parent.name.endswith(("_none", "oof"))]
+    found += list((ws / "ensembles").rglob("weights.yaml"))
+    return {str(p.relative_to(ws)): p.read_bytes() for p in found}
+
+
+@pytest.mark.slow
+def test_two_device_slots_run_jobs_side_by_side_and_write_what_one_slot_writes(demo_data, tmp_path):
+    """A CPU given two slots (gpus=2) and one thread a job: the screen's two runs and the predictions run
+    side by side (their logged times overlap, each with its own log); killed while two jobs run, the run
+    resumes and finishes; its maps, ensemble weights and submission equal those of one slot."""
+    (tmp_path / "portfolio.yaml").write_text(PORTFOLIO)
+    args = [
+        f"data_dir={demo_data}",
+        "budget=24h",
+        "name=t",
+        "level=2",
+        "partial=folds",
+        "k=2",
+        "max_screen=2",
+        "max_epochs=2",
+        f"portfolio={tmp_path / 'portfolio.yaml'}",
+        "encoder_weights=null",
+        "tta=[none]",
+        "progress=false",
+        "threads=1",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+    def command(slots: int) -> list[str]:
+        return [sys.executable, "-m", "pipeline.autopilot", *args, f"gpus={slots}"]
+
+    for slots in (1, 2):
+        (tmp_path / f"s{slots}").mkdir()
+    one = subprocess.run(command(1), cwd=tmp_path / "s1", env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    cwd, ws = tmp_path / "s2", tmp_path / "s2" / "work" / "t"
+    log = cwd / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen(command(2), cwd=cwd, env=env, start_new_session=True, stdout=out, stderr=out)
+    wait_for(lambda: len(list((ws / "logs").glob("train-*.log"))) >= 2, first, log)  # both screen runs started
+    kill(first)
+    again = subprocess.run(command(2), cwd=cwd, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    jobs = [json.loads(line) for line in (ws / "jobs.jsonl").read_text().splitlines()]
+    trains = [j for j in jobs if j["name"].startswith("train-") and j["name"].endswith("fold0")]
+    assert len(trains) == 2 and {j["slot"] for j in trains} == {0, 1}
+    a, b = trains
+    assert a["start"] < b["end"] and b["start"] < a["end"]  # side by side
+    assert all((ws / "logs" / f"{j['name']}.log").is_file() for j in trains)
+    assert "devices" in (ws / "summary.txt").read_text()
+    single = stores(tmp_path / "s1" / "work" / "t")
+    assert len(single) >= 5 and stores(ws) == single
+    assert (cwd / "submissions" / "t.csv").read_bytes() == (tmp_path / "s1" / "submissions" / "t.csv").read_bytes()

@@ -140,6 +140,15 @@ def maps_mb(t: Throughput, images: float, num_classes: int, scale: float) -> flo
     return images * num_classes * h * w * 2 * scale**2 / 1e6
 
 
+def makespan(seconds: Sequence[float], slots: int) -> float:
+    """Wall seconds of independent jobs on ``slots`` devices by list scheduling, the longest first: each
+    job goes to the device that frees first."""
+    loads = [0.0] * max(1, int(slots))
+    for s in sorted(seconds, reverse=True):
+        loads[loads.index(min(loads))] += s
+    return max(loads)
+
+
 def val_every(epochs: int) -> int:
     """Epochs between validations of a budgeted run: about VALIDATIONS times a run (validation is for
     the curve and the best checkpoint), every epoch for short runs."""

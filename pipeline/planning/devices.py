@@ -57,10 +57,12 @@ class Estimate:
     step_overhead_s: float = 0.0  # per step: the optimizer, the loop, launching kernels
     derivation: str = ""
 
-    def step_s(self, recipe: PortfolioRecipe, size: tuple[int, int], batch: int) -> float:
+    def step_s(self, recipe: PortfolioRecipe, size: tuple[int, int], batch: int, sharing: int = 1) -> float:
+        """Seconds of a training step; ``sharing``: jobs whose loaders share the host's CPUs at once."""
         flops = batch * _mpx(size) * recipe.gmacs_per_mpx * 1e9 * 2 * 3
         compute = flops / (self.peak_tflops * 1e12 * self.train_utilisation) + self.step_overhead_s
-        return max(compute, batch / self.loader_images_per_s if self.loader_images_per_s else 0.0)
+        loader = self.loader_images_per_s / max(1, sharing)
+        return max(compute, batch / loader if loader else 0.0)
 
     def image_s(self, recipe: PortfolioRecipe, size: tuple[int, int]) -> float:
         return _mpx(size) * recipe.gmacs_per_mpx * 1e9 * 2 / (self.peak_tflops * 1e12 * self.predict_utilisation)
@@ -71,6 +73,9 @@ class DeviceProfile:
     name: str
     kind: str  # cpu | gpu: which tier of the portfolio it trains
     description: str = ""
+    gpus: int = 1  # devices that run jobs side by side (a CPU is one)
+    cpus: int = 0  # the host's CPU cores, which feed every device's loader (0: not stated)
+    precision: str = ""  # what amp=auto trains in there: bf16, fp16 (with the gradient scaler) or fp32
     # portfolio recipe name -> its measurements (one per size measured)
     measured: dict[str, list[Measured]] = field(default_factory=dict)
     estimate: Estimate | None = None
@@ -81,9 +86,10 @@ class DeviceProfile:
         """Whether any figure of the plan may come from the estimate rather than a measurement."""
         return self.estimate is not None
 
-    def throughput(self, recipe: PortfolioRecipe, size: tuple[int, int], batch: int) -> Throughput:
+    def throughput(self, recipe: PortfolioRecipe, size: tuple[int, int], batch: int, sharing: int = 1) -> Throughput:
         """``recipe`` at ``size`` and ``batch`` on this device: its measurement scaled by pixels, else the
-        estimate; an error names the profile and the recipe when it has neither."""
+        estimate (its loader shared by ``sharing`` jobs at once); an error names the profile and the
+        recipe when it has neither."""
         r = Recipe(recipe.model, recipe.encoder or str(recipe.pretrained), tuple(size), batch)
         if self.measured.get(recipe.name):  # the measurement nearest in pixels
             m = min(self.measured[recipe.name], key=lambda x: abs(math.log(_mpx(size) / _mpx(x.size))))
@@ -96,13 +102,14 @@ class DeviceProfile:
             )
         return Throughput(
             r,
-            self.estimate.step_s(recipe, size, batch),
+            self.estimate.step_s(recipe, size, batch, sharing),
             self.estimate.image_s(recipe, size),
             recipe.params_m * ADAMW_BYTES_PER_PARAM,
         )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "description": self.description}
+        out.update(gpus=self.gpus, cpus=self.cpus, precision=self.precision)
         out["measured"] = {k: [m.to_dict() for m in v] for k, v in self.measured.items()}
         if self.estimate is not None:
             out["estimate"] = {k: v for k, v in vars(self.estimate).items()}
@@ -133,7 +140,7 @@ def read_device_profile(name_or_path: str | Path) -> DeviceProfile:
     path = named_file(name_or_path, DEVICES, "device profile")
     data = read_yaml_mapping(path)
     where = str(path)
-    unknown = sorted(set(data) - {"name", "kind", "description", "measured", "estimate"})
+    unknown = sorted(set(data) - {"name", "kind", "description", "gpus", "cpus", "precision", "measured", "estimate"})
     if unknown:
         raise ConfigError(f"{where}: unknown keys {', '.join(unknown)}")
     kind = data.get("kind")
@@ -157,18 +164,36 @@ def read_device_profile(name_or_path: str | Path) -> DeviceProfile:
             raise ConfigError(f"{where}: estimate: peak_tflops > 0 and utilisations in (0, 1] needed, got {e}")
     if not measured and estimate is None:
         raise ConfigError(f"{where}: a profile needs measured entries or an estimate")
+    try:
+        gpus, cpus = int(data.get("gpus", 1)), int(data.get("cpus", 0))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: gpus and cpus must be whole numbers ({exc})") from exc
+    if gpus < 1 or cpus < 0 or (kind == "cpu" and gpus != 1):
+        raise ConfigError(f"{where}: gpus must be at least 1 (1 on a CPU) and cpus not negative, got {gpus}, {cpus}")
+    precision = str(data.get("precision") or "")
+    if precision not in ("", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"{where}: precision must be bf16, fp16 or fp32, got {precision!r}")
     return DeviceProfile(
-        str(data.get("name") or path.stem), kind, str(data.get("description") or ""), measured, estimate, where
+        str(data.get("name") or path.stem),
+        kind,
+        str(data.get("description") or ""),
+        gpus,
+        cpus,
+        precision,
+        measured,
+        estimate,
+        where,
     )
 
 
-def save_device_profile(profile: DeviceProfile, path: str | Path) -> Path:
-    """Write ``profile`` as YAML (atomically: an older profile is never left half-written)."""
+def save_device_profile(profile: DeviceProfile, path: str | Path, header: str | None = None) -> Path:
+    """Write ``profile`` as YAML (atomically: an older profile is never left half-written), after
+    ``header`` (comment lines saying what measured it, when and with which command)."""
     import yaml
 
     path = Path(path)
-    header = (
-        f"# Device profile {profile.name}: measured by `make plan save_profile=...` (the throughput probe).\n"
+    header = header or f"# Device profile {profile.name}: measured by `make plan save_profile=...` (the probe).\n"
+    header += (
         "# measured: per portfolio recipe, seconds of one training step of `batch` images of `size` (loop\n"
         "# overhead included) and of one predicted image; scaled by pixels to other sizes and batches.\n"
     )

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,7 +50,7 @@ from pipeline.inference.ensemble_config import EnsembleConfig
 from pipeline.inference.predictor import PredictConfig
 from pipeline.inference.pseudo_config import PseudoConfig
 from pipeline.planning.costs import MIN_RUN_S, PLANNED_BUDGET_FRACTION, RUN_SLACK_FACTOR, store_scale, val_every
-from pipeline.planning.processes import command
+from pipeline.planning.processes import Job, command
 from pipeline.planning.schedule import LATER_TRAINING, RESERVE, Candidate, Schedule, StageKind
 from pipeline.submission.score_config import ScoreConfig
 from pipeline.submission.submit_config import SubmitConfig
@@ -71,16 +72,9 @@ class Pilot(Protocol):
     recipe_files: list[Path]
     format: str
     format_reason: str
+    job_settings: dict[str, Any]  # what every training and prediction job is given (its share of the host)
 
-    def stage(
-        self,
-        name: str,
-        args: list[str],
-        settings: dict[str, Any],
-        inputs: Sequence[Path],
-        outputs: Sequence[Path],
-        volatile: Sequence[str] = (),
-    ) -> bool: ...
+    def run(self, jobs: Sequence[Job]) -> None: ...
 
 
 class ScheduleRun:
@@ -126,37 +120,33 @@ class ScheduleRun:
             settings["pretrained"] = r.pretrained
         if c.model_options:
             settings["model_options"] = dict(c.model_options)
-        if cfg.threads:
-            settings["threads"] = cfg.threads
-        return settings
+        return {**settings, **self.p.job_settings}
 
-    def train(
-        self, name: str, fold: int, stop: int | None = None, seconds: float | None = None, **extra: Any
-    ) -> RunFolder:
-        """Train ``name`` on ``fold``: paused at ``stop`` (a rung), or under a time budget of ``seconds``."""
+    def train(self, name: str, fold: int, stop: int | None = None, later_s: float | None = None, **extra: Any) -> Job:
+        """The job that trains ``name`` on ``fold``: paused at ``stop`` (a rung), or under a time budget,
+        its share of what is left beside the planned ``later_s`` of training (:meth:`share`)."""
         settings = {**self.train_settings(self.candidates[name], fold), **extra}
         if stop is not None:
             settings["stop_epoch"] = stop
         folder = self.folder(name, fold, settings["experiment"])
         args = command("pipeline.train", TrainConfig, settings, self.p.recipe)
         outputs = [folder.best] + ([folder.oof / "meta.json"] if fold >= 0 else [])
-        volatile = [f"time_budget={seconds:.0f}"] if seconds is not None else []
         tag = f"{settings['experiment']}-{folder.path.name}" + (f"-e{stop}" if stop is not None else "")
         inputs = [self.p.folds_file, self.p.coco.path, *self.p.recipe_files]
-        self.p.stage(f"train-{tag}", args, {"plan": self.key}, inputs, outputs, volatile=volatile)
-        return folder
+        budget = None if later_s is None else (lambda left: self.share(left, later_s))
+        return Job(f"train-{tag}", args, {"plan": self.key}, inputs, outputs, budget)
 
-    def predict(self, folder: RunFolder, split: str, tta: str, scale: float | None = None) -> Path:
-        """``folder``'s ``split`` predicted with ``tta``; test maps at ``scale`` of the images' size."""
+    def predict(self, folder: RunFolder, split: str, tta: str, scale: float | None = None) -> Job:
+        """The job that predicts ``folder``'s ``split`` with ``tta``; test maps at ``scale`` of the images' size."""
         cfg = self.p.cfg
         settings: dict[str, Any] = dict(run_dir=folder.path, data_dir=cfg.data_dir, split=split, tta=tta)
         settings.update(device=cfg.device, progress=cfg.progress)
         if split == "test":
             settings["store_scale"] = f"{scale:.4g}"
+        settings.update({k: v for k, v in self.p.job_settings.items() if k == "num_workers"})
         name = f"predict-{folder.path.parent.name}-{folder.path.name}-{split}-{tta}"
         args = command("pipeline.predict", PredictConfig, settings)
-        self.p.stage(name, args, {}, [folder.best], [folder.store(split, tta) / "meta.json"])
-        return folder.store(split, tta)
+        return Job(name, args, {}, [folder.best], [folder.store(split, tta) / "meta.json"])
 
     def per_image(self, members: list[Member], fusions: list[Fusion]) -> list[np.ndarray]:
         """Per-image OOF confusion matrices of each fusion of ``members`` (cached in the workspace)."""
@@ -166,10 +156,12 @@ class ScheduleRun:
     # ------------------------------------------------------------------------- time
     def share(self, runs_left: int, later_s: float = 0.0) -> float:
         """The time budget of the next of ``runs_left`` runs: its share of what is left after the planned
-        later training (``later_s``), the reserve and the plan's margin; never more than is left."""
+        later training (``later_s``), the reserve and the plan's margin, the runs side by side on the
+        plan's slots; never more than is left."""
         margin = (1 - PLANNED_BUDGET_FRACTION) * self.p.clock.total
         left = self.p.clock.remaining() - margin - self.s.seconds(RESERVE) - later_s
-        return max(MIN_RUN_S, min(left, RUN_SLACK_FACTOR * left / max(1, runs_left)))
+        rounds = math.ceil(max(1, runs_left) / self.s.slots)
+        return max(MIN_RUN_S, min(left, RUN_SLACK_FACTOR * left / rounds))
 
     # ------------------------------------------------------------------------- fold 0
     def screen(self) -> list[str]:
@@ -178,7 +170,7 @@ class ScheduleRun:
         names = [c.name for c in self.s.screened]
         later = self.s.seconds(LATER_TRAINING)
         if len(names) == 1:
-            self.train(names[0], 0, seconds=self.share(1, later))
+            self.p.run([self.train(names[0], 0, later_s=later)])
             return names
         rungs = effective_rungs(self.s.rungs, self.s.epochs)
         if self.ledger.get("key") != self.key:
@@ -187,12 +179,11 @@ class ScheduleRun:
         for i, rung in enumerate(rungs):
             last = i == len(rungs) - 1
             done = self.ledger["rungs"][i] if i < len(self.ledger["rungs"]) else None
-            if done is None:
-                for j, name in enumerate(alive):
-                    if last:  # the final rung runs to the end of its schedule, shortened if time runs out
-                        self.train(name, 0, seconds=self.share(len(alive) - j, later))
-                    else:
-                        self.train(name, 0, stop=rung["epoch"])
+            if done is None:  # the final rung runs to the end of its schedule, shortened if time runs out
+                jobs = [
+                    self.train(n, 0, later_s=later) if last else self.train(n, 0, stop=rung["epoch"]) for n in alive
+                ]
+                self.p.run(jobs)
                 done = self.score_rung(rung["epoch"], alive)
                 keep = promote(done["entries"], rung["promoted"], final=i >= len(rungs) - 2)
                 for entry in done["entries"]:
@@ -232,8 +223,7 @@ class ScheduleRun:
         jobs = [(n, f) for f in range(1, self.s.folds) for n in survivors]
         if self.s.refit:
             jobs.append((survivors[0], -1))
-        for i, (name, fold) in enumerate(jobs):
-            self.train(name, fold, seconds=self.share(len(jobs) - i, pseudo_s))
+        self.p.run([self.train(name, fold, later_s=pseudo_s) for name, fold in jobs])
         out = {n: list(range(self.s.folds)) for n in survivors}
         if self.s.refit:
             out[survivors[0]].append(-1)
@@ -246,9 +236,7 @@ class ScheduleRun:
         """The TTA set by the selection rule (simplest first) on the strongest survivor's OOF over its
         folds taken as one member; test labels are never used."""
         runs = [self.folder(name, f) for f in folds if f >= 0]
-        for tta in self.s.tta:
-            for folder in runs:
-                self.predict(folder, "val", tta)
+        self.p.run([self.predict(folder, "val", tta) for tta in self.s.tta for folder in runs])
         paths = [r.path for r in runs]
         members = [find_member(str(paths[0].parent), tta=t, name=t, folds=paths) for t in self.s.tta]
         cms = self.per_image(members, Fusion.singles(len(members)))
@@ -257,14 +245,16 @@ class ScheduleRun:
 
     def predict_all(self, trained: dict[str, list[int]], tta: str, experiment: str | None = None) -> None:
         """OOF with ``tta`` for every fold, test for every fold (the refit alone when there is one)."""
+        jobs = []
         for name, folds in trained.items():
             test_folds = [-1] if -1 in folds else folds
             for f in folds:
                 folder = self.folder(name, f, experiment)
                 if f >= 0:
-                    self.predict(folder, "val", tta)
+                    jobs.append(self.predict(folder, "val", tta))
                 if f in test_folds:
-                    self.predict(folder, "test", tta, scale=self.test_scale(name, len(test_folds) > 1))
+                    jobs.append(self.predict(folder, "test", tta, scale=self.test_scale(name, len(test_folds) > 1)))
+        self.p.run(jobs)
 
     # ------------------------------------------------------------------------- ensembles, pseudo-labels
     def ensemble(self, runs: list[Path], tta: str, name: str) -> Path:
@@ -274,7 +264,7 @@ class ScheduleRun:
         settings.update(postprocess=cfg.postprocess, progress=cfg.progress, seed=cfg.seed)
         stores = [p for r in runs for p in sorted(Path(r).glob(f"fold*/*_{tta}/index.csv"))]
         args = command("pipeline.ensemble", EnsembleConfig, settings)
-        self.p.stage(f"ensemble-{name}", args, {}, stores, [weights])
+        self.p.run([Job(f"ensemble-{name}", args, {}, stores, [weights])])
         return weights
 
     def ensemble_cms(self, weights: Path) -> np.ndarray:
@@ -287,19 +277,24 @@ class ScheduleRun:
         other survivors' models of that fold (leak-free); returns its folds under ``<name>-pseudo``."""
         cfg, strongest, k = self.p.cfg, survivors[0], self.s.k
         experiment = f"{strongest}-pseudo"
+        predictions, labels, training = [], [], []
         for fold in range(k):
             name = f"{cfg.name}-fold{fold}"
             runs = [str(self.folder(n, fold).path) for n in survivors if fold in trained[n]]
-            for n in survivors:
-                if fold in trained[n]:
-                    self.predict(self.folder(n, fold), "test", tta, scale=self.test_scale(n, True))
+            predictions += [
+                self.predict(self.folder(n, fold), "test", tta, scale=self.test_scale(n, True))
+                for n in survivors
+                if fold in trained[n]
+            ]
             out = self.pseudo_dir / name
             settings = dict(name=name, runs=runs, tta=tta, data_dir=cfg.data_dir, out_dir=self.pseudo_dir)
             settings["progress"] = cfg.progress
             stores = [Path(r) / f"test_{tta}" / "index.csv" for r in runs]
             args = command("pipeline.pseudo", PseudoConfig, settings)
-            self.p.stage(f"pseudo-{name}", args, {}, stores, [out / "manifest.json"])
-            self.train(strongest, fold, seconds=self.share(k - fold), experiment=experiment, pseudo_dir=str(out))
+            labels.append(Job(f"pseudo-{name}", args, {}, stores, [out / "manifest.json"]))
+            training.append(self.train(strongest, fold, later_s=0.0, experiment=experiment, pseudo_dir=str(out)))
+        for phase in (predictions, labels, training):  # each needs the one before
+            self.p.run(phase)
         done = {strongest: list(range(k))}
         self.predict_all(done, tta, experiment)
         return done
@@ -337,14 +332,14 @@ def report(pilot: Pilot, weights: Path) -> dict[str, Any]:
     settings = dict(name=name, ensembles_dir=ens_dir, data_dir=cfg.data_dir)
     settings.update(out_dir=pilot.ws / "analysis", progress=cfg.progress)
     out = [pilot.ws / "analysis" / name / "report.md"]
-    pilot.stage("analyze", command("pipeline.analyze", AnalyzeConfig, settings), {}, [weights], out)
+    pilot.run([Job("analyze", command("pipeline.analyze", AnalyzeConfig, settings), {}, [weights], out)])
     csv_path = submit(pilot, weights)
     result: dict[str, Any] = {"submission": str(csv_path), "ensemble": str(weights)}
     gt = Path(cfg.gt) if cfg.gt else Path(cfg.data_dir) / "test_gt.json"
     if gt.exists():
         score = pilot.ws / "score.json"
         args = command("pipeline.score", ScoreConfig, dict(sub=csv_path, gt=gt, data_dir=cfg.data_dir, out_json=score))
-        pilot.stage("score", args, {}, [csv_path, gt], [score])
+        pilot.run([Job("score", args, {}, [csv_path, gt], [score])])
         result["score"] = json.loads(score.read_text())
     return result
 
@@ -358,7 +353,8 @@ def submit(pilot: Pilot, weights: Path) -> Path:
     settings = dict(name=cfg.name, format=cfg.format, ensemble=weights, data_dir=cfg.data_dir)
     settings.update(out_dir=cfg.submissions_dir, progress=cfg.progress)
     stamp = {"format": pilot.format} if cfg.format == "auto" else {}  # explicit formats: stamps as before
-    pilot.stage("submit", command("pipeline.submit", SubmitConfig, settings), stamp, [weights], [csv_path, manifest])
+    args = command("pipeline.submit", SubmitConfig, settings)
+    pilot.run([Job("submit", args, stamp, [weights], [csv_path, manifest])])
     return csv_path
 
 
@@ -369,6 +365,10 @@ def summary(pilot: Pilot, schedule: Schedule, out: dict[str, Any], result: dict[
     decisions, the shake-up estimate, the score, the minutes and the files."""
     ens = EnsembleRecord.read(result["ensemble"])
     rows = [["plan", f"level {schedule.level}: {schedule.description}, {schedule.epochs} epochs a run"]]
+    if schedule.slots > 1:
+        rows.append(
+            ["devices", f"{schedule.slots} side by side (the minutes of jobs below are each job's own, summed)"]
+        )
     rows += [[f"weights of {c.name}", c.describe_weights()] for c in schedule.screened if c.name in out["survivors"]]
     rows += ladder_rows(out["ladder"])
     rows += describe_folds(out["trained"])
@@ -407,7 +407,7 @@ def summary(pilot: Pilot, schedule: Schedule, out: dict[str, Any], result: dict[
     if "score" in result:
         rows.append(["test mIoU (labels)", f"{result['score']['miou']:.4f}"])
     rows += [[f"minutes: {k}", f"{v / 60:.1f}"] for k, v in pilot.clock.stages.items()]
-    rows.append(["minutes: total", f"{pilot.clock.spent() / 60:.1f} of {pilot.clock.total / 60:.1f}"])
+    rows.append(["minutes: total (wall clock)", f"{pilot.clock.spent() / 60:.1f} of {pilot.clock.total / 60:.1f}"])
     rows.append(["submission", f"{result['submission']} ({pilot.format}: {pilot.format_reason})"])
     rows.append(["workspace", str(pilot.ws)])
     return format_table(["summary", ""], rows)

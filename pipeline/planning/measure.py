@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -29,6 +30,8 @@ class Costs:
     kind = "cpu"  # which tier of the portfolio the device trains
     description = ""  # the device as the plan names it
     identity = ""  # the device as a plan's stamp names it: a plan made for another never runs here unnoticed
+    devices = 1  # devices that can run jobs side by side (GPUs; a CPU is one)
+    busy = 1  # devices busy at once while a recipe is priced (:meth:`use`): they share the host's CPUs
 
     def __init__(self) -> None:
         self.notes: list[str] = []  # what a plan priced with these costs should say about them
@@ -47,6 +50,10 @@ class Costs:
         if t is not None:
             self.measured[key] = t
         return t
+
+    def use(self, slots: int) -> None:
+        """Price every recipe with ``slots`` devices busy at once (set before the first price)."""
+        self.busy = max(1, int(slots))
 
     def probed(self) -> list[Throughput]:
         """What the probe measures (or would, on this device) for the prices asked so far."""
@@ -68,25 +75,28 @@ class ProfileCosts(Costs):
         self.kind = profile.kind
         self.description = f"{profile.name} ({profile.description or profile.kind}; profile {profile.source})"
         self.identity = f"profile {profile.name}"
+        self.devices = profile.gpus
         if profile.estimated:
             self.notes.append("device figures: estimates (see the profile's header)")
 
     def measure(self, recipe: PortfolioRecipe, size: tuple[int, int]) -> Throughput:
-        return self.profile.throughput(recipe, size, recipe.batch)
+        return self.profile.throughput(recipe, size, recipe.batch, self.busy)
 
     def scale(self, recipe: PortfolioRecipe, t: Throughput, size: tuple[int, int]) -> Throughput:
-        return self.profile.throughput(recipe, size, recipe.batch)  # the profile prices any size itself
+        return self.profile.throughput(recipe, size, recipe.batch, self.busy)  # the profile prices any size itself
 
 
-def this_device(setting: str, threads: int | None = None) -> tuple[torch.device, str]:
-    """The device a run trains on (``auto``: the GPU when there is one) and its name in a plan's stamp."""
+def this_device(setting: str, threads: int | None = None) -> tuple[torch.device, str, int]:
+    """The device a run trains on (``auto``: the GPU when there is one), its name in a plan's stamp, and
+    how many such devices can run jobs side by side (the visible GPUs; a CPU is one)."""
     device = resolve_device(setting)
     if threads:
         torch.set_num_threads(threads)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return device, f"{torch.cuda.get_device_name(index)} ({torch.cuda.device_count()} visible)"
-    return device, f"cpu, {torch.get_num_threads()} torch threads"
+        count = torch.cuda.device_count() if setting == "auto" else 1
+        return device, f"{torch.cuda.get_device_name(index)} x{count}", count
+    return device, f"cpu, {torch.get_num_threads()} torch threads", 1
 
 
 class ProbeCosts(Costs):
@@ -105,7 +115,7 @@ class ProbeCosts(Costs):
         share: float = PROBE_BUDGET_FRACTION,
     ):
         super().__init__()
-        self.device, self.identity = this_device(setting, threads)
+        self.device, self.identity, self.devices = this_device(setting, threads)
         self.kind = "gpu" if self.device.type == "cuda" else "cpu"
         self.description = f"{self.identity} (measured here by the probe)"
         self.num_classes, self.budget_s, self.share = num_classes, budget_s, share
@@ -117,16 +127,28 @@ class ProbeCosts(Costs):
             log.info("probe: %s at %dx%d left out (the probe has used its share of the budget)", recipe.name, *size)
             return None
         options = {"pretrained": recipe.pretrained} if recipe.pretrained else self.options.get(recipe.model, {})
+        r = Recipe(recipe.model, recipe.encoder or str(recipe.pretrained), size, recipe.batch)
         started = time.monotonic()
-        t = probe(
-            Recipe(recipe.model, recipe.encoder or str(recipe.pretrained), size, recipe.batch),
-            self.num_classes,
-            self.device,
-            options=options,
-            low_scale=self.low_scale,
-        )
+        devices = self.busy_devices()
+        if len(devices) == 1:
+            t = probe(r, self.num_classes, devices[0], options=options, low_scale=self.low_scale)
+        else:  # every GPU busy at once, as the plan's jobs keep them: they share the host's CPUs and bus
+            with ThreadPoolExecutor(len(devices)) as pool:
+                runs = list(
+                    pool.map(
+                        lambda d: probe(r, self.num_classes, d, options=options, low_scale=self.low_scale), devices
+                    )
+                )
+            t = max(runs, key=lambda x: x.step_s)
         self.seconds += time.monotonic() - started
         return t
+
+    def busy_devices(self) -> list[torch.device]:
+        """The devices the probe times at once: ``busy`` GPUs (from this one on), or this CPU."""
+        if self.device.type != "cuda" or self.busy == 1:
+            return [self.device]
+        first = self.device.index or 0
+        return [torch.device("cuda", (first + i) % torch.cuda.device_count()) for i in range(self.busy)]
 
 
 def _pixels(size: tuple[int, int]) -> float:

@@ -58,6 +58,7 @@ from pipeline.planning.costs import (
     candidate_size,
     checkpoint_mb,
     epoch_seconds,
+    makespan,
     maps_mb,
     maps_seconds,
     probe_seconds,
@@ -79,6 +80,7 @@ class Rules:
     level: int | None = None  # only plans of this level, with as few as MIN_EPOCHS epochs a run
     max_screen: int | None = None  # screen at most this many candidates (1: none)
     max_epochs: int = MAX_EPOCHS
+    slots: int = 1  # devices that run the plan's independent jobs side by side
     sizes: tuple[float, ...] | None = None  # the one-recipe plan's size fractions (None: each recipe's own)
     oof_scale: float = OOF_SCALE
     progressive: float = 0.0  # share of the epochs trained at the progressive-resizing size
@@ -164,7 +166,8 @@ class Pricer:
 
     def __init__(self, fp: Fingerprint, rules: Rules, probed: Callable[[], list[Throughput]]):
         self.fp, self.k, self.tta, self.oof_scale = fp, rules.k, list(rules.tta), rules.oof_scale
-        self.progressive, self.probed = rules.progressive, probed
+        self.progressive, self.probed, self.slots = rules.progressive, probed, rules.slots
+        self.on = f", {self.slots} devices side by side" if self.slots > 1 else ""
         self.n_val = fp.n_val(self.k)
         self.train_images = fp.n_train(self.k) * fp.epoch_factor
         self.views = [view_cost(t) for t in self.tta]
@@ -180,14 +183,22 @@ class Pricer:
     def map_mb(self, c: Candidate, images: float, scale: float) -> float:
         return maps_mb(c.throughput, images, self.fp.num_classes, scale)
 
-    def predictions(self, c: Candidate, oof_folds: int, test_runs: int, tta_sets: int | None = None) -> float:
+    def prediction_jobs(self, c: Candidate, oof_folds: int, test_runs: int, tta_sets: int | None = None) -> list[float]:
+        """Seconds of each prediction stage: every fold's OOF with each TTA set, every test run (with the
+        costliest set: the chosen one is not known before); each image written with its class maps."""
         views = self.views if tta_sets is None else [self.test_views] * tta_sets
-        oof = sum(views) * oof_folds * self.n_val * c.throughput.image_s
-        test = test_runs * self.test_views * self.fp.n_test * c.throughput.image_s
-        written = len(views) * oof_folds * self.n_val + test_runs * self.fp.n_test  # images
-        starts = STAGE_START_S * (len(views) * oof_folds + test_runs)
-        maps = written * maps_seconds(c.throughput, self.fp.num_classes)
-        return (oof + test + maps) * PREDICT_SAFETY_FACTOR + starts
+        maps = maps_seconds(c.throughput, self.fp.num_classes)
+        oof = [(v * self.n_val * c.throughput.image_s + self.n_val * maps) for v in views] * oof_folds
+        test = [self.test_views * self.fp.n_test * c.throughput.image_s + self.fp.n_test * maps] * test_runs
+        return [s * PREDICT_SAFETY_FACTOR + STAGE_START_S for s in oof + test]
+
+    def predictions(self, c: Candidate, oof_folds: int, test_runs: int, tta_sets: int | None = None) -> float:
+        """The seconds of all of ``c``'s prediction stages, one after another."""
+        return sum(self.prediction_jobs(c, oof_folds, test_runs, tta_sets))
+
+    def wall(self, jobs: list[float]) -> float:
+        """Wall seconds of independent jobs on the plan's devices."""
+        return makespan(jobs, self.slots)
 
     def setup(self) -> Stage:
         probed = self.probed()
@@ -221,12 +232,12 @@ class Pricer:
         rungs = rungs_of(shape.n, shape.families, e)
         by_cost = sorted(screened, key=self.epoch, reverse=True)
         seconds, start = 0.0, 0
-        for i, rung in enumerate(rungs):
+        for i, rung in enumerate(rungs):  # the runs of a rung side by side on the devices
             members = kept if i == len(rungs) - 1 else by_cost[: rung["runs"]]
-            seconds += sum((rung["epoch"] - start) * self.epoch(c) + STAGE_START_S * 2 for c in members)
+            seconds += self.wall([(rung["epoch"] - start) * self.epoch(c) + STAGE_START_S * 2 for c in members])
             start = rung["epoch"]
         detail = ", ".join(f"{r['runs']} compared at epoch {r['epoch']}" for r in rungs)
-        detail += f"; {shape.families} go{'es' * (shape.families == 1)} on"
+        detail += f"; {shape.families} go{'es' * (shape.families == 1)} on{self.on}"
         return Stage(StageKind.SCREEN, f"screen {shape.n} on fold 0 (successive halving)", seconds, disk, detail)
 
     def training(self, kept: list[Candidate], shape: _Shape) -> list[Stage]:
@@ -238,12 +249,12 @@ class Pricer:
                 Stage(
                     StageKind.FOLDS,
                     f"folds 1-{more} of {shape.families} survivor{'s' * (shape.families > 1)}",
-                    sum(more * self.run(c, e) for c in kept),
+                    self.wall([self.run(c, e) for c in kept for _ in range(more)]),
                     sum(
                         more * (2 * checkpoint_mb(c.throughput) + self.map_mb(c, self.n_val, self.oof_scale))
                         for c in kept
                     ),
-                    f"{e} epochs each, {fp.n_train(self.k)} training images",
+                    f"{e} epochs each, {fp.n_train(self.k)} training images{self.on}",
                 )
             )
         if shape.refit:
@@ -270,13 +281,13 @@ class Pricer:
             Stage(
                 StageKind.PREDICT,
                 f"predict: OOF with each TTA set ({', '.join(self.tta)}), test",
-                sum(self.predictions(c, shape.folds, test_runs) for c in kept),
+                self.wall([s for c in kept for s in self.prediction_jobs(c, shape.folds, test_runs)]),
                 sum(
                     self.map_mb(c, len(self.tta) * oof_images, self.oof_scale)
                     + self.map_mb(c, test_runs * fp.n_test, test_scale)
                     for c in kept
                 ),
-                f"{test_runs} test run{'s' * (test_runs > 1)} per survivor",
+                f"{test_runs} test run{'s' * (test_runs > 1)} per survivor{self.on}",
             ),
             Stage(
                 StageKind.ENSEMBLE,
@@ -293,10 +304,11 @@ class Pricer:
                 Stage(
                     StageKind.PSEUDO,
                     "pseudo-label round",
-                    self.k * self.run(c, e, images) + self.predictions(c, self.k, self.k, tta_sets=1),
+                    self.wall([self.run(c, e, images)] * self.k)
+                    + self.wall(self.prediction_jobs(c, self.k, self.k, 1)),
                     self.k * (2 * checkpoint_mb(c.throughput) + self.map_mb(c, self.n_val + fp.n_test, self.oof_scale)),
                     f"the strongest survivor on all {self.k} folds with the {fp.n_test} test images' pseudo labels, "
-                    f"{e} epochs; then the ensemble again",
+                    f"{e} epochs{self.on}; then the ensemble again",
                 )
             )
         post = POSTPROCESS_S_PER_IMAGE * oof_images  # within the ensemble stage
@@ -533,6 +545,7 @@ class Planner:
             shape.pseudo,
             stages,
             stretch,
+            self.rules.slots,
             device,
             notes,
         )

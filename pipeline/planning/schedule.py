@@ -19,7 +19,7 @@ from pipeline.planning.costs import Throughput, epoch_seconds
 from pipeline.planning.fingerprint import Fingerprint
 from pipeline.planning.portfolio import PortfolioRecipe, parse_recipe
 
-FORMAT_VERSION = 2  # plan.json's layout; a file of another version is planned again, never misread
+FORMAT_VERSION = 3  # plan.json's layout; a file of another version is planned again, never misread
 
 
 class StageKind(StrEnum):
@@ -118,6 +118,7 @@ class Schedule:
     stages: list[Stage]
     # a time-budgeted run may train up to this many times ``epochs`` when it runs faster than priced
     stretch: int = 1
+    slots: int = 1  # devices that run the plan's independent jobs side by side
     device: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -147,6 +148,7 @@ class Schedule:
             "tta": list(self.tta),
             "epochs": self.epochs,
             "stretch": self.stretch,
+            "slots": self.slots,
             "screened": [c.to_dict() for c in self.screened],
             "rungs": [dict(r) for r in self.rungs],
             "families": self.families,
@@ -181,6 +183,7 @@ class Schedule:
                 bool(d["pseudo"]),
                 [Stage.from_dict(s) for s in d["stages"]],
                 int(d["stretch"]),
+                int(d["slots"]),
                 str(d["device"]),
                 [str(n) for n in d["notes"]],
             )
@@ -196,6 +199,7 @@ class Schedule:
             ["data", self.fingerprint.describe()],
             ["device", self.device],
             ["plan", f"level {self.level}: {self.description}, {self.epochs} epochs a run"],
+            *([["devices", f"{self.slots} side by side, one job each"]] if self.slots > 1 else []),
             ["TTA tried on OOF", ", ".join(self.tta)],
         ]
         n_val = self.fingerprint.n_val(self.k)

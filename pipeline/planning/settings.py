@@ -63,7 +63,11 @@ class BudgetSettings:
     encoder_weights: str | None = "auto"  # auto: folder > cache > package > download; null: the scratch recipes
     weights_dir: str = "weights"  # the weights folder (make weights) looked at first
     device: str = "auto"  # the device the probe measures and the runs train on
-    threads: int | None = None
+    # GPUs that run the plan's independent jobs side by side, one process each; null: every visible one (a
+    # device profile: its count). A CPU is one slot: a larger value there splits its threads among as many
+    # jobs, which trains no faster
+    gpus: int | None = None
+    threads: int | None = None  # torch threads of every job (null: the cores shared among the jobs on a CPU)
 
     def validate(self) -> None:
         parse_budget(self.budget)
@@ -79,6 +83,8 @@ class BudgetSettings:
             raise ConfigError(f"name must be a plain folder name, got {self.name!r}")
         if self.k < 2:
             raise ConfigError(f"k must be at least 2, got {self.k}")
+        if self.gpus is not None and self.gpus < 1:
+            raise ConfigError(f"gpus must be at least 1 or null (every visible GPU), got {self.gpus}")
         if not self.tta:
             raise ConfigError("tta needs at least one candidate set")
         if self.recipes is not None and not self.recipes:
@@ -114,6 +120,15 @@ def probe_costs(
     return ProbeCosts(settings.device, settings.threads, fp.num_classes, budget_s, options, low, share)
 
 
+def slots_of(settings: BudgetSettings, costs: Costs) -> int:
+    """How many jobs run side by side: ``gpus`` (at most the GPUs there are), else every device."""
+    if settings.gpus is None:
+        return costs.devices
+    if costs.kind == "gpu" and settings.gpus > costs.devices:
+        raise ConfigError(f"gpus={settings.gpus}, but {costs.description} has {costs.devices}")
+    return settings.gpus
+
+
 class BudgetPlan:
     """The planning of one budgeted run: the recipes it can use on the device, the stamp of what its
     plan depends on, and the plan itself (:func:`pipeline.planning.planner.plan_schedule`)."""
@@ -126,7 +141,10 @@ class BudgetPlan:
         self.offers = offers(
             self.portfolio, costs.kind, settings.weights_dir, settings.encoder_weights, assume, settings.recipes
         )
+        self.slots = slots_of(settings, costs)
+        costs.use(self.slots)
         self.rules = Rules(
+            slots=self.slots,
             k=settings.k,
             tta=tuple(settings.tta),
             partial=settings.partial,
