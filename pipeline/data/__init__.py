@@ -1,5 +1,5 @@
-"""The data layer: COCO files of the contest layout, ground-truth maps, images, augmentations,
-datasets, fold splits, look-alike image groups, the probability store and array resizing.
+"""The data layer: COCO files of the contest layout, ground-truth maps, instance targets, images,
+augmentations, datasets, fold splits, look-alike image groups, the probability store and array resizing.
 Every public name is importable from ``pipeline.data``."""
 
 from pipeline.core.errors import DataError
@@ -20,6 +20,17 @@ from pipeline.data.images import (
     list_images,
     read_image,
     verify_images,
+)
+from pipeline.data.instances import (
+    ComponentTargets,
+    InstanceDataset,
+    InstanceTargets,
+    annotation_instances,
+    boxes_of,
+    collate_instances,
+    component_instances,
+    component_targets,
+    make_target,
 )
 from pipeline.data.mask_cache import MaskCache
 from pipeline.data.masks import (
@@ -110,4 +121,13 @@ __all__ = [
     "resize_nearest",
     "resize_probs",
     "scaled_size",
+    "ComponentTargets",
+    "InstanceDataset",
+    "InstanceTargets",
+    "annotation_instances",
+    "boxes_of",
+    "collate_instances",
+    "component_instances",
+    "component_targets",
+    "make_target",
 ]
