@@ -707,26 +707,29 @@ def section_device_profile(c: Check, rec: dict, clock: Clock) -> None:
 
 def write_profile(c: Check, rec: dict, clock: Clock) -> Path:
     """A device profile of this device as ``make plan DEVICE_PROFILE=`` reads it (``device_profile.yaml``
-    beside the JSON): each portfolio recipe of the device's tier that builds without a hub, timed by the
-    probe at the check's size and batch; whole segmentation-pretrained models (their architecture comes
-    with the hub's config) are listed in ``skipped`` and left to the profile's estimate."""
+    beside the JSON): each portfolio recipe of the device's tier that builds without a hub (a whole model
+    from its architecture preset), timed by the probe at the check's size and batch; the others are listed
+    in ``skipped`` and left to the profile's estimate."""
     import datetime
     import os
+    from dataclasses import replace
 
     from pipeline.engine.runtime import amp_dtype, precision_name
     from pipeline.planning.devices import DeviceProfile, Measured, save_device_profile
+    from pipeline.planning.measure import probe_recipe
     from pipeline.planning.portfolio import read_portfolio
-    from pipeline.planning.probe import Recipe, probe
+    from pipeline.planning.probe import probe
 
     kind = "gpu" if c.device.type == "cuda" else "cpu"
     measured: dict[str, list[Measured]] = {}
     rec["skipped"] = []
     for r in read_portfolio().tier(kind):
-        if r.pretrained or clock.over():
+        if (r.pretrained and not r.architecture) or clock.over():
             rec["skipped"].append(r.name)
             continue
         batch = c.s.batch if c.s.smoke else r.batch
-        t = probe(Recipe(r.model, r.encoder, tuple(c.s.size), batch), CLASSES, c.device)
+        recipe, options = probe_recipe(replace(r, batch=batch), tuple(c.s.size), {})
+        t = probe(recipe, CLASSES, c.device, options=options)
         measured[r.name] = [Measured(tuple(c.s.size), batch, t.step_s, t.image_s, t.checkpoint_mb)]
         c.free()
     name = str(rec["device_name"]).lower().replace(" ", "-")

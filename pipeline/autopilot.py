@@ -36,7 +36,6 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.data import load_coco
 from pipeline.data.folds_config import FoldsConfig
-from pipeline.inference.postprocessing import POSTPROCESSORS
 from pipeline.planning.budget import BudgetClock, format_duration, parse_budget
 from pipeline.planning.executor import ScheduleRun
 from pipeline.planning.fingerprint import fingerprint_of
@@ -56,14 +55,10 @@ class AutopilotConfig(BudgetSettings):
     gt: str | None = None  # test labels for the final score only; default <data_dir>/test_gt.json when present
     submissions_dir: str = "submissions"
     seed: int = 42
-    # a post-processor (none, min_area, crf, ...): tuned on OOF, kept by the selection rule
-    postprocess: str = "min_area"
     progress: bool = True
 
     def validate(self) -> None:
         super().validate()
-        if self.postprocess not in POSTPROCESSORS:
-            raise ConfigError(f"postprocess: unknown {self.postprocess!r}; known: {', '.join(POSTPROCESSORS.names())}")
         if self.format not in ("auto", *FORMATS):
             raise ConfigError(f"format: unknown {self.format!r}; known: auto, {', '.join(FORMATS)}")
 

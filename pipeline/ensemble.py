@@ -86,7 +86,7 @@ from pipeline.inference.ensemble import (
     tune_weights,
 )
 from pipeline.inference.ensemble_config import EnsembleConfig
-from pipeline.inference.postprocessing import POSTPROCESSORS, choose, write_postprocess
+from pipeline.inference.postprocessing import candidates, choose, write_postprocess
 from pipeline.inference.store import stores_mask_rule
 
 log = logging.getLogger(__name__)
@@ -360,7 +360,7 @@ def _honesty(cfg: EnsembleConfig, choice: Choice) -> dict[str, Any]:
 
 def _tune_postprocess(cfg: EnsembleConfig, choice: Choice, cache: OofCache, coco) -> PostprocessRecord:
     """The post-processing of ``cfg.postprocess`` tuned on the chosen fusion's OOF maps."""
-    if POSTPROCESSORS.key(cfg.postprocess) == "none":
+    if not candidates(cfg.postprocess):
         return PostprocessRecord("none")
     fusion = Fusion(choice.weights, choice.bias, cfg.method)
     post = choose(cfg.postprocess, FusedOof(cache, fusion, coco), coco.num_classes, seed=cfg.seed)

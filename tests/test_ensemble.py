@@ -429,6 +429,22 @@ def test_post_processing_is_tuned_on_oof_recorded_and_applied_by_submit(runs, tm
     assert same == (post["name"] == "none")  # applied exactly when chosen (and it changes some pixel)
 
 
+def test_several_post_processors_are_tuned_and_one_is_kept_by_the_rule_simplest_first(runs, tmp_path):
+    import yaml
+
+    result = run(cfg_for(runs, tmp_path, n_trials=4, postprocess="min_area,crf", n_boot=200))
+    post = yaml.safe_load((tmp_path / "ensembles" / "t" / "postprocess.yaml").read_text())
+    assert post == result["postprocess"] and post["name"] in ("none", "min_area", "crf")
+    tried = post["tried"]
+    assert [t["candidate"] for t in tried] == ["min_area", "crf"] and tried[0]["current"] == "none"
+    # each is compared with the choice so far; the last accepted one is kept
+    assert tried[1]["current"] == ("min_area" if tried[0]["accepted"] else "none")
+    accepted = [t["candidate"] for t in tried if t["accepted"]]
+    assert post["name"] == (accepted[-1] if accepted else "none")
+    with pytest.raises(Exception, match="postprocess: unknown 'nope'"):
+        build_config(EnsembleConfig, overrides=["runs=runs/x", "postprocess=min_area,nope"])
+
+
 def test_a_new_post_processor_is_one_registry_entry(runs, tmp_path, monkeypatch):
     """What a new post-processor module holds (here a fill-holes step) is all it takes: the ensemble
     stage tunes it by name, the selection rule decides, submit applies it; nothing else is edited."""

@@ -23,6 +23,7 @@ from pipeline.plan import run as make_plan
 from pipeline.planning.costs import MIN_EPOCHS, PLANNED_BUDGET_FRACTION, Throughput, candidate_size
 from pipeline.planning.devices import read_device_profile
 from pipeline.planning.fingerprint import Fingerprint
+from pipeline.planning.measure import Here
 from pipeline.planning.planner import Planner, Rules, plan_schedule
 from pipeline.planning.portfolio import read_portfolio
 from pipeline.planning.schedule import FORMAT_VERSION
@@ -60,7 +61,7 @@ def fake_probe(portfolio: str | None, profile: str, factor: float = 1.0):
 def gpu(monkeypatch):
     """This machine taken for a GPU (the probe is replaced, so nothing runs on it)."""
     monkeypatch.setattr(
-        measure_mod, "this_device", lambda setting, threads=None: (torch.device("cuda"), "fake H100", 1)
+        measure_mod, "this_device", lambda setting, threads=None: Here(torch.device("cuda"), "fake H100", 1, 80.0)
     )
 
 
@@ -124,7 +125,9 @@ def test_make_all_executes_the_plan_make_plan_kept_and_plans_again_for_another_d
     assert kept == printed and not probed and probe_s == 0.0  # executed as printed, no second probe
     assert "(made by make plan) still holds" in caplog.text
     # the same workspace on another device: planned again, saying so
-    monkeypatch.setattr(measure_mod, "this_device", lambda setting, threads=None: (torch.device("cpu"), "other cpu", 1))
+    monkeypatch.setattr(
+        measure_mod, "this_device", lambda setting, threads=None: Here(torch.device("cpu"), "other cpu", 1, 0.0)
+    )
     caplog.clear()
     with caplog.at_level(logging.INFO):
         again, _ = planned_by_make_all()

@@ -45,7 +45,7 @@ CPU = DeviceProfile(
 
 def plan(fp: Fingerprint, profile: DeviceProfile, budget: str, **rules) -> Schedule:
     """The plan of the shipped portfolio's tier for ``profile``, its weights taken as there."""
-    found = offers(read_portfolio(), profile.kind, None, assume=True)
+    found = offers(read_portfolio(), profile.kind, None, assume=True, memory_gb=profile.memory_gb)
     costs = ProfileCosts(profile)
     costs.use(rules.get("slots", 1))
     return plan_schedule(fp, found, costs, parse_budget(budget), Rules(**rules))
@@ -291,3 +291,28 @@ def test_two_t4s_buy_a_richer_plan_or_the_same_one_sooner_and_24h_on_an_h100_sti
         p = read_device_profile(name)
         assert p.kind == "gpu" and p.precision in ("bf16", "fp16") and p.estimate is not None, name
         assert "Measured on an H200" in (DEVICES / f"{name}.yaml").read_text(), name  # says where figures come from
+
+
+def test_a_day_on_an_h100_screens_the_large_tier_and_tries_multi_scale_tta_and_the_crf_on_oof():
+    h100 = read_device_profile("h100")
+    day = plan(CONTEST, h100, "24h", tta=None, postprocess=None, cpus=h100.cpus)
+    assert day.level == 4 and any(c.recipe.large for c in day.screened)
+    assert "ms" in day.tta and "crf" in day.postprocess and day.planned_s <= parse_budget("24h")
+    # two hours: every screened recipe's schedule is in the plan, which fits, at 24 epochs or more
+    short = plan(CONTEST, h100, "2h", tta=None, postprocess=None, cpus=h100.cpus)
+    assert short.planned_s <= 0.97 * parse_budget("2h") and short.epochs >= 24
+    screen = next(st for st in short.stages if st.kind == StageKind.SCREEN)
+    pricer = Pricer(CONTEST, Rules(tta=tuple(short.tta), postprocess=tuple(short.postprocess)), list)
+    assert all(pricer.run(c, short.rungs[0]["epoch"]) <= screen.seconds for c in short.screened)
+    # a T4's 16 GB hold no large recipe's training step: none is offered there
+    t4 = read_device_profile("t4")
+    assert not [r for r, _ in offers(read_portfolio(), "gpu", None, assume=True, memory_gb=t4.memory_gb) if r.large]
+    small = plan(CONTEST, t4, "24h", tta=None, postprocess=None)
+    assert not any(c.recipe.large for c in small.screened)
+
+
+def test_given_tta_and_post_processing_are_the_plans_own():
+    fixed = plan(CONTEST, read_device_profile("h100"), "24h", tta=("none",), postprocess=("min_area",))
+    assert fixed.tta == ["none"] and fixed.postprocess == ["min_area"]
+    one = plan(CCP, CPU, "20m", tta=None, postprocess=None)
+    assert one.level == 1 and one.tta == ["none", "hflip"] and one.postprocess == ["min_area"]

@@ -124,12 +124,16 @@ class PostprocessRecord:
     oof_miou_with: float | None = None
     oof_gain: dict[str, float] | None = None  # gain, low, high of the paired bootstrap interval
     accepted: bool | None = None
+    # with several candidates: each comparison of the rule (current, candidate, gain, low, high, accepted)
+    tried: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "params": self.params}
         if self.oof_gain is not None:
             out.update(oof_miou_without=self.oof_miou_without, oof_miou_with=self.oof_miou_with)
             out.update(oof_gain=self.oof_gain, accepted=self.accepted)
+        if self.tried:
+            out["tried"] = [dict(t) for t in self.tried]
         return out
 
     @classmethod
@@ -146,4 +150,5 @@ class PostprocessRecord:
             data.get("oof_miou_with"),
             data.get("oof_gain"),
             data.get("accepted"),
+            list(data.get("tried") or []),
         )

@@ -35,15 +35,18 @@ class EnsembleConfig:
     test_images: int | None = None  # test-set size when data_dir has no test_ann (None: the OOF images)
     public_share: float = 0.5  # share of the test images on the public leaderboard
     shakeup_splits: int = 1000  # random public/private splits of the shake-up estimate
-    postprocess: str = "none"  # a post-processor (none, min_area, crf, ...): tuned on OOF, kept by the selection rule
+    # a post-processor (none, min_area, crf, ...), or several simplest first (min_area,crf): each tuned on OOF,
+    # one kept only by the selection rule
+    postprocess: str = "none"
     progress: bool = True
 
     def validate(self) -> None:
         self.runs = split_paths(self.runs)
         if not self.runs:
             raise ConfigError('runs is required: experiment folders such as runs="runs/unet-demo runs/fpn-demo"')
-        if self.postprocess not in POSTPROCESSORS:
-            raise ConfigError(f"postprocess: unknown {self.postprocess!r}; known: {', '.join(POSTPROCESSORS.names())}")
+        unknown = [n for n in str(self.postprocess).split(",") if n.strip() not in POSTPROCESSORS]
+        if unknown:
+            raise ConfigError(f"postprocess: unknown {unknown[0]!r}; known: {', '.join(POSTPROCESSORS.names())}")
         if self.method not in METHODS:
             raise ConfigError(f"method: unknown {self.method!r}; known: {', '.join(METHODS)}")
         if self.greedy_rounds < 0:

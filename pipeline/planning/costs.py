@@ -101,6 +101,10 @@ PREDICT_SAFETY_FACTOR = 1.2  # predictions are priced this much above their meas
 MAPS_S_PER_CLASS_MPX = 0.065
 ENSEMBLE_S_PER_IMAGE = 0.02  # weight search on OOF maps, per image and member
 POSTPROCESS_S_PER_IMAGE = 0.05  # post-processing tuned on OOF maps (min-area sweeps), per image
+# the dense CRF on one image at its working side (256 pixels), per class and per host core; its tuning tries
+# each of its candidate weights on every OOF image, and the chosen one runs on every test image
+# (benchmarks/bench_crf.py, docs/measurements.md)
+CRF_S_PER_IMAGE_CLASS = 0.41
 SUBMIT_S_PER_IMAGE = 0.02  # encoding, validating and scoring a submission, per test image
 FOLDS_S_PER_IMAGE = 0.02  # the folds stage: perceptual hashes of the labelled images, per image
 PROBE_BUILD_S = 3.0  # the probe: building one recipe's model
@@ -122,6 +126,11 @@ def maps_seconds(t: Throughput, num_classes: int) -> float:
     """Seconds per image of one written prediction set beyond the forward pass."""
     h, w = t.recipe.size
     return MAPS_S_PER_CLASS_MPX * num_classes * h * w / 1e6
+
+
+def crf_seconds(num_classes: int, cores: int) -> float:
+    """Seconds of the dense CRF on one image on a host with ``cores`` cores."""
+    return CRF_S_PER_IMAGE_CLASS * num_classes / max(1, cores)
 
 
 def probe_seconds(t: Throughput) -> float:

@@ -76,6 +76,7 @@ class DeviceProfile:
     gpus: int = 1  # devices that run jobs side by side (a CPU is one)
     cpus: int = 0  # the host's CPU cores, which feed every device's loader (0: not stated)
     precision: str = ""  # what amp=auto trains in there: bf16, fp16 (with the gradient scaler) or fp32
+    memory_gb: float = 0.0  # each GPU's memory, which a recipe's training step must fit in (0: not stated)
     # portfolio recipe name -> its measurements (one per size measured)
     measured: dict[str, list[Measured]] = field(default_factory=dict)
     estimate: Estimate | None = None
@@ -109,7 +110,7 @@ class DeviceProfile:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "description": self.description}
-        out.update(gpus=self.gpus, cpus=self.cpus, precision=self.precision)
+        out.update(gpus=self.gpus, cpus=self.cpus, precision=self.precision, memory_gb=self.memory_gb)
         out["measured"] = {k: [m.to_dict() for m in v] for k, v in self.measured.items()}
         if self.estimate is not None:
             out["estimate"] = {k: v for k, v in vars(self.estimate).items()}
@@ -140,7 +141,8 @@ def read_device_profile(name_or_path: str | Path) -> DeviceProfile:
     path = named_file(name_or_path, DEVICES, "device profile")
     data = read_yaml_mapping(path)
     where = str(path)
-    unknown = sorted(set(data) - {"name", "kind", "description", "gpus", "cpus", "precision", "measured", "estimate"})
+    known = {"name", "kind", "description", "gpus", "cpus", "precision", "memory_gb", "measured", "estimate"}
+    unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown keys {', '.join(unknown)}")
     kind = data.get("kind")
@@ -165,9 +167,9 @@ def read_device_profile(name_or_path: str | Path) -> DeviceProfile:
     if not measured and estimate is None:
         raise ConfigError(f"{where}: a profile needs measured entries or an estimate")
     try:
-        gpus, cpus = int(data.get("gpus", 1)), int(data.get("cpus", 0))
+        gpus, cpus, memory = int(data.get("gpus", 1)), int(data.get("cpus", 0)), float(data.get("memory_gb", 0))
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: gpus and cpus must be whole numbers ({exc})") from exc
+        raise ConfigError(f"{where}: gpus and cpus must be whole numbers, memory_gb a number ({exc})") from exc
     if gpus < 1 or cpus < 0 or (kind == "cpu" and gpus != 1):
         raise ConfigError(f"{where}: gpus must be at least 1 (1 on a CPU) and cpus not negative, got {gpus}, {cpus}")
     precision = str(data.get("precision") or "")
@@ -180,6 +182,7 @@ def read_device_profile(name_or_path: str | Path) -> DeviceProfile:
         gpus,
         cpus,
         precision,
+        memory,
         measured,
         estimate,
         where,

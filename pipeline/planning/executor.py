@@ -261,7 +261,7 @@ class ScheduleRun:
         cfg, ens_dir = self.p.cfg, self.p.ws / "ensembles"
         weights = ens_dir / name / ENSEMBLE_WEIGHTS
         settings = dict(runs=[str(r) for r in runs], tta=tta, data_dir=cfg.data_dir, name=name, out_dir=ens_dir)
-        settings.update(postprocess=cfg.postprocess, progress=cfg.progress, seed=cfg.seed)
+        settings.update(postprocess=",".join(self.s.postprocess) or "none", progress=cfg.progress, seed=cfg.seed)
         stores = [p for r in runs for p in sorted(Path(r).glob(f"fold*/*_{tta}/index.csv"))]
         args = command("pipeline.ensemble", EnsembleConfig, settings)
         self.p.run([Job(f"ensemble-{name}", args, {}, stores, [weights])])
@@ -386,14 +386,14 @@ def summary(pilot: Pilot, schedule: Schedule, out: dict[str, Any], result: dict[
             gain = f"{c['gain']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
             rows.append(["pseudo-label round (OOF gain)", f"{gain} {'kept' if c['accepted'] else 'refused'}"])
     post = ens.report.get("postprocess") or {}
-    if post.get("oof_gain"):
-        g = post["oof_gain"]
-        rows.append(
-            [
-                f"post-processing {pilot.cfg.postprocess} (OOF gain)",
-                f"{g['gain']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}] {'kept' if post['accepted'] else 'refused'}",
-            ]
-        )
+    tried = post.get("tried") or (
+        [{"candidate": schedule.postprocess[0], "current": "none", **post["oof_gain"], "accepted": post["accepted"]}]
+        if post.get("oof_gain") and schedule.postprocess
+        else []
+    )
+    for c in tried:
+        gain = f"{c['gain']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
+        rows.append([f"post-processing {c['candidate']} vs {c['current']} (OOF gain)", f"{gain} {verdict_of(c)}"])
     rows.append(["TTA chosen", out["tta"]])
     if "shakeup" in ens.report:
         shake = ens.report["shakeup"]
@@ -415,6 +415,10 @@ def summary(pilot: Pilot, schedule: Schedule, out: dict[str, Any], result: dict[
 
 def verdict(comparison: Any) -> str:
     return "accepted" if comparison.accepted else "refused"
+
+
+def verdict_of(comparison: dict[str, Any]) -> str:
+    return "kept" if comparison["accepted"] else "refused"
 
 
 def promote(entries: list[dict[str, Any]], n: int, final: bool) -> set[str]:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -31,6 +32,8 @@ class Costs:
     description = ""  # the device as the plan names it
     identity = ""  # the device as a plan's stamp names it: a plan made for another never runs here unnoticed
     devices = 1  # devices that can run jobs side by side (GPUs; a CPU is one)
+    cpus = os.cpu_count() or 1  # the host's cores (the CPU work after training)
+    memory_gb = 0.0  # each device's memory (0: not known; recipes are then not held to theirs)
     busy = 1  # devices busy at once while a recipe is priced (:meth:`use`): they share the host's CPUs
 
     def __init__(self) -> None:
@@ -75,7 +78,7 @@ class ProfileCosts(Costs):
         self.kind = profile.kind
         self.description = f"{profile.name} ({profile.description or profile.kind}; profile {profile.source})"
         self.identity = f"profile {profile.name}"
-        self.devices = profile.gpus
+        self.devices, self.cpus, self.memory_gb = profile.gpus, profile.cpus or 1, profile.memory_gb
         if profile.estimated:
             self.notes.append("device figures: estimates (see the profile's header)")
 
@@ -86,17 +89,27 @@ class ProfileCosts(Costs):
         return self.profile.throughput(recipe, size, recipe.batch, self.busy)  # the profile prices any size itself
 
 
-def this_device(setting: str, threads: int | None = None) -> tuple[torch.device, str, int]:
-    """The device a run trains on (``auto``: the GPU when there is one), its name in a plan's stamp, and
-    how many such devices can run jobs side by side (the visible GPUs; a CPU is one)."""
+class Here(NamedTuple):
+    """The device a run trains on, its name in a plan's stamp, how many such devices can run jobs side by
+    side (the visible GPUs; a CPU is one), and each one's memory (0: not known, a CPU)."""
+
+    device: torch.device
+    identity: str
+    devices: int
+    memory_gb: float
+
+
+def this_device(setting: str, threads: int | None = None) -> Here:
+    """This machine's device for ``setting`` (``auto``: the GPU when there is one)."""
     device = resolve_device(setting)
     if threads:
         torch.set_num_threads(threads)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         count = torch.cuda.device_count() if setting == "auto" else 1
-        return device, f"{torch.cuda.get_device_name(index)} x{count}", count
-    return device, f"cpu, {torch.get_num_threads()} torch threads", 1
+        memory = torch.cuda.get_device_properties(index).total_memory / 2**30
+        return Here(device, f"{torch.cuda.get_device_name(index)} x{count}", count, memory)
+    return Here(device, f"cpu, {torch.get_num_threads()} torch threads", 1, 0.0)
 
 
 class ProbeCosts(Costs):
@@ -115,7 +128,7 @@ class ProbeCosts(Costs):
         share: float = PROBE_BUDGET_FRACTION,
     ):
         super().__init__()
-        self.device, self.identity, self.devices = this_device(setting, threads)
+        self.device, self.identity, self.devices, self.memory_gb = this_device(setting, threads)
         self.kind = "gpu" if self.device.type == "cuda" else "cpu"
         self.description = f"{self.identity} (measured here by the probe)"
         self.num_classes, self.budget_s, self.share = num_classes, budget_s, share
@@ -126,8 +139,7 @@ class ProbeCosts(Costs):
         if self.measured and self.seconds > self.share * self.budget_s:
             log.info("probe: %s at %dx%d left out (the probe has used its share of the budget)", recipe.name, *size)
             return None
-        options = {"pretrained": recipe.pretrained} if recipe.pretrained else self.options.get(recipe.model, {})
-        r = Recipe(recipe.model, recipe.encoder or str(recipe.pretrained), size, recipe.batch)
+        r, options = probe_recipe(recipe, size, self.options)
         started = time.monotonic()
         devices = self.busy_devices()
         if len(devices) == 1:
@@ -149,6 +161,18 @@ class ProbeCosts(Costs):
             return [self.device]
         first = self.device.index or 0
         return [torch.device("cuda", (first + i) % torch.cuda.device_count()) for i in range(self.busy)]
+
+
+def probe_recipe(
+    recipe: PortfolioRecipe, size: tuple[int, int], model_options: dict[str, dict[str, Any]]
+) -> tuple[Recipe, dict[str, Any]]:
+    """What the probe builds for ``recipe``: its model on its encoder with the run's builder options; a
+    whole model from its architecture preset (the same network, no hub), else from its hub id."""
+    if recipe.pretrained and recipe.architecture:
+        return Recipe(recipe.model, recipe.architecture, size, recipe.batch), {}
+    if recipe.pretrained:
+        return Recipe(recipe.model, str(recipe.pretrained), size, recipe.batch), {"pretrained": recipe.pretrained}
+    return Recipe(recipe.model, str(recipe.encoder), size, recipe.batch), dict(model_options.get(recipe.model, {}))
 
 
 def _pixels(size: tuple[int, int]) -> float:

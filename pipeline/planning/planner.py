@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.inference.postprocessing.crf import CRF_CANDIDATES
 from pipeline.inference.tta import view_cost
 from pipeline.models.pretrained import WeightSource
 from pipeline.planning.budget import format_duration
@@ -57,6 +58,7 @@ from pipeline.planning.costs import (
     Throughput,
     candidate_size,
     checkpoint_mb,
+    crf_seconds,
     epoch_seconds,
     makespan,
     maps_mb,
@@ -75,7 +77,11 @@ class Rules:
     """The settings a run gives the planner."""
 
     k: int = 5
-    tta: tuple[str, ...] = ("none", "hflip")  # tried on OOF, simplest first
+    # TTA sets tried on OOF, simplest first; None: BASE_TTA, with EXTRA_TTA where the budget affords them
+    tta: tuple[str, ...] | None = ("none", "hflip")
+    # post-processors tuned on OOF, simplest first; None: BASE_POSTPROCESS, with EXTRA_POSTPROCESS where affordable
+    postprocess: tuple[str, ...] | None = ("min_area",)
+    cpus: int = 1  # the host's cores (the CPU work after training: the CRF)
     partial: str = "refit"  # when the winner cannot train every fold: a refit on all labelled images, or folds
     level: int | None = None  # only plans of this level, with as few as MIN_EPOCHS epochs a run
     max_screen: int | None = None  # screen at most this many candidates (1: none)
@@ -159,6 +165,9 @@ class _Shape:
 
 
 ONE_RUN = _Shape(1, 1, 1, False, False)  # level 1: one candidate on fold 0
+BASE_TTA, EXTRA_TTA = ("none", "hflip"), ("ms", "d4")  # the multi-scale and dihedral sets when affordable
+BASE_POSTPROCESS, EXTRA_POSTPROCESS = ("min_area",), ("crf",)
+CRF_PASSES = 1 + len(CRF_CANDIDATES)  # the CRF's tuning: every OOF image without it and with each candidate
 
 
 class Pricer:
@@ -167,6 +176,7 @@ class Pricer:
     def __init__(self, fp: Fingerprint, rules: Rules, probed: Callable[[], list[Throughput]]):
         self.fp, self.k, self.tta, self.oof_scale = fp, rules.k, list(rules.tta), rules.oof_scale
         self.progressive, self.probed, self.slots = rules.progressive, probed, rules.slots
+        self.post, self.cpus = list(rules.postprocess or ()), rules.cpus
         self.on = f", {self.slots} devices side by side" if self.slots > 1 else ""
         self.n_val = fp.n_val(self.k)
         self.train_images = fp.n_train(self.k) * fp.epoch_factor
@@ -311,15 +321,14 @@ class Pricer:
                     f"{e} epochs{self.on}; then the ensemble again",
                 )
             )
-        post = POSTPROCESS_S_PER_IMAGE * oof_images  # within the ensemble stage
+        crf_s = crf_seconds(fp.num_classes, self.cpus) if "crf" in self.post else 0.0
+        post = POSTPROCESS_S_PER_IMAGE * oof_images * ("min_area" in self.post) + crf_s * CRF_PASSES * oof_images
+        names = ", ".join(self.post) or "none"
         out.append(
-            Stage(
-                StageKind.POSTPROCESS, "post-processing tuned on OOF", post, 0.0, "kept only when the rule accepts it"
-            )
+            Stage(StageKind.POSTPROCESS, f"post-processing tuned on OOF ({names})", post, 0.0, "one kept by the rule")
         )
-        out.append(
-            Stage(StageKind.SUBMIT, "submit, validate, score", STAGE_START_S * 2 + SUBMIT_S_PER_IMAGE * fp.n_test)
-        )
+        submit = STAGE_START_S * 2 + (SUBMIT_S_PER_IMAGE + crf_s) * fp.n_test
+        out.append(Stage(StageKind.SUBMIT, "submit, validate, score", submit))
         return out
 
     def fits(
@@ -393,7 +402,8 @@ class Planner:
             raise ConfigError("no recipe to plan with: none of the portfolio's recipes can be used here")
         self.fp, self.offers, self.costs, self.rules = fp, offers, costs, rules
         self.divisor, self.options = divisor, dict(model_options or {})
-        self.pricer = Pricer(fp, rules, costs.probed)
+        tta, post = self.variants()[-1]  # the one-recipe plan's (its budget goes to its epochs)
+        self.pricer = Pricer(fp, replace(rules, tta=tta, postprocess=post), costs.probed)
         self.unmeasured: list[str] = []  # options the costs could not price (the probe had used its share)
 
     def size(self, recipe: PortfolioRecipe, fraction: float) -> tuple[int, int]:
@@ -449,32 +459,67 @@ class Planner:
                     break  # its larger sizes would train fewer epochs still
         return out
 
-    def screening_pool(self) -> list[Candidate]:
+    def screening_pools(self) -> list[list[Candidate]]:
+        """The candidates a screen takes, in its order (:func:`round_robin`): every usable recipe, then, when
+        the large tier is among them, the recipes without it (for budgets that cannot afford it)."""
         pool = []
         for recipe, weights in self.offers:
             t = self.costs.price(recipe, self.size(recipe, recipe.size), exact=False)
             if t is not None:
                 pool.append(self.candidate(recipe, weights, t))
-        return round_robin(pool)[: self.rules.max_screen]
+        smaller = [c for c in pool if not c.recipe.large]
+        pools = [pool] + ([smaller] if smaller and len(smaller) < len(pool) else [])
+        return [round_robin(p)[: self.rules.max_screen] for p in pools]
+
+    def variants(self) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        """The TTA sets and post-processors a plan may try on OOF, richest first: the run's own when it gave
+        them, else the extra ones (multi-scale and dihedral TTA, the CRF) where the budget affords them."""
+        tta = [self.rules.tta] if self.rules.tta else [BASE_TTA + EXTRA_TTA[:i] for i in range(len(EXTRA_TTA), -1, -1)]
+        posts = (
+            [self.rules.postprocess]
+            if self.rules.postprocess is not None
+            else [
+                BASE_POSTPROCESS + EXTRA_POSTPROCESS,
+                BASE_POSTPROCESS,
+            ]
+        )
+        return [(t, p) for t in tta for p in posts]
+
+    def richer(self, budget_s: float, device: str) -> Schedule | None:
+        """The richest plan of levels 4 to 2 that fits (level by level; within one, the large recipes before
+        the pool without them, then the richest TTA and post-processing, then the shapes); None when none."""
+        rules, usable_s = self.rules, budget_s * PLANNED_BUDGET_FRACTION
+        pools = self.screening_pools()
+        full = pools[0]
+        least = min(rules.max_epochs, TARGET_EPOCHS if rules.level is None else MIN_EPOCHS)
+        for level in (4, 3, 2):
+            if rules.level is not None and level != rules.level:
+                continue
+            for pool in pools:
+                for tta, post in self.variants():
+                    pricer = Pricer(self.fp, replace(self.rules, tta=tta, postprocess=post), self.costs.probed)
+                    for shape_level, shape in _shapes(pool, rules.k, rules.partial):
+                        if shape_level != level:
+                            continue
+                        epochs, stages = pricer.fits(pool, shape, usable_s, least, rules.max_epochs)
+                        if epochs:
+                            shape = replace(shape, epochs=epochs)
+                            return self._schedule(level, shape, pool, stages, budget_s, device, tta, post)
+        if rules.level is not None:
+            raise PipelineError(
+                f"no plan of level {rules.level} fits {format_duration(budget_s)} with {MIN_EPOCHS} epochs a "
+                f"run ({len(full)} candidate{'s' * (len(full) != 1)}, k={rules.k}, partial={rules.partial})"
+            )
+        return None
 
     def schedule(self, budget_s: float, device: str = "") -> Schedule:
         rules, usable_s = self.rules, budget_s * PLANNED_BUDGET_FRACTION
         pools = self.single_pools()
         single = self.price_single(pools[0], usable_s) if rules.level in (None, 1) else []
         if rules.level != 1:
-            pool = self.screening_pool()
-            least = min(rules.max_epochs, TARGET_EPOCHS if rules.level is None else MIN_EPOCHS)
-            for level, shape in _shapes(pool, rules.k, rules.partial):
-                if rules.level is not None and level != rules.level:
-                    continue
-                epochs, stages = self.pricer.fits(pool, shape, usable_s, least, rules.max_epochs)
-                if epochs:
-                    return self._schedule(level, replace(shape, epochs=epochs), pool, stages, budget_s, device)
-            if rules.level is not None:
-                raise PipelineError(
-                    f"no plan of level {rules.level} fits {format_duration(budget_s)} with {MIN_EPOCHS} epochs a "
-                    f"run ({len(pool)} candidate{'s' * (len(pool) != 1)}, k={rules.k}, partial={rules.partial})"
-                )
+            found = self.richer(budget_s, device)
+            if found is not None:
+                return found
         tried = []
         for i, pool in enumerate(pools):
             options = single if i == 0 else self.price_single(pool, usable_s, exact=False)
@@ -485,7 +530,8 @@ class Planner:
                 epochs, stages = self.pricer.fits([c], ONE_RUN, usable_s, MIN_EPOCHS, rules.max_epochs)
                 if epochs:  # the probes of the later pools are part of the set-up
                     shape = replace(ONE_RUN, epochs=epochs)
-                    return self._schedule(1, shape, [c], stages, budget_s, device)
+                    tta, post = self.variants()[-1]  # one run's budget goes to its epochs
+                    return self._schedule(1, shape, [c], stages, budget_s, device, tta, post)
         raise PipelineError(self.refusal(tried, budget_s))
 
     @staticmethod
@@ -521,7 +567,15 @@ class Planner:
         )
 
     def _schedule(
-        self, level: int, shape: _Shape, pool: list[Candidate], stages: list[Stage], budget_s: float, device: str
+        self,
+        level: int,
+        shape: _Shape,
+        pool: list[Candidate],
+        stages: list[Stage],
+        budget_s: float,
+        device: str,
+        tta: tuple[str, ...],
+        post: tuple[str, ...],
     ) -> Schedule:
         notes = [f"{shape.epochs} epochs (at most {self.rules.max_epochs}) for every run"]
         if shape.n > 1:
@@ -535,7 +589,7 @@ class Planner:
             budget_s,
             self.fp,
             self.rules.k,
-            list(self.rules.tta),
+            list(tta),
             shape.epochs,
             pool[: shape.n],
             rungs_of(shape.n, shape.families, shape.epochs),
@@ -548,6 +602,7 @@ class Planner:
             self.rules.slots,
             device,
             notes,
+            list(post),
         )
 
 

@@ -4,6 +4,7 @@ tier they were chosen for."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from pipeline.models.pretrained import (
     pretrained_folder,
     resolve_weights,
 )
+
+log = logging.getLogger(__name__)
 
 PORTFOLIO = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "portfolio.yaml"
 TIERS = ("cpu", "gpu")
@@ -41,6 +44,11 @@ class PortfolioRecipe:
     augment: str = "light"
     gmacs_per_mpx: float = 0.0  # forward multiply-adds per megapixel: a device profile's estimates
     params_m: float = 0.0  # millions of parameters: the checkpoint's size where nothing was measured
+    # a whole model's architecture as a backbone preset of its family (the same network with random
+    # weights, built without the hub: what the probe times, and the build test)
+    architecture: str | None = None
+    memory_gb: float = 0.0  # a training step's GPU memory at 512x512 with its batch (0: not stated)
+    large: bool = False  # the large tier: screened when the budget affords its schedule, else left out
 
     @property
     def key(self) -> str:
@@ -155,13 +163,20 @@ def offers(
     encoder_weights: str | None = "auto",
     assume: bool = False,
     names: list[str] | None = None,
+    memory_gb: float = 0.0,
 ) -> list[tuple[PortfolioRecipe, WeightSource]]:
     """The recipes a budgeted run on a ``kind`` device can use, with the weights each starts from: the
     device's tier (``names``: only those), each pretrained one only where its weights resolve
     (``assume``: a plan for another machine takes them as there), the from-scratch ones always;
     ``encoder_weights=null``: the from-scratch ones alone.  On a GPU with two or more pretrained recipes,
-    those from scratch are not worth a screening slot; on a CPU they are screened beside them."""
+    those from scratch are not worth a screening slot; on a CPU they are screened beside them.
+    ``memory_gb``: the device's memory, which a recipe's step at 512x512 must fit in (0: not known)."""
     recipes = portfolio.tier(kind)
+    if memory_gb:
+        too_large = [r.name for r in recipes if r.memory_gb > memory_gb]
+        if too_large:
+            log.info("%s: left out, their training step needs more than %.0f GB", ", ".join(too_large), memory_gb)
+        recipes = [r for r in recipes if r.memory_gb <= memory_gb]
     if names is not None:
         known = [r.name for r in recipes]
         unknown = [n for n in names if n not in known]

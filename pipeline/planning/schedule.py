@@ -19,7 +19,7 @@ from pipeline.planning.costs import Throughput, epoch_seconds
 from pipeline.planning.fingerprint import Fingerprint
 from pipeline.planning.portfolio import PortfolioRecipe, parse_recipe
 
-FORMAT_VERSION = 3  # plan.json's layout; a file of another version is planned again, never misread
+FORMAT_VERSION = 4  # plan.json's layout; a file of another version is planned again, never misread
 
 
 class StageKind(StrEnum):
@@ -121,6 +121,7 @@ class Schedule:
     slots: int = 1  # devices that run the plan's independent jobs side by side
     device: str = ""
     notes: list[str] = field(default_factory=list)
+    postprocess: list[str] = field(default_factory=lambda: ["min_area"])  # tuned on OOF, one kept by the rule
 
     @property
     def planned_s(self) -> float:
@@ -146,6 +147,7 @@ class Schedule:
             "fingerprint": self.fingerprint.to_dict(),
             "k": self.k,
             "tta": list(self.tta),
+            "postprocess": list(self.postprocess),
             "epochs": self.epochs,
             "stretch": self.stretch,
             "slots": self.slots,
@@ -186,6 +188,7 @@ class Schedule:
                 int(d["slots"]),
                 str(d["device"]),
                 [str(n) for n in d["notes"]],
+                [str(n) for n in d["postprocess"]],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(
@@ -201,6 +204,7 @@ class Schedule:
             ["plan", f"level {self.level}: {self.description}, {self.epochs} epochs a run"],
             *([["devices", f"{self.slots} side by side, one job each"]] if self.slots > 1 else []),
             ["TTA tried on OOF", ", ".join(self.tta)],
+            ["post-processing tried on OOF", ", ".join(self.postprocess) or "none"],
         ]
         n_val = self.fingerprint.n_val(self.k)
         images = self.fingerprint.n_train(self.k) * self.fingerprint.epoch_factor

@@ -21,6 +21,8 @@ from pipeline.core.config import build_config, yaml_layers
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.io import atomic_write_text
 from pipeline.engine.train_config import TrainConfig
+from pipeline.inference.postprocessing import POSTPROCESSORS
+from pipeline.inference.tta import TTA_SETS
 from pipeline.planning.budget import parse_budget
 from pipeline.planning.costs import MAX_EPOCHS, candidate_size
 from pipeline.planning.fingerprint import Fingerprint
@@ -43,7 +45,11 @@ class BudgetSettings:
     name: str = "auto"  # the workspace work/<name>/ (plan.json, plan.txt, ...)
     work_dir: str = "work"
     k: int = 5  # folds
-    tta: list[str] = field(default_factory=lambda: ["none", "hflip"])  # tried on OOF, simplest first
+    # TTA sets tried on OOF, simplest first; null: none and hflip, with ms and d4 where the budget affords them
+    tta: list[str] | None = None
+    # post-processors tuned on OOF, simplest first, one kept by the selection rule (none, min_area, crf, ...);
+    # null: min_area, with crf where the budget affords it
+    postprocess: list[str] | None = None
     # the plan's level: null, the richest that fits the budget; 1 one recipe on fold 0; 2 screening and the
     # winner on more folds or a refit; 3 two or three families on all folds; 4 and a pseudo-label round.
     # A level given here may train as few as 4 epochs a run (a measurement, not a default)
@@ -85,8 +91,16 @@ class BudgetSettings:
             raise ConfigError(f"k must be at least 2, got {self.k}")
         if self.gpus is not None and self.gpus < 1:
             raise ConfigError(f"gpus must be at least 1 or null (every visible GPU), got {self.gpus}")
-        if not self.tta:
-            raise ConfigError("tta needs at least one candidate set")
+        if self.tta is not None and not self.tta:
+            raise ConfigError("tta needs at least one candidate set, or null for the planner's choice")
+        if self.tta is not None:
+            unknown = [t for t in self.tta if t not in TTA_SETS]
+            if unknown:
+                raise ConfigError(f"tta: unknown {unknown[0]!r}; known: {', '.join(TTA_SETS.names())}")
+        if self.postprocess is not None:
+            unknown = [n for n in self.postprocess if n not in POSTPROCESSORS]
+            if unknown:
+                raise ConfigError(f"postprocess: unknown {unknown[0]!r}; known: {', '.join(POSTPROCESSORS.names())}")
         if self.recipes is not None and not self.recipes:
             raise ConfigError("recipes: name at least one portfolio recipe, or null for all")
         if self.sizes is not None and (not self.sizes or any(not 0 < s <= 2 for s in self.sizes)):
@@ -139,14 +153,22 @@ class BudgetPlan:
         self.settings, self.fp, self.costs, self.recipe_cfg, self.assume = settings, fp, costs, recipe_cfg, assume
         self.portfolio = read_portfolio(settings.portfolio or PORTFOLIO)
         self.offers = offers(
-            self.portfolio, costs.kind, settings.weights_dir, settings.encoder_weights, assume, settings.recipes
+            self.portfolio,
+            costs.kind,
+            settings.weights_dir,
+            settings.encoder_weights,
+            assume,
+            settings.recipes,
+            costs.memory_gb,
         )
         self.slots = slots_of(settings, costs)
         costs.use(self.slots)
         self.rules = Rules(
             slots=self.slots,
+            cpus=costs.cpus,
             k=settings.k,
-            tta=tuple(settings.tta),
+            tta=tuple(settings.tta) if settings.tta else None,
+            postprocess=tuple(settings.postprocess) if settings.postprocess is not None else None,
             partial=settings.partial,
             level=settings.level,
             max_screen=settings.max_screen,

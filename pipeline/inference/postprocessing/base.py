@@ -76,22 +76,36 @@ POSTPROCESSORS.add(
 )
 
 
-def choose(name: str, oof: OofMaps, num_classes: int, seed: int = 0) -> PostprocessRecord:
-    """Tune post-processor ``name`` on ``oof`` and keep it only when the paired bootstrap interval of
-    its OOF mIoU gain over images lies above zero; the record for ``postprocess.yaml``."""
-    if POSTPROCESSORS.key(name) == "none":
+def candidates(names: str) -> list[str]:
+    """The post-processors of ``names`` (one, or several joined by commas, simplest first), ``none`` left out;
+    an unknown one is an error listing the known."""
+    out = [n.strip() for n in str(names).split(",") if n.strip()]
+    for n in out:
+        POSTPROCESSORS.get(n)
+    return [n for n in out if POSTPROCESSORS.key(n) != "none"]
+
+
+def choose(names: str, oof: OofMaps, num_classes: int, seed: int = 0) -> PostprocessRecord:
+    """Tune each post-processor of ``names`` (``min_area``, or several such as ``min_area,crf``, simplest
+    first) on ``oof`` and keep one only when the paired bootstrap interval of its OOF mIoU gain over the
+    choice so far lies above zero; the record for ``postprocess.yaml`` (with every comparison when there
+    were several)."""
+    wanted = candidates(names)
+    if not wanted:
         return PostprocessRecord("none")
-    pp: PostProcessor = POSTPROCESSORS.get(name)
-    tuned = pp.tune(oof, num_classes, seed)
-    choice = select([("none", tuned.without), (pp.name, tuned.with_)], seed=seed)
-    c = choice.comparisons[0]
+    tuned = {n: POSTPROCESSORS.get(n).tune(oof, num_classes, seed) for n in wanted}
+    base = tuned[wanted[0]].without
+    choice = select([("none", base), *[(POSTPROCESSORS.get(n).name, tuned[n].with_) for n in wanted]], seed=seed)
+    chosen = wanted[choice.index - 1] if choice.index else wanted[0]
+    c = next((c for c in choice.comparisons if c.candidate == POSTPROCESSORS.get(chosen).name), choice.comparisons[0])
     return PostprocessRecord(
         choice.chosen,
-        tuned.params,
-        float(mean_iou(tuned.without.sum(0))),
-        float(mean_iou(tuned.with_.sum(0))),
+        tuned[chosen].params,
+        float(mean_iou(base.sum(0))),
+        float(mean_iou(tuned[chosen].with_.sum(0))),
         {"gain": c.gain, "low": c.low, "high": c.high},
         c.accepted,
+        [cmp.as_dict() for cmp in choice.comparisons] if len(wanted) > 1 else [],
     )
 
 

@@ -20,8 +20,8 @@ Mask classification
     summed over queries, resized to the input size and normalised over classes.
 
 Encoders of these families are backbone presets built offline (``swin-tiny`` ...
-``swin-large``, ``resnet50``, ``convnext-tiny``; ``test-swin`` is a tiny one for CPU
-tests); a whole segmentation-pretrained model comes from ``pretrained=<hub id or local
+``swin-large``, ``resnet50``, ``convnext-tiny`` ... ``convnext-xlarge``; ``test-swin`` is a tiny one
+for CPU tests); a whole segmentation-pretrained model comes from ``pretrained=<hub id or local
 folder>`` (see :func:`from_pretrained`), whose own backbone and decoder are then used.
 """
 
@@ -109,6 +109,10 @@ BACKBONES: dict[str, Callable[[], Any]] = {
     "swin-large": _swin(192, [2, 2, 18, 2], [6, 12, 24, 48], window=12),
     "resnet50": _resnet50,
     "convnext-tiny": _convnext([96, 192, 384, 768], [3, 3, 9, 3]),
+    "convnext-small": _convnext([96, 192, 384, 768], [3, 3, 27, 3]),
+    "convnext-base": _convnext([128, 256, 512, 1024], [3, 3, 27, 3]),
+    "convnext-large": _convnext([192, 384, 768, 1536], [3, 3, 27, 3]),
+    "convnext-xlarge": _convnext([256, 512, 1024, 2048], [3, 3, 27, 3]),
     "beit-base": _beit(768, 12, 12, [4, 6, 8, 12]),
     "beit-large": _beit(1024, 24, 16, [8, 12, 16, 24]),
     "dinov2-small": _dinov2(384, 12, 6, [3, 6, 9, 12]),
