@@ -197,8 +197,8 @@ def settings(args: argparse.Namespace) -> Settings:
     if args.smoke:
         s = dict(smoke=True, size=(64, 64), batch=2, warm_steps=1, rounds=2, steps=2, repeats=2, loader_batches=4)
         s.update(n_train=24, n_test=6, budget="90s", matrix=("unet", "resnet18"), compile_backend="aot_eager")
-        # one thread: on a shared 2-core CPU, two OpenMP threads waiting on each other at every barrier made
-        # channels_last convolutions 15x slower (6 s a step instead of 0.13 s)
+        # one thread: on a shared CPU, OpenMP threads wait on each other at every barrier and slow
+        # channels_last convolutions many times over (docs/measurements.md, "Speed")
         s.update(threads=args.threads or 1)
         caps = dict(SMOKE_CAPS)
     else:

@@ -1,4 +1,4 @@
-"""Every architecture x modern-encoder row of the README's table is built here at test scale."""
+"""Every architecture x modern-encoder row of the table in docs/training.md is built here at test scale."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pipeline.models.params import param_groups
 from pipeline.models.registry import resolve_encoder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
-README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
 
 @pytest.mark.parametrize("combo", COMBINATIONS, ids=lambda c: f"{c.model}-{c.encoder}")
@@ -41,12 +41,12 @@ def test_combination_builds_trains_and_decays_by_layer(combo):
     assert len(encoder_lrs) >= 3 and encoder_lrs[-1] == pytest.approx(1e-4)  # stem << ... << deepest block
 
 
-def test_readme_table_is_the_one_the_combinations_give():
-    text = README.read_text()
+def test_docs_table_is_the_one_the_combinations_give():
+    text = TABLE_DOC.read_text()
     block = re.search(r"<!-- combinations:start -->\n(.*?)\n<!-- combinations:end -->", text, re.S)
-    assert block, "README.md lacks the combinations block"
+    assert block, "docs/training.md lacks the combinations block"
     assert block.group(1).strip() == render_table(), (
-        "README's table differs from pipeline.models.combinations: paste the output of "
+        "docs/training.md's table differs from pipeline.models.combinations: paste the output of "
         "`python -c 'from pipeline.models.combinations import render_table; print(render_table())'`"
     )
 

@@ -1,10 +1,10 @@
-"""Architecture x modern-encoder combinations that a test builds, and the README table made from them.
+"""Architecture x modern-encoder combinations that a test builds, and the table of docs/training.md made from them.
 
 Each row names the architecture and the encoder a user writes (``model=``, ``encoder=``) and
 the same encoder family shrunk for a CPU test (``test_encoder`` + ``test_options``);
 ``tests/test_combinations.py`` builds every row at test scale (forward and backward on a
 non-square input, layer-wise lr decay over its blocks), checks that the user's encoder name
-resolves in the installed libraries, and that the README's table is :func:`render_table`.
+resolves in the installed libraries, and that the table of ``docs/training.md`` is :func:`render_table`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ COMBINATIONS: tuple[Combination, ...] = (
 
 
 def render_table() -> str:
-    """The README's table of supported combinations (markdown)."""
+    """The table of supported combinations in ``docs/training.md`` (markdown)."""
     lines = [
         "| model | encoder | backbone | input size | note |",
         "|---|---|---|---|---|",
