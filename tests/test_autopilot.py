@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -240,6 +241,16 @@ def test_a_tiny_budgeted_run_ends_in_a_scored_submission_and_reruns_in_seconds(d
     assert "decoder_channels" in (ws / "plan.txt").read_text()
     for name in ("plan.txt", "summary.txt", "state.json", "ensembles/t/weights.yaml", "score.json"):
         assert (ws / name).is_file(), name
+    # the plan and the summary a person reads fit 100 columns; the weights file is named from
+    # site-packages there, and plan.json keeps its absolute path
+    for name in ("plan.txt", "summary.txt"):
+        too_wide = [line for line in (ws / name).read_text().splitlines() if len(line) > 100]
+        assert not too_wide, f"{name}:\n" + "\n".join(too_wide)
+    summary = (ws / "summary.txt").read_text()
+    assert re.search(r"^weights of \S+ +package site-packages/", summary, re.M), summary
+    assert re.search(r"^workspace +work/t$", summary, re.M), summary
+    weights_path = json.loads((ws / "plan.json").read_text())["schedule"]["screened"][0]["weights"]["path"]
+    assert Path(weights_path).is_absolute() and weights_path not in summary
     assert Path(first["submission"]).is_file() and 0 <= first["score"]["miou"] <= 1
     assert first["tta"] in ("none", "hflip")
     state = json.loads((ws / "state.json").read_text())

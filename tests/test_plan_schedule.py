@@ -229,6 +229,33 @@ def test_make_plan_keeps_the_plan_with_its_stamp_and_prints_it(tmp_path):
         run(PlanConfig(device_profile="h100", save_profile=str(tmp_path / "p.yaml")))
 
 
+@pytest.mark.parametrize("budget", ["2h", "24h"])
+def test_make_plans_table_fits_100_columns_with_short_paths_and_plan_json_keeps_them_whole(tmp_path, budget):
+    """What `make plan BUDGET=... DEVICE_PROFILE=h100 FINGERPRINT=recycle-trash` prints and writes to
+    plan.txt: every line within TEXT_WIDTH, the profile and fingerprint named from the package root;
+    plan.json keeps the absolute paths."""
+    from pipeline.core.tables import TEXT_WIDTH
+    from pipeline.plan import PlanConfig, run
+    from pipeline.planning.devices import read_device_profile
+
+    cfg = PlanConfig(
+        budget=budget, name="w", work_dir=str(tmp_path / "work"), device_profile="h100", fingerprint="recycle-trash"
+    )
+    out = run(cfg)
+    printed = (tmp_path / "work" / "w" / "plan.txt").read_text()
+    assert printed == out["text"] + "\n"
+    too_wide = [line for line in printed.splitlines() if len(line) > TEXT_WIDTH]
+    assert TEXT_WIDTH == 100 and not too_wide, "\n".join(too_wide)
+    assert all(line == line.rstrip() for line in printed.splitlines())
+    assert "data from pipeline/configs/fingerprints/recycle-trash.yaml" in printed
+    assert "profile pipeline/configs/devices/h100.yaml" in re.sub(r"\s+", " ", printed)
+    # keys stay in a narrow column, the values beside them (not pushed to the right margin)
+    assert re.search(r"^TTA tried on OOF +none, hflip", printed, re.M)
+    saved = json.loads((tmp_path / "work" / "w" / "plan.json").read_text())
+    profile = str(read_device_profile("h100").source)
+    assert profile.startswith("/") and profile in saved["schedule"]["device"]
+
+
 def test_make_plan_probes_this_device_and_saves_a_profile_it_can_plan_from(demo_data, tmp_path):
     from pipeline.plan import PlanConfig, run
 

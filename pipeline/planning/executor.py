@@ -40,7 +40,7 @@ import numpy as np
 from pipeline.core.io import atomic_write_text
 from pipeline.core.layout import ENSEMBLE_WEIGHTS, RunFolder, submission_paths
 from pipeline.core.records import EnsembleRecord
-from pipeline.core.tables import format_table
+from pipeline.core.tables import readable_table
 from pipeline.data import common_image_size
 from pipeline.engine.train_config import TrainConfig
 from pipeline.evaluation.analysis_config import AnalyzeConfig
@@ -373,18 +373,19 @@ def summary(pilot: Pilot, schedule: Schedule, out: dict[str, Any], result: dict[
     rows += ladder_rows(out["ladder"])
     rows += describe_folds(out["trained"])
     rows += [
-        [f"member {m.name} (weight {m.weight:.3f})", format_interval(m.scores["oof_miou_interval"])]
+        [f"member {m.name}", f"OOF {format_interval(m.scores['oof_miou_interval'])}, weight {m.weight:.3f}"]
         for m in ens.members
     ]
-    rows.append([f"ensemble (OOF): {ens.oof.get('chosen', '')}", format_interval(ens.oof["ensemble_interval"])])
+    chosen = f": {ens.oof['chosen']}" if ens.oof.get("chosen") else ""
+    rows.append(["ensemble", f"OOF {format_interval(ens.oof['ensemble_interval'])}{chosen}"])
     rows += [
-        [f"TTA {c.candidate} vs {c.current} (OOF gain)", f"{c.gain:+.4f} [{c.low:+.4f}, {c.high:+.4f}] {verdict(c)}"]
+        [f"TTA {c.candidate} vs {c.current}", f"OOF gain {c.gain:+.4f} [{c.low:+.4f}, {c.high:+.4f}] {verdict(c)}"]
         for c in out["tta_choice"].comparisons
     ]
     if "pseudo" in out:
         for c in out["pseudo"]["decision"]["comparisons"]:
             gain = f"{c['gain']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
-            rows.append(["pseudo-label round (OOF gain)", f"{gain} {'kept' if c['accepted'] else 'refused'}"])
+            rows.append(["pseudo-label round", f"OOF gain {gain} {'kept' if c['accepted'] else 'refused'}"])
     post = ens.report.get("postprocess") or {}
     tried = post.get("tried") or (
         [{"candidate": schedule.postprocess[0], "current": "none", **post["oof_gain"], "accepted": post["accepted"]}]
@@ -393,15 +394,16 @@ def summary(pilot: Pilot, schedule: Schedule, out: dict[str, Any], result: dict[
     )
     for c in tried:
         gain = f"{c['gain']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
-        rows.append([f"post-processing {c['candidate']} vs {c['current']} (OOF gain)", f"{gain} {verdict_of(c)}"])
+        rows.append([f"post-processing {c['candidate']} vs {c['current']}", f"OOF gain {gain} {verdict_of(c)}"])
     rows.append(["TTA chosen", out["tta"]])
     if "shakeup" in ens.report:
         shake = ens.report["shakeup"]
         gap = shake["abs_gap"]
         rows.append(
             [
-                f"public/private gap ({shake['test_images']} test images)",
-                f"median {gap['point']:.4f}, 90% range [{gap['low']:.4f}, {gap['high']:.4f}]",
+                "public/private gap",
+                f"median {gap['point']:.4f}, 90% range [{gap['low']:.4f}, {gap['high']:.4f}] "
+                f"({shake['test_images']} test images)",
             ]
         )
     if "score" in result:
@@ -410,7 +412,7 @@ def summary(pilot: Pilot, schedule: Schedule, out: dict[str, Any], result: dict[
     rows.append(["minutes: total (wall clock)", f"{pilot.clock.spent() / 60:.1f} of {pilot.clock.total / 60:.1f}"])
     rows.append(["submission", f"{result['submission']} ({pilot.format}: {pilot.format_reason})"])
     rows.append(["workspace", str(pilot.ws)])
-    return format_table(["summary", ""], rows)
+    return readable_table(["summary", ""], rows, "ll")
 
 
 def verdict(comparison: Any) -> str:

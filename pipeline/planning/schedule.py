@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from pipeline.core.errors import ConfigError, PipelineError
-from pipeline.core.tables import format_table
+from pipeline.core.tables import readable_lines, readable_table
 from pipeline.models.pretrained import WeightSource
 from pipeline.planning.budget import format_duration
 from pipeline.planning.costs import Throughput, epoch_seconds
@@ -197,7 +197,8 @@ class Schedule:
 
     def table(self) -> str:
         """The plan as a person reads it: the data, device and shape, the candidates with their costs and
-        weights, then the stages with minutes and disk."""
+        weights, then the stages with minutes and disk; ``TEXT_WIDTH`` columns wide, paths shortened
+        (``plan.json`` keeps them whole)."""
         head = [
             ["data", self.fingerprint.describe()],
             ["device", self.device],
@@ -221,20 +222,21 @@ class Schedule:
             for c in self.screened
         ]
         title = "screened" if len(self.screened) > 1 else "candidate"
-        candidates = format_table([title, "family", "size", "batch", "s/step", "ms/image", "epoch"], rows)
+        columns = [title, "family", "size", "batch", "s/step", "ms/image", "epoch"]
+        candidates = readable_table(columns, rows, "llrrrrr")
         weights = [[f"weights of {c.name}", c.describe_weights()] for c in self.screened]
         weights += [[f"options of {c.name}", str(c.model_options)] for c in self.screened if c.model_options]
         stage_rows = [[s.name, format_duration(s.seconds), f"{s.disk_mb:,.0f}", s.detail] for s in self.stages]
         share = f"{self.planned_s / max(self.budget_s, 1e-9):.0%} of {format_duration(self.budget_s)}"
         stage_rows.append(["total", format_duration(self.planned_s), f"{self.disk_mb:,.0f}", share])
         parts = [
-            format_table(["plan", ""], head),
+            readable_table(["plan", ""], head, "ll"),
             candidates,
-            format_table(["candidate", ""], weights),
-            format_table(["stage", "time", "disk MB", ""], stage_rows),
+            readable_table(["candidate", ""], weights, "ll"),
+            readable_table(["stage", "time", "disk MB", ""], stage_rows, "lrrl"),
         ]
         if self.notes:
-            parts.append("\n".join(f"- {n}" for n in self.notes))
+            parts.append(readable_lines(self.notes, "- ", "  "))
         return "\n\n".join(parts)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from pipeline.core.config import build_config, yaml_layers
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.io import atomic_write_text
+from pipeline.core.tables import readable_lines
 from pipeline.engine.train_config import TrainConfig
 from pipeline.inference.postprocessing import POSTPROCESSORS
 from pipeline.inference.tta import TTA_SETS
@@ -264,7 +265,7 @@ class BudgetPlan:
 
     def text(self, schedule: Schedule) -> str:
         """The plan as printed: what it assumed (:meth:`head`), then its table."""
-        return "\n".join(self.head()) + "\n\n" + schedule.table()
+        return readable_lines(self.head(), indent="  ") + "\n\n" + schedule.table()
 
     def write(self, ws: Path, schedule: Schedule, planned_by: str) -> str:
         """Keep ``schedule`` in ``ws/plan.json`` with its stamp, and its table (after :meth:`head`) in
