@@ -66,6 +66,11 @@ GPU_WHEELS ?= segmentation-models-pytorch==0.6.0 albumentations==2.0.8 albucore=
   colorlog==6.12.0
 WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
 
+# make bundle: the folder a Kaggle notebook attaches as a dataset (pipeline/bundle.py): the wheels of the
+# pipeline and of what the Kaggle image lacks (worked out from pipeline/configs/images/kaggle.yaml), a copy of
+# WEIGHTS_DIR (ENCODERS= or FROM= run make weights first) and kaggle.ipynb
+BUNDLE_DIR ?= bundle
+
 # the end-to-end demo job: `make all` on the generated demo data within this budget
 DEMO_BUDGET ?= 6m
 
@@ -78,7 +83,7 @@ resume_flag  = resume=$(if $(filter 0 false no,$(RESUME)),false,true)
 args = $(if $(strip $(ARGS)),--args '$(subst ','\'',$(ARGS))')
 truthy = $(filter 1 true yes on,$(1))
 
-.PHONY: help setup data weights eda folds train train-folds predict predict-folds average pseudo analyze ensemble submit validate score tune tune-report plan all demo lint test test-fast bench gpu-check gpu-wheels clean
+.PHONY: help setup data weights eda folds train train-folds predict predict-folds average pseudo analyze ensemble submit validate score tune tune-report plan all bundle demo lint test test-fast bench gpu-check gpu-wheels clean
 
 help: ## list targets and their variables
 	@echo "Targets:"
@@ -108,6 +113,7 @@ help: ## list targets and their variables
 	@echo "  PROFILE=$(PROFILE)  tuning profile: full | demo (small space, short CPU trials: SPACE and TUNE_TRAIN_ARGS)"
 	@echo "  TUNE_TRAIN_ARGS=\"$(TUNE_TRAIN_ARGS)\"  extra key=value for every trial's training config"
 	@echo "  PYTHON_BIN=$(PYTHON_BIN) VENV=$(VENV)  (setup: the interpreter that creates the virtual environment, and its folder)"
+	@echo "  BUNDLE_DIR=$(BUNDLE_DIR)  (bundle: the Kaggle dataset folder; WEIGHTS_DIR is copied in, ENCODERS=/FROM= fill it first)"
 	@echo "  GPU_WHEELS=...  (gpu-wheels: the packages carried to a lent GPU machine)"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -176,6 +182,10 @@ plan: setup ## print the plan of a budgeted run without training (BUDGET=, DEVIC
 
 all: setup ## budgeted run DATA_DIR -> validated submission within BUDGET (NAME=, FORMAT=, GT=): work/NAME/, submissions/NAME.csv
 	$(PY) -m pipeline.autopilot data_dir=$(DATA_DIR) budget=$(BUDGET) name=$(NAME) format=$(FORMAT) weights_dir=$(WEIGHTS_DIR) $(if $(GPUS),gpus=$(GPUS)) $(if $(filter-out $(DATA_DIR)/test_gt.json,$(GT)),gt=$(GT)) $(args)
+
+bundle: setup ## the folder to attach to a Kaggle notebook as a dataset -> BUNDLE_DIR/ (wheels/, weights/ = WEIGHTS_DIR, kaggle.ipynb, manifest.json)
+	$(if $(or $(strip $(ENCODERS)),$(FROM)),$(MAKE) --no-print-directory weights ARGS=)
+	$(PY) -m pipeline.bundle out_dir=$(BUNDLE_DIR) weights_dir=$(WEIGHTS_DIR) $(args)
 
 demo: setup ## the main job on generated demo data: data -> EDA -> make all (folds, probe, plan, train, TTA on OOF, ensemble, submit, score) in DEMO_BUDGET
 	$(MAKE) --no-print-directory data ARGS=
