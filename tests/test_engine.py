@@ -368,16 +368,6 @@ def test_progressive_resizing_trains_the_first_epochs_small_and_the_budget_costs
         tiny(demo_data_square, folds_file, tmp_path, progressive=1.0)
 
 
-def test_tensorboard_needs_its_package_and_says_so(demo_data_square, folds_file, tmp_path, monkeypatch):
-    import sys
-
-    from pipeline.core.errors import ConfigError
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were missing
-    with pytest.raises(ConfigError, match="tensorboard=true needs the tensorboard package"):
-        run(tiny(demo_data_square, folds_file, tmp_path, epochs=1, tensorboard=True))
-
-
 class _Step:
     """The parts of a Trainer that ``backward_batch`` uses, around a model without BatchNorm."""
 

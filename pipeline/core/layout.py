@@ -13,6 +13,11 @@
     test_<tta>/   probability store of the test images (``make predict``)
     <store>_png/  with ``png=true``: viewable masks of a store's images, beside it (``test_<tta>_png/``)
     png_<folder>_<tta>/  ``make predict IMAGES=<folder>``: viewable masks of a folder's images
+    trackers.json with ``tracker=wandb`` / ``mlflow``: each tracker's run id (a resumed run continues it)
+    tensorboard/  with ``tracker=tensorboard``: event files
+    wandb/        with ``tracker=wandb``: W&B's run folders (offline ones: ``wandb sync`` uploads them)
+
+``runs/mlflow.db`` and ``runs/mlflow-artifacts/``: ``tracker=mlflow``'s default store, beside the experiments.
 
 A folder of viewable masks holds ``labels/<name>.png`` (palette PNGs, pixel = class index),
 ``overlays/<name>.jpg``, ``legend.png``, ``classes.csv`` and ``index.csv`` (``file_name`` -> files).
@@ -31,6 +36,11 @@ TIMING = "timing.csv"
 LAST = "last.pt"
 BEST = "best.pt"
 CURVES = "curves.png"
+TRACKERS = "trackers.json"
+TENSORBOARD = "tensorboard"
+WANDB = "wandb"
+MLFLOW_DB = "mlflow.db"  # in the runs folder
+MLFLOW_ARTIFACTS = "mlflow-artifacts"  # in the runs folder
 OOF = "oof"
 TOP = "top"  # the best epochs' weights (keep_top_k=), with index.json
 AVERAGED = "averaged.pt"  # make average: the top-k weights averaged, BatchNorm statistics recomputed
@@ -106,6 +116,14 @@ class RunFolder:
     @property
     def oof(self) -> Path:
         return self.path / OOF
+
+    @property
+    def trackers(self) -> Path:
+        return self.path / TRACKERS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
 
     @property
     def top(self) -> Path:

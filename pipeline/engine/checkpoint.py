@@ -186,13 +186,12 @@ def load_checkpoint_model(
 ):
     """Model (in eval mode), its resolved training config and the checkpoint dict of a ``.pt`` file
     (read by :func:`read_checkpoint`)."""
-    from pipeline.core.config import config_from_dict
     from pipeline.engine.runtime import channels_last_pays
-    from pipeline.engine.train_config import TrainConfig
+    from pipeline.engine.train_config import stored_config
     from pipeline.models import build_model
 
     ckpt = read_checkpoint(path, trust_pickle)
-    cfg = config_from_dict(TrainConfig, ckpt["config"], str(path))
+    cfg = stored_config(ckpt["config"], str(path))
     model = build_model(
         cfg.model,
         num_classes=ckpt["num_classes"],

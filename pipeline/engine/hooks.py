@@ -7,7 +7,10 @@ techniques attach here instead of editing the loop:
 * ``on_step_end(trainer)``: after every optimizer step;
 * ``on_epoch_end(trainer, row)``: after validation and the checkpoint of an epoch (``row``
   is the epoch's metrics row); may set ``trainer.stop`` to end training;
-* ``on_train_end(trainer)``: after the last epoch.
+* ``on_train_end(trainer)``: after the last epoch;
+* ``on_run_end(trainer, scores)``: after the out-of-fold store is written, with the run's scores
+  (``best_val_miou``, ``best_epoch``, ``epochs``, ``oof_miou``; NaN where there is none), or with None
+  when training ended with an error (a tracker closes its run here, as failed or finished).
 
 A hook with state to resume (EMA weights, counters) names a ``state_key`` and implements
 ``state_dict`` / ``load_state_dict``; the checkpoint stores it under that key.  A hook may
@@ -44,6 +47,9 @@ class Hook:
         pass
 
     def on_train_end(self, trainer: HookView) -> None:
+        pass
+
+    def on_run_end(self, trainer: HookView, scores: dict[str, float] | None) -> None:
         pass
 
     def evaluation_model(self) -> nn.Module | None:
@@ -172,8 +178,8 @@ class TimeBudget(Hook):
         full_s = costs[0]
         done = epoch + 1
         fits = self._fits(trainer, done, max(0.0, left), costs)
-        # ahead of a shortened plan: a quarter of an epoch kept in hand (a whole one left about 100 s
-        # of a 20-minute ccp run unused: 9 epochs of about 100 s where 10 fitted)
+        # ahead of a shortened plan: a quarter of an epoch kept in hand (a whole one left time unused:
+        # docs/measurements.md, "Time budgets and planning figures")
         longer = self._fits(trainer, done, max(0.0, left - HAND_EPOCHS * full_s), costs)
         if fits < trainer.end_epoch:
             end = fits
@@ -210,25 +216,3 @@ class EpochCallback(Hook):
     def on_epoch_end(self, trainer: HookView, row: dict[str, Any]) -> None:
         if not math.isnan(row["val_miou"]):
             self.fn(row["epoch"], row)
-
-
-class TensorBoardHook(Hook):
-    """Writes every epoch's metrics row as scalars under ``<run>/tensorboard`` (``tensorboard=true``)."""
-
-    def __init__(self, folder):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:  # the tensorboard package is optional
-            from pipeline.core.errors import ConfigError
-
-            raise ConfigError("tensorboard=true needs the tensorboard package (pip install tensorboard)") from exc
-        self.writer = SummaryWriter(str(folder))
-
-    def on_epoch_end(self, trainer: HookView, row: dict[str, Any]) -> None:
-        for key, value in row.items():
-            if key != "epoch" and isinstance(value, float) and math.isfinite(value):
-                self.writer.add_scalar(key.replace("iou_", "iou/"), value, row["epoch"])
-        self.writer.flush()
-
-    def on_train_end(self, trainer: HookView) -> None:
-        self.writer.close()

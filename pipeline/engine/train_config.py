@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import Layer, override_layer, to_dict, yaml_layers
+from pipeline.core.config import Layer, config_from_dict, override_layer, to_dict, yaml_layers
 from pipeline.core.errors import ConfigError
 from pipeline.core.layout import RunFolder
 from pipeline.core.torch_files import check_trust_list
 from pipeline.data import AUGMENTATIONS, MASK_RULES
 from pipeline.engine.optim import OPTIMIZERS, SCHEDULERS
 from pipeline.engine.runtime import AMP_MODES
+from pipeline.engine.trackers import check_trackers
 from pipeline.models.losses import CLASS_WEIGHT_MODES
 
 # the package's config files: base.yaml and one overlay per model family
@@ -37,6 +38,10 @@ RESUMABLE_KEYS = (
     "precision",
     "resume",
     "trust_pickle",
+    "tracker",
+    "tracker_project",
+    "wandb_mode",
+    "mlflow_uri",
 )
 
 
@@ -111,7 +116,11 @@ class TrainConfig:
     oof_scale: float = 0.5  # out-of-fold maps are stored at this fraction of the training size
     oof_dtype: str = "float16"
     plot: bool = True
-    tensorboard: bool = False  # also log every epoch's metrics to <run>/tensorboard (needs the tensorboard package)
+    # experiment trackers, any of tensorboard, wandb, mlflow (tracker=wandb,mlflow): pipeline/engine/trackers.py
+    tracker: list[str] = field(default_factory=list)
+    tracker_project: str = "segmentation-pipeline"  # W&B project, MLflow experiment (runs: <experiment>/fold<k>)
+    wandb_mode: str | None = None  # offline | online | disabled; null: $WANDB_MODE, else offline
+    mlflow_uri: str | None = None  # MLflow tracking URI; null: sqlite:///<runs_dir>/mlflow.db
     # runtime
     seed: int = 42
     device: str = "auto"
@@ -173,6 +182,7 @@ class TrainConfig:
         if not 0 < self.oof_scale <= 1:
             raise ConfigError(f"oof_scale must be in (0, 1], got {self.oof_scale}")
         check_trust_list(self.trust_pickle)
+        check_trackers(self.tracker, self.wandb_mode)
 
     @property
     def experiment_name(self) -> str:
@@ -221,6 +231,15 @@ def train_layer_parts(
     family = family_layers(model)
     held = {Path(source).resolve() for source, _ in family}
     return family, [(source, mapping) for source, mapping in user if Path(source).resolve() not in held]
+
+
+def stored_config(data: Mapping[str, Any], source: str) -> TrainConfig:
+    """A run's stored config (a checkpoint's, config.yaml) as a TrainConfig, earlier keys translated:
+    ``tensorboard: true`` is ``tracker: [tensorboard]``."""
+    data = dict(data)
+    if data.pop("tensorboard", False):
+        data["tracker"] = [*data.get("tracker", []), "tensorboard"]
+    return config_from_dict(TrainConfig, data, source)
 
 
 def changed_keys(stored: Mapping[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:

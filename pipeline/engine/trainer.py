@@ -52,7 +52,7 @@ from pipeline.engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from pipeline.engine.hooks import EarlyStopping, EMAHook, Hook, TensorBoardHook, TimeBudget
+from pipeline.engine.hooks import EarlyStopping, EMAHook, Hook, TimeBudget
 from pipeline.engine.loop import evaluate, train_one_epoch
 from pipeline.engine.oof import write_oof
 from pipeline.engine.optim import (
@@ -77,6 +77,7 @@ from pipeline.engine.runtime import (
 )
 from pipeline.engine.sampling import EpochSeededDataset, EpochShuffleSampler
 from pipeline.engine.sizes import SizeSchedule
+from pipeline.engine.trackers import build_trackers
 from pipeline.engine.train_config import TrainConfig, changed_keys
 from pipeline.evaluation.metrics import iou_per_class, mean_iou
 from pipeline.models.contract import has_own_loss, own_loss_description, wants_instances
@@ -235,12 +236,12 @@ class Trainer:
         hooks.append(EarlyStopping(self.cfg.patience, self.cfg.val_every))
         if self.cfg.time_budget is not None:
             hooks.append(TimeBudget(self.cfg.time_budget))
-        if self.cfg.tensorboard and self.dist.main:
-            hooks.append(TensorBoardHook(self.folder.path / "tensorboard"))
         if self.cfg.swa_epochs:
             from pipeline.engine.averaging import SWAHook
 
             hooks.append(SWAHook(self.model, self.cfg.swa_epochs))
+        if self.dist.main:
+            hooks += build_trackers(self.cfg, self.folder)
         return hooks
 
     def _build_loaders(self) -> None:
@@ -519,7 +520,31 @@ class Trainer:
         return row
 
     def fit(self) -> TrainResult:
-        """Resume if possible, train the remaining epochs, write the out-of-fold store."""
+        """Resume if possible, train the remaining epochs, write the out-of-fold store; the hooks' run
+        ends with its scores, or with None when training raised."""
+        try:
+            result, oof = self._fit()
+        except BaseException:
+            for hook in self.hooks:
+                hook.on_run_end(self, None)
+            raise
+        for hook in self.hooks:
+            hook.on_run_end(self, self.scores(oof))
+        return result
+
+    def scores(self, oof: Path | None) -> dict[str, float]:
+        """What the run ends with: its best val mIoU and epoch, the epochs trained, and the out-of-fold
+        mIoU of ``oof`` (the best checkpoint on the fold's images, at full resolution; NaN without)."""
+        from pipeline.data.store import ProbReader
+
+        return {
+            "best_val_miou": float(self.best),
+            "best_epoch": float(self.best_epoch),
+            "epochs": float(len(self.history)),
+            "oof_miou": float(ProbReader(oof).meta.get("miou_full_resolution", math.nan)) if oof else math.nan,
+        }
+
+    def _fit(self) -> tuple[TrainResult, Path | None]:
         from tqdm import tqdm
 
         resumed = self.resume()
@@ -544,8 +569,9 @@ class Trainer:
                 hook.on_epoch_end(self, row)
         for hook in self.hooks:
             hook.on_train_end(self)
+        oof = None
         if self.dist.main and self.cfg.save_oof and self.val_ids and self.folder.best.exists():
-            write_oof(
+            oof = write_oof(
                 self.cfg,
                 self.coco,
                 self.val_ids,
@@ -558,7 +584,7 @@ class Trainer:
             )
         self.dist.barrier()
         self.dist.close()
-        return TrainResult(self.folder.path, self.best, self.best_epoch, len(self.history), self.history)
+        return TrainResult(self.folder.path, self.best, self.best_epoch, len(self.history), self.history), oof
 
 
 def train(cfg: TrainConfig, hooks: Sequence[Hook] = ()) -> TrainResult:
