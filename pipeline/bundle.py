@@ -52,6 +52,7 @@ MANYLINUX_X86_64 = tuple(f"manylinux_2_{v}_x86_64" for v in (35, 34, 31, 28, 27,
     "manylinux2014_x86_64",
 )  # pip adds manylinux2010 and manylinux1 to manylinux2014
 WHEELS, WEIGHTS, NOTEBOOK, MANIFEST = "wheels", "weights", "kaggle.ipynb", "manifest.json"
+KAGGLE_METADATA = "dataset-metadata.json"  # the kaggle CLI's description of the dataset: kept across rebuilds
 SETUPTOOLS_BUILDS = 77  # pyproject.toml's build requirement: below it the wheel is built in an isolated environment
 
 
@@ -386,13 +387,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _clear(out: Path) -> None:
-    """Empty a bundle folder written before; refuse any other non-empty folder."""
-    if out.exists() and any(out.iterdir()):
-        if not (out / MANIFEST).is_file():
-            raise PipelineError(f"{out}: not empty and not a bundle (no {MANIFEST}): name another out_dir")
-        shutil.rmtree(out)
+def clear_bundle(out: Path) -> None:
+    """Empty a bundle folder written before (but the kaggle CLI's metadata); refuse any other non-empty one."""
     out.mkdir(parents=True, exist_ok=True)
+    found = [p for p in out.iterdir() if p.name != KAGGLE_METADATA]
+    if found and not (out / MANIFEST).is_file():
+        raise PipelineError(f"{out}: not empty and not a bundle (no {MANIFEST}): name another out_dir")
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def run(cfg: BundleConfig) -> dict[str, Any]:
@@ -402,7 +407,7 @@ def run(cfg: BundleConfig) -> dict[str, Any]:
     python = cfg.python_version or image.python
     source = project_source(cfg.source)
     out = Path(cfg.out_dir)
-    _clear(out)
+    clear_bundle(out)
     wheel = build_wheel(source, out / WHEELS)
     plan = plan_wheels(wheel_requirements(wheel), image, cfg.extras)
     for name, why in plan.why.items():
@@ -410,7 +415,7 @@ def run(cfg: BundleConfig) -> dict[str, Any]:
     download_wheels(cfg, [f"{n}=={v}" for n, v in plan.bundled.items()], python, out / WHEELS)
     copy_weights(Path(cfg.weights_dir), out / WEIGHTS)
     atomic_write_text(out / NOTEBOOK, json.dumps(notebook(cfg, wheel), indent=1) + "\n")
-    files = sorted(p for p in out.rglob("*") if p.is_file())
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != KAGGLE_METADATA)
     manifest = {
         "pipeline": __version__,
         "image": str(image.path),

@@ -23,17 +23,20 @@ from packaging.utils import canonicalize_name
 
 from pipeline import __version__
 from pipeline.bundle import (
+    KAGGLE_METADATA,
     MANIFEST,
     NOTEBOOK,
     BundleConfig,
     Image,
     build_wheel,
+    clear_bundle,
     notebook_script,
     plan_wheels,
     read_image,
     wheel_requirements,
 )
 from pipeline.bundle import run as make_bundle
+from pipeline.core.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "pipeline" / "configs"
@@ -132,6 +135,21 @@ def test_the_bundle_carries_what_the_kaggle_image_lacks(wheel):
     # an extra the image does not hold comes with its own requirements where the image lacks them
     with_mlflow = plan_wheels(requires, image, extras=["mlflow"])
     assert "mlflow-skinny" in with_mlflow.bundled and "sqlalchemy" in with_mlflow.left
+
+
+def test_a_bundle_is_rewritten_whole_but_the_kaggle_cli_metadata(tmp_path):
+    out = tmp_path / "bundle"
+    (out / "wheels").mkdir(parents=True)
+    (out / "wheels" / "old-0.1-py3-none-any.whl").write_text("x")
+    (out / MANIFEST).write_text("{}")
+    (out / KAGGLE_METADATA).write_text('{"id": "me/bundle"}')
+    clear_bundle(out)
+    assert [p.name for p in out.iterdir()] == [KAGGLE_METADATA]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(PipelineError, match="not a bundle"):
+        clear_bundle(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").is_file()
 
 
 def image_site(names: set[str], folder: Path) -> set[str]:
