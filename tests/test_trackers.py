@@ -173,6 +173,31 @@ def test_a_failed_run_is_marked_failed(tmp_path):
     assert mlrun.info.status == "FAILED" and mlrun.data.metrics == {"train_loss": 1.5}
 
 
+def test_a_run_that_raises_ends_its_hooks_runs_and_reports_its_own_error(demo_data_square, folds_file, tmp_path):
+    from pipeline.engine.hooks import Hook
+    from pipeline.engine.trainer import train
+
+    ended = []
+
+    class Boom(Hook):
+        def on_epoch_end(self, trainer, row):
+            raise RuntimeError("boom")
+
+    class Closes(Hook):
+        def __init__(self, fails: bool):
+            self.fails = fails
+
+        def on_run_end(self, trainer, scores):
+            ended.append(scores)
+            if self.fails:
+                raise ValueError("cannot close")
+
+    cfg = tiny(demo_data_square, folds_file, tmp_path, tracker=[], epochs=1, save_oof=False, plot=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(cfg, [Boom(), Closes(fails=True), Closes(fails=False)])
+    assert ended == [None, None]
+
+
 @pytest.mark.parametrize(
     "tracker, module, extra",
     [

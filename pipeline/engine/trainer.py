@@ -526,7 +526,10 @@ class Trainer:
             result, oof = self._fit()
         except BaseException:
             for hook in self.hooks:
-                hook.on_run_end(self, None)
+                try:
+                    hook.on_run_end(self, None)
+                except Exception:  # the error that ended training is the one to report
+                    log.warning("%s could not close its run", type(hook).__name__, exc_info=True)
             raise
         for hook in self.hooks:
             hook.on_run_end(self, self.scores(oof))
