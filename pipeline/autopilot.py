@@ -40,7 +40,7 @@ from pipeline.planning.budget import BudgetClock, format_duration, parse_budget
 from pipeline.planning.executor import ScheduleRun
 from pipeline.planning.fingerprint import fingerprint_of
 from pipeline.planning.processes import Job, Slots, WorkspaceLock, command, run_stage
-from pipeline.planning.schedule import Schedule
+from pipeline.planning.schedule import Schedule, StageKind
 from pipeline.planning.settings import BudgetPlan, BudgetSettings, probe_costs
 from pipeline.planning.stamps import Stamps, stamp_key
 from pipeline.submission.formats import FORMATS, resolve_format
@@ -189,18 +189,29 @@ class Autopilot:
         return schedule, planning.key, text
 
 
-def check_disk(ws: Path, planned_mb: float) -> None:
+def check_disk(ws: Path, planned_mb: float, cache_mb: float = 0.0) -> bool:
     """Refuse before any long work when the workspace's disk cannot hold what the plan still has to
     write (its estimate less what the workspace already holds, so a re-run of a finished or
-    half-finished run is not refused): a full disk would stop the run at its first checkpoint."""
+    half-finished run is not refused): a full disk would stop the run at its first checkpoint.
+    Returns whether the image cache (``cache_mb`` of the estimate) fits too; without it the run goes on."""
     written_mb = sum(f.stat().st_size for f in ws.rglob("*") if f.is_file()) / 1e6
     needed_mb = planned_mb - written_mb
     free_mb = shutil.disk_usage(ws).free / 1e6
-    if needed_mb > free_mb:
+    if needed_mb - cache_mb > free_mb:
         raise PipelineError(
-            f"{ws}: the plan writes about {needed_mb:.0f} MB more (checkpoints and probability maps), "
+            f"{ws}: the plan writes about {needed_mb - cache_mb:.0f} MB more (checkpoints and probability maps), "
             f"but its disk has {free_mb:.0f} MB free; free some space or pass ARGS='work_dir=<a larger disk>'"
         )
+    if needed_mb > free_mb:
+        log.warning(
+            "%s: %.0f MB free holds the plan's checkpoints and maps but not its %.0f MB image cache: "
+            "the images are decoded every epoch instead",
+            ws,
+            free_mb,
+            cache_mb,
+        )
+        return False
+    return True
 
 
 def run(cfg: AutopilotConfig) -> dict[str, Any]:
@@ -220,7 +231,9 @@ def run_locked(cfg: AutopilotConfig) -> dict[str, Any]:
             log.info("format auto -> %s (%s)", pilot.format, pilot.format_reason)
         schedule, key, text = pilot.plan()
         log.info("plan:\n%s", text)
-        check_disk(pilot.ws, schedule.disk_mb)
+        setup = [s.disk_mb for s in schedule.stages if s.kind is StageKind.SETUP]
+        if not check_disk(pilot.ws, schedule.disk_mb, sum(setup)):
+            pilot.job_settings["image_cache"] = False
         pilot.folds()
         result = ScheduleRun(pilot, schedule, key).run()
         atomic_write_text(pilot.ws / "summary.txt", result["summary"] + "\n")

@@ -163,10 +163,11 @@ def test_the_disk_estimate_counts_the_measured_checkpoint_and_every_store():
     assert checkpoint_bytes(model) == pytest.approx(written, rel=0.05)
 
     # best.pt and last.pt, OOF maps for the training and each TTA set at a quarter of the pixels,
-    # test maps at the trained size, float16
+    # test maps at the trained size, float16; the image cache: every labelled image (3 bytes a pixel) and
+    # its map (1) at the trained size
     fp = Fingerprint(n_labelled=50, n_test=20, size=(64, 32), num_classes=7)  # 10 validation images
     plan = one_recipe(lambda r, size: (0.1, 0.01, 100.0), 600, fp, recipes=(LITE0,), sizes=(1.0,))
-    expected = 2 * 100.0 + (3 * 10 * 7 * 64 * 32 * 2 / 4 + 20 * 7 * 64 * 32 * 2) / 1e6
+    expected = 2 * 100.0 + (3 * 10 * 7 * 64 * 32 * 2 / 4 + 20 * 7 * 64 * 32 * 2 + 50 * 64 * 32 * 4) / 1e6
     assert plan.screened[0].size == (64, 32) and plan.disk_mb == pytest.approx(expected)
     assert Schedule.from_dict(json.loads(json.dumps(plan.to_dict()))).screened[0].throughput.checkpoint_mb == 100.0
 

@@ -66,7 +66,8 @@ def test_pseudo_labels_respect_the_threshold_and_record_the_round(pseudo_dir):
         assert (m != 255).mean() == pytest.approx(entry["confident_share"])
 
 
-def test_training_adds_pseudo_images_to_training_only(pseudo_dir, demo_data_square, folds_file, tmp_path):
+@pytest.mark.parametrize("image_cache", [False, True])
+def test_training_adds_pseudo_images_to_training_only(pseudo_dir, demo_data_square, folds_file, tmp_path, image_cache):
     folder, manifest, test = pseudo_dir
     cfg = build_config(
         TrainConfig,
@@ -84,17 +85,21 @@ def test_training_adds_pseudo_images_to_training_only(pseudo_dir, demo_data_squa
             num_workers=0,
             progress=False,
             pseudo_dir=str(folder),
+            image_cache=image_cache,
         ),
     )
     trainer = Trainer(cfg)
     n_train = len(trainer.train_ids)
     assert len(trainer.train_loader.dataset) == n_train + len(test.images)
     # validation serves the fold's labelled images only (file names of the labelled file)
-    assert [
-        trainer.val_loader.dataset.base.image_ids[i] for i in range(len(trainer.val_loader.dataset))
-    ] == trainer.val_ids
-    # a pseudo item is a test image with its pseudo map (255 = ignored)
+    val_set = trainer.val_loader.dataset
+    assert [getattr(val_set, "base", val_set).image_ids[i] for i in range(len(val_set))] == trainer.val_ids
+    # a pseudo item is a test image with its pseudo map (255 = ignored); with the image cache, uint8 as the
+    # cached labelled items (normalised on the device)
     image, mask, meta = trainer.train_loader.dataset[(0, n_train)]
+    labelled_image, labelled_mask, _ = trainer.train_loader.dataset[(0, 0)]
+    assert image.dtype == labelled_image.dtype == (torch.uint8 if image_cache else torch.float32)
+    assert mask.dtype == labelled_mask.dtype == (torch.uint8 if image_cache else torch.int64)
     assert meta["file_name"] == test.image(manifest["images"][0]["image_id"])["file_name"]
-    assert image.shape[-2:] == (64, 64) and mask.dtype == torch.int64 and ((mask == 255) | (mask < 11)).all()
+    assert (image.shape[:2] if image_cache else image.shape[-2:]) == (64, 64) and ((mask == 255) | (mask < 11)).all()
     assert trainer.checkpoint_state(0)["pseudo"] == {"dir": str(folder), "round": 1}

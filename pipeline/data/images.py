@@ -28,6 +28,17 @@ def read_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> 
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
     img = cv2.imread(str(path), cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB)
+    return _checked_rgb(img, path, expected_hw)
+
+
+def decode_image(data: bytes, path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """:func:`read_image` of a file's bytes already read (``path`` names it in errors)."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB) if buf.size else None
+    return _checked_rgb(img, Path(path), expected_hw)
+
+
+def _checked_rgb(img: np.ndarray | None, path: Path, expected_hw: tuple[int, int] | None) -> np.ndarray:
     if img is None:
         raise DataError(f"{path}: image file cannot be decoded")
     if expected_hw is not None and img.shape[:2] != tuple(expected_hw):

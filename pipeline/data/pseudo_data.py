@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from pipeline.core.errors import DataError
 from pipeline.data.coco import CocoData, load_coco
 from pipeline.data.datasets import image_meta
+from pipeline.data.image_cache import map_tensor
 from pipeline.data.images import read_image
 from pipeline.data.transforms import IMAGENET, Preprocessing, normalize
 
@@ -43,7 +44,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 class PseudoDataset(Dataset):
-    """Pseudo-labelled images: ``(image float CxHxW, mask long HxW with 255 = ignore, meta)``."""
+    """Pseudo-labelled images: ``(image float CxHxW, mask long HxW with 255 = ignore, meta)``; with
+    ``preprocessing=None`` as the cached datasets give theirs (uint8 HxWx3, the map as
+    :func:`~pipeline.data.image_cache.map_tensor`), normalised on the device."""
 
     def __init__(
         self,
@@ -51,7 +54,7 @@ class PseudoDataset(Dataset):
         data_dir: str | Path,
         class_names: Sequence[str],
         transform: Callable[..., dict] | None = None,
-        preprocessing: Preprocessing = IMAGENET,
+        preprocessing: Preprocessing | None = IMAGENET,
     ):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
@@ -82,6 +85,8 @@ class PseudoDataset(Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
+        if self.preprocessing is None:
+            return torch.from_numpy(np.ascontiguousarray(image)), map_tensor(np.ascontiguousarray(mask)), meta
         return normalize(image, self.preprocessing), torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64)), meta
 
 

@@ -113,7 +113,7 @@ IMAGENET = Preprocessing()
 
 
 @functools.lru_cache(maxsize=8)
-def _normalize_luts(mean: tuple[float, ...], std: tuple[float, ...], top: float = 1.0) -> tuple[np.ndarray, ...]:
+def normalize_luts(mean: tuple[float, ...], std: tuple[float, ...], top: float = 1.0) -> tuple[np.ndarray, ...]:
     """Per channel, the float32 value of each uint8 level: (v / 255 * top - mean) / std."""
     levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
     if top != 1.0:
@@ -125,7 +125,7 @@ def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, top: floa
     """HxWx3 uint8 -> normalized float32 3xHxW: (v / 255 * top - mean) / std."""
     if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == len(mean) == len(std):
         # One table look-up per channel, written straight into the CxHxW result.
-        luts = _normalize_luts(tuple(float(m) for m in mean), tuple(float(s) for s in std), float(top))
+        luts = normalize_luts(tuple(float(m) for m in mean), tuple(float(s) for s in std), float(top))
         out = np.empty((image.shape[2], image.shape[0], image.shape[1]), dtype=np.float32)
         for c, plane in enumerate(cv2.split(image)):
             cv2.LUT(plane, luts[c], dst=out[c])

@@ -42,6 +42,7 @@ RESUMABLE_KEYS = (
     "tracker_project",
     "wandb_mode",
     "mlflow_uri",
+    "image_cache",
 )
 
 
@@ -52,7 +53,10 @@ class TrainConfig:
     ann_file: str = "train_all.json"
     folds_file: str = "folds/folds.csv"
     fold: int = 0  # -1: train on every labelled image, no validation
-    cache_dir: str = ".cache/masks"
+    cache_dir: str = ".cache/masks"  # ground-truth maps; decoded images at the training size under <cache_dir>/images
+    # the decoded images of the training size, memory-mapped (pipeline.data.image_cache); None: where the disk
+    # allows and the images' pixels reach the model as read (no copy-paste, a family that trains on class maps)
+    image_cache: bool | None = None
     mask_rule: str = "area"  # ground-truth mask rule (pipeline.data.MASK_RULES): area | polygon_length
     # model
     model: str = "unet"
@@ -150,6 +154,11 @@ class TrainConfig:
                 raise ConfigError(f"{key}: unknown {getattr(self, key)!r}; known: {', '.join(names)}")
         if not 0 <= self.copy_paste <= 1 or self.copy_paste_max < 1 or self.copy_paste_rarest < 1:
             raise ConfigError("copy_paste must be in [0, 1], copy_paste_max and copy_paste_rarest at least 1")
+        if self.image_cache and self.copy_paste:
+            raise ConfigError(
+                "image_cache=true with copy_paste: objects are pasted at the images' own size, before the resize "
+                "the cache has already made; set image_cache=null (automatic) or false"
+            )
         if isinstance(self.class_weights, str) and self.class_weights not in CLASS_WEIGHT_MODES:
             raise ConfigError(
                 f"class_weights: unknown {self.class_weights!r}; give one weight per class or one of "

@@ -41,6 +41,13 @@ from pipeline.data import (
     split_ids,
 )
 from pipeline.data.copypaste import CopyPaste, ObjectBank, repeat_factors, resolve_classes
+from pipeline.data.image_cache import (
+    CachedTrainingImages,
+    CachedValidationImages,
+    DeviceBatches,
+    ImageCache,
+    disk_allows,
+)
 from pipeline.data.instances import ComponentTargets, InstanceDataset, collate_instances
 from pipeline.data.pseudo_data import JoinedDataset, PseudoDataset
 from pipeline.data.resize import scaled_size
@@ -250,6 +257,7 @@ class Trainer:
         self.workers = cfg.num_workers if cfg.num_workers is not None else default_workers(self.device)
         opts = loader_options(self.device, self.workers, cfg.prefetch_factor)
         transform = build_transform(cfg.augment, self.size, self.crop)
+        self.images = self._image_cache()
         train_set = EpochSeededDataset(self._training_images(transform), cfg.seed)
         repeats = repeat_factors(self.coco, self.train_ids, cfg.rfs_threshold) if cfg.rfs_threshold else None
         if repeats is not None and self.pseudo is not None:
@@ -272,16 +280,52 @@ class Trainer:
             collate_fn=collate_instances if wants_instances(self.model) else collate,
             **opts,
         )
+        if self.images is not None:
+            self.train_loader = self._on_device(self.train_loader)
         self.val_loader = None
         if self.val_ids:
-            val_set = ValDataset(
-                SegmentationDataset(self.coco, self.val_ids, None, self.cache, self.preprocessing), self.size
+            val_set: Dataset = (
+                CachedValidationImages(self.images, self.cache, self.val_ids)
+                if self.images is not None
+                else ValDataset(
+                    SegmentationDataset(self.coco, self.val_ids, None, self.cache, self.preprocessing), self.size
+                )
             )
             # shard without padding so the all-reduced confusion matrix counts each image once
             val_sampler = list(range(len(val_set)))[self.dist.rank :: self.dist.world] if self.dist.enabled else None
             self.val_loader = DataLoader(
                 val_set, batch_size=cfg.batch_size, sampler=val_sampler, collate_fn=collate, **opts
             )
+            if self.images is not None:
+                self.val_loader = self._on_device(self.val_loader)
+
+    def _on_device(self, loader: DataLoader) -> DeviceBatches:
+        return DeviceBatches(loader, self.device, self.preprocessing, self.channels_last)
+
+    def _image_cache(self) -> ImageCache | None:
+        """The decoded images at the training size (built here when missing), or None where the pixels are
+        not the cache's to give: copy-paste pastes before the resize, an instance family reads its objects
+        at the image's own size; automatic (``image_cache=null``) also where the disk lacks the room."""
+        cfg = self.cfg
+        why_not = (
+            "copy_paste pastes objects before the resize"
+            if cfg.copy_paste
+            else "the family trains on instances"
+            if wants_instances(self.model)
+            else None
+        )
+        if cfg.image_cache is False or (cfg.image_cache is None and why_not):
+            return None
+        if why_not:
+            raise ConfigError(f"image_cache=true: {why_not}; set image_cache=null (automatic) or false")
+        cache = ImageCache(self.coco, self.size, Path(cfg.cache_dir) / "images", self.cache)
+        if cfg.image_cache is None and not disk_allows(cache):
+            log.info("image cache off: its %.0f MB do not fit the free disk under %s", cache.nbytes / 1e6, cache.dir)
+            return None
+        if self.dist.main:
+            cache.build(progress=cfg.progress)
+        self.dist.barrier()
+        return cache
 
     def _training_images(self, transform) -> Dataset:
         """The fold's training images with their targets (class maps, or the annotation file's instances for
@@ -293,15 +337,16 @@ class Trainer:
             base: Dataset = InstanceDataset(
                 self.coco, self.train_ids, transform, self.preprocessing, copy_paste=self._copy_paste()
             )
+        elif self.images is not None:
+            base = CachedTrainingImages(self.images, self.train_ids, transform)
         else:
             base = SegmentationDataset(
                 self.coco, self.train_ids, transform, self.cache, self.preprocessing, pairs=self._copy_paste()
             )
         self.pseudo = None
         if cfg.pseudo_dir:
-            self.pseudo = PseudoDataset(
-                cfg.pseudo_dir, cfg.data_dir, self.coco.class_names, transform, self.preprocessing
-            )
+            prep = None if self.images is not None else self.preprocessing  # normalised on the device
+            self.pseudo = PseudoDataset(cfg.pseudo_dir, cfg.data_dir, self.coco.class_names, transform, prep)
             log.info(
                 "adding %d pseudo-labelled images (round %d) from %s to the training images",
                 len(self.pseudo),

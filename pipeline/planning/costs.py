@@ -107,6 +107,9 @@ POSTPROCESS_S_PER_IMAGE = 0.05  # post-processing tuned on OOF maps (min-area sw
 CRF_S_PER_IMAGE_CLASS = 0.41
 SUBMIT_S_PER_IMAGE = 0.02  # encoding, validating and scoring a submission, per test image
 FOLDS_S_PER_IMAGE = 0.02  # the folds stage: perceptual hashes of the labelled images, per image
+# the image cache: decoding a labelled image, resizing it and its ground-truth map to the training size and
+# writing both, per megapixel of that size (the image cache's build time in benchmarks/bench_loader.py)
+IMAGE_CACHE_S_PER_MPX = 0.1
 PROBE_BUILD_S = 3.0  # the probe: building one recipe's model
 PROBE_STEPS = 6  # the probe: steps (and batched forwards) timed per recipe and size, its warm-up included
 
@@ -131,6 +134,18 @@ def maps_seconds(t: Throughput, num_classes: int) -> float:
 def crf_seconds(num_classes: int, cores: int) -> float:
     """Seconds of the dense CRF on one image on a host with ``cores`` cores."""
     return CRF_S_PER_IMAGE_CLASS * num_classes / max(1, cores)
+
+
+def image_cache_mb(n_images: int, sizes: Sequence[Sequence[int]], num_classes: int) -> float:
+    """Megabytes of the image caches of ``n_images`` labelled images at each training size."""
+    from pipeline.data.image_cache import cache_bytes
+
+    return sum(cache_bytes(n_images, size, num_classes) for size in {tuple(map(int, s)) for s in sizes}) / 1e6
+
+
+def image_cache_seconds(n_images: int, sizes: Sequence[Sequence[int]]) -> float:
+    """Seconds of building those caches."""
+    return sum(IMAGE_CACHE_S_PER_MPX * n_images * h * w / 1e6 for h, w in {tuple(map(int, s)) for s in sizes})
 
 
 def probe_seconds(t: Throughput) -> float:

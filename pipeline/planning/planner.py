@@ -60,6 +60,8 @@ from pipeline.planning.costs import (
     checkpoint_mb,
     crf_seconds,
     epoch_seconds,
+    image_cache_mb,
+    image_cache_seconds,
     makespan,
     maps_mb,
     maps_seconds,
@@ -210,17 +212,22 @@ class Pricer:
         """Wall seconds of independent jobs on the plan's devices."""
         return makespan(jobs, self.slots)
 
-    def setup(self) -> Stage:
-        probed = self.probed()
-        folds = STAGE_START_S + FOLDS_S_PER_IMAGE * self.fp.n_labelled
-        seconds = folds + sum(probe_seconds(t) for t in probed)
-        return Stage(StageKind.SETUP, "set-up: folds, probe", seconds, 0.0, f"{len(probed)} recipe sizes probed")
+    def setup(self, trained: list[Candidate]) -> Stage:
+        """Folds, the probe, and the image caches of the trained sizes (the only disk this stage takes)."""
+        probed, fp = self.probed(), self.fp
+        sizes = [c.size for c in trained]
+        folds = STAGE_START_S + FOLDS_S_PER_IMAGE * fp.n_labelled
+        seconds = folds + sum(probe_seconds(t) for t in probed) + image_cache_seconds(fp.n_labelled, sizes)
+        cache_mb = image_cache_mb(fp.n_labelled, sizes, fp.num_classes)
+        shown = ", ".join(sorted({f"{h}x{w}" for h, w in sizes}))
+        detail = f"{len(probed)} recipe sizes probed; images decoded once at {shown} (image cache)"
+        return Stage(StageKind.SETUP, "set-up: folds, probe, image cache", seconds, cache_mb, detail)
 
     def stages(self, pool: list[Candidate], shape: _Shape) -> list[Stage]:
         screened = pool[: shape.n]
         kept = worst_families(screened, self.epoch, shape.families)
         return [
-            self.setup(),
+            self.setup(screened),
             self.screen(screened, kept, shape),
             *self.training(kept, shape),
             *self.reserve(kept, shape),
