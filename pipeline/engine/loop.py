@@ -33,9 +33,8 @@ class LossCheck:
     On CUDA each read starts a copy of the sum to pinned host memory behind the queued work and returns the
     copy started at the previous read, ``LOSS_CHECK_EVERY`` batches earlier and long finished (its event is
     waited for, which costs nothing then).  A blocking ``.item()`` instead drains the GPU's queue, and the
-    loop's lead over the GPU is lost at every check: on an H200 the training step with checks at its first
-    batch measured 0.897-0.951 of the bare step in bf16 + channels_last.  Elsewhere (CPU) a read is the value
-    itself.  A non-finite loss is thus seen at most ``LOSS_CHECK_EVERY`` batches late, and at the epoch's end
+    loop's lead over the GPU is lost at every check (docs/measurements.md, Speed: the loss check).  Elsewhere
+    (CPU) a read is the value itself.  A non-finite loss is thus seen at most ``LOSS_CHECK_EVERY`` batches late, and at the epoch's end
     in any case.
     """
 
@@ -97,7 +96,7 @@ def _forward_backward(t: LoopView, images: torch.Tensor, masks: Any, weight: flo
 
 
 # PyTorch's CUDA kernels index with 32 bits in places and refuse a tensor of 2**31 elements or more (a large
-# batch at a large size: upsample_nearest_nhwc's backward at 296 x 32 x 512 x 512 on an H200, where memory was left)
+# batch at a large size, while memory is left: docs/measurements.md, Speed: the index limit)
 INDEX_LIMIT_MARKS = ("INT_MAX", "32-bit index", "canUse32BitIndexMath")
 # an allocator's failure that reaches Python as a plain RuntimeError, not torch.OutOfMemoryError: the CUDA
 # runtime's (``CUDA error: out of memory``), cuBLAS's workspace and cuDNN's

@@ -85,16 +85,14 @@ def precision_name(dtype: torch.dtype | None) -> str:
 
 def channels_last_pays(device: torch.device) -> bool:
     """Whether convolutions run faster with channels_last (NHWC) memory on ``device``: on CUDA (tensor
-    cores) and on a CPU (oneDNN); measured on this project's 2-core AVX512 CPU in bf16, the bare
-    U-Net-ResNet18 training step was 1.07x (59 classes) to 1.20x (11 classes, benchmarks/bench_train.py)
-    and inference 1.48x faster."""
+    cores) and on a CPU (oneDNN); the measurements are in docs/measurements.md (Speed, channels_last)."""
     return device.type in ("cuda", "cpu")
 
 
 def default_workers(device: torch.device) -> int:
     """Loader processes when ``num_workers`` is unset: on a GPU the CPU only feeds it; on a CPU
-    the workers compete with the model's own threads (on 2 cores, 0 workers measured fastest:
-    benchmarks/bench_train.py)."""
+    the workers compete with the model's own threads (docs/measurements.md, Speed: loader workers on a
+    2-core CPU)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cuda":
         return max(0, min(8, cpus - 1))
