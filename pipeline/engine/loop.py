@@ -34,8 +34,8 @@ class LossCheck:
     copy started at the previous read, ``LOSS_CHECK_EVERY`` batches earlier and long finished (its event is
     waited for, which costs nothing then).  A blocking ``.item()`` instead drains the GPU's queue, and the
     loop's lead over the GPU is lost at every check (docs/measurements.md, Speed: the loss check).  Elsewhere
-    (CPU) a read is the value itself.  A non-finite loss is thus seen at most ``LOSS_CHECK_EVERY`` batches late, and at the epoch's end
-    in any case.
+    (CPU) a read is the value itself.  A non-finite loss is thus seen at most ``LOSS_CHECK_EVERY`` batches
+    late, and at the epoch's end in any case.
     """
 
     def __init__(self, device: torch.device, delayed: bool | None = None) -> None:
