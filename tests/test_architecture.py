@@ -30,6 +30,7 @@ STAGES = {
     "plan",
     "pseudo",
     "analyze",
+    "bundle",
     "average",
     "prepare_weights",
 }

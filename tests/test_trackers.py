@@ -225,3 +225,10 @@ def test_tracker_names_are_checked_and_the_earlier_tensorboard_flag_still_loads(
     assert (
         tracked_name("iou_Paper pack") == "iou/Paper pack" and mlflow_name("iou/T-shirt (long)") == "iou/T-shirt _long_"
     )
+
+
+def test_every_tracker_name_the_config_accepts_has_its_hook():
+    from pipeline.engine.trackers import TRACKERS
+    from pipeline.engine.train_config import TRACKER_NAMES
+
+    assert tuple(TRACKERS) == TRACKER_NAMES

@@ -38,12 +38,12 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.io import atomic_write_text
 from pipeline.core.layout import MLFLOW_ARTIFACTS, MLFLOW_DB, RunFolder, fold_name
 from pipeline.engine.hooks import Hook
+from pipeline.engine.train_config import check_trackers
 
 if TYPE_CHECKING:
     from pipeline.engine.train_config import TrainConfig
     from pipeline.engine.view import HookView
 
-WANDB_MODES = ("offline", "online", "disabled")
 MLFLOW_PARAM_CHARS = 500  # a parameter's value is cut to this length (MLflow's limit was 500 before 2.x)
 MLFLOW_BATCH_PARAMS = 100  # MLflow takes at most this many parameters in one call
 
@@ -257,14 +257,6 @@ TRACKERS: dict[str, Callable[[TrainConfig, RunFolder], Tracker]] = {
     "wandb": WandbTracker,
     "mlflow": MLflowTracker,
 }
-
-
-def check_trackers(names: list[str], wandb_mode: str | None) -> None:
-    unknown = [n for n in names if n not in TRACKERS]
-    if unknown:
-        raise ConfigError(f"tracker: unknown {unknown[0]!r}; known: {', '.join(TRACKERS)}")
-    if wandb_mode is not None and wandb_mode not in WANDB_MODES:
-        raise ConfigError(f"wandb_mode: unknown {wandb_mode!r}; known: {', '.join(WANDB_MODES)} or null")
 
 
 def build_trackers(cfg: TrainConfig, folder: RunFolder) -> list[Tracker]:

@@ -16,8 +16,11 @@ from pipeline.core.torch_files import check_trust_list
 from pipeline.data import AUGMENTATIONS, MASK_RULES
 from pipeline.engine.optim import OPTIMIZERS, SCHEDULERS
 from pipeline.engine.runtime import AMP_MODES
-from pipeline.engine.trackers import check_trackers
 from pipeline.models.losses import CLASS_WEIGHT_MODES
+
+# the experiment trackers a run may log to (pipeline/engine/trackers.py) and W&B's modes
+TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
+WANDB_MODES = ("offline", "online", "disabled")
 
 # the package's config files: base.yaml and one overlay per model family
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -44,6 +47,14 @@ RESUMABLE_KEYS = (
     "mlflow_uri",
     "image_cache",
 )
+
+
+def check_trackers(names: list[str], wandb_mode: str | None) -> None:
+    unknown = [n for n in names if n not in TRACKER_NAMES]
+    if unknown:
+        raise ConfigError(f"tracker: unknown {unknown[0]!r}; known: {', '.join(TRACKER_NAMES)}")
+    if wandb_mode is not None and wandb_mode not in WANDB_MODES:
+        raise ConfigError(f"wandb_mode: unknown {wandb_mode!r}; known: {', '.join(WANDB_MODES)} or null")
 
 
 @dataclass
