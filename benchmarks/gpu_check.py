@@ -414,8 +414,12 @@ def device_batches(t, n: int = 2) -> list[tuple]:
     ds, b = t.train_loader.dataset, t.cfg.batch_size
     out = []
     for k in range(n):
-        images, masks, metas = collate([ds[(0, (k * b + i) % len(ds))] for i in range(b)])
-        out.append((images.to(t.device), masks.to(t.device), metas))
+        batch = collate([ds[(0, (k * b + i) % len(ds))] for i in range(b)])
+        if hasattr(t.train_loader, "to_device"):  # the image cache's uint8 batches, normalised on the device
+            out.append(t.train_loader.to_device(batch))
+        else:
+            images, masks, metas = batch
+            out.append((images.to(t.device), masks.to(t.device), metas))
     return out
 
 
@@ -548,8 +552,10 @@ def section_loader(c: Check, rec: dict, clock: Clock) -> None:
     m, e = c.s.matrix
     t = Trainer(train_config(c, m, e))
     loader = t.train_loader
+    torch_loader = getattr(loader, "loader", loader)  # under the image cache's device normalisation
     rec.update(workers=t.workers, batch=c.s.batch, augment=t.cfg.augment, size=list(c.s.size))
-    rec.update(pin_memory=loader.pin_memory, prefetch_factor=loader.prefetch_factor, truncated=False)
+    rec.update(pin_memory=torch_loader.pin_memory, prefetch_factor=torch_loader.prefetch_factor, truncated=False)
+    rec.update(image_cache=t.images is not None)
     epoch, batches = 0, iter(loader)
     next(batches)  # warm-up: the workers start
     images, started = 0, time.perf_counter()

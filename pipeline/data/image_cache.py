@@ -312,8 +312,13 @@ class DeviceBatches:
         return self.loader.dataset
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Any, list]]:
-        for images, masks, metas in self.loader:
-            x = normalize_batch(images.to(self.device, non_blocking=True), self.prep)
-            if isinstance(masks, torch.Tensor):
-                masks = masks.to(self.device, non_blocking=True).long()
-            yield x.contiguous(memory_format=self.memory_format), masks, metas
+        for batch in self.loader:
+            yield self.to_device(batch)
+
+    def to_device(self, batch: tuple[torch.Tensor, Any, list]) -> tuple[torch.Tensor, Any, list]:
+        """One collated batch as the loop takes it."""
+        images, masks, metas = batch
+        x = normalize_batch(images.to(self.device, non_blocking=True), self.prep)
+        if isinstance(masks, torch.Tensor):
+            masks = masks.to(self.device, non_blocking=True).long()
+        return x.contiguous(memory_format=self.memory_format), masks, metas
