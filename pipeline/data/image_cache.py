@@ -15,8 +15,6 @@ encoder's normalised float input, with the same arithmetic as :func:`pipeline.da
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -26,19 +24,18 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from pipeline.core.errors import DataError
-from pipeline.core.io import atomic_write_text
+from pipeline.core.io import atomic_write_text, exclusive_lock
 from pipeline.data.coco import CocoData
 from pipeline.data.datasets import image_meta
 from pipeline.data.images import decode_image
 from pipeline.data.mask_cache import MaskCache
 from pipeline.data.masks import MASK_RULE_VERSION, check_mask_rule, mask_dtype
-from pipeline.data.transforms import IMAGENET, Preprocessing, normalize_luts
+from pipeline.data.transforms import IMAGENET, Preprocessing, normalize_into
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +53,6 @@ def _resize_step(size: tuple[int, int]) -> Callable[..., dict]:
     import albumentations as A
 
     return A.Resize(size[0], size[1])
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (processes building the same cache take turns)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 class ImageCache:
@@ -107,7 +92,7 @@ class ImageCache:
 
     def build(self, progress: bool = True) -> ImageCache:
         """Decode and resize every image not cached yet, or whose file changed since; returns self."""
-        with _locked(self.dir.with_name(self.dir.name + ".lock")):
+        with exclusive_lock(self.dir.with_name(self.dir.name + ".lock")):
             index = self._read_index()
             if index is None:
                 self._create(progress)
@@ -277,10 +262,8 @@ def normalize_batch(images: torch.Tensor, prep: Preprocessing = IMAGENET) -> tor
     if images.device.type == "cpu":
         n, h, w, c = images.shape
         out = torch.empty((n, c, h, w), dtype=torch.float32)
-        luts = normalize_luts(mean, std, top)
         for i, image in enumerate(images.numpy()):
-            for k, plane in enumerate(cv2.split(image)):
-                cv2.LUT(plane, luts[k], dst=out[i, k].numpy())
+            normalize_into(image, mean, std, top, out[i].numpy())
         return out
     return _normalize_arithmetic(images, mean, std, top)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,7 +113,7 @@ IMAGENET = Preprocessing()
 
 
 @functools.lru_cache(maxsize=8)
-def normalize_luts(mean: tuple[float, ...], std: tuple[float, ...], top: float = 1.0) -> tuple[np.ndarray, ...]:
+def _normalize_luts(mean: tuple[float, ...], std: tuple[float, ...], top: float = 1.0) -> tuple[np.ndarray, ...]:
     """Per channel, the float32 value of each uint8 level: (v / 255 * top - mean) / std."""
     levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
     if top != 1.0:
@@ -121,15 +121,23 @@ def normalize_luts(mean: tuple[float, ...], std: tuple[float, ...], top: float =
     return tuple((levels - np.float32(m)) / np.float32(s) for m, s in zip(mean, std, strict=False))
 
 
+def normalize_into(
+    image: np.ndarray, mean: Sequence[float], std: Sequence[float], top: float = 1.0, out: np.ndarray | None = None
+) -> np.ndarray:
+    """HxWxC uint8 -> float32 CxHxW ``(v / 255 * top - mean) / std``: one table look-up per channel, written
+    straight into ``out`` (a new array when None)."""
+    luts = _normalize_luts(tuple(float(m) for m in mean), tuple(float(s) for s in std), float(top))
+    if out is None:
+        out = np.empty((image.shape[2], image.shape[0], image.shape[1]), dtype=np.float32)
+    for c, plane in enumerate(cv2.split(image)):
+        cv2.LUT(plane, luts[c], dst=out[c])
+    return out
+
+
 def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, top: float = 1.0) -> torch.Tensor:
     """HxWx3 uint8 -> normalized float32 3xHxW: (v / 255 * top - mean) / std."""
     if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == len(mean) == len(std):
-        # One table look-up per channel, written straight into the CxHxW result.
-        luts = normalize_luts(tuple(float(m) for m in mean), tuple(float(s) for s in std), float(top))
-        out = np.empty((image.shape[2], image.shape[0], image.shape[1]), dtype=np.float32)
-        for c, plane in enumerate(cv2.split(image)):
-            cv2.LUT(plane, luts[c], dst=out[c])
-        return torch.from_numpy(out)
+        return torch.from_numpy(normalize_into(image, mean, std, top))
     t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
     if top != 1.0:
         t.mul_(float(top))

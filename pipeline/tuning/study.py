@@ -19,6 +19,7 @@ import optuna
 
 from pipeline.core.config import ConfigError
 from pipeline.core.errors import PipelineError
+from pipeline.core.io import exclusive_lock
 from pipeline.tuning.space import (
     SearchSpace,
 )
@@ -145,17 +146,8 @@ def _file_lock(path: Path | None) -> Iterator[None]:
     if path is None:
         yield
         return
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on POSIX
+    with exclusive_lock(path):
         yield
-        return
-    with open(path, "ab") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def load_existing_study(study: str, storage: str | None) -> optuna.Study:
